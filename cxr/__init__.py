@@ -1,0 +1,1 @@
+"""The `cxr` command-line interface (a thin layer over `pipeline` and `flows`)."""

@@ -1,0 +1,260 @@
+"""The `cxr` command: one subcommand per pipeline stage, plus the whole flow, prediction and demo data.
+
+The CLI only parses and calls `pipeline` functions. Errors a user can cause are printed as one
+line and exit with status 2; heavy libraries are imported only by the command that runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from pipeline.errors import CxrError
+
+app = typer.Typer(
+    name="cxr",
+    help=(
+        "Chest X-ray classifier pipeline: ingest → validate → rebalance → train (with augmentation) → "
+        "evaluate → register. Each stage reads params.yaml; `cxr pipeline` runs them all as one Prefect flow, "
+        "`dvc repro` runs them as DVC stages. Start with `cxr demo-data` then `cxr pipeline`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="The params file; its folder is the project root where data/, models/ and reports/ live.")]
+SetOption = Annotated[
+    list[str],
+    typer.Option(
+        "--set",
+        help="Override one param, e.g. --set train.epochs=2 or --set 'data.sources=[data/raw/a, data/raw/b]'. "
+        "The value is parsed as YAML. Repeatable.",
+    ),
+]
+
+T = TypeVar("T")
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("pipeline", "flows"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _run(action: Callable[[], T]) -> T:
+    """Run a command body; a CxrError becomes one line on stderr and exit status 2."""
+    _setup_logging()
+    try:
+        return action()
+    except CxrError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def _stage(params: Path, overrides: list[str], body: Callable[[Any, Any], T]) -> T:
+    """Load config and project paths, then run one stage function."""
+    from pipeline.config import load_config
+    from pipeline.paths import ProjectPaths
+
+    def action() -> T:
+        config = load_config(params, overrides)
+        return body(ProjectPaths(params.resolve().parent), config)
+
+    return _run(action)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option(help="Folder to write (replaced if it exists).")] = Path("data/raw/demo"),
+    n: Annotated[int, typer.Option(min=20, help="Number of usable images.")] = 600,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives byte-identical files.")] = 0,
+    size: Annotated[int, typer.Option(min=32, help="Image side in pixels.")] = 256,
+) -> None:
+    """Write a synthetic chest-X-ray-like demo set (DICOM, PNG, JPEG; normal:pneumonia about 1:3).
+
+    DICOM files are CR and DX, some MONOCHROME1, 12-bit with a window, and carry fake patient names,
+    IDs, birth dates and institutions so de-identification can be checked. A few files are broken on
+    purpose (truncated DICOM, empty PNG, a text file named .dcm) to show the quarantine.
+    """
+
+    def action() -> None:
+        from pipeline.demo_data import write_demo_data
+
+        summary = write_demo_data(out, n=n, seed=seed, size=size)
+        typer.echo(
+            f"demo data: {summary.n_images} images of {summary.n_patients} patients {summary.counts}, "
+            f"formats {summary.formats}, {len(summary.broken)} broken on purpose → {summary.out_dir}"
+        )
+
+    _run(action)
+
+
+@app.command()
+def ingest(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
+    """Read data.sources (class folders, CSV tables, MedMNIST .npz), decode DICOM/PNG/JPEG, de-identify,
+    split by patient and write data/interim/manifest.parquet, images.npy and quarantine.csv.
+
+    Files that cannot be used go to quarantine.csv with a reason; the run goes on.
+    """
+    from pipeline.ingest import ingest_stage
+
+    _stage(params, set_, ingest_stage)
+
+
+@app.command()
+def validate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
+    """Run the great-expectations data-quality gate over the manifest (labels, duplicates across splits,
+    patient leakage, class ratio, intensity). Writes reports/validation/; exits 2 if a blocking check fails.
+    """
+
+    def body(paths: Any, config: Any) -> None:
+        from pipeline.validate import validate_stage
+
+        result = validate_stage(paths, config)
+        for check in result.checks:
+            mark = "ok  " if check.success else ("FAIL" if check.severity == "blocking" else "warn")
+            typer.echo(f"  {mark} {check.name}: {check.details}", err=True)
+
+    _stage(params, set_, body)
+
+
+@app.command()
+def rebalance(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
+    """Resample the training split with imbalanced-learn (rebalance.method: none, random_over, random_under)
+    and write the chosen image indices to data/processed/train_index.npy.
+    """
+    from pipeline.rebalance import rebalance_stage
+
+    _stage(params, set_, lambda paths, config: rebalance_stage(paths, config.rebalance))
+
+
+@app.command()
+def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
+    """Train train.model with batch augmentation (GPU when present, else CPU), log params and per-epoch
+    metrics to MLflow, and keep the checkpoint best on validation AUC in models/checkpoint.pt.
+    """
+    from pipeline.train import train_stage
+
+    _stage(params, set_, train_stage)
+
+
+@app.command()
+def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
+    """Score the best checkpoint on the test split: AUC, accuracy, sensitivity, specificity, confusion
+    matrix. Writes reports/metrics.json and reports/plots/, and logs them to the training's MLflow run.
+    """
+    from pipeline.evaluate import evaluate_stage
+
+    _stage(params, set_, evaluate_stage)
+
+
+@app.command()
+def register(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
+    """Log the model to MLflow (pyfunc with signature and input example), register a new version of
+    register.model_name, and give it the `champion` alias if it beats the current champion on validation.
+    """
+    from pipeline.register import register_stage
+
+    _stage(params, set_, register_stage)
+
+
+@app.command()
+def pipeline(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
+    """Run every stage, ingest to register, as one Prefect flow run (local mode: no server needed;
+    set PREFECT_API_URL to use a Prefect server). Prints where the results are.
+    """
+
+    def action() -> None:
+        from flows.pipeline_flow import cxr_pipeline
+        from pipeline.config import load_config
+
+        load_config(params, set_)  # fail fast on bad params, before Prefect starts
+        cxr_pipeline(params_path=str(params.resolve()), overrides=list(set_))
+        _print_summary(params.resolve().parent)
+
+    _run(action)
+
+
+@app.command()
+def summary(params: ParamsOption = Path("params.yaml")) -> None:
+    """Print the latest test metrics, the registered model and where every result is."""
+    _run(lambda: _print_summary(params.resolve().parent))
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files, or folders of them.")],
+    model: Annotated[str | None, typer.Option("--model", help="MLflow model URI; default models:/<register.model_name>@champion.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help='Print a JSON list: {"path", "label", "probability"} or {"path", "error"} per file.')] = False,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Classify chest X-ray files with a registered model. Exit status 0 when at least one file was classified."""
+
+    def action() -> list:
+        from pipeline.config import load_config
+        from pipeline.predict import expand_inputs, load_model, predict_files
+
+        config = load_config(params)
+        root = params.resolve().parent
+        files = expand_inputs(paths)
+        if not files:
+            raise CxrError(f"no image files found in {', '.join(map(str, paths))}")
+        uri = model or f"models:/{config.registry.model_name}@champion"
+        return predict_files(load_model(uri, root), files)
+
+    results = _run(action)
+    if as_json:
+        typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            typer.echo(f"{r.path}\t{r.label}\t{r.probability:.4f}" if r.error is None else f"{r.path}\terror: {r.error}")
+    if not any(r.error is None for r in results):
+        raise typer.Exit(1)
+
+
+def _print_summary(root: Path) -> None:
+    """The closing message: headline metrics and where to look next."""
+    from pipeline.paths import ProjectPaths
+
+    paths = ProjectPaths(root)
+    if not paths.metrics.exists():
+        raise CxrError(f"{paths.metrics} is missing: run `cxr pipeline` or `dvc repro` first")
+    test = json.loads(paths.metrics.read_text())["test"]
+    lines = [
+        "",
+        f"Test AUC {_fmt(test.get('auc'))}  accuracy {_fmt(test.get('accuracy'))}  "
+        f"sensitivity {_fmt(test.get('sensitivity'))}  specificity {_fmt(test.get('specificity'))}  (n={test.get('n')})",
+    ]
+    if paths.registered.exists():
+        reg = json.loads(paths.registered.read_text())
+        state = "is @champion" if reg["is_champion"] else "registered (champion unchanged)"
+        lines.append(f"Model:       {reg['model_name']} version {reg['version']} {state}: {reg['reason']}")
+    lines += [
+        f"Metrics:     {paths.metrics}",
+        f"Plots:       {paths.plots}/ (roc.png, confusion.png; `dvc plots show` renders the CSVs)",
+        f"Data gate:   {paths.validation_summary}",
+        f"Quarantine:  {paths.quarantine}",
+        f"Runs:        mlflow ui --backend-store-uri sqlite:///{root / 'mlruns.db'}  (then open http://127.0.0.1:5000)",
+        "Predict:     cxr predict PATH... --json",
+    ]
+    typer.echo("\n".join(lines))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

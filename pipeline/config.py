@@ -1,0 +1,287 @@
+"""params.yaml parsed once into typed config, with `--set section.key=value` overrides.
+
+This is also the only module that reads environment variables (MLflow tracking URI, the
+de-identification key), so every other module gets its settings passed in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import CxrError
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitFractions(Section):
+    train: float = Field(0.7, ge=0, le=1)
+    val: float = Field(0.15, ge=0, le=1)
+    test: float = Field(0.15, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitFractions:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must add up to 1, got {total:g}")
+        if self.train == 0 or self.val == 0 or self.test == 0:
+            raise ValueError("each of train, val and test needs a fraction above 0")
+        return self
+
+
+class DataConfig(Section):
+    sources: list[str] = Field(default_factory=lambda: ["data/raw/demo"], min_length=1)
+    labels: list[str] = Field(default_factory=lambda: ["normal", "pneumonia"], min_length=2)
+    image_size: int = Field(128, ge=16, le=1024)
+    split: SplitFractions = SplitFractions()
+    seed: int = 0
+    patient_pattern: str = r"^([^_]+)_"
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique_lowercase(cls, labels: list[str]) -> list[str]:
+        lowered = [label.strip().lower() for label in labels]
+        if len(set(lowered)) != len(lowered):
+            raise ValueError(f"labels must be distinct, got {labels}")
+        return lowered
+
+    @field_validator("patient_pattern")
+    @classmethod
+    def _pattern_compiles(cls, pattern: str) -> str:
+        import re
+
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        if compiled.groups < 1:
+            raise ValueError("needs one capture group, the patient id, e.g. '^([^_]+)_'")
+        return pattern
+
+    @property
+    def positive_label(self) -> str:
+        """The class whose probability the model reports (the last label, 'pneumonia' by default)."""
+        return self.labels[-1]
+
+
+class Bounds(Section):
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bounds:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+Severity = Literal["blocking", "warning", "ignore"]
+
+
+class Severities(Section):
+    """What a failed expectation does: `blocking` stops the run, `warning` is reported, `ignore` skips it."""
+
+    labels_in_set: Severity = "blocking"
+    required_columns_present: Severity = "blocking"
+    cross_split_duplicates: Severity = "blocking"
+    patient_leakage: Severity = "blocking"
+    class_ratio: Severity = "blocking"
+    intensity: Severity = "warning"
+
+
+class ValidationConfig(Section):
+    class_ratio: Bounds = Bounds(min=0.05, max=0.95)
+    intensity_mean: Bounds = Bounds(min=10, max=245)
+    min_intensity_std: float = Field(2.0, ge=0)
+    severity: Severities = Severities()
+
+
+class RebalanceConfig(Section):
+    method: Literal["none", "random_over", "random_under"] = "random_over"
+    seed: int = 0
+
+
+class AugmentConfig(Section):
+    enabled: bool = True
+    rotation_deg: float = Field(7.0, ge=0, le=45)
+    translate: float = Field(0.05, ge=0, le=0.3)
+    scale: float = Field(0.08, ge=0, le=0.5)
+    brightness: float = Field(0.1, ge=0, le=0.5)
+    contrast: float = Field(0.15, ge=0, le=0.9)
+
+
+class TrainConfig(Section):
+    model: Literal["seed_cnn"] = "seed_cnn"
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 means one per core")
+
+
+class EvaluateConfig(Section):
+    threshold: float = Field(0.5, gt=0, lt=1)
+
+
+class RegisterConfig(Section):
+    model_name: str = Field("cxr-pneumonia", min_length=1)
+    metric: Literal["val_auc", "val_accuracy"] = "val_auc"
+
+
+class TrackingConfig(Section):
+    experiment: str = Field("cxr-pneumonia", min_length=1)
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
+    rebalance: RebalanceConfig = RebalanceConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    # `register` is the params key; the attribute is `registry` because pydantic models already have a `register`.
+    registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+    tracking: TrackingConfig = TrackingConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def as_flat_dict(self) -> dict[str, Any]:
+        """`section.key -> value` pairs, the form MLflow params and `--set` use."""
+        return _flatten(self.model_dump(mode="json", by_alias=True))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `section.key=value` into its key path and its YAML-parsed value."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise CxrError(f"--set '{text}': expected section.key=value, e.g. --set train.epochs=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise CxrError(f"--set '{text}': the value is not valid YAML ({first_line})") from None
+    return key.split("."), value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any, text: str) -> None:
+    """Set one nested key in the raw params tree; a key that the schema does not know is an error."""
+    node: Any = tree
+    schema: Any = Config
+    for depth, part in enumerate(path):
+        fields = _field_names(schema)
+        if fields is not None and part not in fields:
+            known = ", ".join(sorted(fields))
+            where = ".".join(path[: depth + 1])
+            raise CxrError(f"--set '{text}': unknown key '{where}' (known here: {known})")
+        schema = _field_type(schema, part)
+        if depth == len(path) - 1:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+
+
+def _field_names(schema: Any) -> set[str] | None:
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        return {info.alias or name for name, info in schema.model_fields.items()}
+    return None  # a plain value: the override stops here
+
+
+def _field_type(schema: Any, part: str) -> Any:
+    if isinstance(schema, type) and issubclass(schema, BaseModel):
+        for name, info in schema.model_fields.items():
+            if part in (name, info.alias):
+                return info.annotation
+    return None
+
+
+def load_config(params_path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read params.yaml (missing file means all defaults), apply overrides, validate everything."""
+    raw: dict[str, Any] = {}
+    if params_path.exists():
+        try:
+            loaded = yaml.safe_load(params_path.read_text())
+        except yaml.YAMLError as exc:
+            raise CxrError(f"{params_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise CxrError(f"{params_path}: expected a mapping of sections (data:, train:, ...)")
+        raw = loaded or {}
+    for text in overrides:
+        path, value = parse_override(text)
+        apply_override(raw, path, value, text)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise CxrError(_describe(exc, params_path)) from None
+
+
+def _describe(exc: ValidationError, params_path: Path) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}'")
+        else:
+            problems.append(f"'{key}': {error['msg']} (got {error.get('input')!r})")
+    return f"{params_path}: " + "; ".join(problems)
+
+
+# --- settings that come from the environment -------------------------------------------------
+
+
+def default_tracking_uri(root: Path) -> str:
+    return f"sqlite:///{(root / 'mlruns.db').resolve()}"
+
+
+def tracking_uri(root: Path) -> str:
+    """MLflow tracking store: MLFLOW_TRACKING_URI when set, else SQLite under the project."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+def artifact_location(root: Path) -> str | None:
+    """Where new experiments keep artifacts: mlartifacts/ beside the default store, the server's choice otherwise.
+
+    (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so compare with the default rather than test for it.)
+    """
+    if tracking_uri(root) != default_tracking_uri(root):
+        return None
+    return (root / "mlartifacts").resolve().as_uri()
+
+
+def deid_key_file() -> Path:
+    """The de-identification key lives outside the data and outputs (CXR_DEID_KEY_FILE overrides)."""
+    configured = os.environ.get("CXR_DEID_KEY_FILE")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".config" / "cxr" / "deid.key"
+
+
+def deid_key_from_env() -> bytes | None:
+    """CXR_DEID_KEY, when set, is the key itself (for CI and clusters that inject secrets)."""
+    value = os.environ.get("CXR_DEID_KEY")
+    return value.encode() if value else None

@@ -1,0 +1,219 @@
+"""Decoding DICOM, PNG and JPEG films into 8-bit grey arrays, and the resize every image goes through.
+
+Ingest and predict both call `decode_file` and `resize`, so a model sees exactly the same
+preprocessing at prediction time as in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import CxrError
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ""}
+PNG_SUFFIXES = {".png"}
+JPEG_SUFFIXES = {".jpg", ".jpeg"}
+IMAGE_SUFFIXES = DICOM_SUFFIXES | PNG_SUFFIXES | JPEG_SUFFIXES
+
+MIN_SIDE = 16  # smaller films cannot carry a diagnosis and are quarantined
+MIN_STD = 1.0  # a decoded image flatter than this (in 0..255) is blank
+
+
+class UnreadableImage(CxrError):
+    """A file that cannot be used as an image; `reason` is a short code for quarantine.csv."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A film as 8-bit grey pixels at original size, plus the few header fields we keep.
+
+    `patient_id` is the raw DICOM PatientID: callers hash it at once and never store it.
+    """
+
+    pixels: np.ndarray
+    format: str
+    modality: str = ""
+    photometric: str = ""
+    view: str = ""
+    patient_id: str | None = None
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+def decode_file(path: Path) -> DecodedImage:
+    """Decode one film, or raise UnreadableImage with a reason code and a message naming the file."""
+    if not path.is_file():
+        raise UnreadableImage("missing_file", f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise UnreadableImage("empty_file", f"{path}: the file is empty (0 bytes)")
+    kind = detect_format(path)
+    if kind == "dicom":
+        image = _decode_dicom(path)
+    elif kind in ("png", "jpeg"):
+        image = _decode_pillow(path, kind)
+    else:
+        raise UnreadableImage("unsupported_format", f"{path}: not a DICOM, PNG or JPEG file")
+    check_usable(image.pixels, str(path))
+    return image
+
+
+def detect_format(path: Path) -> str:
+    """Pick the decoder from the file's magic bytes, falling back to its suffix."""
+    with path.open("rb") as handle:
+        head = handle.read(132)
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG"):
+        return "png"
+    if head.startswith(b"\xff\xd8"):
+        return "jpeg"
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return "dicom"  # DICOM without the 128-byte preamble: the decoder checks it really is one
+    if suffix in PNG_SUFFIXES:
+        return "png"
+    if suffix in JPEG_SUFFIXES:
+        return "jpeg"
+    return "unknown"
+
+
+def check_usable(pixels: np.ndarray, name: str) -> None:
+    """Reject images too small or too flat to be a radiograph."""
+    if min(pixels.shape[:2]) < MIN_SIDE:
+        raise UnreadableImage("too_small", f"{name}: image is {pixels.shape[1]}x{pixels.shape[0]} px, below {MIN_SIDE} px")
+    if float(pixels.std()) < MIN_STD:
+        raise UnreadableImage("blank_image", f"{name}: image is blank (all pixels nearly the same value)")
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """Stretch any numeric array to 0..255 by its own range (a constant array becomes zeros)."""
+    values = values.astype(np.float32)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Square `size`×`size` uint8 image, antialiased (Pillow's bilinear filter widens when shrinking)."""
+    from PIL import Image
+
+    if pixels.shape == (size, size):
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
+    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), mode="L")
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def pixel_sha256(pixels: np.ndarray) -> str:
+    """Hash of the decoded pixels and their shape: the same film re-encoded still matches."""
+    digest = hashlib.sha256(f"{pixels.shape}|{pixels.dtype}".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+def _decode_pillow(path: Path, kind: str) -> DecodedImage:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                pixels = to_uint8(np.asarray(image, dtype=np.float32))
+            else:
+                pixels = np.asarray(image.convert("L"), dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise UnreadableImage("not_an_image", f"{path}: not a readable {kind.upper()} image") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UnreadableImage("decode_failed", f"{path}: {kind.upper()} data could not be decoded ({exc})") from None
+    return DecodedImage(pixels=pixels, format=kind)
+
+
+def _decode_dicom(path: Path) -> DecodedImage:
+    """Stored values → Modality LUT → VOI LUT (window) → MONOCHROME1 inversion → 0..255, as the standard orders them."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = pydicom.dcmread(path)
+    except InvalidDicomError:
+        dataset = _read_dicom_without_preamble(path)
+    except Exception as exc:  # pydicom raises many types for damaged headers
+        raise UnreadableImage("unreadable_dicom", f"{path}: DICOM header could not be read ({_first_line(exc)})") from None
+    if "PixelData" not in dataset:
+        raise UnreadableImage("no_pixel_data", f"{path}: DICOM file holds no image (no PixelData)")
+    photometric = str(dataset.get("PhotometricInterpretation", "")).upper()
+    try:
+        pixels = _dicom_to_grey(dataset, photometric)
+    except Exception as exc:  # truncated data, unsupported compression, odd LUTs, ...
+        raise UnreadableImage("decode_failed", f"{path}: DICOM pixel data could not be decoded ({_first_line(exc)})") from None
+    return DecodedImage(
+        pixels=pixels,
+        format="dicom",
+        modality=str(dataset.get("Modality", "")),
+        photometric=photometric,
+        view=str(dataset.get("ViewPosition", "")),
+        patient_id=str(dataset.get("PatientID", "")) or None,
+    )
+
+
+def _dicom_to_grey(dataset, photometric: str) -> np.ndarray:  # dataset: pydicom.Dataset
+    """Stored values to display grey levels; pydicom already returns colour data as RGB."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about harmless padding and VR quirks
+        values = dataset.pixel_array
+    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        values = values[0]  # multi-frame: the first frame
+    if values.ndim == 3:
+        grey = values[..., 0] * 0.299 + values[..., 1] * 0.587 + values[..., 2] * 0.114
+        return to_uint8(grey)
+    values = apply_modality_lut(values, dataset)
+    values = apply_voi_lut(values, dataset, index=0)
+    pixels = to_uint8(values)
+    if photometric == "MONOCHROME1":  # inverted only after the VOI step, as the standard orders it
+        pixels = 255 - pixels
+    return pixels
+
+
+def _read_dicom_without_preamble(path: Path):  # -> pydicom.Dataset
+    """Old ACR-NEMA style files have no preamble or meta header; accept them only if they hold an image."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    try:
+        dataset = pydicom.dcmread(path, force=True)
+        looks_like_image = "PixelData" in dataset and "Rows" in dataset and "Columns" in dataset
+    except Exception:
+        looks_like_image = False
+    if not looks_like_image:
+        raise UnreadableImage("not_dicom", f"{path}: not a DICOM file (no DICOM header or image found)")
+    if "TransferSyntaxUID" not in dataset.file_meta:
+        meta = FileMetaDataset(dataset.file_meta)
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        dataset.file_meta = meta
+    return dataset
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,164 @@
+"""Ingest: every source in `data.sources` → manifest, image store and quarantine list.
+
+Outputs (see pipeline.paths): manifest.parquet (one row per usable film, no raw patient
+identifier), images.npy (uint8, N×S×S, row i = manifest.store_index i), quarantine.csv (every
+file that could not be used, with a reason code and a message a person understands).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Config
+from pipeline.deid import load_key, patient_hash
+from pipeline.errors import CxrError
+from pipeline.files import atomic_path
+from pipeline.imaging import UnreadableImage, check_usable, decode_file, pixel_sha256, resize
+from pipeline.paths import ProjectPaths
+from pipeline.sources import Rejected, SourceItem, read_source
+from pipeline.splits import carve_test_from_train, split_patients
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = [
+    "store_index", "image_id", "split", "label", "label_index", "patient_hash", "sha256", "format",
+    "source", "path", "width", "height", "modality", "photometric", "view", "mean_intensity", "std_intensity",
+]
+QUARANTINE_COLUMNS = ["source", "path", "reason", "message"]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    n_images: int
+    split_counts: dict[str, int]
+    quarantine_reasons: dict[str, int]
+    manifest_path: Path
+    images_path: Path
+    quarantine_path: Path
+
+
+def ingest_stage(paths: ProjectPaths, config: Config) -> IngestResult:
+    """Read, decode, de-identify, split and store every source; quarantine what cannot be used."""
+    items: list[SourceItem] = []
+    rejected: list[Rejected] = []
+    for spec in config.data.sources:
+        source_items, source_rejected = read_source(spec, paths.root, config.data)
+        items += source_items
+        rejected += source_rejected
+    key = load_key()
+    rows, images, decode_rejected = _decode_all(items, config.data.image_size, key)
+    rejected += decode_rejected
+    if not rows:
+        raise CxrError(f"ingest: none of the {len(items)} files in data.sources could be used; see {paths.quarantine}")
+
+    manifest = pd.DataFrame(rows)
+    manifest = _assign_splits(manifest, config)
+    manifest["label_index"] = manifest["label"].map({label: i for i, label in enumerate(config.data.labels)})
+    manifest["store_index"] = np.arange(len(manifest))
+    manifest = manifest[MANIFEST_COLUMNS]
+    quarantine = pd.DataFrame([r.__dict__ for r in rejected], columns=QUARANTINE_COLUMNS)
+
+    with atomic_path(paths.images) as tmp:
+        with tmp.open("wb") as handle:
+            np.save(handle, np.stack(images))
+    with atomic_path(paths.manifest) as tmp:
+        manifest.to_parquet(tmp, index=False)
+    with atomic_path(paths.quarantine) as tmp:
+        quarantine.to_csv(tmp, index=False)
+
+    result = IngestResult(
+        n_images=len(manifest),
+        split_counts={split: int((manifest["split"] == split).sum()) for split in ("train", "val", "test")},
+        quarantine_reasons=dict(sorted(Counter(quarantine["reason"]).items())),
+        manifest_path=paths.manifest,
+        images_path=paths.images,
+        quarantine_path=paths.quarantine,
+    )
+    _log_summary(result)
+    return result
+
+
+def _decode_all(items: list[SourceItem], size: int, key: bytes) -> tuple[list[dict], list[np.ndarray], list[Rejected]]:
+    """Decode and resize each film; a failure becomes a quarantine entry and the run goes on."""
+    from tqdm import tqdm
+
+    rows: list[dict] = []
+    images: list[np.ndarray] = []
+    rejected: list[Rejected] = []
+    for item in tqdm(items, desc="ingest", unit="img", disable=None):
+        try:
+            row, pixels = _decode_item(item, size, key)
+        except UnreadableImage as exc:
+            rejected.append(Rejected(item.source, item.path, exc.reason, _relative_message(exc, item)))
+            continue
+        rows.append(row)
+        images.append(pixels)
+    return rows, images, rejected
+
+
+def _decode_item(item: SourceItem, size: int, key: bytes) -> tuple[dict, np.ndarray]:
+    if item.file is not None:
+        decoded = decode_file(item.file)
+        original = decoded.pixels
+    else:
+        original = np.asarray(item.pixels, dtype=np.uint8)
+        check_usable(original, f"{item.source}/{item.path}")
+        decoded = None
+    # DICOM header PatientID wins over a table or file name; without any, the film is its own patient.
+    patient = (decoded.patient_id if decoded else None) or item.patient_id or f"{item.source}/{item.path}"
+    stored = resize(original, size)
+    row = {
+        "image_id": hashlib.sha256(f"{item.source}/{item.path}".encode()).hexdigest()[:16],
+        "split": item.split,
+        "label": item.label,
+        "patient_hash": patient_hash(patient, key),
+        "sha256": pixel_sha256(original),
+        "format": decoded.format if decoded else "npz",
+        "source": item.source,
+        "path": item.path,
+        "width": int(original.shape[1]),
+        "height": int(original.shape[0]),
+        "modality": decoded.modality if decoded else "",
+        "photometric": decoded.photometric if decoded else "",
+        "view": decoded.view if decoded else "",
+        "mean_intensity": float(stored.mean()),
+        "std_intensity": float(stored.std()),
+    }
+    return row, stored
+
+
+def _relative_message(exc: UnreadableImage, item: SourceItem) -> str:
+    """Quarantine messages name the file relative to its source, like the path column."""
+    message = str(exc)
+    if item.file is not None:
+        message = message.replace(str(item.file), f"{item.source}/{item.path}")
+    return message
+
+
+def _assign_splits(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
+    """Patient-level split where a source has none; carve a test split where a source has only train/val."""
+    manifest = manifest.copy()
+    unsplit = manifest["split"].isna()
+    if unsplit.any():
+        manifest.loc[unsplit, "split"] = split_patients(manifest[unsplit], config.data.split, config.data.seed)
+    for source, rows in manifest.groupby("source"):
+        if not unsplit[rows.index].any() and "test" not in set(rows["split"]):
+            manifest.loc[rows.index, "split"] = carve_test_from_train(rows, config.data.split.test, config.data.seed)
+            log.info("ingest: %s has no test split; carved %d images from its train split (stratified, seed %d)",
+                     source, int((manifest.loc[rows.index, "split"] == "test").sum()), config.data.seed)
+    return manifest
+
+
+def _log_summary(result: IngestResult) -> None:
+    splits = " / ".join(f"{name} {count}" for name, count in result.split_counts.items())
+    log.info("ingest: %d images (%s) → %s", result.n_images, splits, result.manifest_path)
+    if result.quarantine_reasons:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in result.quarantine_reasons.items())
+        log.info("ingest: %d files quarantined (%s) → %s", sum(result.quarantine_reasons.values()), reasons, result.quarantine_path)

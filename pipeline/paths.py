@@ -1,0 +1,86 @@
+"""Where every stage reads and writes, relative to the project root (the folder holding params.yaml).
+
+Fixed paths keep dvc.yaml, the Prefect flow and the CLI in agreement: each stage's outputs are the
+next stage's inputs, as in nnU-Net's one-file-per-step layout.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    root: Path
+
+    @property
+    def interim(self) -> Path:
+        return self.root / "data" / "interim"
+
+    @property
+    def manifest(self) -> Path:
+        return self.interim / "manifest.parquet"
+
+    @property
+    def images(self) -> Path:
+        return self.interim / "images.npy"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.interim / "quarantine.csv"
+
+    @property
+    def validation_dir(self) -> Path:
+        return self.root / "reports" / "validation"
+
+    @property
+    def validation_results(self) -> Path:
+        return self.validation_dir / "results.json"
+
+    @property
+    def validation_summary(self) -> Path:
+        return self.validation_dir / "summary.json"
+
+    @property
+    def train_index(self) -> Path:
+        return self.root / "data" / "processed" / "train_index.npy"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.models / "checkpoint.pt"
+
+    @property
+    def run_info(self) -> Path:
+        """The MLflow run id written by train and read by evaluate and register (one run spans all three)."""
+        return self.models / "run.json"
+
+    @property
+    def registered(self) -> Path:
+        return self.models / "registered.json"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports / "metrics.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.reports / "plots"
+
+    @property
+    def history(self) -> Path:
+        return self.plots / "history.csv"
+
+    @property
+    def roc(self) -> Path:
+        return self.plots / "roc.csv"
+
+    @property
+    def confusion(self) -> Path:
+        return self.plots / "confusion.csv"

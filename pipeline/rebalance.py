@@ -1,0 +1,66 @@
+"""Rebalance: an imbalanced-learn sampler chooses which training images (and how often) an epoch sees.
+
+Sampling indices, not pixels, keeps the image store untouched and the choice inspectable:
+data/processed/train_index.npy lists store indices, repeated where oversampled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import RebalanceConfig
+from pipeline.errors import CxrError
+from pipeline.files import atomic_path
+from pipeline.paths import ProjectPaths
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RebalanceResult:
+    method: str
+    before: dict[str, int]
+    after: dict[str, int]
+    index_path: Path
+
+
+def rebalance_indices(store_index: np.ndarray, labels: np.ndarray, settings: RebalanceConfig) -> np.ndarray:
+    """Store indices after resampling, sorted so the file does not depend on sampler internals."""
+    if settings.method == "none":
+        return np.sort(store_index)
+    from imblearn.under_sampling import RandomUnderSampler
+    from imblearn.over_sampling import RandomOverSampler
+
+    sampler_class = RandomOverSampler if settings.method == "random_over" else RandomUnderSampler
+    sampler = sampler_class(random_state=settings.seed)
+    chosen, _ = sampler.fit_resample(store_index.reshape(-1, 1), labels)
+    return np.sort(chosen[:, 0])
+
+
+def rebalance_stage(paths: ProjectPaths, settings: RebalanceConfig) -> RebalanceResult:
+    """Resample the training split of the manifest and write the chosen store indices."""
+    if not paths.manifest.exists():
+        raise CxrError(f"{paths.manifest} is missing: run `cxr ingest` first")
+    manifest = pd.read_parquet(paths.manifest, columns=["store_index", "split", "label"])
+    train = manifest[manifest["split"] == "train"]
+    if train["label"].nunique() < 2:
+        raise CxrError("rebalance: the training split holds only one class; add images of the other class to data.sources")
+    chosen = rebalance_indices(train["store_index"].to_numpy(), train["label"].to_numpy(), settings)
+    with atomic_path(paths.train_index) as tmp:
+        with tmp.open("wb") as handle:
+            np.save(handle, chosen.astype(np.int64))
+    label_of = dict(zip(train["store_index"], train["label"]))
+    result = RebalanceResult(
+        method=settings.method,
+        before=dict(sorted(Counter(train["label"]).items())),
+        after=dict(sorted(Counter(label_of[i] for i in chosen).items())),
+        index_path=paths.train_index,
+    )
+    log.info("rebalance (%s): train %s → %s → %s", result.method, result.before, result.after, result.index_path)
+    return result

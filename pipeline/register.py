@@ -1,0 +1,114 @@
+"""Register: log the trained model to MLflow as a pyfunc and decide whether it becomes `champion`.
+
+The alias moves only when the new version beats the current champion on `register.metric`
+(validation), or when there is no champion yet. Aliases, not the deprecated stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.errors import CxrError
+from pipeline.files import write_json
+from pipeline.paths import ProjectPaths
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    model_name: str
+    version: int
+    is_champion: bool
+    metric: str
+    value: float | None
+    previous_champion: int | None
+    previous_value: float | None
+    reason: str
+
+
+def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
+    """Log checkpoint + signature + input example as a new registered version; move the alias if it earned it."""
+    import mlflow
+
+    from pipeline import tracking
+
+    if not paths.checkpoint.exists():
+        raise CxrError(f"{paths.checkpoint} is missing: run `cxr train` first")
+    tracking.connect(paths.root)
+    run_id = tracking.read_run_id(paths)
+    client = mlflow.MlflowClient()
+    name, metric = config.registry.model_name, config.registry.metric
+    value = _run_metric(client, run_id, f"best_{metric}")
+
+    version = _log_model(paths, config, run_id)
+    previous = _current_champion(client, name)
+    previous_value = _run_metric(client, previous.run_id, f"best_{metric}") if previous else None
+    if previous is None:
+        promote, reason = True, "no champion yet"
+    elif value is not None and (previous_value is None or value > previous_value):
+        promote, reason = True, f"{metric} {value:.4f} beats champion v{previous.version} ({_fmt(previous_value)})"
+    else:
+        promote, reason = False, f"{metric} {_fmt(value)} does not beat champion v{previous.version} ({_fmt(previous_value)})"
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+    client.set_model_version_tag(name, str(version), "decision", reason)
+
+    result = RegisterResult(name, version, promote, metric, value,
+                            int(previous.version) if previous else None, previous_value, reason)
+    write_json(paths.registered, asdict(result))
+    log.info("register: %s version %d%s (%s)", name, version, " is now @champion" if promote else " registered, champion unchanged", reason)
+    return result
+
+
+def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
+    """Log the pyfunc (with the pipeline code, so it loads anywhere) into the training run and register it."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    import pipeline
+
+    size = config.data.image_size
+    example = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (1, size, 1))  # a grey ramp: no patient pixels in the registry
+    output = pd.DataFrame({"probability": [0.5], "label": [config.data.labels[-1]]})
+    package = Path(pipeline.__file__).parent
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MLflow suggests type hints this tensor-in, table-out model does not need
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(package / "mlflow_model.py"),
+            artifacts={"checkpoint": str(paths.checkpoint)},
+            code_paths=[str(package)],
+            signature=infer_signature(example, output),
+            input_example=example,
+            metadata={"image_size": size, "labels": list(config.data.labels), "threshold": config.evaluate.threshold},
+            registered_model_name=config.registry.model_name,
+        )
+    return int(info.registered_model_version)
+
+
+def _current_champion(client, name: str):  # -> ModelVersion | None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _run_metric(client, run_id: str, key: str) -> float | None:
+    value = client.get_run(run_id).data.metrics.get(key)
+    return None if value is None or np.isnan(value) else float(value)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -1,0 +1,43 @@
+"""The MLflow pyfunc that wraps a checkpoint: what the registry stores and `cxr predict` loads.
+
+It takes images already decoded and resized to the size recorded in the model's metadata
+(`image_size`), so the same pyfunc answers `mlflow models serve` requests.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+# MLflow asks for type hints on predict(); this model takes tensors and is described by its signature instead.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
+
+
+class CxrClassifier(mlflow.pyfunc.PythonModel):
+    """(N, S, S) uint8 grey images → a table of positive-class probability and label at the stored threshold."""
+
+    def load_context(self, context) -> None:
+        from pipeline.evaluate import load_checkpoint
+
+        self.model, state = load_checkpoint(Path(context.artifacts["checkpoint"]))
+        self.labels = state["labels"]
+        self.threshold = float(state["threshold"])
+        self.image_size = int(state["image_size"])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        import torch
+
+        from pipeline.models import predict_proba
+
+        images = np.asarray(model_input)
+        if images.ndim == 2:
+            images = images[None]
+        if images.shape[1:] != (self.image_size, self.image_size):
+            raise ValueError(f"expected images of shape (N, {self.image_size}, {self.image_size}), got {images.shape}")
+        probability = predict_proba(self.model, images.astype(np.uint8), torch.device("cpu"))[:, -1]
+        labels = np.where(probability >= self.threshold, self.labels[-1], self.labels[0])
+        return pd.DataFrame({"probability": probability.astype(np.float64), "label": labels})

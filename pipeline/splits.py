@@ -1,0 +1,53 @@
+"""Patient-level, label-stratified train/val/test splits.
+
+Images of one patient never straddle splits: that leak is what inflates many published chest
+X-ray results. Sources that bring their own split keep it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import SplitFractions
+
+
+def split_patients(frame: pd.DataFrame, fractions: SplitFractions, seed: int) -> pd.Series:
+    """Assign train/val/test to every row by patient, stratified on each patient's most common label.
+
+    `frame` needs columns patient_hash and label; returns one split name per row.
+    """
+    patient_label = frame.groupby("patient_hash")["label"].agg(lambda labels: labels.value_counts().index[0])
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, str] = {}
+    for label in sorted(patient_label.unique()):
+        patients = np.array(sorted(patient_label.index[patient_label == label]))
+        rng.shuffle(patients)
+        for patient, split in zip(patients, _split_names(len(patients), fractions)):
+            assignment[patient] = split
+    return frame["patient_hash"].map(assignment)
+
+
+def carve_test_from_train(frame: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
+    """For a source with train (and val) but no test: move `fraction` of train patients to test."""
+    splits = frame["split"].copy()
+    train = frame[frame["split"] == "train"]
+    patient_label = train.groupby("patient_hash")["label"].agg(lambda labels: labels.value_counts().index[0])
+    rng = np.random.default_rng(seed)
+    moved: set[str] = set()
+    for label in sorted(patient_label.unique()):
+        patients = np.array(sorted(patient_label.index[patient_label == label]))
+        rng.shuffle(patients)
+        moved.update(patients[: int(round(len(patients) * fraction))])
+    splits[frame["patient_hash"].isin(moved) & (frame["split"] == "train")] = "test"
+    return splits
+
+
+def _split_names(n: int, fractions: SplitFractions) -> list[str]:
+    """n split names in train, val, test order; val and test get at least one patient when n >= 3."""
+    n_val = int(round(n * fractions.val))
+    n_test = int(round(n * fractions.test))
+    if n >= 3:
+        n_val, n_test = max(n_val, 1), max(n_test, 1)
+    n_train = max(n - n_val - n_test, 0)
+    return ["train"] * n_train + ["val"] * n_val + ["test"] * (n - n_train - n_val)

@@ -1,0 +1,71 @@
+"""params.yaml parsing and `--set` overrides: typed values, clear one-line errors."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import CxrError
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_repo_params_file_is_valid_and_matches_defaults_for_sources():
+    config = load_config(REPO_PARAMS)
+    assert config.data.sources == ["data/raw/demo"]
+    assert config.data.positive_label == "pneumonia"
+    assert config.registry.model_name == "cxr-pneumonia"
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    config = load_config(
+        tmp_path / "params.yaml",
+        ["data.sources=[data/raw/a, data/raw/b]", "train.epochs=2", "augment.enabled=false", "register.model_name=other"],
+    )
+    assert config.data.sources == ["data/raw/a", "data/raw/b"]
+    assert config.train.epochs == 2
+    assert config.augment.enabled is False
+    assert config.registry.model_name == "other"
+
+
+def test_override_keeps_sibling_keys_from_the_file(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  epochs: 7\n  lr: 0.01\n")
+    config = load_config(params, ["train.epochs=3"])
+    assert (config.train.epochs, config.train.lr) == (3, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.epoch=2", "unknown key 'train.epoch'"),
+        ("nosuch.key=1", "unknown key 'nosuch'"),
+        ("train.epochs=many", "'train.epochs'"),
+        ("train.epochs=0", "'train.epochs'"),
+        ("data.split.train=0.9", "must add up to 1"),
+        ("rebalance.method=smote_magic", "'rebalance.method'"),
+        ("train", "expected section.key=value"),
+        ("data.sources=[a", "not valid YAML"),
+        ("validation.severity.intensity=sometimes", "'validation.severity.intensity'"),
+    ],
+)
+def test_bad_overrides_give_one_line_errors_naming_the_key(tmp_path, override, expected):
+    with pytest.raises(CxrError) as raised:
+        load_config(tmp_path / "params.yaml", [override])
+    message = str(raised.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_unknown_key_in_params_file_is_refused(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(CxrError, match="unknown key 'train.epochz'"):
+        load_config(params)
+
+
+def test_flat_dict_has_every_leaf_for_mlflow(tmp_path):
+    flat = load_config(tmp_path / "params.yaml").as_flat_dict()
+    assert flat["train.model"] == "seed_cnn"
+    assert flat["data.split.test"] == 0.15
+    assert flat["register.metric"] == "val_auc"

@@ -1,0 +1,102 @@
+"""Decoding real DICOM files (pydicom's own test set) and PNG/JPEG into 8-bit grey images."""
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from pipeline.imaging import UnreadableImage, decode_file, pixel_sha256, resize
+
+
+def test_every_pydicom_test_file_decodes_or_gives_a_reason(pydicom_test_files):
+    """No file in pydicom's test set makes the decoder crash: each is an image or a reasoned rejection."""
+    decoded, rejected = 0, 0
+    for path in sorted(pydicom_test_files.glob("*.dcm")):
+        try:
+            image = decode_file(path)
+        except UnreadableImage as exc:
+            assert exc.reason and str(path) in str(exc)
+            rejected += 1
+            continue
+        assert image.pixels.dtype == np.uint8 and image.pixels.ndim == 2
+        decoded += 1
+    assert decoded > 20 and rejected > 5
+
+
+def test_truncated_dicom_is_rejected_with_decode_failed(pydicom_test_files):
+    with pytest.raises(UnreadableImage) as raised:
+        decode_file(pydicom_test_files / "MR_truncated.dcm")
+    assert raised.value.reason == "decode_failed"
+
+
+def test_dicom_without_image_is_rejected(pydicom_test_files):
+    with pytest.raises(UnreadableImage) as raised:
+        decode_file(pydicom_test_files / "rtplan.dcm")
+    assert raised.value.reason == "no_pixel_data"
+
+
+def test_compressed_dicom_decodes_like_the_uncompressed_original(pydicom_test_files):
+    plain = decode_file(pydicom_test_files / "MR_small.dcm").pixels
+    rle = decode_file(pydicom_test_files / "MR_small_RLE.dcm").pixels
+    jpeg2000 = decode_file(pydicom_test_files / "MR_small_jp2klossless.dcm").pixels
+    assert np.array_equal(plain, rle) and np.array_equal(plain, jpeg2000)
+
+
+def test_monochrome1_is_inverted_after_windowing(tmp_path, pydicom_test_files):
+    """The same stored values shown as MONOCHROME1 come out as the inverse of MONOCHROME2."""
+    dataset = pydicom.dcmread(pydicom_test_files / "MR_small.dcm")
+    dataset.save_as(tmp_path / "mono2.dcm")
+    dataset.PhotometricInterpretation = "MONOCHROME1"
+    dataset.save_as(tmp_path / "mono1.dcm")
+    mono2 = decode_file(tmp_path / "mono2.dcm").pixels.astype(int)
+    mono1 = decode_file(tmp_path / "mono1.dcm").pixels.astype(int)
+    assert np.array_equal(mono1, 255 - mono2)
+
+
+def test_window_clips_values_outside_it(tmp_path, pydicom_test_files):
+    dataset = pydicom.dcmread(pydicom_test_files / "MR_small.dcm")
+    values = dataset.pixel_array
+    low, high = np.percentile(values, 25), np.percentile(values, 75)
+    dataset.WindowCenter, dataset.WindowWidth = float((low + high) / 2), float(high - low)
+    dataset.save_as(tmp_path / "windowed.dcm")
+    pixels = decode_file(tmp_path / "windowed.dcm").pixels
+    assert (pixels == 0).mean() > 0.2 and (pixels == 255).mean() > 0.2  # the tails are clipped to black and white
+
+
+def test_text_file_named_dcm_is_not_dicom(tmp_path):
+    fake = tmp_path / "notes.dcm"
+    fake.write_text("this is not an image\n" * 20)
+    with pytest.raises(UnreadableImage) as raised:
+        decode_file(fake)
+    assert raised.value.reason == "not_dicom"
+
+
+def test_empty_png_is_empty_file(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.touch()
+    with pytest.raises(UnreadableImage) as raised:
+        decode_file(empty)
+    assert raised.value.reason == "empty_file"
+
+
+def test_16_bit_png_is_stretched_to_8_bit(tmp_path):
+    ramp = np.tile(np.linspace(1000, 5000, 64).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    pixels = decode_file(tmp_path / "ramp.png").pixels
+    assert pixels.dtype == np.uint8 and pixels.min() == 0 and pixels.max() == 255
+
+
+def test_blank_image_is_rejected(tmp_path):
+    Image.fromarray(np.full((64, 64), 77, dtype=np.uint8)).save(tmp_path / "flat.png")
+    with pytest.raises(UnreadableImage) as raised:
+        decode_file(tmp_path / "flat.png")
+    assert raised.value.reason == "blank_image"
+
+
+def test_resize_and_hash():
+    image = (np.arange(100 * 80) % 251).astype(np.uint8).reshape(100, 80)
+    assert resize(image, 32).shape == (32, 32)
+    assert pixel_sha256(image) == pixel_sha256(image.copy())
+    assert pixel_sha256(image) != pixel_sha256(image.T)
