@@ -181,11 +181,11 @@ def pipeline(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
     """
 
     def action() -> None:
-        from flows.pipeline_flow import cxr_pipeline
+        from flows.pipeline_flow import run_pipeline
         from pipeline.config import load_config
 
         load_config(params, set_)  # fail fast on bad params, before Prefect starts
-        cxr_pipeline(params_path=str(params.resolve()), overrides=list(set_))
+        run_pipeline(params.resolve(), list(set_))
         _print_summary(params.resolve().parent)
 
     _run(action)

@@ -1,81 +1,113 @@
 """The whole pipeline as one Prefect flow: each stage is a task calling the same function DVC's stage calls.
 
 Tasks pass file paths and small result objects, never the MLflow active run (it is thread-local):
-train writes the run id to models/run.json and later stages read it.
+train writes the run id to models/run.json and later stages read it. A user error (CxrError) ends
+its task in a Failed state carrying the one-line message, so Prefect logs no traceback for it.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from prefect import flow, get_run_logger, task
+# A closed network must not cost a telemetry error on every run.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from pipeline.config import Config, load_config
-from pipeline.paths import ProjectPaths
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.states import Failed, State  # noqa: E402
+
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.errors import CxrError  # noqa: E402
+from pipeline.paths import ProjectPaths  # noqa: E402
+
+
+def _as_state(stage: Callable[[], Any]) -> Any:
+    """Run a stage; a user error becomes a Failed state with its message instead of an exception."""
+    try:
+        return stage()
+    except CxrError as exc:
+        return Failed(message=str(exc))
 
 
 @task(name="ingest")
 def ingest_task(paths: ProjectPaths, config: Config):
     from pipeline.ingest import ingest_stage
 
-    return ingest_stage(paths, config)
+    return _as_state(lambda: ingest_stage(paths, config))
 
 
 @task(name="validate")
 def validate_task(paths: ProjectPaths, config: Config):
     from pipeline.validate import validate_stage
 
-    return validate_stage(paths, config)
+    return _as_state(lambda: validate_stage(paths, config))
 
 
 @task(name="rebalance")
 def rebalance_task(paths: ProjectPaths, config: Config):
     from pipeline.rebalance import rebalance_stage
 
-    return rebalance_stage(paths, config.rebalance)
+    return _as_state(lambda: rebalance_stage(paths, config.rebalance))
 
 
-@task(name="train (with batch augmentation)")
+@task(name="train")
 def train_task(paths: ProjectPaths, config: Config):
+    """Training; batch augmentation runs inside it, on the training device."""
     from pipeline.train import train_stage
 
-    return train_stage(paths, config)
+    return _as_state(lambda: train_stage(paths, config))
 
 
 @task(name="evaluate")
 def evaluate_task(paths: ProjectPaths, config: Config):
     from pipeline.evaluate import evaluate_stage
 
-    return evaluate_stage(paths, config)
+    return _as_state(lambda: evaluate_stage(paths, config))
 
 
 @task(name="register", retries=2, retry_delay_seconds=5)  # the tracking server is the one part that can fail transiently
 def register_task(paths: ProjectPaths, config: Config):
     from pipeline.register import register_stage
 
-    return register_stage(paths, config)
+    return _as_state(lambda: register_stage(paths, config))
 
 
-@flow(name="cxr-pipeline", log_prints=True)
-def cxr_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """ingest → validate → rebalance → train → evaluate → register, reading params.yaml plus overrides."""
+STAGES = (ingest_task, validate_task, rebalance_task, train_task, evaluate_task, register_task)
+
+
+@flow(name="cxr-pipeline")
+def cxr_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict | State:
+    """ingest → validate → rebalance → train → evaluate → register, reading params.yaml plus overrides.
+
+    Stops at the first failed stage; the flow run then ends Failed with that stage's message.
+    """
     params = Path(params_path).resolve()
     config = load_config(params, overrides or [])
     paths = ProjectPaths(params.parent)
     logger = get_run_logger()
-
-    ingested = ingest_task(paths, config)
-    logger.info("ingest: %d images, quarantined %s", ingested.n_images, ingested.quarantine_reasons)
-    gate = validate_task(paths, config)
-    logger.info("validate: gate %s", "passed" if gate.passed else "failed")
-    rebalance_task(paths, config)
-    trained = train_task(paths, config)
-    evaluated = evaluate_task(paths, config)
-    registered = register_task(paths, config)
-    logger.info("register: %s v%d (%s)", registered.model_name, registered.version, registered.reason)
+    results: dict[str, Any] = {}
+    for stage in STAGES:
+        state = stage(paths, config, return_state=True)
+        if state.is_failed():
+            logger.error("%s failed: %s", stage.name, state.message)
+            return Failed(message=f"{stage.name}: {state.message}")
+        results[stage.name] = state.result()
+    registered = results["register"]
+    logger.info("done: test AUC %s; %s version %d%s", results["evaluate"].metrics["test"]["auc"],
+                registered.model_name, registered.version, " is @champion" if registered.is_champion else "")
     return {
-        "run_id": trained.run_id,
-        "test": evaluated.metrics["test"],
+        "run_id": results["train"].run_id,
+        "test": results["evaluate"].metrics["test"],
         "model_version": registered.version,
         "champion": registered.is_champion,
     }
+
+
+def run_pipeline(params_path: Path, overrides: list[str]) -> dict:
+    """Run the flow and turn a failed run into a CxrError with the failing stage's message."""
+    state = cxr_pipeline(params_path=str(params_path), overrides=overrides, return_state=True)
+    if state.is_failed():
+        raise CxrError(state.message or "the pipeline flow failed")
+    return state.result()

@@ -28,21 +28,6 @@ class EvaluateResult:
     plot_paths: list[Path]
 
 
-def load_checkpoint(path: Path):  # -> tuple[torch.nn.Module, dict]
-    """Rebuild the network a checkpoint describes and load its weights (CPU tensors)."""
-    import torch
-
-    from pipeline.models import build_model
-
-    if not path.exists():
-        raise CxrError(f"{path} is missing: run `cxr train` first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(state["model"], state["image_size"], len(state["labels"]), state["dropout"])
-    model.load_state_dict(state["state_dict"])
-    model.eval()
-    return model, state
-
-
 def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     """Test and validation metrics at `evaluate.threshold`, plots, and their MLflow logging."""
     import mlflow
@@ -50,7 +35,7 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
 
     from pipeline import tracking
     from pipeline.metrics import binary_metrics
-    from pipeline.models import predict_proba
+    from pipeline.models import load_checkpoint, predict_proba
 
     model, state = load_checkpoint(paths.checkpoint)
     manifest = pd.read_parquet(paths.manifest, columns=["store_index", "split", "label_index"])

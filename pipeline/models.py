@@ -5,9 +5,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
+
+from pipeline.errors import CxrError
 
 MODEL_NAMES = ("seed_cnn",)
 
@@ -43,6 +47,17 @@ def build_model(name: str, image_size: int, n_classes: int, dropout: float) -> n
     if name == "seed_cnn":
         return SeedCNN(image_size, n_classes, dropout)
     raise ValueError(f"unknown model '{name}'; known: {', '.join(MODEL_NAMES)}")
+
+
+def load_checkpoint(path: Path):  # -> tuple[torch.nn.Module, dict]
+    """Rebuild the network a checkpoint describes and load its weights (CPU tensors)."""
+    if not path.exists():
+        raise CxrError(f"{path} is missing: run `cxr train` first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(state["model"], state["image_size"], len(state["labels"]), state["dropout"])
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    return model, state
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

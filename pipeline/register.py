@@ -7,7 +7,8 @@ The alias moves only when the new version beats the current champion on `registe
 from __future__ import annotations
 
 import logging
-import warnings
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pipeline.paths import ProjectPaths
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+SERVING_MODULES = ("__init__.py", "errors.py", "models.py", "serving.py", "mlflow_model.py")
 
 
 @dataclass(frozen=True)
@@ -70,30 +72,40 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
 
 
 def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
-    """Log the pyfunc (with the pipeline code, so it loads anywhere) into the training run and register it."""
+    """Log the pyfunc (with the code it runs, so it loads anywhere) into the training run and register it."""
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
 
-    import pipeline
-
     size = config.data.image_size
     example = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (1, size, 1))  # a grey ramp: no patient pixels in the registry
     output = pd.DataFrame({"probability": [0.5], "label": [config.data.labels[-1]]})
-    package = Path(pipeline.__file__).parent
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MLflow suggests type hints this tensor-in, table-out model does not need
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(package / "mlflow_model.py"),
-            artifacts={"checkpoint": str(paths.checkpoint)},
-            code_paths=[str(package)],
-            signature=infer_signature(example, output),
-            input_example=example,
-            metadata={"image_size": size, "labels": list(config.data.labels), "threshold": config.evaluate.threshold},
-            registered_model_name=config.registry.model_name,
-        )
+    with tempfile.TemporaryDirectory() as scratch:
+        package = _serving_package(Path(scratch))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(package / "mlflow_model.py"),
+                artifacts={"checkpoint": str(paths.checkpoint)},
+                code_paths=[str(package)],
+                signature=infer_signature(example, output),
+                input_example=example,
+                metadata={"image_size": size, "labels": list(config.data.labels), "threshold": config.evaluate.threshold},
+                registered_model_name=config.registry.model_name,
+            )
     return int(info.registered_model_version)
+
+
+def _serving_package(folder: Path) -> Path:
+    """A copy of just the modules the pyfunc runs, so the model loads without this project installed."""
+    import pipeline
+
+    source = Path(pipeline.__file__).parent
+    package = folder / "pipeline"
+    package.mkdir(parents=True)
+    for module in SERVING_MODULES:
+        shutil.copy2(source / module, package / module)
+    return package
 
 
 def _current_champion(client, name: str):  # -> ModelVersion | None

@@ -48,9 +48,8 @@ class TinyProject:
     results: dict
 
 
-@pytest.fixture(scope="session")
-def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> TinyProject:
-    """Demo data run through every stage once, by calling the library functions directly."""
+def run_all_stages(params: Path, overrides: list[str] = ()) -> TinyProject:
+    """Every stage in order, by calling the library functions directly (what the CLI and the flow call)."""
     from pipeline.config import load_config
     from pipeline.evaluate import evaluate_stage
     from pipeline.ingest import ingest_stage
@@ -60,8 +59,7 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> TinyProject:
     from pipeline.train import train_stage
     from pipeline.validate import validate_stage
 
-    params = write_tiny_project(tmp_path_factory.mktemp("tiny"))
-    config = load_config(params)
+    config = load_config(params, overrides)
     paths = ProjectPaths(params.parent)
     results = {
         "ingest": ingest_stage(paths, config),
@@ -72,6 +70,12 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> TinyProject:
         "register": register_stage(paths, config),
     }
     return TinyProject(params, paths, config, results)
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> TinyProject:
+    """Demo data run through every stage once; tests read its outputs and must not change them."""
+    return run_all_stages(write_tiny_project(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture

@@ -1,0 +1,92 @@
+"""The `cxr` command as a user runs it: help texts, one-line errors, prediction JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CXR = str(Path(sys.executable).parent / "cxr")
+COMMANDS = ["demo-data", "ingest", "validate", "rebalance", "train", "evaluate", "register", "pipeline", "predict", "summary"]
+
+
+def cxr(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CXR, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_top_level_help_lists_every_command():
+    out = cxr("--help")
+    assert out.returncode == 0
+    for command in COMMANDS:
+        assert command in out.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_an_explaining_help(command):
+    out = cxr(command, "--help")
+    assert out.returncode == 0
+    assert len(out.stdout.split()) > 25, out.stdout
+    if command not in ("demo-data", "predict", "summary"):
+        assert "--set" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("train.epoch=2", "unknown key 'train.epoch'"), ("train.epochs=lots", "'train.epochs'"), ("data.sources=[a", "not valid YAML")],
+)
+def test_bad_set_is_one_line_error_without_traceback(tmp_path, override, expected):
+    out = cxr("train", "--set", override, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: ") and expected in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_stage_without_its_inputs_says_what_to_run(tmp_path):
+    out = cxr("train", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "run `cxr ingest` first" in out.stderr
+
+
+def test_predict_json_on_pydicom_test_files(tiny_project, pydicom_test_files):
+    """Real DICOMs: each gets a probability or a clear error; the exit code is 0 since some were classified."""
+    files = [pydicom_test_files / name for name in ("CT_small.dcm", "MR_small.dcm", "MR_truncated.dcm", "rtplan.dcm", "JPEG2000.dcm")]
+    out = cxr("predict", *map(str, files), "--json", cwd=tiny_project.paths.root)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    assert [r["path"] for r in results] == list(map(str, files))
+    by_name = {Path(r["path"]).name: r for r in results}
+    for name in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm"):
+        assert 0.0 <= by_name[name]["probability"] <= 1.0
+        assert by_name[name]["label"] in ("normal", "pneumonia")
+    assert by_name["MR_truncated.dcm"]["error"].startswith("decode_failed")
+    assert by_name["rtplan.dcm"]["error"].startswith("no_pixel_data")
+
+
+def test_predict_a_folder_and_plain_output(tiny_project):
+    folder = tiny_project.paths.root / "data" / "raw" / "demo" / "pneumonia"
+    out = cxr("predict", str(folder), cwd=tiny_project.paths.root)
+    assert out.returncode == 0
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == len([p for p in folder.iterdir() if p.is_file()])
+    assert any("error: decode_failed" in line for line in lines)  # the truncated demo DICOM
+
+
+def test_predict_with_nothing_readable_exits_1(tiny_project, tmp_path):
+    (tmp_path / "empty.png").touch()
+    out = cxr("predict", str(tmp_path / "empty.png"), "--json", cwd=tiny_project.paths.root)
+    assert out.returncode == 1
+    assert json.loads(out.stdout)[0]["error"].startswith("empty_file")
+
+
+def test_predict_without_a_registered_model_is_a_clear_error(tmp_path, pydicom_test_files):
+    out = cxr("predict", str(pydicom_test_files / "CT_small.dcm"), cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "could not load model 'models:/cxr-pneumonia@champion'" in out.stderr
+
+
+def test_summary_points_at_the_results(tiny_project):
+    out = cxr("summary", cwd=tiny_project.paths.root)
+    assert out.returncode == 0
+    assert "Test AUC" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout

@@ -1,0 +1,131 @@
+"""Ingest on real files: demo DICOM/PNG/JPEG folders, CSV tables, MedMNIST .npz, Kermany layout."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.errors import CxrError
+from pipeline.ingest import MANIFEST_COLUMNS, ingest_stage
+from pipeline.paths import ProjectPaths
+
+
+def test_demo_set_is_ingested_and_broken_files_quarantined(tiny_project):
+    paths = tiny_project.paths
+    manifest = pd.read_parquet(paths.manifest)
+    images = np.load(paths.images, mmap_mode="r")
+    quarantine = pd.read_csv(paths.quarantine)
+
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert images.shape == (len(manifest), 32, 32) and images.dtype == np.uint8
+    assert manifest["store_index"].tolist() == list(range(len(manifest)))
+    assert set(manifest["format"]) == {"dicom", "png", "jpeg"}
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    assert dict(zip(quarantine["path"], quarantine["reason"])) == {
+        "normal/broken_empty.png": "empty_file",
+        "normal/broken_notes.dcm": "not_dicom",
+        "pneumonia/broken_truncated.dcm": "decode_failed",
+    }
+    assert quarantine["message"].str.contains("broken_").all()
+
+
+def test_splits_are_patient_level(tiny_project):
+    manifest = pd.read_parquet(tiny_project.paths.manifest)
+    splits_per_patient = manifest.groupby("patient_hash")["split"].nunique()
+    assert (splits_per_patient == 1).all()
+    assert manifest["patient_hash"].nunique() < len(manifest)  # several images per patient were grouped
+
+
+def test_stored_pixels_match_row_statistics(tiny_project):
+    manifest = pd.read_parquet(tiny_project.paths.manifest)
+    images = np.load(tiny_project.paths.images)
+    row = manifest.iloc[5]
+    assert images[row["store_index"]].mean() == pytest.approx(row["mean_intensity"])
+
+
+def _project(tmp_path, sources, extra=()):
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n")
+    return ProjectPaths(tmp_path), load_config(params, [f"data.sources={sources}", *extra])
+
+
+def _write_png(path, value, size=48):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(path)
+
+
+def test_csv_table_source_with_patients_and_bad_rows(tmp_path):
+    for i in range(12):
+        _write_png(tmp_path / "films" / f"img{i}.png", i)
+    rows = [{"path": f"img{i}.png", "label": "pneumonia" if i % 3 else "NORMAL", "patient_id": f"pt{i // 2}"} for i in range(12)]
+    rows += [{"path": "missing.png", "label": "normal", "patient_id": "x"}, {"path": "img0.png", "label": "covid", "patient_id": "y"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "films" / "labels.csv", index=False)
+    paths, config = _project(tmp_path, "[films/labels.csv]")
+
+    result = ingest_stage(paths, config)
+
+    manifest = pd.read_parquet(paths.manifest)
+    assert result.n_images == 12
+    assert set(manifest["label"]) == {"normal", "pneumonia"}
+    assert manifest.groupby("patient_hash")["split"].nunique().max() == 1
+    assert result.quarantine_reasons == {"label_not_in_set": 1, "missing_file": 1}
+    assert not manifest["patient_hash"].isin([f"pt{i}" for i in range(6)]).any()
+
+
+def test_npz_source_keeps_its_splits_and_carves_a_test_split(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "mnist.npz",
+        train_images=rng.integers(0, 255, (40, 28, 28), dtype=np.uint8),
+        train_labels=(np.arange(40) % 4 != 0).astype(np.uint8).reshape(-1, 1),
+        val_images=rng.integers(0, 255, (10, 28, 28), dtype=np.uint8),
+        val_labels=(np.arange(10) % 4 != 0).astype(np.uint8).reshape(-1, 1),
+    )
+    paths, config = _project(tmp_path, "[mnist.npz]")
+
+    result = ingest_stage(paths, config)
+
+    assert result.split_counts["val"] == 10
+    assert result.split_counts["test"] == 6  # 15 % of 40 train images, stratified: 1.5→2 normal, 4.5→4 pneumonia
+    assert result.split_counts["train"] == 34
+    assert set(pd.read_parquet(paths.manifest)["format"]) == {"npz"}
+
+
+def test_kermany_layout_keeps_splits_and_reads_patient_from_file_name(tmp_path):
+    root = tmp_path / "chest_xray"
+    for split in ("train", "val", "test"):
+        _write_png(root / split / "NORMAL" / f"IM-{split}-0001.png", 1)
+        _write_png(root / split / "PNEUMONIA" / f"person{split}1_bacteria_1.png", 2)
+        _write_png(root / split / "PNEUMONIA" / f"person{split}1_virus_2.png", 3)
+    paths, config = _project(tmp_path, "[chest_xray]")
+
+    result = ingest_stage(paths, config)
+
+    manifest = pd.read_parquet(paths.manifest)
+    assert result.split_counts == {"train": 3, "val": 3, "test": 3}
+    train_pneumonia = manifest[(manifest["split"] == "train") & (manifest["label"] == "pneumonia")]
+    assert train_pneumonia["patient_hash"].nunique() == 1  # person…1 has two films
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    paths, config = _project(tmp_path, "[nowhere]")
+    with pytest.raises(CxrError, match="'nowhere' does not exist"):
+        ingest_stage(paths, config)
+
+
+def test_source_with_no_usable_file_is_a_clear_error(tmp_path):
+    (tmp_path / "data" / "normal").mkdir(parents=True)
+    (tmp_path / "data" / "normal" / "a_1.png").touch()
+    paths, config = _project(tmp_path, "[data]")
+    with pytest.raises(CxrError, match="none of the 1 files"):
+        ingest_stage(paths, config)
+
+
+def test_ingest_never_modifies_the_raw_files(tiny_project):
+    raw = tiny_project.paths.root / "data" / "raw" / "demo"
+    before = {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()}
+    ingest_stage(tiny_project.paths, tiny_project.config)
+    after = {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()}
+    assert before == after

@@ -1,0 +1,88 @@
+"""Train → evaluate → register on the tiny demo project, against a real SQLite MLflow store."""
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.augment import augment_batch
+from pipeline.config import AugmentConfig, load_config
+from pipeline.models import build_model
+from pipeline.register import register_stage
+from pipeline.tracking import connect, read_run_id
+from pipeline.train import train_stage
+from tests.conftest import run_all_stages, write_tiny_project
+
+
+def test_seed_cnn_takes_any_size_and_gives_two_logits():
+    for size in (28, 32, 64, 224):
+        model = build_model("seed_cnn", size, 2, 0.5)
+        assert model(torch.zeros(3, 1, size, size)).shape == (3, 2)
+
+
+def test_augmentation_is_seeded_bounded_and_changes_images():
+    images = torch.rand(8, 1, 32, 32)
+    settings = AugmentConfig()
+    first = augment_batch(images, settings, torch.Generator().manual_seed(0))
+    again = augment_batch(images, settings, torch.Generator().manual_seed(0))
+    assert torch.equal(first, again)
+    assert first.min() >= 0 and first.max() <= 1
+    assert not torch.allclose(first, images)
+    assert torch.equal(augment_batch(images, AugmentConfig(enabled=False), torch.Generator()), images)
+
+
+def test_training_logs_params_and_per_epoch_metrics_to_mlflow(tiny_project):
+    paths = tiny_project.paths
+    connect(paths.root)
+    run = mlflow.MlflowClient().get_run(read_run_id(paths))
+    assert run.data.params["train.model"] == "seed_cnn"
+    assert run.data.params["data.image_size"] == "32"
+    for key in ("train_loss", "val_loss", "val_auc", "val_accuracy", "best_val_auc", "test_auc", "test_accuracy"):
+        assert key in run.data.metrics, key
+    history = pd.read_csv(paths.history)
+    assert list(history["epoch"]) == [1]
+    assert run.data.tags["data.manifest_sha256"]
+
+
+def test_metrics_json_has_the_keys_dvc_and_users_read(tiny_project):
+    metrics = json.loads(tiny_project.paths.metrics.read_text())
+    for key in ("auc", "accuracy", "sensitivity", "specificity"):
+        assert 0.0 <= metrics["test"][key] <= 1.0
+    assert metrics["test"]["tp"] + metrics["test"]["fn"] + metrics["test"]["tn"] + metrics["test"]["fp"] == metrics["test"]["n"]
+    roc = pd.read_csv(tiny_project.paths.roc)
+    assert list(roc.columns) == ["fpr", "tpr", "threshold"] and roc["tpr"].iloc[-1] == 1.0
+    assert (tiny_project.paths.plots / "roc.png").stat().st_size > 1000
+
+
+def test_first_registered_version_is_champion_with_signature(tiny_project):
+    result = tiny_project.results["register"]
+    connect(tiny_project.paths.root)
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("cxr-pneumonia", "champion")
+    assert result.is_champion and int(champion.version) == result.version
+    model = mlflow.pyfunc.load_model("models:/cxr-pneumonia@champion")
+    assert model.metadata.signature is not None
+    assert model.metadata.metadata["image_size"] == 32
+    table = model.predict(np.zeros((2, 32, 32), dtype=np.uint8))
+    assert list(table.columns) == ["probability", "label"] and table["probability"].between(0, 1).all()
+
+
+@pytest.mark.slow
+def test_weaker_challenger_does_not_take_champion(tmp_path):
+    """A model trained with a useless learning rate registers a version but leaves the alias where it was."""
+    project = run_all_stages(write_tiny_project(tmp_path, n=120), ["train.epochs=4"])
+    connect(project.paths.root)
+    client = mlflow.MlflowClient()
+    before = client.get_model_version_by_alias("cxr-pneumonia", "champion").version
+
+    weak = load_config(project.params, ["train.lr=1e-9", "augment.enabled=false"])
+    train_stage(project.paths, weak)
+    result = register_stage(project.paths, weak)
+
+    assert not result.is_champion and "does not beat" in result.reason
+    assert result.value < result.previous_value
+    assert client.get_model_version_by_alias("cxr-pneumonia", "champion").version == before
+    assert len(client.search_model_versions("name='cxr-pneumonia'")) == 2
