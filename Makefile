@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (both idempotent; the second run is quick):
 #   make demo   creates .venv, installs, generates the demo data, runs the pipeline with `dvc repro`, prints the test AUC
-#   make test   creates or updates .venv and runs the tests (add `make test-slow` for the end-to-end runs)
+#   make test   creates or updates .venv and runs every test, end-to-end ones included (`make test-fast` skips those)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 # DVC stages call `cxr`, so the venv's bin must be on PATH for them.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test test-slow test-all clean
+.PHONY: install demo test test-fast clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,13 +27,10 @@ demo: install
 	$(BIN)/cxr summary
 
 test: install
-	$(BIN)/python -m pytest -m "not slow"
-
-test-slow: install
-	$(BIN)/python -m pytest -m slow
-
-test-all: install
 	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf data/raw/demo data/interim/* data/processed/* models reports mlruns.db mlartifacts .dvc/cache .dvc/tmp

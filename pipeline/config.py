@@ -40,7 +40,7 @@ class SplitFractions(Section):
 class DataConfig(Section):
     sources: list[str] = Field(default_factory=lambda: ["data/raw/demo"], min_length=1)
     labels: list[str] = Field(default_factory=lambda: ["normal", "pneumonia"], min_length=2)
-    image_size: int = Field(128, ge=16, le=1024)
+    image_size: int = Field(64, ge=16, le=1024)
     split: SplitFractions = SplitFractions()
     seed: int = 0
     patient_pattern: str = r"^([^_]+)_"

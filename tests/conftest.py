@@ -19,14 +19,17 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_PARAMS = """\
-data:
-  sources: [data/raw/demo]
-  image_size: 32
-train:
-  epochs: 1
-  batch_size: 16
-"""
+
+
+def tiny_params_text() -> str:
+    """The project's own params.yaml with tiny sizes: DVC needs every param a stage names to be in the file."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["image_size"] = 32
+    params["train"]["epochs"] = 1
+    params["train"]["batch_size"] = 16
+    return yaml.safe_dump(params, sort_keys=False)
 
 
 def write_tiny_project(root: Path, n: int = 80, seed: int = 0) -> Path:
@@ -35,7 +38,7 @@ def write_tiny_project(root: Path, n: int = 80, seed: int = 0) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     params = root / "params.yaml"
-    params.write_text(TINY_PARAMS)
+    params.write_text(tiny_params_text())
     write_demo_data(root / "data" / "raw" / "demo", n=n, seed=seed, size=64)
     return params
 

@@ -10,8 +10,9 @@ from pipeline.errors import CxrError
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
-def test_repo_params_file_is_valid_and_matches_defaults_for_sources():
+def test_repo_params_file_spells_out_exactly_the_code_defaults(tmp_path):
     config = load_config(REPO_PARAMS)
+    assert config == load_config(tmp_path / "missing.yaml")
     assert config.data.sources == ["data/raw/demo"]
     assert config.data.positive_label == "pneumonia"
     assert config.registry.model_name == "cxr-pneumonia"

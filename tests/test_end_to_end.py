@@ -1,0 +1,132 @@
+"""End to end, as a user runs it: `cxr pipeline` (a real Prefect flow run), `dvc repro` in a real git+DVC repo.
+
+Both run the tiny demo set (32 px, 1 epoch) into their own SQLite MLflow store, and must produce
+the same artefacts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pipeline.demo_data import phi_values
+from pipeline.tracking import connect
+from tests.conftest import REPO, tiny_params_text, write_tiny_project
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+ARTEFACTS = ("data/interim", "data/processed", "reports", "models")
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env["PREFECT_HOME"] = str(tmp / "prefect-home")  # Prefect's local mode, isolated from the user's
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def _artefact_files(root: Path) -> set[str]:
+    return {
+        p.relative_to(root).as_posix()
+        for folder in ARTEFACTS
+        for p in (root / folder).rglob("*")
+        if p.is_file() and p.name != ".gitignore"
+    }
+
+
+@pytest.fixture(scope="module")
+def prefect_project(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("prefect")
+    params = write_tiny_project(root)
+    out = _run([str(BIN / "cxr"), "pipeline", "--params", str(params)], root, _env(root))
+    return root, out
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A fresh git repo holding the project's dvc.yaml, params (made tiny) and code, as a clone would."""
+    root = tmp_path_factory.mktemp("dvc")
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy2(REPO / name, root / name)
+    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "params.yaml").write_text(tiny_params_text())
+    dvc_yaml = root / "dvc.yaml"
+    dvc_yaml.write_text(dvc_yaml.read_text().replace("--n 600", "--n 80 --size 64"))
+    env = _env(root)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    _run(["git", "init", "-q"], root, env)
+    _run([*git, "add", "-A"], root, env)
+    _run([*git, "commit", "-qm", "project"], root, env)
+    out = _run([str(BIN / "dvc"), "repro"], root, env)
+    return root, out
+
+
+def test_cxr_pipeline_runs_every_stage_through_prefect_and_registers_a_champion(prefect_project):
+    root, out = prefect_project
+    log = out.stdout + out.stderr
+    assert "Flow run" in log and "Finished in state Completed()" in log
+    for stage in ("ingest", "validate", "rebalance", "train", "evaluate", "register"):
+        assert f"Task run '{stage}-" in log, stage
+    assert "Test AUC" in out.stdout and "Traceback" not in log
+    metrics = json.loads((root / "reports" / "metrics.json").read_text())
+    assert {"auc", "accuracy", "sensitivity", "specificity"} <= set(metrics["test"])
+    connect(root)
+    champion = mlflow.MlflowClient().get_model_version_by_alias("cxr-pneumonia", "champion")
+    assert int(champion.version) == 1
+
+
+def test_pipeline_logs_carry_no_phi(prefect_project):
+    root, out = prefect_project
+    planted = phi_values(root / "data" / "raw" / "demo")
+    log = out.stdout + out.stderr
+    assert not [value for value in planted if value in log]
+
+
+def test_dvc_repro_runs_everything_then_nothing(dvc_project):
+    root, first = dvc_project
+    for stage in ("demo_data", "ingest", "validate", "rebalance", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
+    second = _run([str(BIN / "dvc"), "repro"], root, _env(root))
+    assert "Running stage" not in second.stdout
+    assert "Data and pipelines are up to date" in second.stdout
+
+
+def test_cxr_pipeline_and_dvc_repro_produce_the_same_artefacts(prefect_project, dvc_project):
+    prefect_root, _ = prefect_project
+    dvc_root, _ = dvc_project
+    assert _artefact_files(prefect_root) == _artefact_files(dvc_root)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(prefect_root / "data" / "interim" / "manifest.parquet"),
+        pd.read_parquet(dvc_root / "data" / "interim" / "manifest.parquet"),
+    )
+    prefect_metrics = json.loads((prefect_root / "reports" / "metrics.json").read_text())
+    dvc_metrics = json.loads((dvc_root / "reports" / "metrics.json").read_text())
+    assert prefect_metrics["test"]["auc"] == pytest.approx(dvc_metrics["test"]["auc"], abs=1e-6)
+
+
+def test_dvc_experiment_with_a_changed_param(dvc_project):
+    root, _ = dvc_project
+    env = _env(root)
+    run = _run([str(BIN / "dvc"), "exp", "run", "-S", "train.epochs=2"], root, env)
+    assert "Running stage 'train'" in run.stdout and "Running stage 'ingest'" not in run.stdout
+    shown = _run([str(BIN / "dvc"), "exp", "show", "--json"], root, env)
+    assert "train.epochs" in shown.stdout or '"epochs": 2' in shown.stdout
+    history = pd.read_csv(root / "reports" / "plots" / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
