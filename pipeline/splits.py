@@ -17,11 +17,11 @@ def split_patients(frame: pd.DataFrame, fractions: SplitFractions, seed: int) ->
 
     `frame` needs columns patient_hash and label; returns one split name per row.
     """
-    patient_label = frame.groupby("patient_hash")["label"].agg(lambda labels: labels.value_counts().index[0])
+    patient_label = _patient_labels(frame)
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
     for label in sorted(patient_label.unique()):
-        patients = np.array(sorted(patient_label.index[patient_label == label]))
+        patients = np.array(patient_label.index[patient_label == label])
         rng.shuffle(patients)
         for patient, split in zip(patients, _split_names(len(patients), fractions)):
             assignment[patient] = split
@@ -31,16 +31,25 @@ def split_patients(frame: pd.DataFrame, fractions: SplitFractions, seed: int) ->
 def carve_test_from_train(frame: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
     """For a source with train (and val) but no test: move `fraction` of train patients to test."""
     splits = frame["split"].copy()
-    train = frame[frame["split"] == "train"]
-    patient_label = train.groupby("patient_hash")["label"].agg(lambda labels: labels.value_counts().index[0])
+    patient_label = _patient_labels(frame[frame["split"] == "train"])
     rng = np.random.default_rng(seed)
     moved: set[str] = set()
     for label in sorted(patient_label.unique()):
-        patients = np.array(sorted(patient_label.index[patient_label == label]))
+        patients = np.array(patient_label.index[patient_label == label])
         rng.shuffle(patients)
         moved.update(patients[: int(round(len(patients) * fraction))])
     splits[frame["patient_hash"].isin(moved) & (frame["split"] == "train")] = "test"
     return splits
+
+
+def _patient_labels(frame: pd.DataFrame) -> pd.Series:
+    """Each patient's most common label, patients in order of first appearance.
+
+    That order comes from the sorted source files, not from the keyed hashes, so the same data and
+    seed give the same split whatever de-identification key a site uses.
+    """
+    majority = frame.groupby("patient_hash", sort=False)["label"].agg(lambda labels: labels.value_counts().index[0])
+    return majority.reindex(pd.unique(frame["patient_hash"]))
 
 
 def _split_names(n: int, fractions: SplitFractions) -> list[str]:

@@ -129,3 +129,17 @@ def test_ingest_never_modifies_the_raw_files(tiny_project):
     ingest_stage(tiny_project.paths, tiny_project.config)
     after = {p: p.read_bytes() for p in raw.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_split_depends_on_data_and_seed_not_on_the_deid_key(tmp_path, monkeypatch):
+    for i in range(30):
+        _write_png(tmp_path / "films" / ("pneumonia" if i % 4 else "normal") / f"p{i // 2}_{i}.png", i)
+    paths, config = _project(tmp_path, "[films]")
+    splits = []
+    for key in ("site-a-key", "site-b-key"):
+        monkeypatch.setenv("CXR_DEID_KEY", key)
+        ingest_stage(paths, config)
+        manifest = pd.read_parquet(paths.manifest)
+        splits.append(dict(zip(manifest["path"], manifest["split"])))
+    assert splits[0] == splits[1]
+    assert len(set(splits[0].values())) == 3
