@@ -91,6 +91,7 @@ class Severities(Section):
 
     labels_in_set: Severity = "blocking"
     required_columns_present: Severity = "blocking"
+    splits_complete: Severity = "blocking"
     cross_split_duplicates: Severity = "blocking"
     patient_leakage: Severity = "blocking"
     class_ratio: Severity = "blocking"

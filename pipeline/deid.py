@@ -34,3 +34,19 @@ def load_key() -> bytes:
 def patient_hash(patient_id: str, key: bytes) -> str:
     """A 20-hex-character keyed hash: unique enough for grouping, useless without the key."""
     return hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:20]
+
+
+def redact(text: str, identifiers: tuple[str, ...], key: bytes) -> str:
+    """Replace identifying header values (and a name's parts) found in a path or message by their keyed hash.
+
+    PACS exports often name folders after the PatientID; the manifest and quarantine keep paths,
+    so those must not carry it in clear.
+    """
+    variants: set[str] = set()
+    for value in identifiers:
+        variants.update({value, value.replace("^", "_"), value.replace("^", " "), value.replace("^", "")})
+        variants.update(part for part in value.replace("^", " ").split() if len(part) >= 3)
+    for variant in sorted((v for v in variants if len(v) >= 3), key=len, reverse=True):
+        if variant in text:
+            text = text.replace(variant, f"redacted-{patient_hash(variant, key)[:8]}")
+    return text

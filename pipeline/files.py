@@ -29,6 +29,17 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (checkpoints and image stores can be large)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_json(path: Path, what: str) -> Any:
     """Read a JSON file an earlier stage wrote; `what` names the stage to run when it is missing."""
     from pipeline.errors import CxrError

@@ -25,18 +25,24 @@ MIN_STD = 1.0  # a decoded image flatter than this (in 0..255) is blank
 
 
 class UnreadableImage(CxrError):
-    """A file that cannot be used as an image; `reason` is a short code for quarantine.csv."""
+    """A file that cannot be used as an image; `reason` is a short code for quarantine.csv.
 
-    def __init__(self, reason: str, message: str) -> None:
+    `identifiers` carries patient identifiers read from a header before decoding failed, so the
+    caller can redact them from anything it writes about the file.
+    """
+
+    def __init__(self, reason: str, message: str, identifiers: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.reason = reason
+        self.identifiers = identifiers
 
 
 @dataclass(frozen=True)
 class DecodedImage:
     """A film as 8-bit grey pixels at original size, plus the few header fields we keep.
 
-    `patient_id` is the raw DICOM PatientID: callers hash it at once and never store it.
+    `patient_id` is the raw DICOM PatientID and `identifiers` every identifying header value
+    (ID, name, birth date, institution): callers hash or redact them at once and never store them.
     """
 
     pixels: np.ndarray
@@ -45,6 +51,7 @@ class DecodedImage:
     photometric: str = ""
     view: str = ""
     patient_id: str | None = None
+    identifiers: tuple[str, ...] = ()
 
     @property
     def height(self) -> int:
@@ -157,21 +164,37 @@ def _decode_dicom(path: Path) -> DecodedImage:
         dataset = _read_dicom_without_preamble(path)
     except Exception as exc:  # pydicom raises many types for damaged headers
         raise UnreadableImage("unreadable_dicom", f"{path}: DICOM header could not be read ({_first_line(exc)})") from None
-    if "PixelData" not in dataset:
-        raise UnreadableImage("no_pixel_data", f"{path}: DICOM file holds no image (no PixelData)")
-    photometric = str(dataset.get("PhotometricInterpretation", "")).upper()
     try:
-        pixels = _dicom_to_grey(dataset, photometric)
+        header = _header_fields(dataset)
+    except Exception as exc:  # pydicom converts values lazily: a damaged element fails only when read
+        raise UnreadableImage("unreadable_dicom", f"{path}: DICOM header could not be read ({_first_line(exc)})") from None
+    identifiers = header.pop("identifiers")
+    if "PixelData" not in dataset:
+        raise UnreadableImage("no_pixel_data", f"{path}: DICOM file holds no image (no PixelData)", identifiers)
+    try:
+        pixels = _dicom_to_grey(dataset, header["photometric"])
     except Exception as exc:  # truncated data, unsupported compression, odd LUTs, ...
-        raise UnreadableImage("decode_failed", f"{path}: DICOM pixel data could not be decoded ({_first_line(exc)})") from None
-    return DecodedImage(
-        pixels=pixels,
-        format="dicom",
-        modality=str(dataset.get("Modality", "")),
-        photometric=photometric,
-        view=str(dataset.get("ViewPosition", "")),
-        patient_id=str(dataset.get("PatientID", "")) or None,
+        message = f"{path}: DICOM pixel data could not be decoded ({_first_line(exc)})"
+        raise UnreadableImage("decode_failed", message, identifiers) from None
+    return DecodedImage(pixels=pixels, format="dicom", identifiers=identifiers, **header)
+
+
+PHI_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "InstitutionName", "OtherPatientIDs")
+
+
+def _header_fields(dataset) -> dict:  # dataset: pydicom.Dataset
+    """The technical fields the manifest keeps, plus the identifying values used only for hashing and redaction."""
+    patient_id = str(dataset.get("PatientID", "") or "").strip()
+    identifiers = tuple(
+        value for keyword in PHI_KEYWORDS if (value := str(dataset.get(keyword, "") or "").strip())
     )
+    return {
+        "modality": str(dataset.get("Modality", "") or ""),
+        "photometric": str(dataset.get("PhotometricInterpretation", "") or "").upper(),
+        "view": str(dataset.get("ViewPosition", "") or ""),
+        "patient_id": patient_id or None,
+        "identifiers": identifiers,
+    }
 
 
 def _dicom_to_grey(dataset, photometric: str) -> np.ndarray:  # dataset: pydicom.Dataset

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.deid import load_key, patient_hash
+from pipeline.deid import load_key, patient_hash, redact
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path
 from pipeline.imaging import UnreadableImage, check_usable, decode_file, pixel_sha256, resize
@@ -96,7 +96,12 @@ def _decode_all(items: list[SourceItem], size: int, key: bytes) -> tuple[list[di
         try:
             row, pixels = _decode_item(item, size, key)
         except UnreadableImage as exc:
-            rejected.append(Rejected(item.source, item.path, exc.reason, _relative_message(exc, item)))
+            path = redact(item.path, exc.identifiers, key)
+            rejected.append(Rejected(item.source, path, exc.reason, redact(_relative_message(exc, item), exc.identifiers, key)))
+            continue
+        except Exception as exc:  # an unforeseen decoder failure must cost one file, not the run
+            message = f"{item.source}/{item.path}: unexpected {type(exc).__name__} while decoding"
+            rejected.append(Rejected(item.source, item.path, "decode_failed", message))
             continue
         rows.append(row)
         images.append(pixels)
@@ -122,7 +127,7 @@ def _decode_item(item: SourceItem, size: int, key: bytes) -> tuple[dict, np.ndar
         "sha256": pixel_sha256(original),
         "format": decoded.format if decoded else "npz",
         "source": item.source,
-        "path": item.path,
+        "path": redact(item.path, decoded.identifiers, key) if decoded else item.path,
         "width": int(original.shape[1]),
         "height": int(original.shape[0]),
         "modality": decoded.modality if decoded else "",

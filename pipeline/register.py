@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.errors import CxrError
-from pipeline.files import write_json
+from pipeline.files import sha256_of, write_json
 from pipeline.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,11 @@ class RegisterResult:
 
 
 def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
-    """Log checkpoint + signature + input example as a new registered version; move the alias if it earned it."""
+    """Log checkpoint + signature + input example as a new registered version; move the alias if it earned it.
+
+    Idempotent: the same checkpoint and threshold from the same run reuse the version already registered
+    (a rerun, or a Prefect retry after a dropped connection, does not add a copy).
+    """
     import mlflow
 
     from pipeline import tracking
@@ -51,11 +55,19 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
     name, metric = config.registry.model_name, config.registry.metric
     value = _run_metric(client, run_id, f"best_{metric}")
 
-    version = _log_model(paths, config, run_id)
+    fingerprint = f"{sha256_of(paths.checkpoint)}@{config.evaluate.threshold}"
+    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}' and tags.fingerprint='{fingerprint}'")
+    if existing:
+        version = int(existing[0].version)
+    else:
+        version = _log_model(paths, config, run_id)
+        client.set_model_version_tag(name, str(version), "fingerprint", fingerprint)
     previous = _current_champion(client, name)
     previous_value = _run_metric(client, previous.run_id, f"best_{metric}") if previous else None
     if previous is None:
         promote, reason = True, "no champion yet"
+    elif int(previous.version) == version:
+        promote, reason = True, "already champion"
     elif value is not None and (previous_value is None or value > previous_value):
         promote, reason = True, f"{metric} {value:.4f} beats champion v{previous.version} ({_fmt(previous_value)})"
     else:
@@ -77,9 +89,12 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
     import pandas as pd
     from mlflow.models import infer_signature
 
-    size = config.data.image_size
+    from pipeline.models import load_checkpoint
+
+    _, state = load_checkpoint(paths.checkpoint)  # describe the model that was trained, not today's params
+    size, labels, threshold = int(state["image_size"]), list(state["labels"]), config.evaluate.threshold
     example = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (1, size, 1))  # a grey ramp: no patient pixels in the registry
-    output = pd.DataFrame({"probability": [0.5], "label": [config.data.labels[-1]]})
+    output = pd.DataFrame({"probability": [0.5], "label": [labels[-1]]})
     with tempfile.TemporaryDirectory() as scratch:
         package = _serving_package(Path(scratch))
         with mlflow.start_run(run_id=run_id):
@@ -90,7 +105,8 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
                 code_paths=[str(package)],
                 signature=infer_signature(example, output),
                 input_example=example,
-                metadata={"image_size": size, "labels": list(config.data.labels), "threshold": config.evaluate.threshold},
+                model_config={"threshold": threshold},
+                metadata={"image_size": size, "labels": labels, "threshold": threshold},
                 registered_model_name=config.registry.model_name,
             )
     return int(info.registered_model_version)

@@ -24,7 +24,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
 
         self.model, state = load_checkpoint(Path(context.artifacts["checkpoint"]))
         self.labels = state["labels"]
-        self.threshold = float(state["threshold"])
+        self.threshold = float((context.model_config or {}).get("threshold", 0.5))
         self.image_size = int(state["image_size"])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:

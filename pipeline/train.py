@@ -6,7 +6,6 @@ and logs every param and per-epoch metric there.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -18,7 +17,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.errors import CxrError
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, sha256_of
 from pipeline.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
@@ -93,7 +92,7 @@ def train_stage(paths: ProjectPaths, config: Config) -> TrainResult:
         tracking.write_run_info(paths, run_id, experiment)
         _log_params(run_id, config)
         mlflow.set_tags({
-            "data.manifest_sha256": _file_sha256(paths.manifest),
+            "data.manifest_sha256": sha256_of(paths.manifest),
             "git.commit": tracking.git_commit(paths.root) or "unknown",
             "device": str(device),
         })
@@ -140,17 +139,18 @@ def _fit(data: TrainingData, config: Config, device, paths: ProjectPaths, run_id
 
         probabilities = predict_proba(model, data.val_images, device)
         val_loss = float(-np.log(probabilities[np.arange(len(data.val_labels)), data.val_labels] + 1e-7).mean())
-        scores = binary_metrics(data.val_labels == n_classes - 1, probabilities[:, -1], config.evaluate.threshold)
+        # Accuracy here is at 0.5; the operating threshold is an evaluation choice (evaluate.threshold).
+        scores = binary_metrics(data.val_labels == n_classes - 1, probabilities[:, -1], 0.5)
         row = {
             "epoch": epoch,
             "train_loss": total_loss / len(order),
             "val_loss": val_loss,
             "val_auc": scores["auc"] if scores["auc"] is not None else float("nan"),
             "val_accuracy": scores["accuracy"],
-            "train_images_per_second": len(order) / seconds,
         }
-        history.append(row)
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch, run_id=run_id)
+        history.append(row)  # history.csv holds only what is reproducible; throughput goes to MLflow alone
+        metrics = {k: v for k, v in row.items() if k != "epoch"} | {"train_images_per_second": len(order) / seconds}
+        mlflow.log_metrics(metrics, step=epoch, run_id=run_id)
         if row["val_auc"] > best["val_auc"]:  # NaN never wins, ties keep the earlier epoch
             best = {"epoch": epoch, "val_auc": row["val_auc"], "val_accuracy": row["val_accuracy"]}
             _save_checkpoint(paths.checkpoint, model, config, best)
@@ -173,13 +173,12 @@ def _save_checkpoint(path: Path, model, config: Config, best: dict) -> None:
         "image_size": config.data.image_size,
         "labels": list(config.data.labels),
         "dropout": config.train.dropout,
-        "threshold": config.evaluate.threshold,
         "epoch": best["epoch"],
         "val_auc": best["val_auc"],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        torch.save(state, handle)  # through a handle, the archive's inner name is fixed: same weights, same bytes
 
 
 def _log_params(run_id: str, config: Config) -> None:
@@ -187,11 +186,3 @@ def _log_params(run_id: str, config: Config) -> None:
 
     params = {key: str(value)[:500] for key, value in config.as_flat_dict().items()}
     mlflow.log_params(params, run_id=run_id)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -19,16 +19,14 @@ import pandas as pd
 from pipeline.config import Config, DataConfig, ValidationConfig
 from pipeline.errors import CxrError
 from pipeline.files import write_json
+from pipeline.ingest import MANIFEST_COLUMNS
 from pipeline.paths import ProjectPaths
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
     from great_expectations.expectations import Expectation
 
-REQUIRED_COLUMNS = (
-    "store_index", "image_id", "split", "label", "label_index", "patient_hash", "sha256", "format",
-    "source", "path", "width", "height", "modality", "photometric", "mean_intensity", "std_intensity",
-)
+REQUIRED_COLUMNS = tuple(MANIFEST_COLUMNS)
 KEY_COLUMNS = (
     "store_index", "image_id", "split", "label", "label_index", "patient_hash", "sha256",
     "mean_intensity", "std_intensity",
@@ -92,11 +90,23 @@ def run_validation(manifest: pd.DataFrame, data: DataConfig, validation: Validat
     summary = _build_summary(manifest, data.positive_label, checks, passed)
 
     results_path, summary_path = out_dir / "results.json", out_dir / "summary.json"
-    results = {c.name: {"severity": c.severity, "details": c.details, "result": gx_results[c.name].to_json_dict()}
+    results = {c.name: {"severity": c.severity, "details": c.details, "result": _stable(gx_results[c.name].to_json_dict())}
                for c in checks}
     write_json(results_path, results)
     write_json(summary_path, summary)
     return GateResult(passed, checks, summary, results_path, summary_path)
+
+
+VOLATILE_KEYS = {"id", "run_id", "validation_id", "validation_time", "ge_load_time"}
+
+
+def _stable(tree):
+    """GX results without the ids and timestamps that change every run, so identical data gives identical files."""
+    if isinstance(tree, dict):
+        return {key: _stable(value) for key, value in tree.items() if key not in VOLATILE_KEYS}
+    if isinstance(tree, list):
+        return [_stable(value) for value in tree]
+    return tree
 
 
 def _plan_checks(manifest: pd.DataFrame, data: DataConfig, validation: ValidationConfig) -> dict[str, _CheckPlan]:
@@ -131,6 +141,12 @@ def _plan_checks(manifest: pd.DataFrame, data: DataConfig, validation: Validatio
             gxe.ExpectColumnValuesToBeBetween(
                 column="n_splits", max_value=1,
                 meta={"failure": "{n} patient(s) have images in more than one split"}),
+        ]),
+        "splits_complete": _CheckPlan(_split_completeness(manifest, data.labels), "split", "splits", [
+            gxe.ExpectColumnValuesToBeBetween(
+                column="n_labels", min_value=len(data.labels),
+                meta={"failure": f"{{n}} of train/val/test lack images of some label ({', '.join(data.labels)}): "
+                                 "add data, or check data.split and data.patient_pattern"}),
         ]),
         "class_ratio": _CheckPlan(_split_table(manifest, data.positive_label), "split", "splits", [
             gxe.ExpectColumnValuesToBeBetween(
@@ -220,6 +236,13 @@ def _split_table(manifest: pd.DataFrame, positive_label: str) -> pd.DataFrame:
         "n_images": positive.size().to_numpy(),
         "positive_fraction": positive.mean().to_numpy(),
     })
+
+
+def _split_completeness(manifest: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """train, val and test, each with how many of the labels it holds (0 for a missing split)."""
+    held = manifest[manifest["label"].isin(labels)].groupby("split")["label"].nunique()
+    splits = ["train", "val", "test"]
+    return pd.DataFrame({"split": splits, "n_labels": [int(held.get(split, 0)) for split in splits]})
 
 
 def _build_summary(manifest: pd.DataFrame, positive_label: str, checks: list[CheckResult], passed: bool) -> dict:

@@ -55,3 +55,41 @@ def test_key_file_is_created_once_outside_the_project_and_private(tmp_path, monk
     first = load_key()
     assert load_key() == first and len(first) == 64
     assert oct(os.stat(tmp_path / "keys" / "deid.key").st_mode & 0o777) == "0o600"
+
+
+def test_identifiers_in_pacs_style_paths_are_redacted(tiny_project, tmp_path):
+    """A folder named after the PatientID must not carry it into the manifest or the quarantine list."""
+    import shutil
+
+    import pydicom
+
+    from pipeline.config import load_config
+    from pipeline.ingest import ingest_stage
+    from pipeline.paths import ProjectPaths
+
+    demo = tiny_project.paths.root / "data" / "raw" / "demo"
+    good = next(p for p in sorted((demo / "pneumonia").glob("*.dcm")) if "broken" not in p.name)
+    header = pydicom.dcmread(good, stop_before_pixels=True)
+    mrn, name = str(header.PatientID), str(header.PatientName)
+    own_films = [p for p in sorted(demo.rglob("*.dcm")) if "broken" not in p.name
+                 and str(pydicom.dcmread(p, stop_before_pixels=True).PatientID) == mrn]
+    folder = tmp_path / "pacs" / "pneumonia" / mrn / name.replace("^", "_")
+    folder.mkdir(parents=True)
+    for film in own_films:
+        shutil.copy2(film, folder / f"{mrn}_{film.name}")
+    other = next(p for p in sorted((demo / "normal").glob("*.png")))
+    (tmp_path / "pacs" / "normal").mkdir()
+    shutil.copy2(other, tmp_path / "pacs" / "normal" / other.name)
+    truncated = tmp_path / "pacs" / "pneumonia" / mrn / f"{mrn}_cut.dcm"
+    truncated.write_bytes(good.read_bytes()[:-500])
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  sources: [pacs]\n")
+
+    ingest_stage(ProjectPaths(tmp_path), load_config(params))
+
+    written = (tmp_path / "data" / "interim" / "quarantine.csv").read_text()
+    written += " ".join(pd.read_parquet(tmp_path / "data" / "interim" / "manifest.parquet")["path"])
+    assert "redacted-" in written and "_cut.dcm" in written
+    for part in (mrn, *name.replace("^", " ").split()):
+        if len(part) >= 3:
+            assert part not in written

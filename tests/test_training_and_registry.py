@@ -73,7 +73,7 @@ def test_first_registered_version_is_champion_with_signature(tiny_project):
 @pytest.mark.slow
 def test_weaker_challenger_does_not_take_champion(tmp_path):
     """A model trained with a useless learning rate registers a version but leaves the alias where it was."""
-    project = run_all_stages(write_tiny_project(tmp_path, n=120), ["train.epochs=4"])
+    project = run_all_stages(write_tiny_project(tmp_path, n=120), ["train.epochs=8"])
     connect(project.paths.root)
     client = mlflow.MlflowClient()
     before = client.get_model_version_by_alias("cxr-pneumonia", "champion").version
@@ -85,4 +85,8 @@ def test_weaker_challenger_does_not_take_champion(tmp_path):
     assert not result.is_champion and "does not beat" in result.reason
     assert result.value < result.previous_value
     assert client.get_model_version_by_alias("cxr-pneumonia", "champion").version == before
+    assert len(client.search_model_versions("name='cxr-pneumonia'")) == 2
+
+    again = register_stage(project.paths, weak)  # a rerun (or a retry) of the same run adds no version
+    assert again.version == result.version
     assert len(client.search_model_versions("name='cxr-pneumonia'")) == 2

@@ -27,7 +27,7 @@ def clean_manifest() -> pd.DataFrame:
             "store_index": i, "image_id": f"img{i:03d}", "split": split, "label": label,
             "label_index": int(label == "pneumonia"), "patient_hash": f"patient{patient:02d}",
             "sha256": f"{i:064x}", "format": "png", "source": "demo", "path": f"demo/img{i:03d}.png",
-            "width": 256, "height": 256, "modality": "", "photometric": "MONOCHROME2",
+            "width": 256, "height": 256, "modality": "", "photometric": "MONOCHROME2", "view": "",
             "mean_intensity": 100.0 + i, "std_intensity": 40.0,
         })
     return pd.DataFrame(rows)
@@ -72,9 +72,20 @@ def test_clean_manifest_passes_and_writes_both_reports(tmp_path: Path) -> None:
     assert summary["checks"]["intensity"] == {"severity": "warning", "success": True}
 
 
-def test_rerun_writes_the_same_summary_bytes(tmp_path: Path) -> None:
-    first = validate(clean_manifest(), tmp_path).summary_path.read_bytes()
-    assert validate(clean_manifest(), tmp_path).summary_path.read_bytes() == first
+def test_rerun_writes_the_same_summary_and_results_bytes(tmp_path: Path) -> None:
+    first = validate(clean_manifest(), tmp_path)
+    summary, results = first.summary_path.read_bytes(), first.results_path.read_bytes()
+    again = validate(clean_manifest(), tmp_path)
+    assert again.summary_path.read_bytes() == summary
+    assert again.results_path.read_bytes() == results  # no GX run ids or timestamps
+
+
+def test_missing_split_or_label_fails_splits_complete(tmp_path: Path) -> None:
+    manifest = clean_manifest()
+    manifest = manifest[manifest["split"] != "test"]  # e.g. every file became one patient
+    gate = validate(manifest, tmp_path, class_ratio="ignore")
+    assert not gate.passed
+    assert check(gate, "splits_complete").details.startswith("1 of train/val/test lack images of some label")
 
 
 def test_summary_counts_duplicates_and_leaked_patients_exactly(tmp_path: Path) -> None:
