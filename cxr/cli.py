@@ -230,6 +230,7 @@ def predict(
 
 def _print_summary(root: Path) -> None:
     """The closing message: headline metrics and where to look next."""
+    from pipeline.metrics import format_metric
     from pipeline.paths import ProjectPaths
 
     paths = ProjectPaths(root)
@@ -238,8 +239,8 @@ def _print_summary(root: Path) -> None:
     test = json.loads(paths.metrics.read_text())["test"]
     lines = [
         "",
-        f"Test AUC {_fmt(test.get('auc'))}  accuracy {_fmt(test.get('accuracy'))}  "
-        f"sensitivity {_fmt(test.get('sensitivity'))}  specificity {_fmt(test.get('specificity'))}  (n={test.get('n')})",
+        f"Test AUC {format_metric(test.get('auc'), 3)}  accuracy {format_metric(test.get('accuracy'), 3)}  "
+        f"sensitivity {format_metric(test.get('sensitivity'), 3)}  specificity {format_metric(test.get('specificity'), 3)}  (n={test.get('n')})",
     ]
     if paths.registered.exists():
         reg = json.loads(paths.registered.read_text())
@@ -254,7 +255,3 @@ def _print_summary(root: Path) -> None:
         "Predict:     cxr predict PATH... --json",
     ]
     typer.echo("\n".join(lines))
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

@@ -23,12 +23,20 @@ from pipeline.errors import CxrError  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
 
 
+USER_ERROR = "UserError"
+
+
 def _as_state(stage: Callable[[], Any]) -> Any:
     """Run a stage; a user error becomes a Failed state with its message instead of an exception."""
     try:
         return stage()
     except CxrError as exc:
-        return Failed(message=str(exc))
+        return Failed(message=str(exc), name=USER_ERROR)
+
+
+def _is_transient(task, task_run, state: State) -> bool:
+    """Retry real faults (a dropped connection to the tracking server), never a user error: it would fail again."""
+    return state.name != USER_ERROR
 
 
 @task(name="ingest")
@@ -67,7 +75,8 @@ def evaluate_task(paths: ProjectPaths, config: Config):
     return _as_state(lambda: evaluate_stage(paths, config))
 
 
-@task(name="register", retries=2, retry_delay_seconds=5)  # the tracking server is the one part that can fail transiently
+# Registering talks to the tracking server, the one part that can fail transiently; register_stage is idempotent.
+@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_is_transient)
 def register_task(paths: ProjectPaths, config: Config):
     from pipeline.register import register_stage
 

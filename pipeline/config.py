@@ -1,7 +1,7 @@
 """params.yaml parsed once into typed config, with `--set section.key=value` overrides.
 
-This is also the only module that reads environment variables (MLflow tracking URI, the
-de-identification key), so every other module gets its settings passed in.
+This is also the only module that reads the user's settings from environment variables (MLflow
+tracking URI, the de-identification key), so every other module gets its settings passed in.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ class SplitFractions(Section):
 
 class DataConfig(Section):
     sources: list[str] = Field(default_factory=lambda: ["data/raw/demo"], min_length=1)
-    labels: list[str] = Field(default_factory=lambda: ["normal", "pneumonia"], min_length=2)
+    # Two labels for now (binary); multi-class and multi-label tasks come with the training engine.
+    labels: list[str] = Field(default_factory=lambda: ["normal", "pneumonia"], min_length=2, max_length=2)
     image_size: int = Field(64, ge=16, le=1024)
     split: SplitFractions = SplitFractions()
     seed: int = 0
-    patient_pattern: str = r"^([^_]+)_"
+    patient_pattern: str = r"^([A-Za-z]*\d+)_"
 
     @field_validator("labels")
     @classmethod
@@ -224,6 +225,8 @@ def _field_type(schema: Any, part: str) -> Any:
 def load_config(params_path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read params.yaml (missing file means all defaults), apply overrides, validate everything."""
     raw: dict[str, Any] = {}
+    if params_path.is_dir():
+        raise CxrError(f"--params {params_path}: is a folder; give the params file, e.g. {params_path / 'params.yaml'}")
     if params_path.exists():
         try:
             loaded = yaml.safe_load(params_path.read_text())
@@ -238,10 +241,11 @@ def load_config(params_path: Path, overrides: list[str] | tuple[str, ...] = ()) 
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise CxrError(_describe(exc, params_path)) from None
+        where = f"{params_path} with --set {' '.join(overrides)}" if overrides else str(params_path)
+        raise CxrError(_describe(exc, where)) from None
 
 
-def _describe(exc: ValidationError, params_path: Path) -> str:
+def _describe(exc: ValidationError, where: str) -> str:
     problems = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
@@ -249,7 +253,7 @@ def _describe(exc: ValidationError, params_path: Path) -> str:
             problems.append(f"unknown key '{key}'")
         else:
             problems.append(f"'{key}': {error['msg']} (got {error.get('input')!r})")
-    return f"{params_path}: " + "; ".join(problems)
+    return f"{where}: " + "; ".join(problems)
 
 
 # --- settings that come from the environment -------------------------------------------------

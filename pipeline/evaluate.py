@@ -16,6 +16,7 @@ import pandas as pd
 from pipeline.config import Config
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, write_json
+from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     from pipeline.models import load_checkpoint, predict_proba
 
     model, state = load_checkpoint(paths.checkpoint)
+    if not paths.manifest.exists():
+        raise CxrError(f"{paths.manifest} is missing: run `cxr ingest` first")
     manifest = pd.read_parquet(paths.manifest, columns=["store_index", "split", "label_index"])
     images = np.load(paths.images, mmap_mode="r")
     positive = len(state["labels"]) - 1
@@ -65,7 +68,7 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
         client.log_artifact(run_id, str(plot), artifact_path="evaluation")
     test = metrics["test"]
     log.info("evaluate: test AUC %s, accuracy %.3f, sensitivity %.3f, specificity %.3f (n=%d) → %s",
-             _fmt(test["auc"]), test["accuracy"], test["sensitivity"] or 0, test["specificity"] or 0, test["n"], paths.metrics)
+             format_metric(test["auc"]), test["accuracy"], test["sensitivity"] or 0, test["specificity"] or 0, test["n"], paths.metrics)
     return EvaluateResult(metrics, paths.metrics, plot_paths)
 
 
@@ -104,7 +107,3 @@ def _write_plots(paths: ProjectPaths, truth: np.ndarray, probability: np.ndarray
         figure.savefig(tmp, dpi=100)
     plt.close(figure)
     return [roc_png, confusion_png]
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

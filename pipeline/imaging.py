@@ -79,6 +79,17 @@ def decode_file(path: Path) -> DecodedImage:
     return image
 
 
+def looks_like_image(path: Path) -> bool:
+    """For scanning folders: a known image suffix, or DICOM's magic bytes (PACS exports often have no suffix)."""
+    if path.suffix.lower() in (IMAGE_SUFFIXES - {""}):
+        return True
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
 def detect_format(path: Path) -> str:
     """Pick the decoder from the file's magic bytes, falling back to its suffix."""
     with path.open("rb") as handle:

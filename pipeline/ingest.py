@@ -23,7 +23,7 @@ from pipeline.files import atomic_path
 from pipeline.imaging import UnreadableImage, check_usable, decode_file, pixel_sha256, resize
 from pipeline.paths import ProjectPaths
 from pipeline.sources import Rejected, SourceItem, read_source
-from pipeline.splits import carve_test_from_train, split_patients
+from pipeline.splits import carve_from_train, split_patients
 
 log = logging.getLogger(__name__)
 
@@ -148,16 +148,22 @@ def _relative_message(exc: UnreadableImage, item: SourceItem) -> str:
 
 
 def _assign_splits(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
-    """Patient-level split where a source has none; carve a test split where a source has only train/val."""
+    """Patient-level split where a source has none; carve val or test from train where a source lacks them."""
     manifest = manifest.copy()
     unsplit = manifest["split"].isna()
     if unsplit.any():
         manifest.loc[unsplit, "split"] = split_patients(manifest[unsplit], config.data.split, config.data.seed)
     for source, rows in manifest.groupby("source"):
-        if not unsplit[rows.index].any() and "test" not in set(rows["split"]):
-            manifest.loc[rows.index, "split"] = carve_test_from_train(rows, config.data.split.test, config.data.seed)
-            log.info("ingest: %s has no test split; carved %d images from its train split (stratified, seed %d)",
-                     source, int((manifest.loc[rows.index, "split"] == "test").sum()), config.data.seed)
+        if unsplit[rows.index].any():
+            continue
+        for target in ("test", "val"):
+            rows = manifest.loc[rows.index]
+            if target in set(rows["split"]):
+                continue
+            fraction = getattr(config.data.split, target)
+            manifest.loc[rows.index, "split"] = carve_from_train(rows, target, fraction, config.data.seed)
+            log.info("ingest: %s has no %s split; carved %d images from its train split (stratified, seed %d)",
+                     source, target, int((manifest.loc[rows.index, "split"] == target).sum()), config.data.seed)
     return manifest
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def format_metric(value: float | None, digits: int = 4) -> str:
+    """A metric for a sentence; undefined metrics (None) read as n/a."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def binary_metrics(y_true: np.ndarray, probability: np.ndarray, threshold: float) -> dict[str, float | int | None]:
     """AUC, accuracy, sensitivity, specificity and the confusion counts at `threshold`.
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CxrError
-from pipeline.imaging import IMAGE_SUFFIXES, UnreadableImage, decode_file, resize
+from pipeline.imaging import UnreadableImage, decode_file, looks_like_image, resize
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,11 @@ class Prediction:
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given, and folders expanded to the image-like files inside them (sorted)."""
+    """Files as given, and folders expanded to the image files inside them (sorted; a README is skipped)."""
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            files += [p for p in sorted(item.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+            files += [p for p in sorted(item.rglob("*")) if p.is_file() and not p.name.startswith(".") and looks_like_image(p)]
         else:
             files.append(item)
     return files

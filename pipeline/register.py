@@ -17,6 +17,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.errors import CxrError
 from pipeline.files import sha256_of, write_json
+from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,9 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
     elif int(previous.version) == version:
         promote, reason = True, "already champion"
     elif value is not None and (previous_value is None or value > previous_value):
-        promote, reason = True, f"{metric} {value:.4f} beats champion v{previous.version} ({_fmt(previous_value)})"
+        promote, reason = True, f"{metric} {value:.4f} beats champion v{previous.version} ({format_metric(previous_value)})"
     else:
-        promote, reason = False, f"{metric} {_fmt(value)} does not beat champion v{previous.version} ({_fmt(previous_value)})"
+        promote, reason = False, f"{metric} {format_metric(value)} does not beat champion v{previous.version} ({format_metric(previous_value)})"
     if promote:
         client.set_registered_model_alias(name, CHAMPION, str(version))
     client.set_model_version_tag(name, str(version), "decision", reason)
@@ -136,7 +137,3 @@ def _current_champion(client, name: str):  # -> ModelVersion | None
 def _run_metric(client, run_id: str, key: str) -> float | None:
     value = client.get_run(run_id).data.metrics.get(key)
     return None if value is None or np.isnan(value) else float(value)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

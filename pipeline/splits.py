@@ -28,8 +28,8 @@ def split_patients(frame: pd.DataFrame, fractions: SplitFractions, seed: int) ->
     return frame["patient_hash"].map(assignment)
 
 
-def carve_test_from_train(frame: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
-    """For a source with train (and val) but no test: move `fraction` of train patients to test."""
+def carve_from_train(frame: pd.DataFrame, target: str, fraction: float, seed: int) -> pd.Series:
+    """For a source that brings no `target` split (e.g. MedMNIST without test): move `fraction` of train patients to it."""
     splits = frame["split"].copy()
     patient_label = _patient_labels(frame[frame["split"] == "train"])
     rng = np.random.default_rng(seed)
@@ -38,7 +38,7 @@ def carve_test_from_train(frame: pd.DataFrame, fraction: float, seed: int) -> pd
         patients = np.array(patient_label.index[patient_label == label])
         rng.shuffle(patients)
         moved.update(patients[: int(round(len(patients) * fraction))])
-    splits[frame["patient_hash"].isin(moved) & (frame["split"] == "train")] = "test"
+    splits[frame["patient_hash"].isin(moved) & (frame["split"] == "train")] = target
     return splits
 
 

@@ -70,3 +70,13 @@ def test_flat_dict_has_every_leaf_for_mlflow(tmp_path):
     assert flat["train.model"] == "seed_cnn"
     assert flat["data.split.test"] == 0.15
     assert flat["register.metric"] == "val_auc"
+
+
+def test_more_than_two_labels_is_refused_for_now(tmp_path):
+    with pytest.raises(CxrError, match="'data.labels'"):
+        load_config(tmp_path / "params.yaml", ["data.labels=[normal, bacterial, viral]"])
+
+
+def test_params_folder_instead_of_file_is_a_clear_error(tmp_path):
+    with pytest.raises(CxrError, match="is a folder"):
+        load_config(tmp_path)

@@ -143,3 +143,27 @@ def test_split_depends_on_data_and_seed_not_on_the_deid_key(tmp_path, monkeypatc
         splits.append(dict(zip(manifest["path"], manifest["split"])))
     assert splits[0] == splits[1]
     assert len(set(splits[0].values())) == 3
+
+
+def test_npz_with_only_train_gets_val_and_test_carved(tmp_path):
+    rng = np.random.default_rng(1)
+    np.savez(
+        tmp_path / "train_only.npz",
+        train_images=rng.integers(0, 255, (60, 28, 28), dtype=np.uint8),
+        train_labels=(np.arange(60) % 3 != 0).astype(np.uint8).reshape(-1, 1),
+    )
+    paths, config = _project(tmp_path, "[train_only.npz]")
+    result = ingest_stage(paths, config)
+    assert all(count > 0 for count in result.split_counts.values())
+    manifest = pd.read_parquet(paths.manifest)
+    assert manifest.groupby("split")["label"].nunique().to_dict() == {"train": 2, "val": 2, "test": 2}
+
+
+def test_file_names_without_a_patient_id_do_not_merge_patients(tmp_path):
+    for i in range(20):
+        _write_png(tmp_path / "films" / ("normal" if i % 2 else "pneumonia") / f"img_{i:04d}.png", i)
+    paths, config = _project(tmp_path, "[films]")
+    ingest_stage(paths, config)
+    manifest = pd.read_parquet(paths.manifest)
+    assert manifest["patient_hash"].nunique() == 20
+    assert set(manifest["split"]) == {"train", "val", "test"}
