@@ -37,14 +37,64 @@ class SplitFractions(Section):
         return self
 
 
+class SourceSpec(Section):
+    """One entry of data.sources. A bare path is shorthand for `{path: ...}` with everything detected.
+
+    Tables (CSV or Parquet) name their columns here; `format: nih` and `format: rsna` preset the columns of
+    NIH ChestX-ray14's Data_Entry_2017.csv and RSNA Pneumonia's stage_2_train_labels.csv.
+    """
+
+    path: str = Field(min_length=1)
+    format: Literal["auto", "folder", "table", "npz", "nih", "rsna"] = "auto"
+    labelled: bool = True
+    image_root: str | None = None  # tables: folder holding the films (default: the table's own folder)
+    match: Literal["path", "file_name", "sop_instance_uid"] = "path"  # how a table row finds its film
+    path_column: str = "path"
+    path_template: str = "{}"  # e.g. "{}.dcm" when the column holds an id rather than a file name
+    label_column: str = "label"
+    label_separator: str | None = None  # e.g. "|" for NIH's `Finding Labels`
+    label_map: dict[str, str] = Field(default_factory=dict)  # table value → one of data.labels
+    patient_column: str = "patient_id"
+    split_column: str = "split"
+
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _keys_as_text(cls, mapping: Any) -> Any:
+        """YAML reads `{0: normal}` with an int key; table cells are read as text."""
+        if not isinstance(mapping, dict):
+            return mapping
+        if any(isinstance(key, bool) for key in mapping):
+            raise ValueError("YAML reads yes/no/on/off/true/false as booleans: quote such keys, e.g. {'yes': pneumonia}")
+        return {str(key): str(value).lower() for key, value in mapping.items()}
+
+
+class SourceFilters(Section):
+    """Keep only DICOM films whose header matches; empty lists keep everything. PNG/JPEG have no header and pass."""
+
+    modalities: list[str] = Field(default_factory=list)  # e.g. [CR, DX]
+    views: list[str] = Field(default_factory=list)  # e.g. [PA, AP]
+    body_parts: list[str] = Field(default_factory=list)  # e.g. [CHEST]
+
+
 class DataConfig(Section):
-    sources: list[str] = Field(default_factory=lambda: ["data/raw/demo"], min_length=1)
+    sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(path="data/raw/demo")], min_length=1)
     # Two labels for now (binary); multi-class and multi-label tasks come with the training engine.
     labels: list[str] = Field(default_factory=lambda: ["normal", "pneumonia"], min_length=2, max_length=2)
     image_size: int = Field(64, ge=16, le=1024)
     split: SplitFractions = SplitFractions()
     seed: int = 0
     patient_pattern: str = r"^([A-Za-z]*\d+)_"
+    subtype_pattern: str = r"_(bacteria|virus)_"  # Kermany file names carry the pneumonia subtype
+    filters: SourceFilters = SourceFilters()
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _paths_as_specs(cls, sources: Any) -> Any:
+        if isinstance(sources, (str, dict)):
+            sources = [sources]
+        if isinstance(sources, list):
+            return [{"path": item} if isinstance(item, str) else item for item in sources]
+        return sources
 
     @field_validator("labels")
     @classmethod
@@ -54,7 +104,7 @@ class DataConfig(Section):
             raise ValueError(f"labels must be distinct, got {labels}")
         return lowered
 
-    @field_validator("patient_pattern")
+    @field_validator("patient_pattern", "subtype_pattern")
     @classmethod
     def _pattern_compiles(cls, pattern: str) -> str:
         import re
@@ -64,7 +114,7 @@ class DataConfig(Section):
         except re.error as exc:
             raise ValueError(f"not a valid regular expression: {exc}") from None
         if compiled.groups < 1:
-            raise ValueError("needs one capture group, the patient id, e.g. '^([^_]+)_'")
+            raise ValueError("needs one capture group, e.g. '^([A-Za-z]*\\d+)_'")
         return pattern
 
     @property

@@ -50,6 +50,8 @@ class DecodedImage:
     modality: str = ""
     photometric: str = ""
     view: str = ""
+    body_part: str = ""
+    bits_stored: int = 8
     patient_id: str | None = None
     identifiers: tuple[str, ...] = ()
 
@@ -150,8 +152,8 @@ def _decode_pillow(path: Path, kind: str) -> DecodedImage:
     try:
         with Image.open(path) as image:
             image.load()
-            mode = image.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            wide = image.mode in ("I;16", "I;16B", "I;16L", "I", "F")
+            if wide:
                 pixels = to_uint8(np.asarray(image, dtype=np.float32))
             else:
                 pixels = np.asarray(image.convert("L"), dtype=np.uint8)
@@ -159,7 +161,7 @@ def _decode_pillow(path: Path, kind: str) -> DecodedImage:
         raise UnreadableImage("not_an_image", f"{path}: not a readable {kind.upper()} image") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise UnreadableImage("decode_failed", f"{path}: {kind.upper()} data could not be decoded ({exc})") from None
-    return DecodedImage(pixels=pixels, format=kind)
+    return DecodedImage(pixels=pixels, format=kind, bits_stored=16 if wide else 8)
 
 
 def _decode_dicom(path: Path) -> DecodedImage:
@@ -202,7 +204,9 @@ def _header_fields(dataset) -> dict:  # dataset: pydicom.Dataset
     return {
         "modality": str(dataset.get("Modality", "") or ""),
         "photometric": str(dataset.get("PhotometricInterpretation", "") or "").upper(),
-        "view": str(dataset.get("ViewPosition", "") or ""),
+        "view": str(dataset.get("ViewPosition", "") or "").upper(),
+        "body_part": str(dataset.get("BodyPartExamined", "") or "").upper(),
+        "bits_stored": int(dataset.get("BitsStored", 8) or 8),
         "patient_id": patient_id or None,
         "identifiers": identifiers,
     }

@@ -16,20 +16,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config
+from pipeline.config import Config, SourceFilters
 from pipeline.deid import load_key, patient_hash, redact
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path
-from pipeline.imaging import UnreadableImage, check_usable, decode_file, pixel_sha256, resize
+from pipeline.imaging import DecodedImage, UnreadableImage, check_usable, decode_file, pixel_sha256, resize
 from pipeline.paths import ProjectPaths
-from pipeline.sources import Rejected, SourceItem, read_source
+from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
 from pipeline.splits import carve_from_train, split_patients
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = [
     "store_index", "image_id", "split", "label", "label_index", "patient_hash", "sha256", "format",
-    "source", "path", "width", "height", "modality", "photometric", "view", "mean_intensity", "std_intensity",
+    "source", "path", "subtype", "width", "height", "bits_stored", "modality", "photometric", "view", "body_part",
+    "mean_intensity", "std_intensity",
 ]
 QUARANTINE_COLUMNS = ["source", "path", "reason", "message"]
 
@@ -53,14 +54,15 @@ def ingest_stage(paths: ProjectPaths, config: Config) -> IngestResult:
         items += source_items
         rejected += source_rejected
     key = load_key()
-    rows, images, decode_rejected = _decode_all(items, config.data.image_size, key)
+    rows, images, decode_rejected = _decode_all(items, config.data.image_size, key, config.data.filters)
     rejected += decode_rejected
     if not rows:
         raise CxrError(f"ingest: none of the {len(items)} files in data.sources could be used; see {paths.quarantine}")
 
     manifest = pd.DataFrame(rows)
     manifest = _assign_splits(manifest, config)
-    manifest["label_index"] = manifest["label"].map({label: i for i, label in enumerate(config.data.labels)})
+    manifest["label_index"] = manifest["label"].map({label: i for i, label in enumerate(config.data.labels)}).fillna(-1).astype(int)
+    manifest["label"] = manifest["label"].fillna("")
     manifest["store_index"] = np.arange(len(manifest))
     manifest = manifest[MANIFEST_COLUMNS]
     quarantine = pd.DataFrame([r.__dict__ for r in rejected], columns=QUARANTINE_COLUMNS)
@@ -75,7 +77,8 @@ def ingest_stage(paths: ProjectPaths, config: Config) -> IngestResult:
 
     result = IngestResult(
         n_images=len(manifest),
-        split_counts={split: int((manifest["split"] == split).sum()) for split in ("train", "val", "test")},
+        split_counts={split: int((manifest["split"] == split).sum()) for split in ("train", "val", "test", UNLABELLED)
+                      if split != UNLABELLED or (manifest["split"] == split).any()},
         quarantine_reasons=dict(sorted(Counter(quarantine["reason"]).items())),
         manifest_path=paths.manifest,
         images_path=paths.images,
@@ -85,7 +88,7 @@ def ingest_stage(paths: ProjectPaths, config: Config) -> IngestResult:
     return result
 
 
-def _decode_all(items: list[SourceItem], size: int, key: bytes) -> tuple[list[dict], list[np.ndarray], list[Rejected]]:
+def _decode_all(items: list[SourceItem], size: int, key: bytes, filters: SourceFilters) -> tuple[list[dict], list[np.ndarray], list[Rejected]]:
     """Decode and resize each film; a failure becomes a quarantine entry and the run goes on."""
     from tqdm import tqdm
 
@@ -94,7 +97,7 @@ def _decode_all(items: list[SourceItem], size: int, key: bytes) -> tuple[list[di
     rejected: list[Rejected] = []
     for item in tqdm(items, desc="ingest", unit="img", disable=None):
         try:
-            row, pixels = _decode_item(item, size, key)
+            row, pixels = _decode_item(item, size, key, filters)
         except UnreadableImage as exc:
             path = redact(item.path, exc.identifiers, key)
             rejected.append(Rejected(item.source, path, exc.reason, redact(_relative_message(exc, item), exc.identifiers, key)))
@@ -108,9 +111,10 @@ def _decode_all(items: list[SourceItem], size: int, key: bytes) -> tuple[list[di
     return rows, images, rejected
 
 
-def _decode_item(item: SourceItem, size: int, key: bytes) -> tuple[dict, np.ndarray]:
+def _decode_item(item: SourceItem, size: int, key: bytes, filters: SourceFilters) -> tuple[dict, np.ndarray]:
     if item.file is not None:
         decoded = decode_file(item.file)
+        _check_filters(decoded, filters, f"{item.source}/{item.path}")
         original = decoded.pixels
     else:
         original = np.asarray(item.pixels, dtype=np.uint8)
@@ -128,15 +132,29 @@ def _decode_item(item: SourceItem, size: int, key: bytes) -> tuple[dict, np.ndar
         "format": decoded.format if decoded else "npz",
         "source": item.source,
         "path": redact(item.path, decoded.identifiers, key) if decoded else item.path,
+        "subtype": item.subtype,
         "width": int(original.shape[1]),
         "height": int(original.shape[0]),
+        "bits_stored": decoded.bits_stored if decoded else 8,
         "modality": decoded.modality if decoded else "",
         "photometric": decoded.photometric if decoded else "",
         "view": decoded.view if decoded else "",
+        "body_part": decoded.body_part if decoded else "",
         "mean_intensity": float(stored.mean()),
         "std_intensity": float(stored.std()),
     }
     return row, stored
+
+
+def _check_filters(decoded: DecodedImage, filters: SourceFilters, name: str) -> None:
+    """data.filters keeps e.g. only CR/DX chest PA/AP; a header field that is absent never filters a film out."""
+    for reason, value, allowed in (
+        ("filtered_modality", decoded.modality, filters.modalities),
+        ("filtered_view", decoded.view, filters.views),
+        ("filtered_body_part", decoded.body_part, filters.body_parts),
+    ):
+        if value and allowed and value.upper() not in {a.upper() for a in allowed}:
+            raise UnreadableImage(reason, f"{name}: {value} is not in data.filters ({', '.join(allowed)})", decoded.identifiers)
 
 
 def _relative_message(exc: UnreadableImage, item: SourceItem) -> str:
@@ -154,7 +172,7 @@ def _assign_splits(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
     if unsplit.any():
         manifest.loc[unsplit, "split"] = split_patients(manifest[unsplit], config.data.split, config.data.seed)
     for source, rows in manifest.groupby("source"):
-        if unsplit[rows.index].any():
+        if unsplit[rows.index].any() or "train" not in set(rows["split"]):
             continue
         for target in ("test", "val"):
             rows = manifest.loc[rows.index]

@@ -1,8 +1,10 @@
-"""Source adapters: every kind of labelled input becomes the same list of `SourceItem`s.
+"""Source adapters: every kind of input becomes the same list of `SourceItem`s.
 
 As in torchxrayvision, one interface covers all sources, so ingest never cares where a film came
-from. Kinds: a folder with one subfolder per class (optionally under train/val/test, the Kermany
-layout), a CSV table with path,label[,patient_id,split], and a MedMNIST-style .npz.
+from. Kinds: a folder with one subfolder per label (optionally under train/val/test, the Kermany
+layout), a label table (CSV or Parquet, with column mapping and NIH / RSNA presets, matching films
+by path, file name or DICOM SOPInstanceUID), a MedMNIST-style .npz, and unlabelled folders or tables
+(films kept for prediction and quality checks, never for training).
 """
 
 from __future__ import annotations
@@ -13,15 +15,32 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, SourceSpec
 from pipeline.errors import CxrError
 
 SPLITS = ("train", "val", "test")
+UNLABELLED = "unlabelled"  # the split of films from unlabelled sources
+TABLE_SUFFIXES = {".csv", ".tsv", ".parquet"}
+NOT_FILMS = TABLE_SUFFIXES | {".txt", ".md", ".json", ".yaml", ".yml", ".xlsx", ".xls", ".pdf", ".html"}
+
+PRESETS: dict[str, dict] = {
+    # NIH ChestX-ray14 Data_Entry_2017.csv; films sit in images_*/images/ folders, so they are found by name.
+    "nih": {
+        "path_column": "Image Index", "label_column": "Finding Labels", "label_separator": "|",
+        "label_map": {"No Finding": "normal", "Pneumonia": "pneumonia"}, "patient_column": "Patient ID",
+        "match": "file_name",
+    },
+    # RSNA Pneumonia Detection stage_2_train_labels.csv: one row per box, films named <patientId>.dcm.
+    "rsna": {
+        "path_column": "patientId", "path_template": "{}.dcm", "label_column": "Target",
+        "label_map": {"0": "normal", "1": "pneumonia"}, "patient_column": "patientId", "match": "file_name",
+    },
+}
 
 
 @dataclass(frozen=True)
 class SourceItem:
-    """One film to ingest. Exactly one of `file` and `pixels` is set.
+    """One film to ingest. Exactly one of `file` and `pixels` is set; `label` is None for unlabelled films.
 
     `patient_id` is raw (from a table or file name); ingest hashes it and never writes it.
     """
@@ -31,6 +50,7 @@ class SourceItem:
     label: str | None
     split: str | None = None
     patient_id: str | None = None
+    subtype: str = ""
     file: Path | None = None
     pixels: np.ndarray | None = None
 
@@ -45,107 +65,212 @@ class Rejected:
     message: str
 
 
-def read_source(spec: str, root: Path, data: DataConfig) -> tuple[list[SourceItem], list[Rejected]]:
-    """Dispatch on what the path is: a folder, a .csv table or a .npz archive."""
-    path = (root / spec) if not Path(spec).is_absolute() else Path(spec)
+def read_source(spec: SourceSpec, root: Path, data: DataConfig) -> tuple[list[SourceItem], list[Rejected]]:
+    """Dispatch on the source's format (or what its path is) and apply presets."""
+    path = root / spec.path if not Path(spec.path).is_absolute() else Path(spec.path)
     if not path.exists():
-        raise CxrError(f"data.sources: '{spec}' does not exist (run `cxr demo-data` for the demo set, or fix the path)")
-    if path.is_dir():
+        raise CxrError(f"data.sources: '{spec.path}' does not exist (run `cxr demo-data` for the demo set, or fix the path)")
+    spec = _with_preset(spec)
+    kind = spec.format if spec.format in ("folder", "table", "npz") else _detect(path, spec)
+    if kind == "folder":
         return _read_folder(spec, path, data)
-    if path.suffix.lower() == ".csv":
-        return _read_table(spec, path, data)
+    if kind == "table":
+        return _read_table(spec, path, root, data)
+    return _read_npz(spec, path, data), []
+
+
+def _with_preset(spec: SourceSpec) -> SourceSpec:
+    """A preset's column names, overridden by whatever the user wrote explicitly."""
+    if spec.format not in PRESETS:
+        return spec
+    explicit = {name: getattr(spec, name) for name in spec.model_fields_set}
+    return SourceSpec(**{**PRESETS[spec.format], **explicit, "format": "table"})
+
+
+def _detect(path: Path, spec: SourceSpec) -> str:
+    if path.is_dir():
+        return "folder"
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        return "table"
     if path.suffix.lower() == ".npz":
-        return _read_npz(spec, path, data), []
-    raise CxrError(f"data.sources: '{spec}' is neither a folder, a .csv table nor a .npz archive")
+        return "npz"
+    raise CxrError(f"data.sources: '{spec.path}' is neither a folder, a .csv/.parquet table nor a .npz archive")
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    """Files under a folder, sorted, skipping hidden ones and symlinks that lead outside it."""
+    """Files under a folder, sorted; skips hidden ones, label tables and notes, and symlinks leading outside it."""
     top = folder.resolve()
     files = []
     for path in sorted(folder.rglob("*")):
         if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if path.suffix.lower() in NOT_FILMS:
             continue
         if path.is_file() and path.resolve().is_relative_to(top):
             files.append(path)
     return files
 
 
-def _read_folder(spec: str, folder: Path, data: DataConfig) -> tuple[list[SourceItem], list[Rejected]]:
+def _from_name(pattern: str, name: str) -> str | None:
+    match = re.search(pattern, name)
+    return match.group(1) if match else None
+
+
+def _file_item(spec: SourceSpec, folder: Path, file: Path, data: DataConfig, label: str | None, split: str | None) -> SourceItem:
+    rel = file.relative_to(folder).as_posix()
+    return SourceItem(
+        source=spec.path, path=rel, label=label, split=split if label is not None else UNLABELLED,
+        patient_id=_from_name(data.patient_pattern, file.name), subtype=_from_name(data.subtype_pattern, file.name) or "",
+        file=file,
+    )
+
+
+def _read_folder(spec: SourceSpec, folder: Path, data: DataConfig) -> tuple[list[SourceItem], list[Rejected]]:
+    if not spec.labelled:
+        return [_file_item(spec, folder, file, data, None, None) for file in _visible_files(folder)], []
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subfolders and all(p.name.lower() in SPLITS for p in subfolders):
         groups = [(split_dir.name.lower(), class_dir) for split_dir in subfolders for class_dir in sorted(split_dir.iterdir()) if class_dir.is_dir()]
     else:
         groups = [(None, class_dir) for class_dir in subfolders]
     if not groups:
-        raise CxrError(f"data.sources: '{spec}' has no class subfolders; expected e.g. {spec}/{data.labels[0]}/ and {spec}/{data.labels[-1]}/")
-    pattern = re.compile(data.patient_pattern)
+        raise CxrError(
+            f"data.sources: '{spec.path}' has no label subfolders; expected e.g. {spec.path}/{data.labels[0]}/ and "
+            f"{spec.path}/{data.labels[-1]}/, or mark it unlabelled: {{path: {spec.path}, labelled: false}}"
+        )
     items: list[SourceItem] = []
     rejected: list[Rejected] = []
     for split, class_dir in groups:
         label = class_dir.name.lower()
         for file in _visible_files(class_dir):
-            rel = file.relative_to(folder).as_posix()
             if label not in data.labels:
-                rejected.append(Rejected(spec, rel, "label_not_in_set", f"{spec}/{rel}: folder '{class_dir.name}' is not one of data.labels {data.labels}"))
+                rel = file.relative_to(folder).as_posix()
+                rejected.append(Rejected(spec.path, rel, "label_not_in_set", f"{spec.path}/{rel}: folder '{class_dir.name}' is not one of data.labels {data.labels}"))
                 continue
-            match = pattern.match(file.name)
-            items.append(SourceItem(source=spec, path=rel, label=label, split=split, patient_id=match.group(1) if match else None, file=file))
+            items.append(_file_item(spec, folder, file, data, label, split))
     return items, rejected
 
 
-def _read_table(spec: str, table: Path, data: DataConfig) -> tuple[list[SourceItem], list[Rejected]]:
+def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> tuple[list[SourceItem], list[Rejected]]:
     import pandas as pd
 
     try:
-        frame = pd.read_csv(table, dtype=str, keep_default_na=False)
+        frame = pd.read_parquet(table) if table.suffix.lower() == ".parquet" else pd.read_csv(
+            table, dtype=str, keep_default_na=False, sep="\t" if table.suffix.lower() == ".tsv" else ",")
     except Exception as exc:
-        raise CxrError(f"{spec}: could not read the CSV table ({exc})") from None
-    missing = {"path", "label"} - set(frame.columns)
+        raise CxrError(f"{spec.path}: could not read the table ({exc})") from None
+    frame = frame.astype(str).replace({"nan": "", "None": ""})
+    needed = [spec.path_column] + ([spec.label_column] if spec.labelled else [])
+    missing = [column for column in needed if column not in frame.columns]
     if missing:
-        raise CxrError(f"{spec}: missing column(s) {sorted(missing)}; a label table needs path,label[,patient_id,split]")
+        raise CxrError(
+            f"{spec.path}: missing column(s) {missing}; found {list(frame.columns)[:12]}. "
+            "Name yours with path_column / label_column in the source entry, or use format: nih / rsna"
+        )
+    image_root = (root / spec.image_root) if spec.image_root else table.parent
+    if not image_root.is_dir():
+        raise CxrError(f"{spec.path}: image_root '{image_root}' is not a folder")
+    locate = _locator(spec, image_root)
     items: list[SourceItem] = []
     rejected: list[Rejected] = []
+    seen: dict[str, str | None] = {}
     for row_number, row in enumerate(frame.to_dict("records"), start=2):
-        rel = row["path"].strip()
-        label = row["label"].strip().lower()
-        split = row.get("split", "").strip().lower() or None
-        file = (table.parent / rel).resolve()
-        where = f"{spec} line {row_number}"
-        if not rel:
-            rejected.append(Rejected(spec, f"line {row_number}", "missing_path", f"{where}: empty path"))
-        elif label not in data.labels:
-            rejected.append(Rejected(spec, rel, "label_not_in_set", f"{where}: label '{row['label']}' is not one of data.labels {data.labels}"))
+        key = spec.path_template.format(row[spec.path_column].strip())
+        where = f"{spec.path} line {row_number}"
+        label = _table_label(row, spec, data) if spec.labelled else None
+        split = row.get(spec.split_column, "").strip().lower() or None
+        file = locate(key) if row[spec.path_column].strip() else None
+        if key in seen:  # RSNA lists a film once per box: one item, unless the rows disagree
+            if seen[key] != label:
+                rejected.append(Rejected(spec.path, key, "conflicting_labels", f"{where}: '{key}' is listed again with another label"))
+            continue
+        seen[key] = label
+        if not row[spec.path_column].strip():
+            rejected.append(Rejected(spec.path, f"line {row_number}", "missing_path", f"{where}: empty {spec.path_column}"))
+        elif spec.labelled and label is None:
+            raw = row[spec.label_column]
+            reason = "no_label" if not raw.strip() else "label_not_in_set"
+            rejected.append(Rejected(spec.path, key, reason, f"{where}: label '{raw}' maps to none of data.labels {data.labels}"))
         elif split is not None and split not in SPLITS:
-            rejected.append(Rejected(spec, rel, "bad_split", f"{where}: split '{split}' is not one of {list(SPLITS)}"))
-        elif not file.is_relative_to(table.parent.resolve()):
-            rejected.append(Rejected(spec, rel, "outside_source", f"{where}: path leads outside the table's folder"))
+            rejected.append(Rejected(spec.path, key, "bad_split", f"{where}: split '{split}' is not one of {list(SPLITS)}"))
+        elif file is None:
+            rejected.append(Rejected(spec.path, key, "missing_file", f"{where}: no film '{key}' under {spec.image_root or 'the table folder'}"))
+        elif not file.resolve().is_relative_to(image_root.resolve()):
+            rejected.append(Rejected(spec.path, key, "outside_source", f"{where}: '{key}' leads outside {image_root}"))
         else:
-            patient = row.get("patient_id", "").strip() or None
-            items.append(SourceItem(source=spec, path=rel, label=label, split=split, patient_id=patient, file=file))
+            patient = row.get(spec.patient_column, "").strip() or None
+            items.append(SourceItem(
+                source=spec.path, path=file.relative_to(image_root).as_posix() if file.is_relative_to(image_root) else key,
+                label=label, split=split if label is not None else UNLABELLED, patient_id=patient,
+                subtype=_from_name(data.subtype_pattern, file.name) or "", file=file,
+            ))
     return items, rejected
 
 
-def _read_npz(spec: str, archive: Path, data: DataConfig) -> list[SourceItem]:
+def _table_label(row: dict, spec: SourceSpec, data: DataConfig) -> str | None:
+    """The row's label among data.labels, through label_map and label_separator; None when it has none."""
+    raw = row[spec.label_column].strip()
+    parts = [part.strip() for part in raw.split(spec.label_separator)] if spec.label_separator else [raw]
+    mapped = {spec.label_map.get(part, part.lower() if not spec.label_map else None) for part in parts} - {None}
+    mapped &= set(data.labels)
+    if len(mapped) > 1 and data.positive_label in mapped:  # e.g. NIH "Pneumonia|Effusion" → pneumonia
+        return data.positive_label
+    return mapped.pop() if len(mapped) == 1 else None
+
+
+def _locator(spec: SourceSpec, image_root: Path):  # -> Callable[[str], Path | None]
+    """How a table key finds its film: a relative path, a file name anywhere under image_root, or a SOPInstanceUID."""
+    if spec.match == "path":
+        return lambda key: (image_root / key) if (image_root / key).is_file() else None
+    files = _visible_files(image_root)
+    if spec.match == "file_name":
+        by_name: dict[str, Path] = {}
+        for file in files:
+            by_name.setdefault(file.name, file)
+            by_name.setdefault(file.stem, file)
+        return lambda key: by_name.get(key) or by_name.get(Path(key).name)
+    by_uid = _index_by_sop_instance_uid(files)
+    return lambda key: by_uid.get(key)
+
+
+def _index_by_sop_instance_uid(files: list[Path]) -> dict[str, Path]:
+    """Read only the headers (no pixels) of every file under the root to map SOPInstanceUID → file."""
+    import pydicom
+
+    index: dict[str, Path] = {}
+    for file in files:
+        try:
+            header = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["SOPInstanceUID"], force=True)
+            uid = str(header.get("SOPInstanceUID", "") or "")
+        except Exception:
+            continue  # not DICOM, or a header too damaged to name; ingest never reaches it by UID
+        if uid:
+            index.setdefault(uid, file)
+    return index
+
+
+def _read_npz(spec: SourceSpec, archive: Path, data: DataConfig) -> list[SourceItem]:
     """MedMNIST layout: {split}_images (N,H,W[,C]) uint8 and {split}_labels (N,1) class indices."""
     try:
         arrays = np.load(archive)
     except Exception as exc:
-        raise CxrError(f"{spec}: could not read the .npz archive ({exc})") from None
+        raise CxrError(f"{spec.path}: could not read the .npz archive ({exc})") from None
     items: list[SourceItem] = []
     with arrays:
         present = [split for split in SPLITS if f"{split}_images" in arrays.files]
         if not present:
-            raise CxrError(f"{spec}: expected arrays named train_images/train_labels (and val_, test_), found {arrays.files}")
+            raise CxrError(f"{spec.path}: expected arrays named train_images/train_labels (and val_, test_), found {arrays.files}")
         for split in present:
-            if f"{split}_labels" not in arrays.files:
-                raise CxrError(f"{spec}: has {split}_images but no {split}_labels")
             images = arrays[f"{split}_images"]
-            labels = arrays[f"{split}_labels"].reshape(len(images), -1)[:, 0]
+            if spec.labelled and f"{split}_labels" not in arrays.files:
+                raise CxrError(f"{spec.path}: has {split}_images but no {split}_labels")
+            labels = arrays[f"{split}_labels"].reshape(len(images), -1)[:, 0] if spec.labelled else [None] * len(images)
             for index, (pixels, label_index) in enumerate(zip(images, labels)):
-                if not 0 <= int(label_index) < len(data.labels):
-                    raise CxrError(f"{spec}: {split}_labels[{index}] = {label_index} is outside data.labels {data.labels}")
+                if label_index is not None and not 0 <= int(label_index) < len(data.labels):
+                    raise CxrError(f"{spec.path}: {split}_labels[{index}] = {label_index} is outside data.labels {data.labels}")
                 if pixels.ndim == 3:
                     pixels = pixels.mean(axis=-1).astype(np.uint8)
-                items.append(SourceItem(source=spec, path=f"{split}/{index}", label=data.labels[int(label_index)], split=split, pixels=pixels))
+                label = data.labels[int(label_index)] if label_index is not None else None
+                items.append(SourceItem(source=spec.path, path=f"{split}/{index}", label=label,
+                                        split=split if label is not None else UNLABELLED, pixels=pixels))
     return items

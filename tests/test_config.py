@@ -13,7 +13,7 @@ REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 def test_repo_params_file_spells_out_exactly_the_code_defaults(tmp_path):
     config = load_config(REPO_PARAMS)
     assert config == load_config(tmp_path / "missing.yaml")
-    assert config.data.sources == ["data/raw/demo"]
+    assert [source.path for source in config.data.sources] == ["data/raw/demo"]
     assert config.data.positive_label == "pneumonia"
     assert config.registry.model_name == "cxr-pneumonia"
 
@@ -23,7 +23,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
         tmp_path / "params.yaml",
         ["data.sources=[data/raw/a, data/raw/b]", "train.epochs=2", "augment.enabled=false", "register.model_name=other"],
     )
-    assert config.data.sources == ["data/raw/a", "data/raw/b"]
+    assert [source.path for source in config.data.sources] == ["data/raw/a", "data/raw/b"]
     assert config.train.epochs == 2
     assert config.augment.enabled is False
     assert config.registry.model_name == "other"

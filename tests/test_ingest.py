@@ -60,7 +60,7 @@ def test_csv_table_source_with_patients_and_bad_rows(tmp_path):
     for i in range(12):
         _write_png(tmp_path / "films" / f"img{i}.png", i)
     rows = [{"path": f"img{i}.png", "label": "pneumonia" if i % 3 else "NORMAL", "patient_id": f"pt{i // 2}"} for i in range(12)]
-    rows += [{"path": "missing.png", "label": "normal", "patient_id": "x"}, {"path": "img0.png", "label": "covid", "patient_id": "y"}]
+    rows += [{"path": "missing.png", "label": "normal", "patient_id": "x"}, {"path": "img99.png", "label": "covid", "patient_id": "y"}]
     pd.DataFrame(rows).to_csv(tmp_path / "films" / "labels.csv", index=False)
     paths, config = _project(tmp_path, "[films/labels.csv]")
 
