@@ -119,8 +119,10 @@ def ingest(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> 
 
 @app.command()
 def validate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
-    """Run the great-expectations data-quality gate over the manifest (labels, duplicates across splits,
-    patient leakage, class ratio, intensity). Writes reports/validation/; exits 2 if a blocking check fails.
+    """Run the great-expectations data-quality gate over the manifest and image store: labels, every split
+    holding every label, exact and near duplicates across splits, patient leakage, class ratio, intensity,
+    original size, modality and view. Each check is blocking, warning or ignore (validation.severity).
+    Writes reports/validation/ (results.json, summary.json, Data Docs HTML); exits 2 if a blocking check fails.
     """
 
     def body(paths: Any, config: Any) -> None:
@@ -130,6 +132,7 @@ def validate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
         for check in result.checks:
             mark = "ok  " if check.success else ("FAIL" if check.severity == "blocking" else "warn")
             typer.echo(f"  {mark} {check.name}: {check.details}", err=True)
+        typer.echo(f"  summary {result.summary_path}; Data Docs {result.data_docs_path}", err=True)
 
     _stage(params, set_, body)
 

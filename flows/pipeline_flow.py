@@ -39,11 +39,65 @@ def _is_transient(task, task_run, state: State) -> bool:
     return state.name != USER_ERROR
 
 
-@task(name="ingest")
-def ingest_task(paths: ProjectPaths, config: Config):
-    from pipeline.ingest import ingest_stage
+@task(name="ingest-plan")
+def plan_task(paths: ProjectPaths, config: Config):
+    from pipeline.ingest import plan_ingest
 
-    return _as_state(lambda: ingest_stage(paths, config))
+    return _as_state(lambda: plan_ingest(paths, config))
+
+
+@task(name="ingest-decode")
+def decode_task(items: list, size: int, workers: int) -> list:
+    from pipeline.ingest import decode_items
+
+    return decode_items(items, size, workers)
+
+
+@task(name="ingest-finish")
+def finish_task(paths: ProjectPaths, config: Config, plan, outcomes: list):
+    from pipeline.ingest import finish_ingest
+
+    return _as_state(lambda: finish_ingest(paths, config, plan, outcomes))
+
+
+@flow(name="ingest")
+def ingest_flow(paths: ProjectPaths, config: Config):
+    """Ingest fanned out: plan → decode (one task per shard of new files) → finish.
+
+    With the default thread runner one task decodes everything over a local process pool (as `cxr ingest`
+    does); with a Dask runner (`orchestration.task_runner: dask`) each shard of
+    `orchestration.ingest_shard_size` files is a task the cluster's workers take.
+    """
+    plan = plan_task(paths, config, return_state=True)
+    if plan.is_failed():
+        return Failed(message=plan.message, name=USER_ERROR)
+    plan = plan.result()
+    on_cluster = config.orchestration.task_runner == "dask"
+    size = config.orchestration.ingest_shard_size if on_cluster else max(len(plan.todo), 1)
+    shards = [plan.todo[start : start + size] for start in range(0, len(plan.todo), size)]
+    workers = 1 if on_cluster else config.data.num_workers
+    futures = [decode_task.submit(shard, config.data.image_size, workers) for shard in shards]
+    outcomes = [outcome for future in futures for outcome in future.result()]
+    finished = finish_task(paths, config, plan, outcomes, return_state=True)
+    if finished.is_failed():
+        return Failed(message=finished.message, name=USER_ERROR)
+    return finished.result()
+
+
+def task_runner_for(config: Config):
+    """The ingest flow's task runner: Prefect's threads, or Dask (an existing scheduler, or a local cluster)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    settings = config.orchestration
+    if settings.task_runner == "threads":
+        return ThreadPoolTaskRunner()
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise CxrError("orchestration.task_runner is dask but prefect-dask is not installed: pip install 'cxr-pipeline[dask]'") from None
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers, "threads_per_worker": 1, "processes": True})
 
 
 @task(name="validate")
@@ -83,7 +137,7 @@ def register_task(paths: ProjectPaths, config: Config):
     return _as_state(lambda: register_stage(paths, config))
 
 
-STAGES = (ingest_task, validate_task, rebalance_task, train_task, evaluate_task, register_task)
+STAGES = (validate_task, rebalance_task, train_task, evaluate_task, register_task)
 
 
 @flow(name="cxr-pipeline")
@@ -97,7 +151,8 @@ def cxr_pipeline(params_path: str = "params.yaml", overrides: list[str] | None =
     paths = ProjectPaths(params.parent)
     logger = get_run_logger()
     results: dict[str, Any] = {}
-    for stage in STAGES:
+    ingest = ingest_flow.with_options(task_runner=task_runner_for(config))
+    for stage in (ingest, *STAGES):
         state = stage(paths, config, return_state=True)
         if state.is_failed():
             logger.error("%s failed: %s", stage.name, state.message)

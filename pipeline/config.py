@@ -37,6 +37,9 @@ class SplitFractions(Section):
         return self
 
 
+DedupeMode = Literal["report", "drop"]
+
+
 class SourceSpec(Section):
     """One entry of data.sources. A bare path is shorthand for `{path: ...}` with everything detected.
 
@@ -86,6 +89,8 @@ class DataConfig(Section):
     patient_pattern: str = r"^([A-Za-z]*\d+)_"
     subtype_pattern: str = r"_(bacteria|virus)_"  # Kermany file names carry the pneumonia subtype
     filters: SourceFilters = SourceFilters()
+    dedupe: DedupeMode = "drop"  # drop: keep one copy of identical films (train first); report: keep all, the gate counts them
+    num_workers: int = Field(0, ge=0)  # decoding processes; 0 = one per core
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -147,12 +152,23 @@ class Severities(Section):
     patient_leakage: Severity = "blocking"
     class_ratio: Severity = "blocking"
     intensity: Severity = "warning"
+    near_duplicates: Severity = "warning"
+    image_size: Severity = "warning"
+    modality_and_view: Severity = "warning"
 
 
 class ValidationConfig(Section):
     class_ratio: Bounds = Bounds(min=0.05, max=0.95)
     intensity_mean: Bounds = Bounds(min=10, max=245)
     min_intensity_std: float = Field(2.0, ge=0)
+    # Bits of the 63-bit perceptual hash (pipeline.phash) two different films may differ in and still count as
+    # near-duplicates: 4 keeps noise and brightness/contrast changes, and found 4 pairs of different films
+    # among PneumoniaMNIST's 13.5 million pairs.
+    near_duplicate_distance: int = Field(4, ge=0, le=63)
+    # Smaller originals are thumbnails, not films; 28 px is the smallest published set (MedMNIST) and passes.
+    min_original_side: int = Field(28, ge=1)
+    allowed_modalities: list[str] = Field(default_factory=lambda: ["CR", "DX"])  # DICOM Modality, where known
+    allowed_views: list[str] = Field(default_factory=lambda: ["PA", "AP"])  # DICOM ViewPosition, where known
     severity: Severities = Severities()
 
 
@@ -171,7 +187,8 @@ class AugmentConfig(Section):
 
 
 class TrainConfig(Section):
-    model: Literal["seed_cnn"] = "seed_cnn"
+    # The same names as pipeline.models.MODEL_NAMES (spelled out so reading params never imports torch).
+    model: Literal["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru", "vit"] = "seed_cnn"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -190,6 +207,15 @@ class RegisterConfig(Section):
     metric: Literal["val_auc", "val_accuracy"] = "val_auc"
 
 
+class OrchestrationConfig(Section):
+    """How `cxr pipeline` runs its tasks (the DVC stages and single commands ignore this)."""
+
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = None  # an existing Dask scheduler, e.g. tcp://scheduler:8786; none: a local cluster
+    dask_workers: int = Field(2, ge=1)  # workers of the local Dask cluster
+    ingest_shard_size: int = Field(256, ge=1)  # files per decode task on Dask
+
+
 class TrackingConfig(Section):
     experiment: str = Field("cxr-pneumonia", min_length=1)
 
@@ -204,8 +230,15 @@ class Config(Section):
     # `register` is the params key; the attribute is `registry` because pydantic models already have a `register`.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
     tracking: TrackingConfig = TrackingConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _model_fits_image_size(self) -> Config:
+        if self.train.model == "vit" and self.data.image_size % 2:
+            raise ValueError(f"train.model vit needs an even data.image_size (patches must tile it), got {self.data.image_size}")
+        return self
 
     def as_flat_dict(self) -> dict[str, Any]:
         """`section.key -> value` pairs, the form MLflow params and `--set` use."""

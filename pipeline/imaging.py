@@ -192,6 +192,21 @@ def _decode_dicom(path: Path) -> DecodedImage:
     return DecodedImage(pixels=pixels, format="dicom", identifiers=identifiers, **header)
 
 
+def read_identity(path: Path) -> tuple[str | None, tuple[str, ...]]:
+    """A DICOM's PatientID and identifying values from its header alone (films served from the decode cache)."""
+    if detect_format(path) != "dicom":
+        return None, ()
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            header = _header_fields(pydicom.dcmread(path, stop_before_pixels=True, force=True))
+    except Exception:
+        return None, ()
+    return header["patient_id"], header["identifiers"]
+
+
 PHI_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "InstitutionName", "OtherPatientIDs")
 
 

@@ -1,5 +1,8 @@
 """Ingest: every source in `data.sources` → manifest, image store and quarantine list.
 
+Three steps, so Prefect can fan the middle one out over a cluster: plan (list sources, find what
+the decode cache lacks) → decode (parallel, pure) → finish (cache, split, de-duplicate, write).
+
 Outputs (see pipeline.paths): manifest.parquet (one row per usable film, no raw patient
 identifier), images.npy (uint8, N×S×S, row i = manifest.store_index i), quarantine.csv (every
 file that could not be used, with a reason code and a message a person understands).
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, SourceFilters
+from pipeline.config import Config, DedupeMode, SourceFilters
+from pipeline.decode_cache import DecodeCache, Decoded, Failure
 from pipeline.deid import load_key, patient_hash, redact
 from pipeline.errors import CxrError
-from pipeline.files import atomic_path
-from pipeline.imaging import DecodedImage, UnreadableImage, check_usable, decode_file, pixel_sha256, resize
+from pipeline.files import atomic_path, sha256_of
+from pipeline.imaging import UnreadableImage, check_usable, decode_file, pixel_sha256, read_identity, resize
 from pipeline.paths import ProjectPaths
 from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
 from pipeline.splits import carve_from_train, split_patients
@@ -40,46 +45,143 @@ class IngestResult:
     n_images: int
     split_counts: dict[str, int]
     quarantine_reasons: dict[str, int]
+    n_decoded: int  # films decoded this run; the others came from the decode cache
+    n_dropped_duplicates: int
     manifest_path: Path
     images_path: Path
     quarantine_path: Path
 
 
+@dataclass
+class IngestPlan:
+    """Everything the sources list, and which files the decode cache does not hold yet."""
+
+    items: list[SourceItem]
+    rejected: list[Rejected]
+    keys: list[str | None]  # sha256 of each file item's bytes (None for array items and missing files)
+    todo: list[SourceItem]  # file items to decode, in the order decode_items returns their outcomes
+
+
 def ingest_stage(paths: ProjectPaths, config: Config) -> IngestResult:
-    """Read, decode, de-identify, split and store every source; quarantine what cannot be used."""
+    """Read, decode (in parallel, through the cache), de-identify, split and store every source."""
+    plan = plan_ingest(paths, config)
+    outcomes = decode_items(plan.todo, config.data.image_size, config.data.num_workers)
+    return finish_ingest(paths, config, plan, outcomes)
+
+
+def plan_ingest(paths: ProjectPaths, config: Config) -> IngestPlan:
+    """List every source and find which files the decode cache does not hold yet."""
+    from tqdm import tqdm
+
     items: list[SourceItem] = []
     rejected: list[Rejected] = []
     for spec in config.data.sources:
         source_items, source_rejected = read_source(spec, paths.root, config.data)
         items += source_items
         rejected += source_rejected
-    key = load_key()
-    rows, images, decode_rejected = _decode_all(items, config.data.image_size, key, config.data.filters)
-    rejected += decode_rejected
-    if not rows:
-        raise CxrError(f"ingest: none of the {len(items)} files in data.sources could be used; see {paths.quarantine}")
+    cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size)
+    keys: list[str | None] = []
+    todo: list[SourceItem] = []
+    for item in tqdm(items, desc="hashing", unit="file", disable=None, leave=False):
+        key = sha256_of(item.file) if item.file is not None and item.file.is_file() else None
+        keys.append(key)
+        if item.file is not None and not cache.has(key):
+            todo.append(item)
+    return IngestPlan(items, rejected, keys, todo)
 
-    manifest = pd.DataFrame(rows)
-    manifest = _assign_splits(manifest, config)
+
+def decode_items(items: list[SourceItem], size: int, workers: int = 0) -> list[Decoded | Failure]:
+    """Decode films over `workers` processes (0: one per core) with a progress bar; outcomes keep input order."""
+    from tqdm import tqdm
+
+    workers = min(workers or os.cpu_count() or 1, max(len(items), 1))
+    if workers <= 1 or len(items) < 8:
+        return [decode_one(item, size) for item in tqdm(items, desc="decoding", unit="img", disable=None)]
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunk = max(1, min(64, len(items) // (workers * 4)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        outcomes = pool.map(decode_one, items, [size] * len(items), chunksize=chunk)
+        return list(tqdm(outcomes, total=len(items), desc=f"decoding ({workers} workers)", unit="img", disable=None))
+
+
+def decode_one(item: SourceItem, size: int) -> Decoded | Failure:
+    """Decode and resize one film file. Never raises: one bad file must not stop a run (or a worker)."""
+    try:
+        decoded = decode_file(item.file)
+    except UnreadableImage as exc:
+        return Failure(exc.reason, _relative_message(exc, item), exc.identifiers)
+    except Exception as exc:  # an unforeseen decoder failure costs one file, not the run
+        return Failure("decode_failed", f"{item.source}/{item.path}: unexpected {type(exc).__name__} while decoding")
+    stored = resize(decoded.pixels, size)
+    header = {"bits_stored": decoded.bits_stored, "modality": decoded.modality, "photometric": decoded.photometric,
+              "view": decoded.view, "body_part": decoded.body_part}
+    return Decoded(stored, _decoded_fields(decoded.pixels, stored, decoded.format, header), decoded.patient_id, decoded.identifiers)
+
+
+def _decoded_fields(original: np.ndarray, stored: np.ndarray, kind: str, header: dict) -> dict:
+    """The manifest fields decoding yields (and the decode cache keeps): nothing that identifies a patient."""
+    return {
+        "sha256": pixel_sha256(original),
+        "format": kind,
+        "width": int(original.shape[1]),
+        "height": int(original.shape[0]),
+        **header,
+        "mean_intensity": float(stored.mean()),
+        "std_intensity": float(stored.std()),
+    }
+
+
+def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcomes: list[Decoded | Failure]) -> IngestResult:
+    """Cache the new decodes; build, split, de-duplicate and write the manifest, image store and quarantine list."""
+    cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size)
+    fresh = {id(item): outcome for item, outcome in zip(plan.todo, outcomes)}
+    cache.add([(key, f"{item.source}/{item.path}", fresh[id(item)]) for item, key in zip(plan.items, plan.keys)
+               if key is not None and id(item) in fresh])
+    key = load_key()
+    rows: list[dict] = []
+    images: list[np.ndarray] = []
+    rejected = list(plan.rejected)
+    for item, file_key in zip(plan.items, plan.keys):
+        outcome = fresh.get(id(item)) or _cached_or_array(item, file_key, cache, config.data.image_size)
+        if isinstance(outcome, Decoded):
+            outcome = _apply_filters(outcome, config.data.filters, f"{item.source}/{item.path}")
+        if isinstance(outcome, Failure):
+            rejected.append(Rejected(item.source, redact(item.path, outcome.identifiers, key), outcome.reason,
+                                     redact(outcome.message, outcome.identifiers, key)))
+            continue
+        rows.append(_manifest_row(item, outcome, key))
+        images.append(outcome.pixels)
+    if not rows:
+        raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
+
+    manifest = _assign_splits(pd.DataFrame(rows), config)
     manifest["label_index"] = manifest["label"].map({label: i for i, label in enumerate(config.data.labels)}).fillna(-1).astype(int)
     manifest["label"] = manifest["label"].fillna("")
+    keep = _rows_to_keep(manifest, config.data.dedupe)
+    dropped = manifest[~keep]
+    manifest = manifest[keep].reset_index(drop=True)
+    images = [image for image, kept in zip(images, keep) if kept]
     manifest["store_index"] = np.arange(len(manifest))
     manifest = manifest[MANIFEST_COLUMNS]
     quarantine = pd.DataFrame([r.__dict__ for r in rejected], columns=QUARANTINE_COLUMNS)
 
-    with atomic_path(paths.images) as tmp:
-        with tmp.open("wb") as handle:
-            np.save(handle, np.stack(images))
+    with atomic_path(paths.images) as tmp, tmp.open("wb") as handle:
+        np.save(handle, np.stack(images))
     with atomic_path(paths.manifest) as tmp:
         manifest.to_parquet(tmp, index=False)
     with atomic_path(paths.quarantine) as tmp:
         quarantine.to_csv(tmp, index=False)
+    with atomic_path(paths.dropped_duplicates) as tmp:
+        dropped[["image_id", "split", "label", "sha256", "source", "path"]].to_csv(tmp, index=False)
 
     result = IngestResult(
         n_images=len(manifest),
         split_counts={split: int((manifest["split"] == split).sum()) for split in ("train", "val", "test", UNLABELLED)
                       if split != UNLABELLED or (manifest["split"] == split).any()},
         quarantine_reasons=dict(sorted(Counter(quarantine["reason"]).items())),
+        n_decoded=len(plan.todo),
+        n_dropped_duplicates=len(dropped),
         manifest_path=paths.manifest,
         images_path=paths.images,
         quarantine_path=paths.quarantine,
@@ -88,73 +190,68 @@ def ingest_stage(paths: ProjectPaths, config: Config) -> IngestResult:
     return result
 
 
-def _decode_all(items: list[SourceItem], size: int, key: bytes, filters: SourceFilters) -> tuple[list[dict], list[np.ndarray], list[Rejected]]:
-    """Decode and resize each film; a failure becomes a quarantine entry and the run goes on."""
-    from tqdm import tqdm
-
-    rows: list[dict] = []
-    images: list[np.ndarray] = []
-    rejected: list[Rejected] = []
-    for item in tqdm(items, desc="ingest", unit="img", disable=None):
-        try:
-            row, pixels = _decode_item(item, size, key, filters)
-        except UnreadableImage as exc:
-            path = redact(item.path, exc.identifiers, key)
-            rejected.append(Rejected(item.source, path, exc.reason, redact(_relative_message(exc, item), exc.identifiers, key)))
-            continue
-        except Exception as exc:  # an unforeseen decoder failure must cost one file, not the run
-            message = f"{item.source}/{item.path}: unexpected {type(exc).__name__} while decoding"
-            rejected.append(Rejected(item.source, item.path, "decode_failed", message))
-            continue
-        rows.append(row)
-        images.append(pixels)
-    return rows, images, rejected
-
-
-def _decode_item(item: SourceItem, size: int, key: bytes, filters: SourceFilters) -> tuple[dict, np.ndarray]:
-    if item.file is not None:
-        decoded = decode_file(item.file)
-        _check_filters(decoded, filters, f"{item.source}/{item.path}")
-        original = decoded.pixels
-    else:
+def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache, size: int) -> Decoded | Failure:
+    """A film from the decode cache (identity re-read from its header: never cached), or an array from a .npz."""
+    if item.file is None:
         original = np.asarray(item.pixels, dtype=np.uint8)
-        check_usable(original, f"{item.source}/{item.path}")
-        decoded = None
+        try:
+            check_usable(original, f"{item.source}/{item.path}")
+        except UnreadableImage as exc:
+            return Failure(exc.reason, str(exc))
+        stored = resize(original, size)
+        no_header = {"bits_stored": 8, "modality": "", "photometric": "", "view": "", "body_part": ""}
+        return Decoded(stored, _decoded_fields(original, stored, "npz", no_header))
+    name = f"{item.source}/{item.path}"
+    cached = cache.get(file_key, name) if file_key else None
+    if cached is None:
+        return Failure("missing_file", f"{name}: no such file")
+    patient_id, identifiers = read_identity(item.file)
+    if isinstance(cached, Failure):
+        return Failure(cached.reason, cached.message, identifiers)
+    return Decoded(cached.pixels, cached.fields, patient_id, identifiers)
+
+
+def _manifest_row(item: SourceItem, decoded: Decoded, key: bytes) -> dict:
     # DICOM header PatientID wins over a table or file name; without any, the film is its own patient.
-    patient = (decoded.patient_id if decoded else None) or item.patient_id or f"{item.source}/{item.path}"
-    stored = resize(original, size)
-    row = {
+    patient = decoded.patient_id or item.patient_id or f"{item.source}/{item.path}"
+    return {
         "image_id": hashlib.sha256(f"{item.source}/{item.path}".encode()).hexdigest()[:16],
         "split": item.split,
         "label": item.label,
         "patient_hash": patient_hash(patient, key),
-        "sha256": pixel_sha256(original),
-        "format": decoded.format if decoded else "npz",
         "source": item.source,
-        "path": redact(item.path, decoded.identifiers, key) if decoded else item.path,
+        "path": redact(item.path, decoded.identifiers, key),
         "subtype": item.subtype,
-        "width": int(original.shape[1]),
-        "height": int(original.shape[0]),
-        "bits_stored": decoded.bits_stored if decoded else 8,
-        "modality": decoded.modality if decoded else "",
-        "photometric": decoded.photometric if decoded else "",
-        "view": decoded.view if decoded else "",
-        "body_part": decoded.body_part if decoded else "",
-        "mean_intensity": float(stored.mean()),
-        "std_intensity": float(stored.std()),
+        **decoded.fields,
     }
-    return row, stored
 
 
-def _check_filters(decoded: DecodedImage, filters: SourceFilters, name: str) -> None:
+def _apply_filters(decoded: Decoded, filters: SourceFilters, name: str) -> Decoded | Failure:
     """data.filters keeps e.g. only CR/DX chest PA/AP; a header field that is absent never filters a film out."""
-    for reason, value, allowed in (
-        ("filtered_modality", decoded.modality, filters.modalities),
-        ("filtered_view", decoded.view, filters.views),
-        ("filtered_body_part", decoded.body_part, filters.body_parts),
+    for reason, column, allowed in (
+        ("filtered_modality", "modality", filters.modalities),
+        ("filtered_view", "view", filters.views),
+        ("filtered_body_part", "body_part", filters.body_parts),
     ):
+        value = decoded.fields[column]
         if value and allowed and value.upper() not in {a.upper() for a in allowed}:
-            raise UnreadableImage(reason, f"{name}: {value} is not in data.filters ({', '.join(allowed)})", decoded.identifiers)
+            return Failure(reason, f"{name}: {value} is not in data.filters ({', '.join(allowed)})", decoded.identifiers)
+    return decoded
+
+
+SPLIT_PRIORITY = {"train": 0, "val": 1, "test": 2, UNLABELLED: 3}
+
+
+def _rows_to_keep(manifest: pd.DataFrame, mode: DedupeMode) -> pd.Series:
+    """With data.dedupe=drop, one copy of each identical film (sha256) survives: the first in train, else val, else test.
+
+    Copies across splits leak test data into training; copies within a split over-weight one film.
+    """
+    if mode == "report":
+        return pd.Series(True, index=manifest.index)
+    priority = manifest["split"].map(SPLIT_PRIORITY).fillna(9)
+    order = manifest.assign(_priority=priority).sort_values(["_priority"], kind="stable")
+    return ~order.duplicated("sha256").reindex(manifest.index)
 
 
 def _relative_message(exc: UnreadableImage, item: SourceItem) -> str:
@@ -188,6 +285,10 @@ def _assign_splits(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
 def _log_summary(result: IngestResult) -> None:
     splits = " / ".join(f"{name} {count}" for name, count in result.split_counts.items())
     log.info("ingest: %d images (%s) → %s", result.n_images, splits, result.manifest_path)
+    log.info("ingest: decoded %d files, %d came from the decode cache", result.n_decoded,
+             sum(result.split_counts.values()) + result.n_dropped_duplicates - result.n_decoded)
+    if result.n_dropped_duplicates:
+        log.info("ingest: dropped %d identical copies (data.dedupe=drop) → %s", result.n_dropped_duplicates, "data/interim/dropped_duplicates.csv")
     if result.quarantine_reasons:
         reasons = ", ".join(f"{reason} {count}" for reason, count in result.quarantine_reasons.items())
         log.info("ingest: %d files quarantined (%s) → %s", sum(result.quarantine_reasons.values()), reasons, result.quarantine_path)

@@ -29,6 +29,16 @@ class ProjectPaths:
         return self.interim / "quarantine.csv"
 
     @property
+    def dropped_duplicates(self) -> Path:
+        """Films removed as identical copies when data.dedupe is drop (empty otherwise)."""
+        return self.interim / "dropped_duplicates.csv"
+
+    @property
+    def decode_cache(self) -> Path:
+        """Decoded films by file content: a local speed-up, not versioned (ingest rebuilds it as needed)."""
+        return self.root / "data" / "cache"
+
+    @property
     def validation_dir(self) -> Path:
         return self.root / "reports" / "validation"
 

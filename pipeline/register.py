@@ -104,6 +104,7 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
                 python_model=str(package / "mlflow_model.py"),
                 artifacts={"checkpoint": str(paths.checkpoint)},
                 code_paths=[str(package)],
+                pip_requirements=serving_requirements(),
                 signature=infer_signature(example, output),
                 input_example=example,
                 model_config={"threshold": threshold},
@@ -111,6 +112,14 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
                 registered_model_name=config.registry.model_name,
             )
     return int(info.registered_model_version)
+
+
+def serving_requirements() -> list[str]:
+    """What the logged model needs where it is served: the versions installed here (the model ships its own code)."""
+    from importlib.metadata import version
+
+    packages = ("torch", "numpy", "pandas", "mlflow", "monai", "einops")
+    return [f"{name}=={version(name).split('+')[0]}" for name in packages]  # no local tag such as +cpu
 
 
 def _serving_package(folder: Path) -> Path:

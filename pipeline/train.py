@@ -91,6 +91,7 @@ def train_stage(paths: ProjectPaths, config: Config) -> TrainResult:
         run_id = run.info.run_id
         tracking.write_run_info(paths, run_id, experiment)
         _log_params(run_id, config)
+        _log_gate_summary(run_id, paths)
         mlflow.set_tags({
             "data.manifest_sha256": sha256_of(paths.manifest),
             "git.commit": tracking.git_commit(paths.root) or "unknown",
@@ -129,6 +130,8 @@ def _fit(data: TrainingData, config: Config, device, paths: ProjectPaths, run_id
         total_loss = 0.0
         for start in range(0, len(order), settings.batch_size):
             batch = order[start : start + settings.batch_size]
+            if len(batch) < 2:
+                continue  # a lone last image breaks batch norm (DenseNet, ResNet) and teaches nothing
             images = augment_batch(to_tensor(data.train_images[batch.numpy()]).to(device), config.augment, generator)
             loss = loss_fn(model(images), labels[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
@@ -179,6 +182,21 @@ def _save_checkpoint(path: Path, model, config: Config, best: dict) -> None:
     }
     with atomic_path(path) as tmp, tmp.open("wb") as handle:
         torch.save(state, handle)  # through a handle, the archive's inner name is fixed: same weights, same bytes
+
+
+def _log_gate_summary(run_id: str, paths: ProjectPaths) -> None:
+    """The data gate's counts (duplicates, leakage) belong to the run trained on that data."""
+    import json
+
+    import mlflow
+
+    if not paths.validation_summary.exists():
+        return
+    summary = json.loads(paths.validation_summary.read_text())
+    counts = {f"gate.duplicates.{k}": v for k, v in summary.get("duplicates", {}).items() if isinstance(v, int)}
+    counts["gate.patient_leakage"] = summary.get("patient_leakage", 0)
+    mlflow.log_metrics(counts, run_id=run_id)
+    mlflow.MlflowClient().log_artifact(run_id, str(paths.validation_summary), artifact_path="validation")
 
 
 def _log_params(run_id: str, config: Config) -> None:

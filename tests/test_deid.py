@@ -7,7 +7,7 @@ import pandas as pd
 from pipeline.deid import load_key, patient_hash
 from pipeline.demo_data import phi_values
 
-OUTPUT_DIRS = ("data/interim", "data/processed", "reports", "models", "mlartifacts")
+OUTPUT_DIRS = ("data/interim", "data/processed", "data/cache", "reports", "models", "mlartifacts")
 
 
 def _output_files(root):

@@ -43,11 +43,12 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Complete
 
 
 def _artefact_files(root: Path) -> set[str]:
+    """Every output file, but great-expectations' Data Docs pages (they embed run times and random ids)."""
     return {
         p.relative_to(root).as_posix()
         for folder in ARTEFACTS
         for p in (root / folder).rglob("*")
-        if p.is_file() and p.name != ".gitignore"
+        if p.is_file() and p.name != ".gitignore" and "data_docs" not in p.parts
     }
 
 

@@ -44,3 +44,31 @@ def test_failing_stage_ends_the_flow_with_its_message(prefect_engine, tmp_path):
     params.write_text("data:\n  sources: [nowhere]\n")
     with pytest.raises(CxrError, match="ingest: data.sources: 'nowhere' does not exist"):
         run_pipeline(params, [])
+
+
+def test_ingest_on_a_local_dask_cluster_gives_the_same_outputs(prefect_engine, tmp_path):
+    """prefect-dask's DaskTaskRunner with two worker processes: same manifest, store and quarantine as `cxr ingest`."""
+    import shutil
+
+    from flows.pipeline_flow import ingest_flow, task_runner_for
+    from pipeline.config import load_config
+    from pipeline.demo_data import write_demo_data
+    from pipeline.ingest import ingest_stage
+    from pipeline.paths import ProjectPaths
+
+    write_demo_data(tmp_path / "data" / "raw" / "demo", n=40, seed=5, size=64)
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n")
+    paths = ProjectPaths(tmp_path)
+    single = load_config(params, ["data.num_workers=1"])
+    ingest_stage(paths, single)
+    expected = [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine)]
+    shutil.rmtree(paths.decode_cache)
+
+    on_dask = load_config(params, ["orchestration.task_runner=dask", "orchestration.dask_workers=2",
+                                   "orchestration.ingest_shard_size=8"])
+    state = ingest_flow.with_options(task_runner=task_runner_for(on_dask))(paths, on_dask, return_state=True)
+
+    assert state.is_completed(), state.message
+    assert state.result().n_decoded == 43  # 40 films and the 3 broken ones, in 6 shards
+    assert [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine)] == expected

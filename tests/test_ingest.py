@@ -95,10 +95,10 @@ def test_npz_source_keeps_its_splits_and_carves_a_test_split(tmp_path):
 
 def test_kermany_layout_keeps_splits_and_reads_patient_from_file_name(tmp_path):
     root = tmp_path / "chest_xray"
-    for split in ("train", "val", "test"):
-        _write_png(root / split / "NORMAL" / f"IM-{split}-0001.png", 1)
-        _write_png(root / split / "PNEUMONIA" / f"person{split}1_bacteria_1.png", 2)
-        _write_png(root / split / "PNEUMONIA" / f"person{split}1_virus_2.png", 3)
+    for offset, split in enumerate(("train", "val", "test")):
+        _write_png(root / split / "NORMAL" / f"IM-{split}-0001.png", 10 * offset + 1)
+        _write_png(root / split / "PNEUMONIA" / f"person{split}1_bacteria_1.png", 10 * offset + 2)
+        _write_png(root / split / "PNEUMONIA" / f"person{split}1_virus_2.png", 10 * offset + 3)
     paths, config = _project(tmp_path, "[chest_xray]")
 
     result = ingest_stage(paths, config)

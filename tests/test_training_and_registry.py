@@ -45,6 +45,7 @@ def test_training_logs_params_and_per_epoch_metrics_to_mlflow(tiny_project):
     history = pd.read_csv(paths.history)
     assert list(history["epoch"]) == [1]
     assert run.data.tags["data.manifest_sha256"]
+    assert run.data.metrics["gate.duplicates.exact_cross_split"] == 0  # the data gate's counts travel with the run
 
 
 def test_metrics_json_has_the_keys_dvc_and_users_read(tiny_project):

@@ -1,0 +1,86 @@
+"""The decode cache, parallel decoding and de-duplication, on the demo set's real files."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import load_config
+from pipeline.demo_data import write_demo_data
+from pipeline.ingest import ingest_stage
+from pipeline.paths import ProjectPaths
+
+
+def _project(root, *overrides):
+    params = root / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n")
+    return ProjectPaths(root), load_config(params, list(overrides))
+
+
+def _outputs(paths):
+    return paths.manifest.read_bytes(), paths.images.read_bytes(), paths.quarantine.read_bytes()
+
+
+def test_reingest_after_adding_files_decodes_only_the_new_ones(tmp_path):
+    write_demo_data(tmp_path / "full", n=66, seed=3, size=64)
+    films = sorted(p for p in (tmp_path / "full").rglob("*") if p.is_file() and p.parent.name in ("normal", "pneumonia"))
+    new = films[::10]  # about 10 %
+    source = tmp_path / "data" / "raw" / "films"
+    for film in films:
+        if film not in new:
+            target = source / film.relative_to(tmp_path / "full")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(film, target)
+    paths, config = _project(tmp_path, "data.sources=[data/raw/films]", "data.num_workers=1")
+
+    first = ingest_stage(paths, config)
+    for film in new:
+        shutil.copy2(film, source / film.relative_to(tmp_path / "full"))
+    second = ingest_stage(paths, config)
+    third = ingest_stage(paths, config)
+
+    assert first.n_decoded == len(films) - len(new)
+    assert second.n_decoded == len(new)
+    assert third.n_decoded == 0
+    cached = _outputs(paths)
+    shutil.rmtree(paths.decode_cache)
+    ingest_stage(paths, config)
+    assert _outputs(paths) == cached  # served from the cache or decoded afresh: the same bytes
+
+
+def test_two_workers_give_the_same_outputs_as_one(tmp_path):
+    write_demo_data(tmp_path / "data" / "raw" / "demo", n=40, seed=4, size=64)
+    paths, config = _project(tmp_path, "data.sources=[data/raw/demo]", "data.num_workers=1")
+    ingest_stage(paths, config)
+    single = _outputs(paths)
+    shutil.rmtree(paths.decode_cache)
+    paths, config = _project(tmp_path, "data.sources=[data/raw/demo]", "data.num_workers=2")
+    result = ingest_stage(paths, config)
+    assert result.n_decoded > 0 and _outputs(paths) == single
+
+
+def test_dedupe_drop_keeps_one_copy_and_prefers_the_train_copy(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 28, 28), dtype=np.uint8)
+    val = images[:6].copy()
+    val[0] = images[6]  # a train film repeated in val (cross-split)
+    train = images[6:].copy()
+    train[1] = train[2]  # a copy within train
+    labels = (np.arange(6) % 2).reshape(-1, 1)
+    np.savez(tmp_path / "dups.npz", train_images=np.concatenate([train, images[:2] + 1]), train_labels=np.concatenate([labels, [[0], [1]]]),
+             val_images=val, val_labels=labels, test_images=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
+             test_labels=np.array([[0], [1], [0], [1]]))
+
+    paths, config = _project(tmp_path, "data.sources=[dups.npz]", "data.dedupe=report")
+    kept_all = ingest_stage(paths, config)
+    paths, config = _project(tmp_path, "data.sources=[dups.npz]")
+    dropped = ingest_stage(paths, config)
+
+    assert kept_all.n_images == 18 and kept_all.n_dropped_duplicates == 0
+    assert dropped.n_dropped_duplicates == 2 and dropped.n_images == 16
+    removed = pd.read_csv(paths.dropped_duplicates)
+    assert sorted(removed["split"]) == ["train", "val"]
+    assert removed.loc[removed["split"] == "val", "path"].tolist() == ["val/0"]  # the train copy survived
+    manifest = pd.read_parquet(paths.manifest)
+    assert not manifest["sha256"].duplicated().any()
+    assert np.load(paths.images).shape[0] == len(manifest)
