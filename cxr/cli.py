@@ -240,10 +240,17 @@ def _print_summary(root: Path) -> None:
     if not paths.metrics.exists():
         raise CxrError(f"{paths.metrics} is missing: run `cxr pipeline` or `dvc repro` first")
     test = json.loads(paths.metrics.read_text())["test"]
+    intervals = test.get("ci95", {})
+
+    def shown(name: str) -> str:
+        low, high = intervals.get(name) or (None, None)
+        ci = f" ({format_metric(low, 3)}-{format_metric(high, 3)})" if low is not None else ""
+        return f"{format_metric(test.get(name), 3)}{ci}"
+
     lines = [
         "",
-        f"Test AUC {format_metric(test.get('auc'), 3)}  accuracy {format_metric(test.get('accuracy'), 3)}  "
-        f"sensitivity {format_metric(test.get('sensitivity'), 3)}  specificity {format_metric(test.get('specificity'), 3)}  (n={test.get('n')})",
+        f"Test AUC {shown('auc')}  accuracy {shown('accuracy')}  sensitivity {shown('sensitivity')}  "
+        f"specificity {shown('specificity')}  (n={test.get('n')}; 95% bootstrap intervals)",
     ]
     if paths.registered.exists():
         reg = json.loads(paths.registered.read_text())
@@ -251,7 +258,7 @@ def _print_summary(root: Path) -> None:
         lines.append(f"Model:       {reg['model_name']} version {reg['version']} {state}: {reg['reason']}")
     lines += [
         f"Metrics:     {paths.metrics}",
-        f"Plots:       {paths.plots}/ (roc.png, confusion.png; `dvc plots show` renders the CSVs)",
+        f"Plots:       {paths.plots}/ (roc, pr, calibration, confusion PNGs; `dvc plots show` renders the CSVs)",
         f"Data gate:   {paths.validation_summary}",
         f"Quarantine:  {paths.quarantine}",
         f"Runs:        mlflow ui --backend-store-uri sqlite:///{root / 'mlruns.db'}  (then open http://127.0.0.1:5000)",

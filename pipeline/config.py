@@ -200,6 +200,9 @@ class TrainConfig(Section):
 
 class EvaluateConfig(Section):
     threshold: float = Field(0.5, gt=0, lt=1)
+    bootstrap_rounds: int = Field(1000, ge=100)  # resamples behind the 95 % confidence intervals
+    calibration_bins: int = Field(10, ge=2)
+    seed: int = 0
 
 
 class RegisterConfig(Section):

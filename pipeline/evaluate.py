@@ -35,8 +35,9 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     import torch
 
     from pipeline import tracking
-    from pipeline.metrics import binary_metrics
+    from pipeline.metrics import binary_metrics, bootstrap_intervals, calibration_table
     from pipeline.models import load_checkpoint, predict_proba
+    from pipeline.plots import write_evaluation_plots
 
     model, state = load_checkpoint(paths.checkpoint)
     if not paths.manifest.exists():
@@ -55,55 +56,27 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
         scored[split] = (truth, probability)
         metrics[split] = binary_metrics(truth, probability, config.evaluate.threshold)
 
-    plot_paths = _write_plots(paths, *scored["test"], config.evaluate.threshold, state["labels"])
+    truth, probability = scored["test"]
+    settings = config.evaluate
+    metrics["test"]["ci95"] = bootstrap_intervals(truth, probability, settings.threshold, settings.bootstrap_rounds, settings.seed)
+    calibration, metrics["test"]["ece"] = calibration_table(truth, probability, settings.calibration_bins)
+    plot_paths = write_evaluation_plots(paths.plots, truth, probability, settings.threshold, state["labels"], calibration)
     write_json(paths.metrics, metrics)
 
     tracking.connect(paths.root)
     run_id = tracking.read_run_id(paths)
-    flat = {f"{split}_{name}": value for split in ("val", "test") for name, value in metrics[split].items() if value is not None}
+    flat = {f"{split}_{name}": value for split in ("val", "test") for name, value in metrics[split].items()
+            if isinstance(value, (int, float))}
+    flat |= {f"test_{name}_ci95_{end}": bound for name, interval in metrics["test"]["ci95"].items() if interval
+             for end, bound in zip(("low", "high"), interval)}
     mlflow.log_metrics(flat, run_id=run_id)
     client = mlflow.MlflowClient()
     client.log_artifact(run_id, str(paths.metrics), artifact_path="evaluation")
     for plot in plot_paths:
         client.log_artifact(run_id, str(plot), artifact_path="evaluation")
     test = metrics["test"]
-    log.info("evaluate: test AUC %s, accuracy %.3f, sensitivity %.3f, specificity %.3f (n=%d) → %s",
-             format_metric(test["auc"]), test["accuracy"], test["sensitivity"] or 0, test["specificity"] or 0, test["n"], paths.metrics)
+    auc_ci = test["ci95"]["auc"] or [None, None]
+    log.info("evaluate: test AUC %s (95%% CI %s to %s), accuracy %.3f, sensitivity %.3f, specificity %.3f (n=%d) → %s",
+             format_metric(test["auc"]), format_metric(auc_ci[0], 3), format_metric(auc_ci[1], 3), test["accuracy"],
+             test["sensitivity"] or 0, test["specificity"] or 0, test["n"], paths.metrics)
     return EvaluateResult(metrics, paths.metrics, plot_paths)
-
-
-def _write_plots(paths: ProjectPaths, truth: np.ndarray, probability: np.ndarray, threshold: float, labels: list[str]) -> list[Path]:
-    """ROC curve and confusion pairs as CSV for `dvc plots`, and the same two as PNG for people and MLflow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay, roc_curve
-
-    fpr, tpr, thresholds = roc_curve(truth, probability) if len(np.unique(truth)) == 2 else ([0, 1], [0, 1], [1, 0])
-    with atomic_path(paths.roc) as tmp:
-        pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": np.minimum(thresholds, 1.0)}).to_csv(tmp, index=False, float_format="%.6f")
-    predicted = (probability >= threshold).astype(int)
-    names = np.array([labels[0], labels[-1]])
-    with atomic_path(paths.confusion) as tmp:
-        pd.DataFrame({"actual": names[truth], "predicted": names[predicted]}).to_csv(tmp, index=False)
-
-    roc_png, confusion_png = paths.plots / "roc.png", paths.plots / "confusion.png"
-    figure, axis = plt.subplots(figsize=(4.5, 4.5))
-    axis.plot(fpr, tpr, label="model")
-    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    axis.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)", title="ROC, test split")
-    axis.legend(loc="lower right")
-    figure.tight_layout()
-    with atomic_path(roc_png) as tmp:
-        figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-
-    figure, axis = plt.subplots(figsize=(4.5, 4.5))
-    ConfusionMatrixDisplay.from_predictions(names[truth], names[predicted], labels=list(names), ax=axis, colorbar=False)
-    axis.set_title(f"Confusion, test split (threshold {threshold:g})")
-    figure.tight_layout()
-    with atomic_path(confusion_png) as tmp:
-        figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    return [roc_png, confusion_png]

@@ -212,6 +212,9 @@ def _plan_checks(
                 column="original_side", min_value=size,
                 meta={"failure": f"{{n}} image(s) smaller than data.image_size ({size} px) before resizing: "
                                  "stored upsampled, so blurrier than the stored size suggests"}),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="bits_stored", min_value=8, max_value=16,
+                meta={"failure": "{n} image(s) with a bit depth outside 8 to 16 bits"}),
         ]),
         "modality_and_view": _CheckPlan(_modality_and_view(manifest), "image_id", "images", [
             # An unknown modality or view (PNG, JPEG, a header without it) is null here, and GX skips nulls.
@@ -350,8 +353,9 @@ def _near_duplicate_table(manifest: pd.DataFrame, near_pairs: pd.DataFrame) -> p
 
 
 def _original_sides(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Each image's shorter side as decoded, before resizing to data.image_size."""
-    return pd.DataFrame({"image_id": manifest["image_id"], "original_side": manifest[["width", "height"]].min(axis=1)})
+    """Each image's shorter side as decoded, before resizing to data.image_size, and its bit depth."""
+    return pd.DataFrame({"image_id": manifest["image_id"], "original_side": manifest[["width", "height"]].min(axis=1),
+                         "bits_stored": manifest["bits_stored"]})
 
 
 def _modality_and_view(manifest: pd.DataFrame) -> pd.DataFrame:

@@ -333,3 +333,10 @@ def test_pneumoniamnist_duplicates_within_train_and_between_train_and_val_are_co
         assert duplicates["near_within_split"] + duplicates["near_cross_split"] <= 10
     assert found["drop"]["exact_within_split"] == found["report"]["exact_within_split"]
     assert found["drop"]["dropped_by_dedupe"] >= found["drop"]["exact_within_split"] > 0
+
+
+def test_odd_bit_depth_fails_image_size(tmp_path: Path) -> None:
+    manifest = clean_manifest()
+    manifest.loc[3, "bits_stored"] = 32
+    gate = validate(manifest, tmp_path)
+    assert "1 image(s) with a bit depth outside 8 to 16 bits" in check(gate, "image_size").details

@@ -1,0 +1,52 @@
+"""Metrics with bootstrap intervals and calibration."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.metrics import binary_metrics, bootstrap_intervals, calibration_table
+
+
+def _scores(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 2, n)
+    return truth, np.clip(truth * 0.35 + rng.random(n) * 0.65, 0, 1)
+
+
+def test_intervals_contain_the_estimate_and_narrow_with_more_films():
+    truth, probability = _scores(100)
+    point = binary_metrics(truth, probability, 0.5)
+    small = bootstrap_intervals(truth, probability, 0.5, rounds=500)
+    for name in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1"):
+        low, high = small[name]
+        assert low <= point[name] <= high, name
+    big_truth, big_probability = _scores(2000)
+    big = bootstrap_intervals(big_truth, big_probability, 0.5, rounds=500)
+    assert big["auc"][1] - big["auc"][0] < (small["auc"][1] - small["auc"][0]) / 2
+
+
+def test_perfect_classifier_has_a_degenerate_interval_and_seed_fixes_it():
+    truth = np.array([0, 1] * 30)
+    perfect = truth * 0.9 + 0.05
+    assert bootstrap_intervals(truth, perfect, 0.5, rounds=200)["auc"] == [1.0, 1.0]
+    truth, probability = _scores(80)
+    assert bootstrap_intervals(truth, probability, 0.5, seed=3) == bootstrap_intervals(truth, probability, 0.5, seed=3)
+
+
+def test_calibration_error_is_zero_when_probabilities_match_frequencies_and_large_when_not():
+    truth = np.array([0] * 8 + [1] * 2 + [0] * 2 + [1] * 8)
+    calibrated = np.array([0.2] * 10 + [0.8] * 10)
+    rows, error = calibration_table(truth, calibrated, bins=10)
+    assert error == pytest.approx(0.0) and [row["count"] for row in rows] == [10, 10]
+    _, overconfident = calibration_table(truth, np.array([0.0] * 10 + [1.0] * 10), bins=10)
+    assert overconfident == pytest.approx(0.2)
+
+
+def test_metrics_json_carries_intervals_and_calibration(tiny_project):
+    test = json.loads(tiny_project.paths.metrics.read_text())["test"]
+    low, high = test["ci95"]["accuracy"]
+    assert low <= test["accuracy"] <= high
+    assert 0.0 <= test["ece"] <= 1.0
+    for name in ("roc", "pr", "calibration", "confusion"):
+        assert (tiny_project.paths.plots / f"{name}.csv").exists() and (tiny_project.paths.plots / f"{name}.png").exists()
