@@ -169,8 +169,9 @@ def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
 
 @app.command()
 def register(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
-    """Log the model to MLflow (pyfunc with signature and input example), register a new version of
-    register.model_name, and give it the `champion` alias if it beats the current champion on validation.
+    """Log the model to MLflow (pyfunc with signature, input example, tags and a model card), register a new
+    version of register.model_name, and score the current champion on the same films: the new version takes
+    `champion` unless it is worse by more than register.margin on register.gate_metric, else `challenger`.
     """
     from pipeline.register import register_stage
 
@@ -195,6 +196,51 @@ def pipeline(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
 
 
 @app.command()
+def promote(
+    version: Annotated[int, typer.Argument(help="The registered version to make champion.")],
+    reason: Annotated[str, typer.Option(help="Why; recorded in the registry's champion history.")] = "no reason given",
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Give VERSION of register.model_name the `champion` alias by hand (a person's decision, logged)."""
+
+    def action() -> None:
+        from pipeline import tracking
+        from pipeline.champion import promote as promote_version
+        from pipeline.config import load_config
+
+        import mlflow
+
+        config = load_config(params)
+        tracking.connect(params.resolve().parent)
+        promote_version(mlflow.MlflowClient(), config.registry.model_name, version, reason)
+        typer.echo(f"{config.registry.model_name} version {version} is @champion")
+
+    _run(action)
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why; recorded in the registry's champion history.")] = "no reason given",
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Move `champion` back to the version that held it before the current one (logged)."""
+
+    def action() -> None:
+        from pipeline import tracking
+        from pipeline.champion import rollback as roll_back
+        from pipeline.config import load_config
+
+        import mlflow
+
+        config = load_config(params)
+        tracking.connect(params.resolve().parent)
+        target = roll_back(mlflow.MlflowClient(), config.registry.model_name, reason)
+        typer.echo(f"{config.registry.model_name} version {target} is @champion again")
+
+    _run(action)
+
+
+@app.command()
 def summary(params: ParamsOption = Path("params.yaml")) -> None:
     """Print the latest test metrics, the registered model and where every result is."""
     _run(lambda: _print_summary(params.resolve().parent))
@@ -204,7 +250,11 @@ def summary(params: ParamsOption = Path("params.yaml")) -> None:
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files, or folders of them.")],
     model: Annotated[str | None, typer.Option("--model", help="MLflow model URI; default models:/<register.model_name>@champion.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help='Print a JSON list: {"path", "label", "probability"} or {"path", "error"} per file.')] = False,
+    as_json: Annotated[bool, typer.Option("--json", help='Print a JSON list: {"path", "label", "probability"} or {"path", "error"} per file '
+                                                         '(with --explain, also "explanation": the overlay PNG).')] = False,
+    explain: Annotated[Path | None, typer.Option("--explain", metavar="OUT_DIR", help="Also write a Grad-CAM overlay PNG per classified file into "
+                                                 "this folder (<stem>_gradcam.png): the film with a heat map of where the model found "
+                                                 "evidence for the positive class. Not available for vit models.")] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Classify chest X-ray files with a registered model. Exit status 0 when at least one file was classified."""
@@ -219,14 +269,17 @@ def predict(
         if not files:
             raise CxrError(f"no image files found in {', '.join(map(str, paths))}")
         uri = model or f"models:/{config.registry.model_name}@champion"
-        return predict_files(load_model(uri, root), files)
+        return predict_files(load_model(uri, root), files, explain_dir=explain)
 
     results = _run(action)
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
     else:
         for r in results:
-            typer.echo(f"{r.path}\t{r.label}\t{r.probability:.4f}" if r.error is None else f"{r.path}\terror: {r.error}")
+            if r.error is not None:
+                typer.echo(f"{r.path}\terror: {r.error}")
+            else:
+                typer.echo(f"{r.path}\t{r.label}\t{r.probability:.4f}" + (f"\t{r.explanation}" if r.explanation else ""))
     if not any(r.error is None for r in results):
         raise typer.Exit(1)
 

@@ -173,8 +173,18 @@ class ValidationConfig(Section):
 
 
 class RebalanceConfig(Section):
-    method: Literal["none", "random_over", "random_under"] = "random_over"
+    method: Literal["none", "random_over", "random_under", "combined"] = "random_over"
     seed: int = 0
+    # `combined` only: oversample the minority to over_ratio × the majority, then undersample the majority
+    # until minority/majority is under_ratio (1.0: equal counts).
+    over_ratio: float = Field(0.5, gt=0, le=1)
+    under_ratio: float = Field(1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _under_not_below_over(self) -> RebalanceConfig:
+        if self.under_ratio < self.over_ratio:
+            raise ValueError(f"under_ratio ({self.under_ratio}) must be at least over_ratio ({self.over_ratio})")
+        return self
 
 
 class AugmentConfig(Section):
@@ -184,17 +194,28 @@ class AugmentConfig(Section):
     scale: float = Field(0.08, ge=0, le=0.5)
     brightness: float = Field(0.1, ge=0, le=0.5)
     contrast: float = Field(0.15, ge=0, le=0.9)
+    crop_scale: float = Field(1.0, ge=0.3, le=1)  # random resized crop: smallest area kept (0.85: 85-100 %); 1 = off
+    gamma: float = Field(0.0, ge=0, le=0.9)  # gamma drawn from 1 ± this; 0 = off
+    hflip: bool = False  # off: anatomy is not left-right symmetric (heart on the left)
 
 
 class TrainConfig(Section):
     # The same names as pipeline.models.MODEL_NAMES (spelled out so reading params never imports torch).
     model: Literal["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru", "vit"] = "seed_cnn"
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=2)  # a batch of one breaks batch norm, so such batches are skipped
+    lr: float = Field(1e-3, gt=0)  # the peak learning rate when a schedule changes it
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # sgd: momentum 0.9, Nesterov
+    weight_decay: float = Field(0.0, ge=0)  # adam: L2 in the gradient; adamw: decoupled; 0 makes adamw = adam
+    schedule: Literal["constant", "cosine", "onecycle"] = "constant"  # stepped every batch
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)  # cosine and onecycle: share of all steps spent warming up
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    focal_gamma: float = Field(2.0, ge=0)  # focal only: 0 is cross-entropy
+    class_weights: Literal["none", "balanced"] = "none"  # balanced: inverse class frequency in the training index
+    early_stopping_patience: int = Field(0, ge=0)  # stop after this many epochs without a better val AUC; 0 = off
     dropout: float = Field(0.5, ge=0, lt=1)
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda trains in mixed precision (bfloat16, or float16 with loss scaling)
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 means one per core")
 
 
@@ -207,7 +228,11 @@ class EvaluateConfig(Section):
 
 class RegisterConfig(Section):
     model_name: str = Field("cxr-pneumonia", min_length=1)
-    metric: Literal["val_auc", "val_accuracy"] = "val_auc"
+    # The challenger takes `champion` unless it is worse than the champion, scored on the same films, by more
+    # than `margin` on this metric; otherwise it gets the `challenger` alias.
+    gate_metric: Literal["test_auc", "test_accuracy", "test_sensitivity", "test_specificity", "test_f1",
+                         "val_auc", "val_accuracy"] = "test_auc"
+    margin: float = Field(0.01, ge=0, le=1)
 
 
 class OrchestrationConfig(Section):

@@ -15,7 +15,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.errors import CxrError
-from pipeline.files import atomic_path, write_json
+from pipeline.files import atomic_path, sha256_of, write_json
 from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
 
@@ -42,11 +42,13 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     model, state = load_checkpoint(paths.checkpoint)
     if not paths.manifest.exists():
         raise CxrError(f"{paths.manifest} is missing: run `cxr ingest` first")
-    manifest = pd.read_parquet(paths.manifest, columns=["store_index", "split", "label_index"])
+    manifest = pd.read_parquet(paths.manifest, columns=["store_index", "image_id", "split", "label_index"])
     images = np.load(paths.images, mmap_mode="r")
     positive = len(state["labels"]) - 1
     scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    metrics: dict = {"threshold": config.evaluate.threshold, "model": state["model"], "best_epoch": state["epoch"]}
+    predictions: list[pd.DataFrame] = []
+    metrics: dict = {"threshold": config.evaluate.threshold, "model": state["model"], "best_epoch": state["epoch"],
+                     "checkpoint_sha256": sha256_of(paths.checkpoint)}
     for split in ("val", "test"):
         rows = manifest[manifest["split"] == split]
         if rows.empty:
@@ -54,6 +56,8 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
         probability = predict_proba(model, np.asarray(images[rows["store_index"].to_numpy()]), torch.device("cpu"))[:, positive]
         truth = (rows["label_index"].to_numpy() == positive).astype(int)
         scored[split] = (truth, probability)
+        predictions.append(pd.DataFrame({"split": split, "image_id": rows["image_id"].to_numpy(), "store_index": rows["store_index"].to_numpy(),
+                                         "truth": truth, "probability": probability, "threshold": config.evaluate.threshold}))
         metrics[split] = binary_metrics(truth, probability, config.evaluate.threshold)
 
     truth, probability = scored["test"]
@@ -62,6 +66,8 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     calibration, metrics["test"]["ece"] = calibration_table(truth, probability, settings.calibration_bins)
     plot_paths = write_evaluation_plots(paths.plots, truth, probability, settings.threshold, state["labels"], calibration)
     write_json(paths.metrics, metrics)
+    with atomic_path(paths.predictions) as tmp:
+        pd.concat(predictions).to_csv(tmp, index=False, float_format="%.6f")
 
     tracking.connect(paths.root)
     run_id = tracking.read_run_id(paths)

@@ -57,7 +57,7 @@ def bootstrap_intervals(
     samples: dict[str, list[float]] = {name: [] for name in INTERVAL_METRICS}
     for _ in range(rounds):
         pick = rng.integers(0, len(y_true), len(y_true))
-        scores = _fast_metrics(y_true[pick], probability[pick], threshold)
+        scores = threshold_metrics(y_true[pick], probability[pick], threshold)
         for name, value in scores.items():
             if value is not None:
                 samples[name].append(value)
@@ -68,8 +68,8 @@ def bootstrap_intervals(
     }
 
 
-def _fast_metrics(y_true: np.ndarray, probability: np.ndarray, threshold: float) -> dict[str, float | None]:
-    """binary_metrics without sklearn, for the thousand calls a bootstrap makes (AUC from ranks, ties averaged)."""
+def threshold_metrics(y_true: np.ndarray, probability: np.ndarray, threshold: float) -> dict[str, float | None]:
+    """binary_metrics without sklearn or counts, for the thousand calls a bootstrap makes (AUC from ranks, ties averaged)."""
     from scipy.stats import rankdata
 
     positives, negatives = int(y_true.sum()), int(len(y_true) - y_true.sum())

@@ -84,6 +84,11 @@ class ProjectPaths:
         return self.reports / "plots"
 
     @property
+    def predictions(self) -> Path:
+        """Val and test probabilities per film (image_id, no identifiers): the registry gate and audits read them."""
+        return self.reports / "predictions.csv"
+
+    @property
     def history(self) -> Path:
         return self.plots / "history.csv"
 

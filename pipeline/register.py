@@ -1,11 +1,14 @@
-"""Register: log the trained model to MLflow as a pyfunc and decide whether it becomes `champion`.
+"""Register: log the trained model to MLflow as a pyfunc, with its tags and model card, and run the champion gate.
 
-The alias moves only when the new version beats the current champion on `register.metric`
-(validation), or when there is no champion yet. Aliases, not the deprecated stages.
+The `champion` alias moves only when the new version is not worse than the champion, scored on the same
+films, by more than `register.margin` on `register.gate_metric` (pipeline.champion); otherwise the new
+version gets the `challenger` alias and the run says why. Aliases, not the deprecated stages.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 import tempfile
@@ -14,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.champion import CHALLENGER, current_champion, gate, move_champion
 from pipeline.config import Config
 from pipeline.errors import CxrError
-from pipeline.files import sha256_of, write_json
+from pipeline.files import atomic_path, read_json, sha256_of, write_json
 from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
 SERVING_MODULES = ("__init__.py", "errors.py", "models.py", "serving.py", "mlflow_model.py")
 
 
@@ -31,10 +34,11 @@ class RegisterResult:
     model_name: str
     version: int
     is_champion: bool
-    metric: str
-    value: float | None
+    gate_metric: str
+    value: float | None  # the new version's gate metric
     previous_champion: int | None
-    previous_value: float | None
+    previous_value: float | None  # the previous champion's, on the same films
+    difference_ci95: list[float] | None
     reason: str
 
 
@@ -50,11 +54,13 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
 
     if not paths.checkpoint.exists():
         raise CxrError(f"{paths.checkpoint} is missing: run `cxr train` first")
+    metrics = read_json(paths.metrics, "`cxr evaluate`")
+    if metrics.get("checkpoint_sha256") != sha256_of(paths.checkpoint):
+        raise CxrError(f"{paths.metrics} describes another checkpoint than {paths.checkpoint}: run `cxr evaluate` first")
     tracking.connect(paths.root)
     run_id = tracking.read_run_id(paths)
     client = mlflow.MlflowClient()
-    name, metric = config.registry.model_name, config.registry.metric
-    value = _run_metric(client, run_id, f"best_{metric}")
+    name, settings = config.registry.model_name, config.registry
 
     fingerprint = f"{sha256_of(paths.checkpoint)}@{config.evaluate.threshold}"
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}' and tags.fingerprint='{fingerprint}'")
@@ -63,25 +69,101 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
     else:
         version = _log_model(paths, config, run_id)
         client.set_model_version_tag(name, str(version), "fingerprint", fingerprint)
-    previous = _current_champion(client, name)
-    previous_value = _run_metric(client, previous.run_id, f"best_{metric}") if previous else None
+        _describe_version(client, paths, config, name, version, run_id, metrics)
+
+    previous = current_champion(client, name)
+    split, metric = settings.gate_metric.split("_", 1)
+    own_value = metrics[split].get(metric)
     if previous is None:
-        promote, reason = True, "no champion yet"
+        decision_value, previous_value, interval, promote, reason = own_value, None, None, True, "no champion yet"
     elif int(previous.version) == version:
-        promote, reason = True, "already champion"
-    elif value is not None and (previous_value is None or value > previous_value):
-        promote, reason = True, f"{metric} {value:.4f} beats champion v{previous.version} ({format_metric(previous_value)})"
+        decision_value, previous_value, interval, promote, reason = own_value, own_value, None, True, "already champion"
     else:
-        promote, reason = False, f"{metric} {format_metric(value)} does not beat champion v{previous.version} ({format_metric(previous_value)})"
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, str(version))
+        decision = gate(paths, settings.gate_metric, settings.margin, previous, config.evaluate.bootstrap_rounds, config.evaluate.seed)
+        decision_value, previous_value, interval = decision.challenger_value, decision.champion_value, decision.difference_ci95
+        promote, reason = decision.promote, decision.reason
+    if promote and (previous is None or int(previous.version) != version):
+        move_champion(client, name, version, reason)
+    elif not promote:
+        client.set_registered_model_alias(name, CHALLENGER, str(version))
     client.set_model_version_tag(name, str(version), "decision", reason)
 
-    result = RegisterResult(name, version, promote, metric, value,
-                            int(previous.version) if previous else None, previous_value, reason)
+    result = RegisterResult(name, version, promote, settings.gate_metric, decision_value,
+                            int(previous.version) if previous else None, previous_value, interval, reason)
     write_json(paths.registered, asdict(result))
-    log.info("register: %s version %d%s (%s)", name, version, " is now @champion" if promote else " registered, champion unchanged", reason)
+    state = " is now @champion" if promote else " is @challenger, champion unchanged"
+    log.info("register: %s version %d%s (%s)", name, version, state, reason)
     return result
+
+
+def _describe_version(client, paths: ProjectPaths, config: Config, name: str, version: int, run_id: str, metrics: dict) -> None:
+    """Tags an auditor filters on, and a model card (markdown) as the version's description and a run artifact."""
+    run = client.get_run(run_id)
+    params_hash = hashlib.sha256(json.dumps(config.as_flat_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    test = metrics["test"]
+    tags = {
+        "data.manifest_sha256": run.data.tags.get("data.manifest_sha256", "unknown"),
+        "git.commit": run.data.tags.get("git.commit", "unknown"),
+        "params_sha256": params_hash,
+        "threshold": str(config.evaluate.threshold),
+        "test_metrics": json.dumps({k: test.get(k) for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "n")}),
+        "test_ci95": json.dumps(test.get("ci95", {})),
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    card = model_card(paths, config, name, version, tags, metrics)
+    client.update_model_version(name, str(version), description=card)
+    with atomic_path(paths.models / "model_card.md") as tmp:
+        tmp.write_text(card)
+    client.log_artifact(run_id, str(paths.models / "model_card.md"), artifact_path="model")
+
+
+def model_card(paths: ProjectPaths, config: Config, name: str, version: int, tags: dict, metrics: dict) -> str:
+    """A short, honest model card: what the model is for, what it saw, how good it is, and its limits."""
+    import pandas as pd
+
+    manifest = pd.read_parquet(paths.manifest, columns=["split", "label", "format"])
+    counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
+    table = "\n".join(f"| {split} | " + " | ".join(str(int(counts.loc[split].get(label, 0))) for label in config.data.labels) + " |"
+                      for split in counts.index)
+    test, ci = metrics["test"], metrics["test"].get("ci95", {})
+
+    def line(metric: str) -> str:
+        interval = ci.get(metric) or [None, None]
+        return f"| {metric} | {format_metric(test.get(metric), 3)} | {format_metric(interval[0], 3)} to {format_metric(interval[1], 3)} |"
+
+    return f"""# Model card: {name} version {version}
+
+## Intended use
+Research and decision support: ranks chest radiographs by the probability of **{config.data.positive_label}**
+against **{config.data.labels[0]}**. Not a diagnosis; not cleared as a medical device. A clinician reads every film.
+
+## Model
+`{config.train.model}` at {config.data.image_size}x{config.data.image_size} px, 1 channel; decision threshold
+{config.evaluate.threshold} on the positive-class probability. Code commit `{tags["git.commit"]}`, params hash
+`{tags["params_sha256"]}`, data version (manifest sha256) `{tags["data.manifest_sha256"]}`.
+
+## Training data
+Sources: {", ".join(source.path for source in config.data.sources)}. Formats: {", ".join(sorted(set(manifest["format"])))}.
+Patient-level splits; identical copies handled by `data.dedupe: {config.data.dedupe}`.
+
+| split | {" | ".join(config.data.labels)} |
+|---|{"---|" * len(config.data.labels)}
+{table}
+
+## Test metrics (threshold {config.evaluate.threshold}, 95 % bootstrap intervals, n = {test.get("n")})
+| metric | value | 95 % CI |
+|---|---|---|
+{chr(10).join(line(metric) for metric in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1"))}
+
+Expected calibration error: {format_metric(test.get("ece"), 3)}.
+
+## Limits
+- Trained and tested on the sources above only; performance on other sites, devices, populations or views is unknown
+  until measured (external validation).
+- Small test splits give wide intervals: read the interval, not the point estimate.
+- Labels come from the sources' tables or folders and carry their errors.
+"""
 
 
 def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
@@ -132,17 +214,3 @@ def _serving_package(folder: Path) -> Path:
     for module in SERVING_MODULES:
         shutil.copy2(source / module, package / module)
     return package
-
-
-def _current_champion(client, name: str):  # -> ModelVersion | None
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def _run_metric(client, run_id: str, key: str) -> float | None:
-    value = client.get_run(run_id).data.metrics.get(key)
-    return None if value is None or np.isnan(value) else float(value)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 CXR = str(Path(sys.executable).parent / "cxr")
-COMMANDS = ["demo-data", "ingest", "validate", "rebalance", "train", "evaluate", "register", "pipeline", "predict", "summary"]
+COMMANDS = ["demo-data", "ingest", "validate", "rebalance", "train", "evaluate", "register", "pipeline", "predict", "promote", "rollback", "summary"]
 
 
 def cxr(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -27,7 +27,7 @@ def test_every_command_has_an_explaining_help(command):
     out = cxr(command, "--help")
     assert out.returncode == 0
     assert len(out.stdout.split()) > 25, out.stdout
-    if command not in ("demo-data", "predict", "summary"):
+    if command not in ("demo-data", "predict", "promote", "rollback", "summary"):
         assert "--set" in out.stdout
 
 

@@ -1,6 +1,10 @@
 """Train → evaluate → register on the tiny demo project, against a real SQLite MLflow store."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -11,9 +15,12 @@ import torch
 from pipeline.augment import augment_batch
 from pipeline.config import AugmentConfig, load_config
 from pipeline.models import build_model
+from pipeline.champion import rollback
 from pipeline.register import register_stage
 from pipeline.tracking import connect, read_run_id
 from pipeline.train import train_stage
+from pipeline.evaluate import evaluate_stage
+from pipeline.errors import CxrError
 from tests.conftest import run_all_stages, write_tiny_project
 
 
@@ -81,13 +88,40 @@ def test_weaker_challenger_does_not_take_champion(tmp_path):
 
     weak = load_config(project.params, ["train.lr=1e-9", "augment.enabled=false"])
     train_stage(project.paths, weak)
+    with pytest.raises(CxrError, match="run `cxr evaluate` first"):
+        register_stage(project.paths, weak)  # its metrics still describe the champion's checkpoint
+    evaluate_stage(project.paths, weak)
     result = register_stage(project.paths, weak)
 
-    assert not result.is_champion and "does not beat" in result.reason
+    assert not result.is_champion and "worse by more than" in result.reason
     assert result.value < result.previous_value
     assert client.get_model_version_by_alias("cxr-pneumonia", "champion").version == before
+    assert int(client.get_model_version_by_alias("cxr-pneumonia", "challenger").version) == result.version
+    assert result.difference_ci95[1] < 0  # worse on the same films, beyond chance
     assert len(client.search_model_versions("name='cxr-pneumonia'")) == 2
 
     again = register_stage(project.paths, weak)  # a rerun (or a retry) of the same run adds no version
     assert again.version == result.version
     assert len(client.search_model_versions("name='cxr-pneumonia'")) == 2
+
+    # A person can still overrule the gate, and undo that; both are recorded.
+    cli = [str(Path(sys.executable).parent / "cxr")]
+    promoted = subprocess.run([*cli, "promote", str(result.version), "--reason", "reader study"], cwd=project.paths.root,
+                              capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    assert promoted.returncode == 0, promoted.stderr
+    assert int(client.get_model_version_by_alias("cxr-pneumonia", "champion").version) == result.version
+    assert "challenger" not in client.get_registered_model("cxr-pneumonia").aliases
+    assert rollback(client, "cxr-pneumonia", "reader study withdrawn") == int(before)
+    history = json.loads(client.get_registered_model("cxr-pneumonia").tags["champion_history"])
+    assert [entry["version"] for entry in history] == [int(before), result.version, int(before)]
+    assert "reader study" in history[1]["reason"]
+
+
+def test_registered_version_carries_audit_tags_and_a_model_card(tiny_project):
+    connect(tiny_project.paths.root)
+    version = mlflow.MlflowClient().get_model_version("cxr-pneumonia", str(tiny_project.results["register"].version))
+    for tag in ("data.manifest_sha256", "git.commit", "params_sha256", "threshold", "test_metrics", "test_ci95", "decision"):
+        assert tag in version.tags, tag
+    assert json.loads(version.tags["test_ci95"])["auc"] is not None
+    assert version.description.startswith("# Model card: cxr-pneumonia version")
+    assert "## Limits" in version.description and "95 % CI" in version.description
