@@ -241,6 +241,25 @@ def rollback(
 
 
 @app.command()
+def deploy(params: ParamsOption = Path("params.yaml")) -> None:
+    """Serve the pipeline as a scheduled Prefect deployment (cxr-pipeline/<orchestration.deployment_name>,
+    cron orchestration.cron) until stopped. A scheduled run skips training when the data version and params are
+    unchanged since its last complete run. Needs a Prefect server: `prefect server start`, then
+    PREFECT_API_URL=http://127.0.0.1:4200/api cxr deploy.
+    """
+
+    def action() -> None:
+        from flows.pipeline_flow import deploy as serve_deployment
+        from pipeline.config import prefect_api_url
+
+        if not prefect_api_url():
+            raise CxrError("cxr deploy needs a Prefect server: run `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+        serve_deployment(params.resolve())
+
+    _run(action)
+
+
+@app.command()
 def summary(params: ParamsOption = Path("params.yaml")) -> None:
     """Print the latest test metrics, the registered model and where every result is."""
     _run(lambda: _print_summary(params.resolve().parent))

@@ -7,6 +7,7 @@ its task in a Failed state carrying the one-line message, so Prefect logs no tra
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.states import Failed, State  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.files import sha256_of, write_json  # noqa: E402
+from pipeline.metrics import format_metric  # noqa: E402
 from pipeline.errors import CxrError  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
 
@@ -60,7 +63,7 @@ def finish_task(paths: ProjectPaths, config: Config, plan, outcomes: list):
     return _as_state(lambda: finish_ingest(paths, config, plan, outcomes))
 
 
-@flow(name="ingest")
+@flow(name="ingest", validate_parameters=False)  # internal objects, not user input
 def ingest_flow(paths: ProjectPaths, config: Config):
     """Ingest fanned out: plan → decode (one task per shard of new files) → finish.
 
@@ -141,10 +144,12 @@ STAGES = (validate_task, rebalance_task, train_task, evaluate_task, register_tas
 
 
 @flow(name="cxr-pipeline")
-def cxr_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> dict | State:
+def cxr_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, skip_if_unchanged: bool = False) -> dict | State:
     """ingest → validate → rebalance → train → evaluate → register, reading params.yaml plus overrides.
 
-    Stops at the first failed stage; the flow run then ends Failed with that stage's message.
+    Stops at the first failed stage; the flow run then ends Failed with that stage's message. With
+    `skip_if_unchanged` (scheduled deployments), training is skipped when the ingested data and the params
+    are those of the last complete run.
     """
     params = Path(params_path).resolve()
     config = load_config(params, overrides or [])
@@ -153,20 +158,67 @@ def cxr_pipeline(params_path: str = "params.yaml", overrides: list[str] | None =
     results: dict[str, Any] = {}
     ingest = ingest_flow.with_options(task_runner=task_runner_for(config))
     for stage in (ingest, *STAGES):
+        if stage is rebalance_task and skip_if_unchanged and _unchanged_since_last_success(paths, config):
+            logger.info("data version and params unchanged since the last complete run: training skipped")
+            return {"skipped": True, "data_version": _fingerprint(paths, config)["data_version"]}
         state = stage(paths, config, return_state=True)
         if state.is_failed():
             logger.error("%s failed: %s", stage.name, state.message)
             return Failed(message=f"{stage.name}: {state.message}")
         results[stage.name] = state.result()
     registered = results["register"]
+    write_json(paths.last_success, _fingerprint(paths, config))
+    _publish_artifacts(paths, results)
     logger.info("done: test AUC %s; %s version %d%s", results["evaluate"].metrics["test"]["auc"],
                 registered.model_name, registered.version, " is @champion" if registered.is_champion else "")
     return {
+        "skipped": False,
         "run_id": results["train"].run_id,
         "test": results["evaluate"].metrics["test"],
         "model_version": registered.version,
         "champion": registered.is_champion,
     }
+
+
+def _fingerprint(paths: ProjectPaths, config: Config) -> dict:
+    return {"data_version": sha256_of(paths.manifest), "params_hash": config.params_hash()}
+
+
+def _unchanged_since_last_success(paths: ProjectPaths, config: Config) -> bool:
+    if not paths.last_success.exists():
+        return False
+    return json.loads(paths.last_success.read_text()) == _fingerprint(paths, config)
+
+
+def _publish_artifacts(paths: ProjectPaths, results: dict[str, Any]) -> None:
+    """What a person sees on the flow run's page in the Prefect UI: the metrics table and where the results are."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    test = results["evaluate"].metrics["test"]
+    registered = results["register"]
+    rows = []
+    for name in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1"):
+        interval = (test.get("ci95") or {}).get(name) or [None, None]
+        rows.append(f"| {name} | {format_metric(test.get(name), 3)} | {format_metric(interval[0], 3)} to {format_metric(interval[1], 3)} |")
+    markdown = "\n".join([
+        f"## Test metrics (n = {test.get('n')})", "", "| metric | value | 95 % CI |", "|---|---|---|", *rows, "",
+        f"**{registered.model_name} version {registered.version}**: "
+        f"{'@champion' if registered.is_champion else '@challenger'} ({registered.reason})",
+    ])
+    create_markdown_artifact(key="cxr-metrics", markdown=markdown, description="Test metrics of this run")
+    create_link_artifact(key="cxr-metrics-file", link=paths.metrics.resolve().as_uri(), description="reports/metrics.json")
+
+
+def deploy(params_path: Path) -> None:
+    """Serve the flow as a scheduled deployment (needs a Prefect server: PREFECT_API_URL); blocks until stopped."""
+    config = load_config(params_path)
+    settings = config.orchestration
+    cxr_pipeline.serve(
+        name=settings.deployment_name,
+        cron=settings.cron,
+        parameters={"params_path": str(params_path.resolve()), "overrides": [], "skip_if_unchanged": True},
+        description="Scheduled retraining: skips training when data and params are unchanged since the last complete run.",
+    )
 
 
 def run_pipeline(params_path: Path, overrides: list[str]) -> dict:

@@ -215,7 +215,7 @@ class TrainConfig(Section):
     early_stopping_patience: int = Field(0, ge=0)  # stop after this many epochs without a better val AUC; 0 = off
     dropout: float = Field(0.5, ge=0, lt=1)
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda trains in mixed precision (bfloat16, or float16 with loss scaling)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # on CUDA, training runs in mixed precision (bfloat16, or float16 with loss scaling)
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 means one per core")
 
 
@@ -242,6 +242,8 @@ class OrchestrationConfig(Section):
     dask_address: str | None = None  # an existing Dask scheduler, e.g. tcp://scheduler:8786; none: a local cluster
     dask_workers: int = Field(2, ge=1)  # workers of the local Dask cluster
     ingest_shard_size: int = Field(256, ge=1)  # files per decode task on Dask
+    deployment_name: str = Field("scheduled", min_length=1)  # `cxr deploy` serves cxr-pipeline/<this>
+    cron: str = "0 2 * * *"  # when the deployment runs (here: every night at 02:00)
 
 
 class TrackingConfig(Section):
@@ -267,6 +269,14 @@ class Config(Section):
         if self.train.model == "vit" and self.data.image_size % 2:
             raise ValueError(f"train.model vit needs an even data.image_size (patches must tile it), got {self.data.image_size}")
         return self
+
+    def params_hash(self) -> str:
+        """A short hash of every param that shapes a model (orchestration only changes how runs are scheduled)."""
+        import hashlib
+        import json
+
+        shaping = {k: v for k, v in self.as_flat_dict().items() if not k.startswith("orchestration.")}
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def as_flat_dict(self) -> dict[str, Any]:
         """`section.key -> value` pairs, the form MLflow params and `--set` use."""
@@ -387,6 +397,11 @@ def artifact_location(root: Path) -> str | None:
     if tracking_uri(root) != default_tracking_uri(root):
         return None
     return (root / "mlartifacts").resolve().as_uri()
+
+
+def prefect_api_url() -> str | None:
+    """A Prefect server to use; without one, Prefect runs flows in its local (ephemeral) mode."""
+    return os.environ.get("PREFECT_API_URL") or None
 
 
 def deid_key_file() -> Path:

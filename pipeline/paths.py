@@ -68,6 +68,11 @@ class ProjectPaths:
         return self.models / "run.json"
 
     @property
+    def last_success(self) -> Path:
+        """Data version and params hash of the last complete scheduled run, so an unchanged one is skipped."""
+        return self.models / "last_success.json"
+
+    @property
     def registered(self) -> Path:
         return self.models / "registered.json"
 

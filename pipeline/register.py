@@ -7,7 +7,6 @@ version gets the `challenger` alias and the run says why. Aliases, not the depre
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -99,7 +98,7 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
 def _describe_version(client, paths: ProjectPaths, config: Config, name: str, version: int, run_id: str, metrics: dict) -> None:
     """Tags an auditor filters on, and a model card (markdown) as the version's description and a run artifact."""
     run = client.get_run(run_id)
-    params_hash = hashlib.sha256(json.dumps(config.as_flat_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    params_hash = config.params_hash()
     test = metrics["test"]
     tags = {
         "data.manifest_sha256": run.data.tags.get("data.manifest_sha256", "unknown"),

@@ -1,0 +1,93 @@
+"""A scheduled deployment against a real local Prefect server: deploy, trigger, check the registry, skip a rerun."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline.tracking import connect
+from tests.conftest import write_tiny_project
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+TRIGGER = """
+import json, sys
+from prefect.deployments import run_deployment
+run = run_deployment("cxr-pipeline/scheduled", timeout=600)
+print(json.dumps({"state": run.state.type.value, "message": run.state.message}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early:\n{process.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer in {seconds} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def test_scheduled_deployment_trains_registers_then_skips_unchanged_data(tmp_path):
+    params = write_tiny_project(tmp_path / "project")
+    port = _free_port()
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    served = None
+    try:
+        _wait(f"http://127.0.0.1:{port}/api/health", server)
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        served = subprocess.Popen([str(BIN / "cxr"), "deploy", "--params", str(params)], cwd=params.parent, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the deployment exists once `cxr deploy` has registered it
+            listed = subprocess.run([str(BIN / "prefect"), "deployment", "ls"], env=env, capture_output=True, text=True)
+            if "scheduled" in listed.stdout:
+                break
+            assert served.poll() is None, served.stdout.read()[-3000:]
+            time.sleep(2)
+
+        runs = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", TRIGGER], env=env, capture_output=True, text=True, timeout=900)
+            assert out.returncode == 0, out.stderr[-3000:]
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    finally:
+        if served is not None:
+            _stop(served)
+        _stop(server)
+
+    assert [run["state"] for run in runs] == ["COMPLETED", "COMPLETED"], runs
+    connect(params.parent)
+    client = mlflow.MlflowClient()
+    assert int(client.get_model_version_by_alias("cxr-pneumonia", "champion").version) == 1
+    assert len(client.search_model_versions("name='cxr-pneumonia'")) == 1  # the second, unchanged run trained nothing
+    assert (params.parent / "models" / "last_success.json").exists()
