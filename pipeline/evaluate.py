@@ -22,6 +22,9 @@ from pipeline.paths import ProjectPaths
 log = logging.getLogger(__name__)
 
 
+SUBGROUP_COLUMNS = ("source", "view", "modality", "format")  # manifest columns a model may do better or worse on
+
+
 @dataclass(frozen=True)
 class EvaluateResult:
     metrics: dict
@@ -42,7 +45,7 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     model, state = load_checkpoint(paths.checkpoint)
     if not paths.manifest.exists():
         raise CxrError(f"{paths.manifest} is missing: run `cxr ingest` first")
-    manifest = pd.read_parquet(paths.manifest, columns=["store_index", "image_id", "split", "label_index"])
+    manifest = pd.read_parquet(paths.manifest, columns=["store_index", "image_id", "split", "label_index", *SUBGROUP_COLUMNS])
     images = np.load(paths.images, mmap_mode="r")
     positive = len(state["labels"]) - 1
     scored: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -64,6 +67,7 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     settings = config.evaluate
     metrics["test"]["ci95"] = bootstrap_intervals(truth, probability, settings.threshold, settings.bootstrap_rounds, settings.seed)
     calibration, metrics["test"]["ece"] = calibration_table(truth, probability, settings.calibration_bins)
+    metrics["test"]["subgroups"] = _subgroup_metrics(manifest[manifest["split"] == "test"], truth, probability, settings.threshold)
     plot_paths = write_evaluation_plots(paths.plots, truth, probability, settings.threshold, state["labels"], calibration)
     write_json(paths.metrics, metrics)
     with atomic_path(paths.predictions) as tmp:
@@ -86,3 +90,21 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
              format_metric(test["auc"]), format_metric(auc_ci[0], 3), format_metric(auc_ci[1], 3), test["accuracy"],
              test["sensitivity"] or 0, test["specificity"] or 0, test["n"], paths.metrics)
     return EvaluateResult(metrics, paths.metrics, plot_paths)
+
+
+def _subgroup_metrics(test_rows: pd.DataFrame, truth: np.ndarray, probability: np.ndarray, threshold: float) -> dict:
+    """Test metrics per value of each subgroup column that holds two or more values (e.g. PA vs AP films)."""
+    from pipeline.metrics import binary_metrics
+
+    groups: dict = {}
+    for column in SUBGROUP_COLUMNS:
+        values = test_rows[column].fillna("").astype(str).to_numpy()
+        kinds = sorted(set(values) - {""})
+        if len(kinds) < 2:
+            continue
+        groups[column] = {}
+        for kind in kinds:
+            inside = values == kind
+            scores = binary_metrics(truth[inside], probability[inside], threshold)
+            groups[column][kind] = {k: scores[k] for k in ("n", "auc", "accuracy", "sensitivity", "specificity")}
+    return groups

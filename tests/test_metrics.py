@@ -50,3 +50,9 @@ def test_metrics_json_carries_intervals_and_calibration(tiny_project):
     assert 0.0 <= test["ece"] <= 1.0
     for name in ("roc", "pr", "calibration", "confusion"):
         assert (tiny_project.paths.plots / f"{name}.csv").exists() and (tiny_project.paths.plots / f"{name}.png").exists()
+
+
+def test_metrics_json_has_subgroups_by_format_and_view(tiny_project):
+    subgroups = json.loads(tiny_project.paths.metrics.read_text())["test"]["subgroups"]
+    assert set(subgroups["format"]) <= {"dicom", "png", "jpeg"} and len(subgroups["format"]) >= 2
+    assert sum(group["n"] for group in subgroups["format"].values()) == json.loads(tiny_project.paths.metrics.read_text())["test"]["n"]
