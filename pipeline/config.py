@@ -95,11 +95,7 @@ class DataConfig(Section):
     @field_validator("sources", mode="before")
     @classmethod
     def _paths_as_specs(cls, sources: Any) -> Any:
-        if isinstance(sources, (str, dict)):
-            sources = [sources]
-        if isinstance(sources, list):
-            return [{"path": item} if isinstance(item, str) else item for item in sources]
-        return sources
+        return _as_source_specs(sources)
 
     @field_validator("labels")
     @classmethod
@@ -219,11 +215,28 @@ class TrainConfig(Section):
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 means one per core")
 
 
+def _as_source_specs(sources: Any) -> Any:
+    """A bare path (or a list of them) is shorthand for `{path: ...}` source entries."""
+    if isinstance(sources, (str, dict)):
+        sources = [sources]
+    if isinstance(sources, list):
+        return [{"path": item} if isinstance(item, str) else item for item in sources]
+    return sources
+
+
 class EvaluateConfig(Section):
     threshold: float = Field(0.5, gt=0, lt=1)
+    # Other labelled sources (same forms as data.sources) scored as external validation: never trained on,
+    # reported beside the internal test split with the shift between them.
+    external: list[SourceSpec] = Field(default_factory=list)
     bootstrap_rounds: int = Field(1000, ge=100)  # resamples behind the 95 % confidence intervals
     calibration_bins: int = Field(10, ge=2)
     seed: int = 0
+
+    @field_validator("external", mode="before")
+    @classmethod
+    def _paths_as_specs(cls, sources: Any) -> Any:
+        return _as_source_specs(sources)
 
 
 class RegisterConfig(Section):

@@ -68,6 +68,9 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     metrics["test"]["ci95"] = bootstrap_intervals(truth, probability, settings.threshold, settings.bootstrap_rounds, settings.seed)
     calibration, metrics["test"]["ece"] = calibration_table(truth, probability, settings.calibration_bins)
     metrics["test"]["subgroups"] = _subgroup_metrics(manifest[manifest["split"] == "test"], truth, probability, settings.threshold)
+    if settings.external:
+        metrics["external"] = {spec.path: _external_metrics(paths, config, spec, model, state, metrics["test"])
+                               for spec in settings.external}
     plot_paths = write_evaluation_plots(paths.plots, truth, probability, settings.threshold, state["labels"], calibration)
     write_json(paths.metrics, metrics)
     with atomic_path(paths.predictions) as tmp:
@@ -108,3 +111,46 @@ def _subgroup_metrics(test_rows: pd.DataFrame, truth: np.ndarray, probability: n
             scores = binary_metrics(truth[inside], probability[inside], threshold)
             groups[column][kind] = {k: scores[k] for k in ("n", "auc", "accuracy", "sensitivity", "specificity")}
     return groups
+
+
+def _external_metrics(paths: ProjectPaths, config: Config, spec, model, state: dict, internal: dict) -> dict:
+    """Score a labelled source the model never saw, decoded exactly as at ingest, and its shift from the internal test."""
+    import torch
+
+    from pipeline.decode_cache import Decoded
+    from pipeline.ingest import decode_items
+    from pipeline.metrics import binary_metrics, bootstrap_intervals
+    from pipeline.models import predict_proba
+    from pipeline.sources import read_source
+
+    items, rejected = read_source(spec, paths.root, config.data)
+    labelled = [item for item in items if item.label is not None]
+    size = int(state["image_size"])
+    files = [item for item in labelled if item.file is not None]
+    decoded = dict(zip(map(id, files), decode_items(files, size, config.data.num_workers)))
+    images, truth = [], []
+    for item in labelled:
+        outcome = decoded.get(id(item))
+        if item.file is None:
+            from pipeline.imaging import resize
+
+            images.append(resize(np.asarray(item.pixels, dtype=np.uint8), size))
+        elif isinstance(outcome, Decoded):
+            images.append(outcome.pixels)
+        else:
+            continue
+        truth.append(int(item.label == state["labels"][-1]))
+    if not images:
+        raise CxrError(f"evaluate.external: none of the films in '{spec.path}' could be read")
+    truth = np.array(truth)
+    probability = predict_proba(model, np.stack(images), torch.device("cpu"))[:, -1]
+    scores = binary_metrics(truth, probability, config.evaluate.threshold)
+    scores["ci95"] = bootstrap_intervals(truth, probability, config.evaluate.threshold, config.evaluate.bootstrap_rounds, config.evaluate.seed)
+    scores["unreadable"] = len(labelled) - len(images) + len(rejected)
+    scores["shift_from_internal_test"] = {
+        name: (scores[name] - internal[name]) if scores[name] is not None and internal.get(name) is not None else None
+        for name in ("auc", "accuracy", "sensitivity", "specificity")
+    }
+    log.info("evaluate: external %s: AUC %s (internal test %s), n=%d", spec.path, format_metric(scores["auc"]),
+             format_metric(internal.get("auc")), scores["n"])
+    return scores
