@@ -69,7 +69,7 @@ def test_flat_dict_has_every_leaf_for_mlflow(tmp_path):
     flat = load_config(tmp_path / "params.yaml").as_flat_dict()
     assert flat["train.model"] == "seed_cnn"
     assert flat["data.split.test"] == 0.15
-    assert flat["register.metric"] == "val_auc"
+    assert flat["register.gate_metric"] == "test_auc"
 
 
 def test_more_than_two_labels_is_refused_for_now(tmp_path):
