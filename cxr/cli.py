@@ -179,6 +179,21 @@ def register(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
 
 
 @app.command()
+def report(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
+    """Write reports/report.html: one self-contained page (no server, no network) with the data summary and gate
+    results, test metrics with 95 % intervals, subgroups and external sites, the plots, Grad-CAM overlays of true and
+    false positives and negatives, and the registry decision.
+    """
+
+    def body(paths: Any, config: Any) -> None:
+        from pipeline.report import report_stage
+
+        typer.echo(f"report: {report_stage(paths, config)}", err=True)
+
+    _stage(params, set_, body)
+
+
+@app.command()
 def pipeline(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
     """Run every stage, ingest to register, as one Prefect flow run (local mode: no server needed;
     set PREFECT_API_URL to use a Prefect server). Prints where the results are.
@@ -329,6 +344,7 @@ def _print_summary(root: Path) -> None:
         state = "is @champion" if reg["is_champion"] else "registered (champion unchanged)"
         lines.append(f"Model:       {reg['model_name']} version {reg['version']} {state}: {reg['reason']}")
     lines += [
+        f"Report:      {paths.reports / 'report.html'} (open in a browser; self-contained)",
         f"Metrics:     {paths.metrics}",
         f"Plots:       {paths.plots}/ (roc, pr, calibration, confusion PNGs; `dvc plots show` renders the CSVs)",
         f"Data gate:   {paths.validation_summary}",

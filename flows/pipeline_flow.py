@@ -140,7 +140,14 @@ def register_task(paths: ProjectPaths, config: Config):
     return _as_state(lambda: register_stage(paths, config))
 
 
-STAGES = (validate_task, rebalance_task, train_task, evaluate_task, register_task)
+@task(name="report")
+def report_task(paths: ProjectPaths, config: Config):
+    from pipeline.report import report_stage
+
+    return _as_state(lambda: report_stage(paths, config))
+
+
+STAGES = (validate_task, rebalance_task, train_task, evaluate_task, register_task, report_task)
 
 
 @flow(name="cxr-pipeline")
@@ -206,7 +213,7 @@ def _publish_artifacts(paths: ProjectPaths, results: dict[str, Any]) -> None:
         f"{'@champion' if registered.is_champion else '@challenger'} ({registered.reason})",
     ])
     create_markdown_artifact(key="cxr-metrics", markdown=markdown, description="Test metrics of this run")
-    create_link_artifact(key="cxr-metrics-file", link=paths.metrics.resolve().as_uri(), description="reports/metrics.json")
+    create_link_artifact(key="cxr-report", link=results["report"].resolve().as_uri(), description="reports/report.html")
 
 
 def deploy(params_path: Path) -> None:
