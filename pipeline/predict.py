@@ -2,6 +2,7 @@
 
 Each file is decoded and resized exactly as at ingest, to the size recorded in the model's
 metadata; a file that cannot be read gets its own error entry and the others go on.
+With `explain_dir`, each classified file also gets a Grad-CAM overlay PNG (see `pipeline.explain`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import CxrError
+from pipeline.explain import grad_cam, network_to_explain, overlay_paths, write_overlay
 from pipeline.imaging import UnreadableImage, decode_file, looks_like_image, resize
 
 
@@ -21,11 +23,15 @@ class Prediction:
     label: str | None = None
     probability: float | None = None
     error: str | None = None
+    explanation: str | None = None  # the Grad-CAM overlay PNG, when one was asked for
 
     def as_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "label": self.label, "probability": self.probability}
+        result = {"path": self.path, "label": self.label, "probability": self.probability}
+        if self.explanation is not None:
+            result["explanation"] = self.explanation
+        return result
 
 
 def expand_inputs(inputs: list[Path]) -> list[Path]:
@@ -53,9 +59,15 @@ def load_model(model_uri: str, root: Path):  # -> mlflow.pyfunc.PyFuncModel
         raise CxrError(f"could not load model '{model_uri}' ({str(exc).splitlines()[0]}); run `cxr pipeline` to register one, or pass --model") from None
 
 
-def predict_files(model, files: list[Path], batch_size: int = 64) -> list[Prediction]:
-    """Decode, resize to the model's recorded size, predict in batches; keep input order."""
+def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: Path | None = None) -> list[Prediction]:
+    """Decode, resize to the model's recorded size, predict in batches; keep input order.
+
+    With `explain_dir`, write a Grad-CAM overlay of the positive class there for each classified file; without it
+    nothing extra runs. A model that cannot be explained (vit) fails here, before any prediction.
+    """
     size = int(model.metadata.metadata["image_size"])
+    network = network_to_explain(model) if explain_dir is not None else None
+    positive = model.metadata.metadata["labels"][-1]
     results: list[Prediction | None] = [None] * len(files)
     ready: list[tuple[int, np.ndarray]] = []
     for position, file in enumerate(files):
@@ -63,9 +75,27 @@ def predict_files(model, files: list[Path], batch_size: int = 64) -> list[Predic
             ready.append((position, resize(decode_file(file).pixels, size)))
         except UnreadableImage as exc:
             results[position] = Prediction(path=str(file), error=f"{exc.reason}: {exc}")
+    overlays = overlay_paths([files[position] for position, _ in ready], explain_dir) if explain_dir is not None else []
     for start in range(0, len(ready), batch_size):
         chunk = ready[start : start + batch_size]
-        table = model.predict(np.stack([pixels for _, pixels in chunk]))
-        for (position, _), probability, label in zip(chunk, table["probability"], table["label"]):
-            results[position] = Prediction(path=str(files[position]), label=str(label), probability=round(float(probability), 6))
+        images = np.stack([pixels for _, pixels in chunk])
+        table = model.predict(images)
+        explanations: list[str | None] = [None] * len(chunk)
+        if network is not None:
+            explanations = write_explanations(network, images, table, overlays[start : start + len(chunk)], positive)
+        for (position, _), probability, label, explanation in zip(chunk, table["probability"], table["label"], explanations):
+            results[position] = Prediction(path=str(files[position]), label=str(label), probability=round(float(probability), 6),
+                                           explanation=explanation)
     return [r for r in results if r is not None]
+
+
+def write_explanations(network, images: np.ndarray, table, paths: list[Path], positive: str) -> list[str]:
+    """One Grad-CAM overlay per image (evidence for the positive class), captioned with the prediction; returns the paths.
+
+    An all-zero map is said in the caption: an overlay without colour could otherwise pass for a failure.
+    """
+    heat_maps = grad_cam(network, images)
+    for image, heat, probability, label, path in zip(images, heat_maps, table["probability"], table["label"], paths):
+        evidence = f"evidence for {positive}" if heat.max() > 0 else f"no evidence for {positive}"
+        write_overlay(image, heat, path, caption=f"{label}  P({positive}) {float(probability):.3f}\nGrad-CAM: {evidence}")
+    return [str(path) for path in paths]
