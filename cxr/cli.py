@@ -210,6 +210,18 @@ def pipeline(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
     _run(action)
 
 
+def _registry(params: Path):  # -> tuple[MlflowClient, str]
+    """The project's MLflow client and registered model name, for commands that move aliases by hand."""
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.config import load_config
+
+    config = load_config(params)
+    tracking.connect(params.resolve().parent)
+    return mlflow.MlflowClient(), config.registry.model_name
+
+
 @app.command()
 def promote(
     version: Annotated[int, typer.Argument(help="The registered version to make champion.")],
@@ -219,16 +231,11 @@ def promote(
     """Give VERSION of register.model_name the `champion` alias by hand (a person's decision, logged)."""
 
     def action() -> None:
-        from pipeline import tracking
         from pipeline.champion import promote as promote_version
-        from pipeline.config import load_config
 
-        import mlflow
-
-        config = load_config(params)
-        tracking.connect(params.resolve().parent)
-        promote_version(mlflow.MlflowClient(), config.registry.model_name, version, reason)
-        typer.echo(f"{config.registry.model_name} version {version} is @champion")
+        client, name = _registry(params)
+        promote_version(client, name, version, reason)
+        typer.echo(f"{name} version {version} is @champion")
 
     _run(action)
 
@@ -241,16 +248,10 @@ def rollback(
     """Move `champion` back to the version that held it before the current one (logged)."""
 
     def action() -> None:
-        from pipeline import tracking
         from pipeline.champion import rollback as roll_back
-        from pipeline.config import load_config
 
-        import mlflow
-
-        config = load_config(params)
-        tracking.connect(params.resolve().parent)
-        target = roll_back(mlflow.MlflowClient(), config.registry.model_name, reason)
-        typer.echo(f"{config.registry.model_name} version {target} is @champion again")
+        client, name = _registry(params)
+        typer.echo(f"{name} version {roll_back(client, name, reason)} is @champion again")
 
     _run(action)
 

@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import os
 import secrets
-from pathlib import Path
 
 from pipeline import config
 

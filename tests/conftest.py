@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import Config
+from pipeline.paths import ProjectPaths
+
 # A fixed test key: tests never create ~/.config/cxr/deid.key, and hashes are stable across a session.
 os.environ.setdefault("CXR_DEID_KEY", "test-deid-key")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -46,8 +49,8 @@ def write_tiny_project(root: Path, n: int = 80, seed: int = 0) -> Path:
 @dataclass
 class TinyProject:
     params: Path
-    paths: "ProjectPaths"  # noqa: F821
-    config: "Config"  # noqa: F821
+    paths: ProjectPaths
+    config: Config
     results: dict
 
 

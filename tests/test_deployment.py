@@ -2,11 +2,9 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -14,6 +12,7 @@ import pytest
 
 from pipeline.tracking import connect
 from tests.conftest import write_tiny_project
+from tests.servers import free_port, stop, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -26,36 +25,9 @@ print(json.dumps({"state": run.state.type.value, "message": run.state.message}))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early:\n{process.stdout.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{url} did not answer in {seconds} s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
 def test_scheduled_deployment_trains_registers_then_skips_unchanged_data(tmp_path):
     params = write_tiny_project(tmp_path / "project")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -63,7 +35,7 @@ def test_scheduled_deployment_trains_registers_then_skips_unchanged_data(tmp_pat
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     served = None
     try:
-        _wait(f"http://127.0.0.1:{port}/api/health", server)
+        wait_for(f"http://127.0.0.1:{port}/api/health", server)
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
         served = subprocess.Popen([str(BIN / "cxr"), "deploy", "--params", str(params)], cwd=params.parent, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -82,8 +54,8 @@ def test_scheduled_deployment_trains_registers_then_skips_unchanged_data(tmp_pat
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     finally:
         if served is not None:
-            _stop(served)
-        _stop(server)
+            stop(served)
+        stop(server)
 
     assert [run["state"] for run in runs] == ["COMPLETED", "COMPLETED"], runs
     connect(params.parent)

@@ -1,6 +1,5 @@
 """Decoding real DICOM files (pydicom's own test set) and PNG/JPEG into 8-bit grey images."""
 
-from pathlib import Path
 
 import numpy as np
 import pydicom

@@ -60,8 +60,6 @@ def test_metrics_json_has_subgroups_by_format_and_view(tiny_project):
 
 def test_external_validation_scores_another_source_and_reports_the_shift(tiny_project, tmp_path):
     """A second demo set (another seed: other synthetic patients) scored as an external site."""
-    import shutil
-
     from pipeline.config import load_config
     from pipeline.demo_data import write_demo_data
     from pipeline.evaluate import evaluate_stage

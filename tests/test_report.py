@@ -3,7 +3,6 @@
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -11,6 +10,7 @@ import urllib.request
 import pytest
 
 from pipeline.report import report_stage
+from tests.servers import free_port, stop
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -30,17 +30,11 @@ def test_report_is_self_contained_and_complete(report):
     assert "95 % bootstrap CI" in page and "@champion" in page
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _evaluate_in_page(url: str, expression: str, tmp_path) -> object:
     """Open `url` in headless Chromium and evaluate `expression` there over the DevTools protocol."""
     from websockets.sync.client import connect
 
-    port = _free_port()
+    port = free_port()
     browser = subprocess.Popen(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -73,8 +67,7 @@ def _evaluate_in_page(url: str, expression: str, tmp_path) -> object:
             answer = call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, 3)
             return answer["result"]["result"]["value"]
     finally:
-        browser.terminate()
-        browser.wait(timeout=30)
+        stop(browser)
 
 
 @pytest.mark.slow

@@ -2,10 +2,8 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -13,33 +11,15 @@ import numpy as np
 import pytest
 
 from pipeline.config import default_tracking_uri
+from tests.servers import free_port, stop, wait_for
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited: {process.stdout.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"{url} did not answer within {seconds} s")
-
-
 def test_mlflow_models_serve_returns_a_probability_per_image(tiny_project):
     root = tiny_project.paths.root
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=default_tracking_uri(root), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     process = subprocess.Popen(
         [str(BIN / "mlflow"), "models", "serve", "-m", "models:/cxr-pneumonia@champion", "--env-manager", "local",
@@ -47,7 +27,7 @@ def test_mlflow_models_serve_returns_a_probability_per_image(tiny_project):
         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        _wait_for(f"http://127.0.0.1:{port}/ping", process)
+        wait_for(f"http://127.0.0.1:{port}/ping", process)
         images = np.load(tiny_project.paths.images)[:3]
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
@@ -57,8 +37,7 @@ def test_mlflow_models_serve_returns_a_probability_per_image(tiny_project):
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop(process)
     rows = answer["predictions"]
     assert len(rows) == 3
     for row in rows:
