@@ -139,7 +139,7 @@ def validate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
 
 @app.command()
 def rebalance(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
-    """Resample the training split with imbalanced-learn (rebalance.method: none, random_over, random_under)
+    """Resample the training split with imbalanced-learn (rebalance.method: none, random_over, random_under, combined)
     and write the chosen image indices to data/processed/train_index.npy.
     """
     from pipeline.rebalance import rebalance_stage
@@ -148,13 +148,17 @@ def rebalance(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) 
 
 
 @app.command()
-def train(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
+def train(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = [],  # noqa: B006
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from models/train_state.pt (same result as an uninterrupted run).")] = False,
+) -> None:
     """Train train.model with batch augmentation (GPU when present, else CPU), log params and per-epoch
     metrics to MLflow, and keep the checkpoint best on validation AUC in models/checkpoint.pt.
     """
     from pipeline.train import train_stage
 
-    _stage(params, set_, train_stage)
+    _stage(params, set_, lambda paths, config: train_stage(paths, config, resume=resume))
 
 
 @app.command()

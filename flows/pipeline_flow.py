@@ -117,12 +117,15 @@ def rebalance_task(paths: ProjectPaths, config: Config):
     return _as_state(lambda: rebalance_stage(paths, config.rebalance))
 
 
-@task(name="train")
+@task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=_is_transient)
 def train_task(paths: ProjectPaths, config: Config):
-    """Training; batch augmentation runs inside it, on the training device."""
+    """Training; batch augmentation runs inside it, on the training device. A retry resumes from the last epoch's state."""
+    from prefect.runtime import task_run
+
     from pipeline.train import train_stage
 
-    return _as_state(lambda: train_stage(paths, config))
+    retrying = (task_run.run_count or 1) > 1
+    return _as_state(lambda: train_stage(paths, config, resume=retrying))
 
 
 @task(name="evaluate")

@@ -1,7 +1,14 @@
-"""Batch augmentation on the training device: small affine moves, brightness and contrast.
+"""Batch augmentation on the training device: small affine moves, random resized crop, optional flip, gamma,
+brightness and contrast.
 
 Applied to whole batches as tensors (on the GPU when training runs there), so augmentation never
-becomes the bottleneck of a data loader. No horizontal flip: anatomy is not left-right symmetric.
+becomes the bottleneck of a data loader. Every geometric change (rotation, zoom, shift, crop, flip) is
+folded into one affine map, so each image is resampled once. Horizontal flip is off by default:
+anatomy is not left-right symmetric.
+
+Random numbers are drawn from the caller's generator in a fixed order, and an option that is off draws
+nothing, so settings that leave the newer options (crop, flip, gamma) off give the same images as before
+those options existed.
 """
 
 from __future__ import annotations
@@ -28,10 +35,43 @@ def augment_batch(images: torch.Tensor, settings: AugmentConfig, generator: torc
     shift_x, shift_y = uniform(2 * settings.translate), uniform(2 * settings.translate)  # grid spans -1..1
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
+    if settings.crop_scale < 1:
+        theta = crop_then(theta, settings.crop_scale, generator)
+    if settings.hflip:
+        theta = flip_some(theta, generator)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     moved = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     brightness = uniform(settings.brightness).view(-1, 1, 1, 1)
     contrast = (1 + uniform(settings.contrast)).view(-1, 1, 1, 1)
+    if settings.gamma > 0:
+        gamma = (1 + uniform(settings.gamma)).view(-1, 1, 1, 1)
+        moved = moved.clamp(0, 1) ** gamma  # below 1 brightens the dark lungs, above 1 darkens them
     mean = moved.mean(dim=(1, 2, 3), keepdim=True)
     return ((moved - mean) * contrast + mean + brightness).clamp(0, 1)
+
+
+def crop_then(theta: torch.Tensor, min_area: float, generator: torch.Generator) -> torch.Tensor:
+    """Compose the (B, 2, 3) affine maps with a random square crop of min_area..1 of the image, resized back.
+
+    Square, so the film's aspect ratio (and the heart's width relative to the chest) is kept. The crop lies
+    wholly inside the image: side s (as a fraction) and a centre within ±(1 − s) in grid units.
+    """
+    batch = theta.shape[0]
+    area = min_area + (1 - min_area) * torch.rand(batch, generator=generator)
+    side = area.sqrt()
+    centre = (torch.rand(batch, 2, generator=generator) * 2 - 1) * (1 - side)[:, None]
+    side, centre = side.to(theta.device), centre.to(theta.device)
+    # grid_sample reads input at theta · (x, y, 1); the crop maps those coordinates p to side · p + centre.
+    cropped = theta * side[:, None, None]
+    cropped[:, :, 2] += centre
+    return cropped
+
+
+def flip_some(theta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the batch left-right (negating x before the other moves)."""
+    flip = torch.rand(theta.shape[0], generator=generator) < 0.5
+    sign = torch.where(flip, -1.0, 1.0).to(theta.device)
+    flipped = theta.clone()
+    flipped[:, :, 0] *= sign[:, None]
+    return flipped

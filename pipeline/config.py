@@ -190,8 +190,8 @@ class AugmentConfig(Section):
     scale: float = Field(0.08, ge=0, le=0.5)
     brightness: float = Field(0.1, ge=0, le=0.5)
     contrast: float = Field(0.15, ge=0, le=0.9)
-    crop_scale: float = Field(1.0, ge=0.3, le=1)  # random resized crop: smallest area kept (0.85: 85-100 %); 1 = off
-    gamma: float = Field(0.0, ge=0, le=0.9)  # gamma drawn from 1 ± this; 0 = off
+    crop_scale: float = Field(0.85, ge=0.3, le=1)  # random resized crop: smallest area kept (0.85: 85-100 %); 1 = off
+    gamma: float = Field(0.2, ge=0, le=0.9)  # gamma drawn from 1 ± this; 0 = off
     hflip: bool = False  # off: anatomy is not left-right symmetric (heart on the left)
 
 

@@ -1,21 +1,31 @@
 """Train: fit the model on the rebalanced training index, keep the checkpoint best on validation.
 
 Opens the MLflow run that evaluate and register later add to (its id goes to models/run.json),
-and logs every param and per-epoch metric there.
+and logs every param and per-epoch metric there, the learning rate (`lr`) included.
+
+After every epoch the whole training state is written to models/train_state.pt (atomically): weights,
+optimiser, schedule, random-number states, history and the MLflow run id. `train_stage(..., resume=True)`
+continues from that file into the same MLflow run and ends with the same weights as a run that never
+stopped (bit-identical on the CPU). The file is removed once training finishes.
+
+On CUDA the forward pass runs in mixed precision (bfloat16, or float16 with loss scaling) on
+channels_last tensors; the CPU path is plain float32 and deterministic.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config
+from pipeline.config import Config, TrainConfig
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, sha256_of
 from pipeline.paths import ProjectPaths
@@ -31,6 +41,7 @@ class TrainResult:
     best_val_accuracy: float
     device: str
     checkpoint_path: Path
+    epochs_run: int  # below train.epochs when early stopping ended training
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,20 @@ class TrainingData:
     train_labels: np.ndarray
     val_images: np.ndarray
     val_labels: np.ndarray
+
+
+@dataclass
+class Trainer:
+    """The objects the epoch loop changes: exactly what a resume has to restore."""
+
+    model: Any  # torch.nn.Module
+    optimizer: Any  # torch.optim.Optimizer
+    scheduler: Any  # torch.optim.lr_scheduler.LRScheduler, stepped after every batch
+    loss_fn: Any  # torch.nn.Module
+    generator: Any  # torch.Generator for the batch order and augmentation
+    device: Any  # torch.device
+    amp_dtype: Any  # torch.bfloat16 or torch.float16 on CUDA; None on the CPU (float32)
+    scaler: Any  # torch.amp.GradScaler for float16; None otherwise
 
 
 def load_training_data(paths: ProjectPaths) -> TrainingData:
@@ -72,8 +97,17 @@ def pick_device(choice: str):  # -> torch.device
     return torch.device(choice)
 
 
-def train_stage(paths: ProjectPaths, config: Config) -> TrainResult:
-    """Train `train.model`, log to a new MLflow run, save the best-on-validation checkpoint."""
+def train_state_path(paths: ProjectPaths) -> Path:
+    """Where the per-epoch training state lives while a run is unfinished."""
+    return paths.models / "train_state.pt"
+
+
+def train_stage(paths: ProjectPaths, config: Config, resume: bool = False) -> TrainResult:
+    """Train `train.model`, log to MLflow, save the best-on-validation checkpoint.
+
+    resume=True continues an interrupted run from models/train_state.pt (into the same MLflow run);
+    without that file it starts a new run, so a retry loop can always pass resume=True.
+    """
     import mlflow
     import torch
 
@@ -83,88 +117,373 @@ def train_stage(paths: ProjectPaths, config: Config) -> TrainResult:
     torch.manual_seed(config.train.seed)
     torch.set_num_threads(config.train.num_threads or os.cpu_count() or 1)
     device = pick_device(config.train.device)
+    manifest_sha256 = sha256_of(paths.manifest)
+    fingerprint = run_fingerprint(paths, config, manifest_sha256)
+
+    state_path = train_state_path(paths)
+    state = load_train_state(state_path, fingerprint, paths) if resume else None
+    if resume and state is None:
+        log.info("train: no %s to resume from; starting a new run", state_path)
+    if state is None:
+        state_path.unlink(missing_ok=True)  # an earlier run's state must never be resumed into this one
+    trainer = build_trainer(config, data, device)  # after the seed: the weights start the same every run
+    if state is not None:
+        restore_trainer(trainer, state)
+        log.info("train: resuming after epoch %d of %d (MLflow run %s)", state["epoch"], config.train.epochs, state["run_id"])
 
     tracking.connect(paths.root)
-    experiment = tracking.experiment_id(config.tracking.experiment, paths.root)
-    run_name = f"{config.train.model}-{config.data.image_size}px"
-    with mlflow.start_run(experiment_id=experiment, run_name=run_name) as run:
+    if state is None:
+        experiment = tracking.experiment_id(config.tracking.experiment, paths.root)
+        run_name = f"{config.train.model}-{config.data.image_size}px"
+        active_run = mlflow.start_run(experiment_id=experiment, run_name=run_name)
+    else:
+        active_run = _reopen_run(state["run_id"], state_path)
+    with active_run as run:
         run_id = run.info.run_id
-        tracking.write_run_info(paths, run_id, experiment)
-        _log_params(run_id, config)
-        _log_gate_summary(run_id, paths)
-        mlflow.set_tags({
-            "data.manifest_sha256": sha256_of(paths.manifest),
-            "git.commit": tracking.git_commit(paths.root) or "unknown",
-            "device": str(device),
-        })
-        best = _fit(data, config, device, paths, run_id)
+        tracking.write_run_info(paths, run_id, run.info.experiment_id)
+        if state is None:
+            _log_params(run_id, config)
+            _log_gate_summary(run_id, paths)
+            mlflow.set_tags({
+                "data.manifest_sha256": manifest_sha256,
+                "git.commit": tracking.git_commit(paths.root) or "unknown",
+                "device": str(device),
+            })
+        best, epochs_run = _fit(trainer, data, config, paths, run_id, fingerprint, state)
+    state_path.unlink(missing_ok=True)
     log.info("train: best epoch %d, val AUC %.4f, val accuracy %.4f → %s (MLflow run %s)",
              best["epoch"], best["val_auc"], best["val_accuracy"], paths.checkpoint, run_id)
-    return TrainResult(run_id, best["epoch"], best["val_auc"], best["val_accuracy"], str(device), paths.checkpoint)
+    return TrainResult(run_id, best["epoch"], best["val_auc"], best["val_accuracy"], str(device), paths.checkpoint, epochs_run)
 
 
-def _fit(data: TrainingData, config: Config, device, paths: ProjectPaths, run_id: str) -> dict:
-    """The epoch loop: augment each batch, step, score validation, keep the best checkpoint."""
+def _reopen_run(run_id: str, state_path: Path):  # -> mlflow.ActiveRun
+    """The interrupted run, so one MLflow run holds every epoch (a killed run is still RUNNING; that is fine)."""
     import mlflow
-    import torch
-    from tqdm import tqdm
+    from mlflow.exceptions import MlflowException
 
-    from pipeline.augment import augment_batch
-    from pipeline.metrics import binary_metrics
-    from pipeline.models import build_model, predict_proba, to_tensor
+    try:
+        return mlflow.start_run(run_id=run_id)
+    except MlflowException as exc:
+        raise CxrError(f"{state_path}: MLflow run {run_id} cannot be reopened ({exc}); run `cxr train` without --resume") from None
+
+
+# --- building the model, optimiser, schedule and loss ------------------------------------------
+
+
+def build_trainer(config: Config, data: TrainingData, device) -> Trainer:
+    """Model, optimiser, per-step schedule, loss and random generator as the params describe them."""
+    import torch
+
+    from pipeline.losses import build_loss
+    from pipeline.models import build_model
 
     settings = config.train
     n_classes = len(config.data.labels)
     model = build_model(settings.model, config.data.image_size, n_classes, settings.dropout).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(settings.seed)
+    amp_dtype = mixed_precision_dtype(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # convolutions on tensor cores want NHWC
+    optimizer = build_optimizer(model, settings)
+    total_steps = settings.epochs * steps_per_epoch(len(data.train_labels), settings.batch_size)
+    return Trainer(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_schedule(optimizer, settings, total_steps),
+        loss_fn=build_loss(settings, data.train_labels, n_classes).to(device),
+        generator=torch.Generator().manual_seed(settings.seed),
+        device=device,
+        amp_dtype=amp_dtype,
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+    )
+
+
+def mixed_precision_dtype(device):  # -> torch.dtype | None
+    """bfloat16 where the GPU supports it (float32's range, no loss scaling), else float16; None off CUDA."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def build_optimizer(model, settings: TrainConfig):  # -> torch.optim.Optimizer
+    """Adam (the default, as before), AdamW (decoupled weight decay) or SGD with Nesterov momentum 0.9."""
+    import torch
+
+    parameters = model.parameters()
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=settings.lr, momentum=0.9, nesterov=True, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    return torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch: full batches, plus the last one unless it holds a single image."""
+    steps = n_images // batch_size + (1 if n_images % batch_size >= 2 else 0)
+    if steps == 0:
+        raise CxrError(f"train: the training index holds {n_images} image(s); training needs at least 2")
+    return steps
+
+
+def build_schedule(optimizer, settings: TrainConfig, total_steps: int):  # -> LRScheduler
+    """A per-step learning-rate schedule; `constant` keeps train.lr throughout (as before schedules existed).
+
+    cosine: linear warm-up over warmup_fraction of the steps, then half a cosine down towards 0.
+    onecycle: PyTorch's one-cycle policy peaking at train.lr after warmup_fraction of the steps
+    (it starts at lr/25, ends near 0, and cycles momentum the other way).
+    """
+    from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
+
+    if settings.schedule == "onecycle":
+        warmup_share = onecycle_warmup_steps(settings.warmup_fraction, total_steps) / total_steps
+        return OneCycleLR(optimizer, max_lr=settings.lr, total_steps=total_steps, pct_start=warmup_share)
+    if settings.schedule == "cosine":
+        warmup_steps = round(settings.warmup_fraction * total_steps)
+        return LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
+    return LambdaLR(optimizer, lambda step: 1.0)
+
+
+def onecycle_warmup_steps(warmup_fraction: float, total_steps: int) -> int:
+    """The warm-up in whole steps, avoiding the lengths for which OneCycleLR divides by zero.
+
+    PyTorch's phase boundaries fall at (warm-up − 1) and (total − 1); a warm-up of exactly one step, or of
+    every step, makes a phase of length zero.
+    """
+    steps = min(round(warmup_fraction * total_steps), total_steps - 1)
+    if steps == 1:
+        steps = 2 if total_steps > 2 else 0
+    return steps
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The factor on train.lr at a step: (step+1)/warmup during the warm-up, then a cosine from 1 towards 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# --- the epoch loop ------------------------------------------------------------------------------
+
+
+def _fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPaths, run_id: str,
+         fingerprint: dict, state: dict | None) -> tuple[dict, int]:
+    """Train epoch by epoch, score validation, keep the best checkpoint, save the state; returns (best, epochs run)."""
+    import mlflow
+    import torch
+    from tqdm import tqdm
+
+    settings = config.train
     labels = torch.as_tensor(np.array(data.train_labels), dtype=torch.long)
-    history: list[dict] = []
-    best: dict = {"epoch": 0, "val_auc": -1.0, "val_accuracy": 0.0}
+    epoch = state["epoch"] if state else 0  # epochs completed
+    history: list[dict] = state["history"] if state else []
+    best: dict = state["best"] if state else {"epoch": 0, "val_auc": -1.0, "val_accuracy": 0.0}
 
-    for epoch in tqdm(range(1, settings.epochs + 1), desc="train", unit="epoch", disable=None):
+    progress = tqdm(total=settings.epochs, initial=epoch, desc="train", unit="epoch", disable=None)
+    while epoch < settings.epochs and not patience_ran_out(best["epoch"], epoch, settings.early_stopping_patience):
+        epoch += 1
+        lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this epoch starts at
         started = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(labels), generator=generator)
-        total_loss = 0.0
-        for start in range(0, len(order), settings.batch_size):
-            batch = order[start : start + settings.batch_size]
-            if len(batch) < 2:
-                continue  # a lone last image breaks batch norm (DenseNet, ResNet) and teaches nothing
-            images = augment_batch(to_tensor(data.train_images[batch.numpy()]).to(device), config.augment, generator)
-            loss = loss_fn(model(images), labels[batch].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(batch)
+        train_loss = _train_one_epoch(trainer, data.train_images, labels, config)
         seconds = time.perf_counter() - started
-
-        probabilities = predict_proba(model, data.val_images, device)
-        val_loss = float(-np.log(probabilities[np.arange(len(data.val_labels)), data.val_labels] + 1e-7).mean())
-        # Accuracy here is at 0.5; the operating threshold is an evaluation choice (evaluate.threshold).
-        scores = binary_metrics(data.val_labels == n_classes - 1, probabilities[:, -1], 0.5)
-        row = {
-            "epoch": epoch,
-            "train_loss": total_loss / len(order),
-            "val_loss": val_loss,
-            "val_auc": scores["auc"] if scores["auc"] is not None else float("nan"),
-            "val_accuracy": scores["accuracy"],
-        }
+        scores = _validate(trainer, data, len(config.data.labels))
+        row = {"epoch": epoch, "train_loss": train_loss, **scores, "lr": lr}
         history.append(row)  # history.csv holds only what is reproducible; throughput goes to MLflow alone
-        metrics = {k: v for k, v in row.items() if k != "epoch"} | {"train_images_per_second": len(order) / seconds}
+        metrics = {k: v for k, v in row.items() if k != "epoch"} | {"train_images_per_second": len(labels) / seconds}
         mlflow.log_metrics(metrics, step=epoch, run_id=run_id)
         if row["val_auc"] > best["val_auc"]:  # NaN never wins, ties keep the earlier epoch
             best = {"epoch": epoch, "val_auc": row["val_auc"], "val_accuracy": row["val_accuracy"]}
-            _save_checkpoint(paths.checkpoint, model, config, best)
+            _save_checkpoint(paths.checkpoint, trainer.model, config, best)
+        save_train_state(train_state_path(paths), trainer, epoch, best, history, run_id, fingerprint)
+        progress.update(1)
+    progress.close()
 
+    if epoch < settings.epochs:
+        log.info("train: no better val AUC for %d epochs; stopped after epoch %d of %d",
+                 settings.early_stopping_patience, epoch, settings.epochs)
     if best["epoch"] == 0:  # validation AUC undefined every epoch (one class): keep the last model
-        best = {"epoch": settings.epochs, "val_auc": float("nan"), "val_accuracy": history[-1]["val_accuracy"]}
-        _save_checkpoint(paths.checkpoint, model, config, best)
-    mlflow.log_metrics({"best_val_auc": best["val_auc"], "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"]}, run_id=run_id)
+        best = {"epoch": epoch, "val_auc": float("nan"), "val_accuracy": history[-1]["val_accuracy"]}
+        _save_checkpoint(paths.checkpoint, trainer.model, config, best)
+    mlflow.log_metrics({"best_val_auc": best["val_auc"], "best_val_accuracy": best["val_accuracy"],
+                        "best_epoch": best["epoch"], "epochs_run": epoch}, run_id=run_id)
     with atomic_path(paths.history) as tmp:
-        pd.DataFrame(history).to_csv(tmp, index=False, float_format="%.6f")
-    return best
+        pd.DataFrame(history).to_csv(tmp, index=False, float_format="%.6g")  # 6 significant digits: lr can be 1e-5
+    return best, epoch
+
+
+def patience_ran_out(best_epoch: int, epochs_done: int, patience: int) -> bool:
+    """Early stopping: `patience` epochs in a row without a better val AUC (patience 0 never stops)."""
+    return patience > 0 and epochs_done - best_epoch >= patience
+
+
+def _train_one_epoch(trainer: Trainer, images: np.ndarray, labels, config: Config) -> float:
+    """One pass over the training index in a seeded random order, augmenting each batch; the mean loss."""
+    import torch
+
+    from pipeline.augment import augment_batch
+    from pipeline.models import to_tensor
+
+    trainer.model.train()
+    batch_size = config.train.batch_size
+    order = torch.randperm(len(labels), generator=trainer.generator)
+    total_loss = 0.0
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        if len(batch) < 2:
+            continue  # a lone last image breaks batch norm (DenseNet, ResNet) and teaches nothing
+        inputs = augment_batch(to_tensor(images[batch.numpy()]).to(trainer.device), config.augment, trainer.generator)
+        total_loss += _step(trainer, inputs, labels[batch].to(trainer.device)) * len(batch)
+    return total_loss / len(order)
+
+
+def _step(trainer: Trainer, inputs, targets) -> float:
+    """One optimiser step and one schedule step; returns the batch loss.
+
+    CPU: float32, exactly as before mixed precision existed. CUDA: the forward pass under autocast on
+    channels_last input, the loss in float32, and loss scaling when the half type is float16.
+    """
+    import torch
+
+    optimizer = trainer.optimizer
+    if trainer.device.type != "cuda":
+        loss = trainer.loss_fn(trainer.model(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    else:
+        with torch.autocast("cuda", dtype=trainer.amp_dtype):
+            logits = trainer.model(inputs.contiguous(memory_format=torch.channels_last))
+        loss = trainer.loss_fn(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if trainer.scaler is None:  # bfloat16
+            loss.backward()
+            optimizer.step()
+        else:  # float16: scale the loss so small gradients do not underflow; skips steps with inf/NaN gradients
+            trainer.scaler.scale(loss).backward()
+            trainer.scaler.step(optimizer)
+            trainer.scaler.update()
+    trainer.scheduler.step()
+    return loss.item()
+
+
+def _validate(trainer: Trainer, data: TrainingData, n_classes: int) -> dict:
+    """val_loss (plain cross-entropy whatever train.loss is, so runs compare), val AUC and accuracy at 0.5."""
+    from pipeline.metrics import binary_metrics
+    from pipeline.models import predict_proba
+
+    probabilities = predict_proba(trainer.model, data.val_images, trainer.device)
+    val_loss = float(-np.log(probabilities[np.arange(len(data.val_labels)), data.val_labels] + 1e-7).mean())
+    # Accuracy here is at 0.5; the operating threshold is an evaluation choice (evaluate.threshold).
+    scores = binary_metrics(data.val_labels == n_classes - 1, probabilities[:, -1], 0.5)
+    return {
+        "val_loss": val_loss,
+        "val_auc": scores["auc"] if scores["auc"] is not None else float("nan"),
+        "val_accuracy": scores["accuracy"],
+    }
+
+
+# --- saving and resuming ------------------------------------------------------------------------
+
+
+def run_fingerprint(paths: ProjectPaths, config: Config, manifest_sha256: str) -> dict:
+    """What a resumed run must share with the interrupted one: every training setting and the exact data.
+
+    train.num_threads is left out: it changes speed only (and a resume on a busier machine may lower it).
+    """
+    settings = {
+        key: value
+        for key, value in config.as_flat_dict().items()
+        if key.startswith(("train.", "augment.")) and key != "train.num_threads"
+    }
+    settings["data.image_size"] = config.data.image_size
+    settings["data.labels"] = list(config.data.labels)
+    return {"settings": settings, "manifest_sha256": manifest_sha256, "train_index_sha256": sha256_of(paths.train_index)}
+
+
+def save_train_state(path: Path, trainer: Trainer, epoch: int, best: dict, history: list[dict], run_id: str,
+                     fingerprint: dict) -> None:
+    """Everything needed to continue after `epoch` as if never stopped, written atomically."""
+    import torch
+
+    state = {
+        "epoch": epoch,
+        "best": best,
+        "history": history,
+        "run_id": run_id,
+        "fingerprint": fingerprint,
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+        "augment_rng": trainer.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),  # dropout draws from the global generator
+        "cuda_rng": torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else [],
+        "numpy_rng": _numpy_rng_state(),
+    }
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        torch.save(state, handle)
+
+
+def load_train_state(path: Path, fingerprint: dict, paths: ProjectPaths) -> dict | None:
+    """The saved state if there is one and it belongs to these settings and data; None if there is none."""
+    import pickle
+
+    import torch
+
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise CxrError(f"{path} cannot be read ({exc}); run `cxr train` without --resume") from None
+    if state["fingerprint"] != fingerprint:
+        changed = _differences(state["fingerprint"], fingerprint)
+        raise CxrError(f"{path} belongs to a run with other settings or data ({changed}); "
+                       "restore them, or run `cxr train` without --resume to start over")
+    if state["best"]["epoch"] > 0 and not paths.checkpoint.exists():
+        raise CxrError(f"{paths.checkpoint} (best of epoch {state['best']['epoch']}) is missing; "
+                       "run `cxr train` without --resume to start over")
+    return state
+
+
+def _differences(saved: dict, current: dict) -> str:
+    """`key: saved → current` for each setting that changed, or which data file did."""
+    changes = [f"{key}: {saved['settings'].get(key)} → {value}"
+               for key, value in current["settings"].items() if saved["settings"].get(key) != value]
+    changes += [f"{key} changed" for key in ("manifest_sha256", "train_index_sha256") if saved[key] != current[key]]
+    return "; ".join(changes)
+
+
+def restore_trainer(trainer: Trainer, state: dict) -> None:
+    """Put weights, optimiser, schedule, scaler and every random-number state back as they were saved."""
+    import torch
+
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    if trainer.scaler is not None and state["scaler"] is not None:
+        trainer.scaler.load_state_dict(state["scaler"])
+    trainer.generator.set_state(state["augment_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if trainer.device.type == "cuda" and state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    _set_numpy_rng_state(state["numpy_rng"])
+
+
+def _numpy_rng_state() -> dict:
+    """numpy's global random state as plain numbers (torch.load with weights_only reads no numpy arrays).
+
+    This loop does not draw from numpy; it is saved so that a numpy-based transform added later resumes exactly too.
+    """
+    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    return {"keys": [int(key) for key in keys], "position": int(position), "has_gauss": int(has_gauss),
+            "cached_gauss": float(cached_gauss)}
+
+
+def _set_numpy_rng_state(saved: dict) -> None:
+    keys = np.array(saved["keys"], dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, saved["position"], saved["has_gauss"], saved["cached_gauss"]))
 
 
 def _save_checkpoint(path: Path, model, config: Config, best: dict) -> None:
@@ -178,7 +497,8 @@ def _save_checkpoint(path: Path, model, config: Config, best: dict) -> None:
         "dropout": config.train.dropout,
         "epoch": best["epoch"],
         "val_auc": best["val_auc"],
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        # contiguous: weights trained channels_last on CUDA are stored in the usual layout
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
     with atomic_path(path) as tmp, tmp.open("wb") as handle:
         torch.save(state, handle)  # through a handle, the archive's inner name is fixed: same weights, same bytes

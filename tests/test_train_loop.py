@@ -1,0 +1,293 @@
+"""The training loop: optimisers, schedules, losses, class weights, combined rebalance, the newer
+augmentations, early stopping and resuming after a crash (bit-identical on the CPU).
+
+One tiny project (32 px, 64 demo films, ingested and rebalanced once) is shared by the tests here;
+each training test overwrites its outputs and reads them straight back.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.augment import augment_batch
+from pipeline.config import AugmentConfig, RebalanceConfig, load_config
+from pipeline.errors import CxrError
+from pipeline.losses import FocalLoss, balanced_class_weights
+from pipeline.rebalance import rebalance_indices
+from pipeline.tracking import connect, read_run_id
+from pipeline.train import patience_ran_out, train_stage, train_state_path, warmup_cosine
+from tests.conftest import REPO, write_tiny_project
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny project ingested and rebalanced once (the data gate is not needed for training)."""
+    from pipeline.ingest import ingest_stage
+    from pipeline.paths import ProjectPaths
+    from pipeline.rebalance import rebalance_stage
+
+    params = write_tiny_project(tmp_path_factory.mktemp("loop"), n=64)
+    config = load_config(params)
+    paths = ProjectPaths(params.parent)
+    ingest_stage(paths, config)
+    rebalance_stage(paths, config.rebalance)
+    return params, paths
+
+
+def _metric_steps(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
+
+
+# --- optimisers, schedules, losses ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "schedule", "loss", "class_weights"),
+    [
+        ("adam", "constant", "cross_entropy", "none"),
+        ("adamw", "cosine", "focal", "balanced"),
+        ("sgd", "onecycle", "cross_entropy", "balanced"),
+        ("sgd", "cosine", "focal", "none"),
+    ],
+)
+def test_every_optimizer_schedule_and_loss_trains_and_logs_lr(project, optimizer, schedule, loss, class_weights):
+    params, paths = project
+    config = load_config(params, [
+        "train.epochs=2", f"train.optimizer={optimizer}", f"train.schedule={schedule}", f"train.loss={loss}",
+        f"train.class_weights={class_weights}", "train.weight_decay=0.01",
+    ])
+    result = train_stage(paths, config)
+
+    history = pd.read_csv(paths.history)
+    assert list(history["epoch"]) == [1, 2] and np.isfinite(history["train_loss"]).all()
+    connect(paths.root)
+    lrs = [value for _, value in _metric_steps(result.run_id, "lr")]
+    assert len(lrs) == 2 and lrs == pytest.approx(list(history["lr"]), rel=1e-5)
+    if schedule == "constant":
+        assert lrs == [pytest.approx(1e-3), pytest.approx(1e-3)]
+    else:  # never above the peak, and the second epoch starts at another rate
+        assert max(lrs) <= 1e-3 * (1 + 1e-6) and lrs[1] != pytest.approx(lrs[0])
+    assert len(_metric_steps(result.run_id, "train_images_per_second")) == 2
+    assert not train_state_path(paths).exists()  # a finished run leaves no state to resume
+
+
+def test_cosine_warms_up_linearly_then_decays_towards_zero():
+    factors = [warmup_cosine(step, 4, 20) for step in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a > b for a, b in zip(factors[4:], factors[5:])) and 0 < factors[-1] < 0.02
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 10, 20, 33])
+def test_onecycle_runs_any_number_of_steps_and_never_exceeds_the_peak(total_steps):
+    from pipeline.config import TrainConfig
+    from pipeline.train import build_schedule
+
+    for warmup_fraction in (0.0, 0.1, 0.5, 0.9):
+        optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1e-3, momentum=0.9)
+        schedule = build_schedule(optimizer, TrainConfig(schedule="onecycle", warmup_fraction=warmup_fraction), total_steps)
+        rates = []
+        for _ in range(total_steps):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        assert max(rates) <= 1e-3 * (1 + 1e-9) and min(rates) > 0
+
+
+def test_focal_loss_with_gamma_zero_is_cross_entropy():
+    logits = torch.randn(16, 2, generator=torch.Generator().manual_seed(0)) * 3
+    targets = torch.tensor([0, 1] * 8)
+    weight = torch.tensor([2.0, 0.5])
+    assert torch.allclose(FocalLoss(0.0)(logits, targets), F.cross_entropy(logits, targets))
+    assert torch.allclose(FocalLoss(0.0, weight)(logits, targets), F.cross_entropy(logits, targets, weight=weight))
+    assert FocalLoss(2.0)(logits, targets) < F.cross_entropy(logits, targets)  # easy examples count less
+
+
+def test_balanced_class_weights_are_inverse_frequency():
+    weights = balanced_class_weights(np.array([0] * 10 + [1] * 30), 2)
+    assert weights.tolist() == pytest.approx([40 / (2 * 10), 40 / (2 * 30)])
+    assert balanced_class_weights(np.array([1, 1, 1]), 2).tolist() == [0.0, 0.5]  # an absent class weighs nothing
+
+
+# --- combined rebalance -------------------------------------------------------------------------
+
+INDEX = np.arange(100, 140)
+LABELS = np.array(["normal"] * 10 + ["pneumonia"] * 30)
+
+
+@pytest.mark.parametrize(
+    ("over_ratio", "under_ratio", "expected"),
+    [(0.5, 1.0, (15, 15)), (0.3, 0.5, (10, 20)), (0.4, 0.4, (12, 30)), (0.2, 1.0, (10, 10))],
+)
+def test_combined_rebalance_gives_the_expected_counts(over_ratio, under_ratio, expected):
+    settings = RebalanceConfig(method="combined", over_ratio=over_ratio, under_ratio=under_ratio)
+    chosen = rebalance_indices(INDEX, LABELS, settings)
+    label_of = dict(zip(INDEX, LABELS))
+    counts = Counter(label_of[i] for i in chosen)
+    assert (counts["normal"], counts["pneumonia"]) == expected
+    assert set(chosen) <= set(INDEX)
+    assert np.array_equal(chosen, rebalance_indices(INDEX, LABELS, settings))  # seeded
+
+
+def test_combined_rebalance_refuses_under_ratio_below_over_ratio(tmp_path):
+    with pytest.raises(CxrError, match="under_ratio"):
+        load_config(tmp_path / "params.yaml", ["rebalance.method=combined", "rebalance.over_ratio=0.8", "rebalance.under_ratio=0.5"])
+
+
+# --- augmentation -------------------------------------------------------------------------------
+
+NOTHING = {"rotation_deg": 0, "translate": 0, "scale": 0, "brightness": 0, "contrast": 0, "crop_scale": 1.0, "gamma": 0.0}
+
+
+def test_crop_gamma_and_flip_are_seeded_bounded_and_change_images():
+    images = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    settings = AugmentConfig(crop_scale=0.85, gamma=0.2, hflip=True)
+    first = augment_batch(images, settings, torch.Generator().manual_seed(0))
+    assert torch.equal(first, augment_batch(images, settings, torch.Generator().manual_seed(0)))
+    assert not torch.equal(first, augment_batch(images, settings, torch.Generator().manual_seed(1)))
+    assert first.min() >= 0 and first.max() <= 1
+    without = AugmentConfig(crop_scale=1.0, gamma=0.0, hflip=False)  # the augmentation before these three existed
+    assert not torch.allclose(first, augment_batch(images, without, torch.Generator().manual_seed(0)))
+
+
+def test_crop_zooms_into_the_image_within_the_area_bounds():
+    ramp = torch.linspace(0, 1, 64).expand(16, 1, 64, 64).contiguous()  # brightness rises left to right
+    cropped = augment_batch(ramp, AugmentConfig(**{**NOTHING, "crop_scale": 0.5}), torch.Generator().manual_seed(0))
+    spans = cropped.amax(dim=(1, 2, 3)) - cropped.amin(dim=(1, 2, 3))
+    # A crop of side s (s² of the area, 0.5..1) spans about s of the ramp: between √0.5 and all of it.
+    assert (spans <= 1 + 1e-6).all() and (spans >= 0.5**0.5 - 0.05).all()
+    assert (spans < 0.95).any()
+
+
+def test_flip_mirrors_some_images_exactly_and_leaves_the_others():
+    images = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    out = augment_batch(images, AugmentConfig(**NOTHING, hflip=True), torch.Generator().manual_seed(0))
+    flipped = [torch.allclose(o, i.flip(-1), atol=1e-5) for o, i in zip(out, images)]
+    kept = [torch.allclose(o, i, atol=1e-5) for o, i in zip(out, images)]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+
+
+def test_gamma_stays_within_its_range():
+    grey = torch.full((16, 1, 8, 8), 0.25)
+    out = augment_batch(grey, AugmentConfig(**{**NOTHING, "gamma": 0.5}), torch.Generator().manual_seed(0))
+    assert (out >= 0.25**1.5 - 1e-6).all() and (out <= 0.25**0.5 + 1e-6).all()
+    assert len(set(out[:, 0, 0, 0].tolist())) > 1  # each image its own gamma
+
+
+# --- early stopping -----------------------------------------------------------------------------
+
+
+def test_patience_counts_epochs_since_the_best():
+    assert not patience_ran_out(best_epoch=3, epochs_done=4, patience=2)
+    assert patience_ran_out(best_epoch=3, epochs_done=5, patience=2)
+    assert not patience_ran_out(best_epoch=1, epochs_done=9, patience=0)
+
+
+def test_early_stopping_stops_when_validation_never_improves(project):
+    params, paths = project
+    # A learning rate too small to change a float32 weight: validation AUC stays where epoch 1 put it.
+    config = load_config(params, ["train.epochs=4", "train.lr=1e-12", "train.early_stopping_patience=1"])
+    result = train_stage(paths, config)
+    assert result.epochs_run == 2 < config.train.epochs
+    assert result.best_epoch == 1
+    assert list(pd.read_csv(paths.history)["epoch"]) == [1, 2]
+    connect(paths.root)
+    assert mlflow.MlflowClient().get_run(result.run_id).data.metrics["epochs_run"] == 2
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+CRASH_AFTER_EPOCH_1 = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import pipeline.train as train
+    from pipeline.config import load_config
+    from pipeline.paths import ProjectPaths
+
+    params = Path(sys.argv[1])
+    save = train.save_train_state
+
+    def save_then_die(path, trainer, epoch, *rest):
+        save(path, trainer, epoch, *rest)
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no MLflow end_run: a real crash
+
+    train.save_train_state = save_then_die
+    train.train_stage(ProjectPaths(params.parent), load_config(params, sys.argv[2:]))
+""")
+
+
+def test_resume_after_a_crash_gives_the_same_weights_as_an_uninterrupted_run(project):
+    params, paths = project
+    overrides = ["train.epochs=3", "train.schedule=cosine", "augment.hflip=true"]
+    config = load_config(params, overrides)
+    straight = train_stage(paths, config)
+    straight_checkpoint = torch.load(paths.checkpoint, weights_only=True)
+    straight_history = pd.read_csv(paths.history)
+
+    crashed = subprocess.run([sys.executable, "-c", CRASH_AFTER_EPOCH_1, str(params), *overrides],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    state = torch.load(train_state_path(paths), weights_only=True)
+    assert state["epoch"] == 1
+
+    resumed = train_stage(paths, config, resume=True)
+
+    assert resumed.run_id == state["run_id"] != straight.run_id  # continued the crashed run
+    assert read_run_id(paths) == resumed.run_id
+    checkpoint = torch.load(paths.checkpoint, weights_only=True)
+    assert checkpoint["epoch"] == straight_checkpoint["epoch"] == straight.best_epoch
+    assert checkpoint["state_dict"].keys() == straight_checkpoint["state_dict"].keys()
+    for key, weights in straight_checkpoint["state_dict"].items():
+        assert torch.equal(checkpoint["state_dict"][key], weights), key
+    pd.testing.assert_frame_equal(pd.read_csv(paths.history), straight_history)  # epochs 2-3 trained after the resume
+    connect(paths.root)
+    assert [step for step, _ in _metric_steps(resumed.run_id, "train_loss")] == [1, 2, 3]
+    assert not train_state_path(paths).exists()
+
+
+def test_resume_refuses_a_state_from_other_settings(project):
+    params, paths = project
+    config = load_config(params)
+    stale = {"fingerprint": {"settings": {"train.lr": 0.5}, "manifest_sha256": "x", "train_index_sha256": "y"}}
+    torch.save(stale, train_state_path(paths))
+    with pytest.raises(CxrError, match="other settings or data"):
+        train_stage(paths, config, resume=True)
+    assert train_state_path(paths).exists()  # left for the user to resume with the right settings
+    train_state_path(paths).unlink()
+
+
+def test_resume_without_a_state_file_starts_a_new_run(project):
+    params, paths = project
+    result = train_stage(paths, load_config(params, ["train.epochs=1"]), resume=True)
+    assert result.epochs_run == 1 and read_run_id(paths) == result.run_id
+
+
+# --- CUDA ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_trains_in_mixed_precision_into_a_cpu_loadable_checkpoint(project):
+    from pipeline.models import load_checkpoint
+    from pipeline.train import build_trainer, load_training_data, mixed_precision_dtype
+
+    params, paths = project
+    config = load_config(params, ["train.device=cuda", "train.epochs=2"])
+    trainer = build_trainer(config, load_training_data(paths), torch.device("cuda"))
+    assert trainer.amp_dtype == mixed_precision_dtype(torch.device("cuda")) in (torch.bfloat16, torch.float16)
+    assert (trainer.scaler is not None) == (trainer.amp_dtype == torch.float16)
+
+    result = train_stage(paths, config)
+    assert result.device == "cuda" and np.isfinite(pd.read_csv(paths.history)["train_loss"]).all()
+    model, _ = load_checkpoint(paths.checkpoint)  # weights saved on the CPU, in the usual layout
+    assert next(model.parameters()).device.type == "cpu"
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 2)
