@@ -1,0 +1,341 @@
+"""Ingest throughput benchmark: films per second for JPEG, PNG, uncompressed DICOM and JPEG 2000 DICOM.
+
+Why it exists: ingest is the one stage whose cost grows with the size of a site's archive. It decodes
+films over `data.num_workers` processes and keeps what it decoded in a decode cache, so that a re-run
+decodes nothing it has seen. This benchmark checks both promises on realistic films (about 1000 px a
+side, real codecs): that a second worker speeds up cold decoding, and that a cached re-ingest is much
+faster than a cold one. It measures `pipeline.ingest.ingest_stage` end to end, as a user pays for it:
+listing, hashing, process-pool start-up, decoding, caching, splitting and writing the outputs.
+
+Run it from the repository root, on an otherwise idle machine:
+
+    .venv/bin/python benchmarks/ingest.py            # 48 films per kind, 1024 px, best of 3
+    .venv/bin/python benchmarks/ingest.py --help
+
+It builds its inputs in a temporary folder (synthetic chests from pipeline.demo_data; the JPEG 2000
+DICOMs are lossless re-encodings of the uncompressed ones, or, with `--j2k real`, copies of a real JPEG
+2000 chest film from ../shared/data/samples), prints a table and, as its last two lines,
+`jpeg_2_vs_1_workers=<x.xx>` (cold) and `cached_vs_cold_jpeg_1_worker=<x.xx>`. On a shared machine a
+second worker only helps if a core is free: the benchmark measures how much CPU other processes took
+while each row was timed (from /proc/stat) and flags rows where they took more than 10%.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("CXR_DEID_KEY", "benchmark")  # before pipeline imports: no key file is written
+
+import argparse
+import gc
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.ingest import IngestResult, ingest_stage  # noqa: E402
+from pipeline.paths import ProjectPaths  # noqa: E402
+
+KINDS = ("jpeg", "png", "dicom", "dicom_j2k")
+KIND_NAMES = {
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "dicom": "DICOM uncompressed",
+    "dicom_j2k": "DICOM JPEG 2000",
+}
+DEMO_SUFFIXES = {"jpeg": ".jpg", "png": ".png", "dicom": ".dcm"}
+DEMO_JPEG_SHARE = 0.25  # pipeline.demo_data.FORMAT_SHARES["jpeg"], the rarest format in a demo set
+WORKER_COUNTS = (1, 2)
+IMAGE_SIZE = 64
+REAL_J2K = REPO.parent / "shared" / "data" / "samples" / "dicom" / "RG1_J2KI.dcm"
+TARGET_JPEG_SPEEDUP = 1.7
+BUSY_WARNING = 0.10  # share of the machine's CPU that other processes may take before a timing is flagged
+
+
+@dataclass(frozen=True)
+class Inputs:
+    sources: dict[str, Path]  # kind -> folder with normal/ and pneumonia/ subfolders
+    description: dict[str, str]  # kind -> what the films are, for the report
+
+
+@dataclass(frozen=True)
+class Measurement:
+    kind: str
+    workers: int
+    n_files: int
+    cold_s: float  # best of the repeats
+    cached_s: float
+    others_share: float  # share of the machine's CPU used by other processes during these timings
+
+    @property
+    def cold_rate(self) -> float:
+        return self.n_files / self.cold_s
+
+    @property
+    def cached_rate(self) -> float:
+        return self.n_files / self.cached_s
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(
+            "Measure ingest throughput (films per second through pipeline.ingest.ingest_stage) for JPEG, PNG, "
+            "uncompressed DICOM (Explicit VR Little Endian, 12 bits in 16) and JPEG 2000 DICOM, at 1 and 2 "
+            "decoding workers (data.num_workers). 'cold' starts from an empty decode cache, so every file is "
+            "decoded; 'cached' ingests the same files again and is served from the decode cache. Process-pool "
+            "start-up, hashing and writing the outputs are part of each timing, as a user pays them. "
+            f"Reports (does not assert) the target: 2 workers ingest JPEG at least {TARGET_JPEG_SPEEDUP}x as fast as 1."
+        ),
+        epilog="Run on an otherwise idle machine; a full run takes about 1-3 minutes on 2 cores.",
+    )
+    parser.add_argument("--n", type=int, default=48, help="films per kind (default 48)")
+    parser.add_argument("--side", type=int, default=1024, help="film side in pixels for the synthetic films (default 1024)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the best is reported (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the synthetic films (default 0)")
+    parser.add_argument(
+        "--j2k", choices=("synthetic", "real"), default="synthetic",
+        help="JPEG 2000 films: 'synthetic' re-encodes the uncompressed DICOMs losslessly (same films, same size); "
+             f"'real' uses distinct copies of {REAL_J2K.name}, a real 1841x1955 chest CR (default synthetic)",
+    )
+    args = parser.parse_args()
+    if args.n < 8:
+        parser.error("--n must be at least 8 (ingest decodes fewer files without worker processes)")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.side < 32:
+        parser.error("--side must be at least 32 (pipeline.demo_data draws nothing smaller)")
+    return args
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def build_inputs(folder: Path, n: int, side: int, seed: int, j2k: str) -> Inputs:
+    """One class-folder source per kind, n films each, written once and shared by every measurement."""
+    films = demo_films(folder / "demo", n, side, seed)
+    sources = {kind: folder / kind for kind in KINDS}
+    description = {}
+    for kind, files in films.items():
+        copy_films(files, sources[kind])
+        description[kind] = f"synthetic {side}x{side} (pipeline.demo_data)"
+    if j2k == "real":
+        real_j2k_copies(n, sources["dicom_j2k"])
+        description["dicom_j2k"] = f"copies of real film {REAL_J2K.name} (1841x1955 CR, 15-bit, lossy JPEG 2000)"
+    else:
+        compress_j2k(films["dicom"], sources["dicom_j2k"])
+        description["dicom_j2k"] = f"synthetic {side}x{side}, the DICOMs above re-encoded as JPEG 2000 lossless"
+    shutil.rmtree(folder / "demo")
+    return Inputs(sources, description)
+
+
+def demo_films(folder: Path, n: int, side: int, seed: int) -> dict[str, list[Path]]:
+    """n usable .jpg, .png and .dcm films each from a demo set (its broken_* files left out)."""
+    from pipeline.demo_data import write_demo_data
+
+    total = math.ceil(n / DEMO_JPEG_SHARE * 1.1) + 5
+    while True:
+        write_demo_data(folder, n=total, seed=seed, size=side)
+        films = {kind: sorted(p for p in folder.rglob(f"*{suffix}") if not p.name.startswith("broken"))
+                 for kind, suffix in DEMO_SUFFIXES.items()}
+        if all(len(files) >= n for files in films.values()):
+            return {kind: files[:n] for kind, files in films.items()}
+        total = math.ceil(total * 1.25)
+
+
+def copy_films(files: list[Path], dest: Path) -> None:
+    """Keep each film's own label folder (normal/ or pneumonia/), so patients keep one label."""
+    for file in files:
+        target = dest / file.parent.name / file.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file, target)
+
+
+def compress_j2k(files: list[Path], dest: Path) -> None:
+    """JPEG 2000 lossless copies of uncompressed DICOMs (pydicom + pylibjpeg-openjpeg); checks the first decodes back exactly."""
+    import numpy as np
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    for file in files:
+        dataset = pydicom.dcmread(file)
+        dataset.compress(JPEG2000Lossless)
+        target = dest / file.parent.name / file.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dataset.save_as(target, enforce_file_format=True)
+    original, encoded = pydicom.dcmread(files[0]), pydicom.dcmread(dest / files[0].parent.name / files[0].name)
+    if encoded.file_meta.TransferSyntaxUID != JPEG2000Lossless or not np.array_equal(original.pixel_array, encoded.pixel_array):
+        raise RuntimeError("JPEG 2000 lossless re-encoding did not round-trip; is pylibjpeg-openjpeg installed?")
+
+
+def real_j2k_copies(n: int, dest: Path) -> None:
+    """n copies of the real JPEG 2000 chest film, each with its own UIDs and PatientID so each is a distinct file.
+
+    (Identical bytes would be one decode-cache key; the pixel data is left encoded exactly as published.)
+    """
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    if not REAL_J2K.is_file():
+        raise SystemExit(f"--j2k real needs {REAL_J2K}, which is missing; use --j2k synthetic")
+    for i in range(n):
+        dataset = pydicom.dcmread(REAL_J2K)
+        label = "normal" if i < n // 2 else "pneumonia"
+        dataset.SOPInstanceUID = generate_uid(entropy_srcs=["cxr-ingest-benchmark", str(i)])
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        dataset.PatientID = f"J2K{i:04d}"
+        target = dest / label / f"J2K{i:04d}_1.dcm"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dataset.save_as(target)
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def new_project(folder: Path) -> ProjectPaths:
+    """A fresh project: its own params.yaml and an empty decode cache."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / "params.yaml").write_text(f"data: {{image_size: {IMAGE_SIZE}}}\n")
+    return ProjectPaths(folder)
+
+
+@dataclass(frozen=True)
+class Timing:
+    seconds: float
+    others_cpu_s: float  # CPU seconds other processes (and the hypervisor) took meanwhile
+    result: IngestResult
+
+
+def timed_ingest(paths: ProjectPaths, source: Path, workers: int) -> Timing:
+    config = load_config(paths.root / "params.yaml", [f"data.sources=[{source}]", f"data.num_workers={workers}"])
+    gc.collect()
+    machine, own = machine_cpu_s(), own_cpu_s()
+    start = time.perf_counter()
+    result = ingest_stage(paths, config)
+    seconds = time.perf_counter() - start
+    others = max(0.0, (machine_cpu_s() - machine) - (own_cpu_s() - own))
+    return Timing(seconds, others, result)
+
+
+def machine_cpu_s() -> float:
+    """CPU seconds all cores spent on anything but idling since boot (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the decoding workers, once the pool is shut)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def measure(kind: str, source: Path, workers: int, repeats: int, scratch: Path) -> Measurement:
+    """Best of `repeats` cold ingests (fresh project each) and of the cached re-ingest that follows each."""
+    n_files = sum(1 for p in source.rglob("*") if p.is_file())
+    cold: list[Timing] = []
+    cached: list[Timing] = []
+    for repeat in range(repeats):
+        paths = new_project(scratch / f"{kind}-w{workers}-r{repeat}")
+        cold.append(timed_ingest(paths, source, workers))
+        cached.append(timed_ingest(paths, source, workers))
+        check(kind, n_files, cold[-1].result, cached[-1].result)
+        shutil.rmtree(paths.root)
+    timings = cold + cached
+    capacity = sum(t.seconds for t in timings) * (os.cpu_count() or 1)
+    others_share = sum(t.others_cpu_s for t in timings) / capacity
+    return Measurement(kind, workers, n_files, min(t.seconds for t in cold), min(t.seconds for t in cached), others_share)
+
+
+def check(kind: str, n_files: int, cold: IngestResult, cached: IngestResult) -> None:
+    """The timings mean something only if cold decoded every file, cached none, and nothing was quarantined."""
+    problems = []
+    if cold.n_decoded != n_files:
+        problems.append(f"cold run decoded {cold.n_decoded} of {n_files} files")
+    if cached.n_decoded != 0:
+        problems.append(f"cached run decoded {cached.n_decoded} files (expected 0)")
+    if cold.quarantine_reasons or cached.quarantine_reasons:
+        problems.append(f"files quarantined: {cold.quarantine_reasons or cached.quarantine_reasons}")
+    if problems:
+        raise RuntimeError(f"{kind}: " + "; ".join(problems))
+
+
+def warm_up(inputs: Inputs, scratch: Path) -> None:
+    """One small ingest of every kind, so imports (pydicom, Pillow, openjpeg, pyarrow) are paid before timing."""
+    mixed = scratch / "warm-up-films"
+    for kind, source in inputs.sources.items():
+        for label in ("normal", "pneumonia"):
+            for file in sorted((source / label).glob("*"))[:1]:
+                target = mixed / label / f"{kind}-{file.name}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, target)
+    paths = new_project(scratch / "warm-up")
+    for _ in range(2):  # cold, then cached
+        timed_ingest(paths, mixed, 1)
+    shutil.rmtree(paths.root)
+    shutil.rmtree(mixed)
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def file_size_kb(source: Path) -> float:
+    files = [p for p in source.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / len(files) / 1024
+
+
+def print_table(results: list[Measurement]) -> None:
+    print(f"{'kind':<20} {'workers':>7} {'cold img/s':>11} {'cached img/s':>13} {'2w/1w cold':>11}")
+    for row in results:
+        one = next(r for r in results if r.kind == row.kind and r.workers == 1)
+        speedup = f"{row.cold_rate / one.cold_rate:.2f}x" if row.workers == 2 else ""
+        print(f"{KIND_NAMES[row.kind]:<20} {row.workers:>7} {row.cold_rate:>11.1f} {row.cached_rate:>13.1f} {speedup:>11}")
+    worst = max(results, key=lambda r: r.others_share)
+    print(f"other processes took at most {worst.others_share:.0%} of the machine's CPU during a row's timings")
+    for row in results:
+        if row.others_share > BUSY_WARNING:
+            print(f"WARNING: {KIND_NAMES[row.kind]}, {row.workers} worker(s): other processes took {row.others_share:.0%} "
+                  "of the CPU while it was timed; rerun on an idle machine")
+
+
+def main() -> None:
+    args = parse_args()
+    print(f"ingest benchmark: {args.n} films per kind, stored at {IMAGE_SIZE} px, best of {args.repeats}, "
+          f"{os.cpu_count()} CPU cores, Python {sys.version.split()[0]}")
+    with tempfile.TemporaryDirectory(prefix="cxr-ingest-benchmark-") as tmp:
+        scratch = Path(tmp)
+        start = time.perf_counter()
+        inputs = build_inputs(scratch / "films", args.n, args.side, args.seed, args.j2k)
+        print(f"inputs built in {time.perf_counter() - start:.0f} s:")
+        for kind in KINDS:
+            print(f"  {KIND_NAMES[kind]:<20} {file_size_kb(inputs.sources[kind]):7.0f} KB/file  {inputs.description[kind]}")
+        warm_up(inputs, scratch)
+
+        results = [measure(kind, inputs.sources[kind], workers, args.repeats, scratch)
+                   for kind in KINDS for workers in WORKER_COUNTS]
+
+    print()
+    print_table(results)
+    rate = {(r.kind, r.workers): r for r in results}
+    jpeg_speedup = rate["jpeg", 2].cold_rate / rate["jpeg", 1].cold_rate
+    cached_vs_cold = rate["jpeg", 1].cached_rate / rate["jpeg", 1].cold_rate
+    verdict = "PASS" if jpeg_speedup >= TARGET_JPEG_SPEEDUP else "FAIL"
+    print()
+    print(f"target: JPEG cold, 2 workers >= {TARGET_JPEG_SPEEDUP:.2f}x 1 worker: {jpeg_speedup:.2f}x  {verdict}")
+    print(f"jpeg_2_vs_1_workers={jpeg_speedup:.2f}")
+    print(f"cached_vs_cold_jpeg_1_worker={cached_vs_cold:.2f}")
+
+
+if __name__ == "__main__":
+    main()
