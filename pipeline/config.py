@@ -229,6 +229,7 @@ class EvaluateConfig(Section):
     # Other labelled sources (same forms as data.sources) scored as external validation: never trained on,
     # reported beside the internal test split with the shift between them.
     external: list[SourceSpec] = Field(default_factory=list)
+    temperature_scaling: bool = False  # recalibrate probabilities with a temperature fitted on val (kept with the model)
     bootstrap_rounds: int = Field(1000, ge=100)  # resamples behind the 95 % confidence intervals
     calibration_bins: int = Field(10, ge=2)
     seed: int = 0

@@ -39,7 +39,7 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
 
     from pipeline import tracking
     from pipeline.metrics import binary_metrics, bootstrap_intervals, calibration_table
-    from pipeline.models import load_checkpoint, predict_proba
+    from pipeline.models import apply_temperature, fit_temperature, load_checkpoint, predict_proba
     from pipeline.plots import write_evaluation_plots
 
     model, state = load_checkpoint(paths.checkpoint)
@@ -52,17 +52,22 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     predictions: list[pd.DataFrame] = []
     metrics: dict = {"threshold": config.evaluate.threshold, "model": state["model"], "best_epoch": state["epoch"],
                      "checkpoint_sha256": sha256_of(paths.checkpoint)}
-    for split in ("val", "test"):
+    temperature = 1.0
+    for split in ("val", "test"):  # val first: temperature scaling is fitted there, then applied to both
         rows = manifest[manifest["split"] == split]
         if rows.empty:
             raise CxrError(f"evaluate: the {split} split is empty; add data or raise data.split.{split}")
         probability = predict_proba(model, np.asarray(images[rows["store_index"].to_numpy()]), torch.device("cpu"))[:, positive]
         truth = (rows["label_index"].to_numpy() == positive).astype(int)
+        if split == "val" and config.evaluate.temperature_scaling:
+            temperature = fit_temperature(truth, probability)
+        probability = apply_temperature(probability, temperature)
         scored[split] = (truth, probability)
         predictions.append(pd.DataFrame({"split": split, "image_id": rows["image_id"].to_numpy(), "store_index": rows["store_index"].to_numpy(),
                                          "truth": truth, "probability": probability, "threshold": config.evaluate.threshold}))
         metrics[split] = binary_metrics(truth, probability, config.evaluate.threshold)
 
+    metrics["temperature"] = temperature
     truth, probability = scored["test"]
     settings = config.evaluate
     metrics["test"]["ci95"] = bootstrap_intervals(truth, probability, settings.threshold, settings.bootstrap_rounds, settings.seed)

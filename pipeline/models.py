@@ -248,3 +248,27 @@ def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device, ba
     if not chunks:
         return np.zeros((0, 2), dtype=np.float32)
     return np.concatenate(chunks)
+
+
+def apply_temperature(probability: np.ndarray, temperature: float) -> np.ndarray:
+    """Positive-class probabilities recalibrated by temperature scaling: sigmoid(logit(p) / T); T = 1 changes nothing."""
+    if temperature == 1.0:
+        return probability
+    p = np.clip(np.asarray(probability, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return 1.0 / (1.0 + np.exp(-np.log(p / (1 - p)) / temperature))
+
+
+def fit_temperature(y_true: np.ndarray, probability: np.ndarray) -> float:
+    """The temperature minimising validation log-loss (Guo et al. 2017): T > 1 softens an overconfident model.
+
+    One scalar, so it cannot change the ranking (AUC) of films, only how far the probabilities can be trusted.
+    """
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y_true, dtype=np.float64)
+
+    def log_loss(temperature: float) -> float:
+        p = np.clip(apply_temperature(probability, temperature), 1e-7, 1 - 1e-7)
+        return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+    return float(minimize_scalar(log_loss, bounds=(0.05, 20.0), method="bounded").x)

@@ -61,7 +61,7 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
     client = mlflow.MlflowClient()
     name, settings = config.registry.model_name, config.registry
 
-    fingerprint = f"{sha256_of(paths.checkpoint)}@{config.evaluate.threshold}"
+    fingerprint = f"{sha256_of(paths.checkpoint)}@{config.evaluate.threshold}@{metrics.get('temperature', 1.0)}"
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}' and tags.fingerprint='{fingerprint}'")
     if existing:
         version = int(existing[0].version)
@@ -175,6 +175,7 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
 
     _, state = load_checkpoint(paths.checkpoint)  # describe the model that was trained, not today's params
     size, labels, threshold = int(state["image_size"]), list(state["labels"]), config.evaluate.threshold
+    temperature = float(read_json(paths.metrics, "`cxr evaluate`").get("temperature", 1.0))
     example = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (1, size, 1))  # a grey ramp: no patient pixels in the registry
     output = pd.DataFrame({"probability": [0.5], "label": [labels[-1]]})
     with tempfile.TemporaryDirectory() as scratch:
@@ -188,8 +189,8 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
                 pip_requirements=serving_requirements(),
                 signature=infer_signature(example, output),
                 input_example=example,
-                model_config={"threshold": threshold},
-                metadata={"image_size": size, "labels": labels, "threshold": threshold},
+                model_config={"threshold": threshold, "temperature": temperature},
+                metadata={"image_size": size, "labels": labels, "threshold": threshold, "temperature": temperature},
                 registered_model_name=config.registry.model_name,
             )
     return int(info.registered_model_version)

@@ -25,18 +25,19 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
         self.model, state = load_checkpoint(Path(context.artifacts["checkpoint"]))
         self.labels = state["labels"]
         self.threshold = float((context.model_config or {}).get("threshold", 0.5))
+        self.temperature = float((context.model_config or {}).get("temperature", 1.0))
         self.image_size = int(state["image_size"])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         import torch
 
-        from pipeline.models import predict_proba
+        from pipeline.models import apply_temperature, predict_proba
 
         images = np.asarray(model_input)
         if images.ndim == 2:
             images = images[None]
         if images.shape[1:] != (self.image_size, self.image_size):
             raise ValueError(f"expected images of shape (N, {self.image_size}, {self.image_size}), got {images.shape}")
-        probability = predict_proba(self.model, images.astype(np.uint8), torch.device("cpu"))[:, -1]
+        probability = apply_temperature(predict_proba(self.model, images.astype(np.uint8), torch.device("cpu"))[:, -1], self.temperature)
         labels = np.where(probability >= self.threshold, self.labels[-1], self.labels[0])
         return pd.DataFrame({"probability": probability.astype(np.float64), "label": labels})

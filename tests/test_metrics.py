@@ -77,3 +77,40 @@ def test_external_validation_scores_another_source_and_reports_the_shift(tiny_pr
     assert site["n"] == 30 and site["unreadable"] == 3  # the three files broken on purpose
     assert site["shift_from_internal_test"]["accuracy"] == pytest.approx(site["accuracy"] - result.metrics["test"]["accuracy"])
     assert site["ci95"]["accuracy"][0] <= site["accuracy"] <= site["ci95"]["accuracy"][1]
+
+
+def test_temperature_scaling_recovers_the_overconfidence_and_keeps_the_ranking():
+    from scipy.stats import spearmanr
+
+    from pipeline.models import apply_temperature, fit_temperature
+
+    rng = np.random.default_rng(0)
+    calibrated = rng.uniform(0.02, 0.98, 4000)
+    truth = (rng.random(4000) < calibrated).astype(int)  # outcomes drawn from the calibrated probabilities
+    overconfident = apply_temperature(calibrated, 1 / 3)  # logits tripled
+    temperature = fit_temperature(truth, overconfident)
+    assert temperature == pytest.approx(3.0, rel=0.15)
+    recalibrated = apply_temperature(overconfident, temperature)
+    assert calibration_table(truth, recalibrated)[1] < calibration_table(truth, overconfident)[1] / 2
+    assert spearmanr(recalibrated, overconfident).statistic == pytest.approx(1.0)
+    assert np.array_equal(apply_temperature(overconfident, 1.0), overconfident)
+
+
+@pytest.mark.slow
+def test_served_model_applies_the_temperature_fitted_on_validation(tmp_path):
+    import mlflow
+    import torch
+
+    from pipeline.models import apply_temperature, load_checkpoint, predict_proba
+    from pipeline.tracking import connect
+    from tests.conftest import run_all_stages, write_tiny_project
+
+    project = run_all_stages(write_tiny_project(tmp_path, n=60), ["evaluate.temperature_scaling=true"])
+    temperature = json.loads(project.paths.metrics.read_text())["temperature"]
+    assert temperature != 1.0
+    connect(project.paths.root)
+    served = mlflow.pyfunc.load_model("models:/cxr-pneumonia@champion")
+    films = np.load(project.paths.images)[:5]
+    network, _ = load_checkpoint(project.paths.checkpoint)
+    expected = apply_temperature(predict_proba(network, films, torch.device("cpu"))[:, -1], temperature)
+    assert np.allclose(served.predict(films)["probability"], expected, atol=1e-6)
