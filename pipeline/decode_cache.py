@@ -66,11 +66,11 @@ class DecodeCache:
     def get(self, file_key: str, name: str) -> Decoded | Failure | None:
         """The cached outcome for a file's bytes; `name` goes into a failure's message."""
         if file_key in self.failures.index:
-            entry = self.failures.loc[file_key]
+            entry = self.failures.loc[[file_key]].iloc[0]
             return Failure(entry["reason"], entry["message"].replace(FILE, name))
         if file_key not in self.index.index:
             return None
-        entry = self.index.loc[file_key]
+        entry = self.index.loc[[file_key]].iloc[0]  # [[key]]: one row even if an old cache holds a key twice
         shard = self._shards.get(entry["shard"])
         if shard is None:
             shard = self._shards[entry["shard"]] = np.load(self.folder / entry["shard"], mmap_mode="r")
@@ -79,7 +79,11 @@ class DecodeCache:
 
     def add(self, entries: list[tuple[str, str, Decoded | Failure]]) -> None:
         """Remember (file key, film name, outcome) triples: one new shard for the pixels, then the tables (all atomic)."""
-        entries = [entry for entry in entries if not self.has(entry[0])]
+        unique: dict[str, tuple[str, str, Decoded | Failure]] = {}
+        for entry in entries:
+            if not self.has(entry[0]):
+                unique.setdefault(entry[0], entry)  # byte-identical files share one key: store it once
+        entries = list(unique.values())
         if not entries:
             return
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,14 +81,20 @@ def plan_ingest(paths: ProjectPaths, config: Config) -> IngestPlan:
         items += source_items
         rejected += source_rejected
     cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size)
-    keys: list[str | None] = []
-    todo: list[SourceItem] = []
-    for item in tqdm(items, desc="hashing", unit="file", disable=None, leave=False):
-        key = sha256_of(item.file) if item.file is not None and item.file.is_file() else None
-        keys.append(key)
-        if item.file is not None and not cache.has(key):
+    workers = config.data.num_workers or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib releases the GIL: threads hash in parallel
+        keys = list(tqdm(pool.map(_file_key, items), total=len(items), desc="hashing", unit="file", disable=None, leave=False))
+    todo, queued = [], set()
+    for item, key in zip(items, keys):  # byte-identical files are decoded once; the others come from the cache
+        if item.file is not None and not cache.has(key) and key not in queued:
             todo.append(item)
+            if key is not None:
+                queued.add(key)
     return IngestPlan(items, rejected, keys, todo)
+
+
+def _file_key(item: SourceItem) -> str | None:
+    return sha256_of(item.file) if item.file is not None and item.file.is_file() else None
 
 
 def decode_items(items: list[SourceItem], size: int, workers: int = 0) -> list[Decoded | Failure]:

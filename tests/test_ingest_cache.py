@@ -84,3 +84,16 @@ def test_dedupe_drop_keeps_one_copy_and_prefers_the_train_copy(tmp_path):
     manifest = pd.read_parquet(paths.manifest)
     assert not manifest["sha256"].duplicated().any()
     assert np.load(paths.images).shape[0] == len(manifest)
+
+
+def test_byte_identical_files_are_decoded_once_and_reingest_works(tmp_path):
+    write_demo_data(tmp_path / "data" / "raw" / "demo", n=30, seed=6, size=64)
+    films = sorted((tmp_path / "data" / "raw" / "demo" / "pneumonia").glob("*.png"))
+    shutil.copy2(films[0], films[0].with_name("copy_of_" + films[0].name))
+    paths, config = _project(tmp_path, "data.sources=[data/raw/demo]", "data.num_workers=1", "data.dedupe=report")
+
+    first = ingest_stage(paths, config)
+    second = ingest_stage(paths, config)
+
+    assert first.n_decoded == 33  # 30 films and 3 broken files; the byte copy of one film is not decoded again
+    assert second.n_decoded == 0 and second.n_images == first.n_images == 31
