@@ -123,6 +123,7 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, state: d
     import torch
 
     from pipeline.decode_cache import Decoded
+    from pipeline.imaging import resize
     from pipeline.ingest import decode_items
     from pipeline.metrics import binary_metrics, bootstrap_intervals
     from pipeline.models import predict_proba
@@ -137,8 +138,6 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, state: d
     for item in labelled:
         outcome = decoded.get(id(item))
         if item.file is None:
-            from pipeline.imaging import resize
-
             images.append(resize(np.asarray(item.pixels, dtype=np.uint8), size))
         elif isinstance(outcome, Decoded):
             images.append(outcome.pixels)

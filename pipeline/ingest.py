@@ -292,8 +292,7 @@ def _assign_splits(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
 def _log_summary(result: IngestResult) -> None:
     splits = " / ".join(f"{name} {count}" for name, count in result.split_counts.items())
     log.info("ingest: %d images (%s) → %s", result.n_images, splits, result.manifest_path)
-    log.info("ingest: decoded %d files, %d came from the decode cache", result.n_decoded,
-             sum(result.split_counts.values()) + result.n_dropped_duplicates - result.n_decoded)
+    log.info("ingest: decoded %d new files; the others came from the decode cache", result.n_decoded)
     if result.n_dropped_duplicates:
         log.info("ingest: dropped %d identical copies (data.dedupe=drop) → %s", result.n_dropped_duplicates, "data/interim/dropped_duplicates.csv")
     if result.quarantine_reasons:
