@@ -106,7 +106,8 @@ def decode_items(items: list[SourceItem], size: int, workers: int = 0) -> list[D
         return [decode_one(item, size) for item in tqdm(items, desc="decoding", unit="img", disable=None)]
     from concurrent.futures import ProcessPoolExecutor
 
-    chunk = max(1, min(64, len(items) // (workers * 4)))
+    # Small chunks: a worker left without work while the other finishes a long last chunk wastes a core.
+    chunk = max(1, min(16, len(items) // (workers * 16)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         outcomes = pool.map(decode_one, items, [size] * len(items), chunksize=chunk)
         return list(tqdm(outcomes, total=len(items), desc=f"decoding ({workers} workers)", unit="img", disable=None))
