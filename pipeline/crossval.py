@@ -1,0 +1,151 @@
+"""Cross-validation: k-fold estimates of validation AUC and accuracy over train+val pooled.
+
+Why: on a small or easy validation split the score saturates (PneumoniaMNIST's 524 films give val AUC
+near 1 for most reasonable models), so one number cannot tell two settings apart. Pooling train and
+val and training k times, each time holding out one fold, gives a mean and a spread.
+
+Each fold is a small project under models/crossval/fold-<k>/ that reuses the project's image store (a
+symbolic link, never a copy) and runs the same rebalance and train stages as `cxr train`: the fold's
+films are `val`, the other folds' are `train`, and the test split stays untouched and unused. Folds are
+drawn by patient (no patient in two folds) and stratified on the label, seeded with data.seed. Every
+fold is its own MLflow run in the project's experiment, tagged `crossval.fold`, and the summary goes to
+reports/crossval.json. The fold checkpoints are kept (models/crossval/fold-<k>/models/checkpoint.pt).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from pipeline import tracking
+from pipeline.config import Config, tracking_uri
+from pipeline.errors import CxrError
+from pipeline.files import atomic_path, write_json
+from pipeline.paths import ProjectPaths
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    fold: int
+    n_train: int
+    n_val: int
+    val_auc: float
+    val_accuracy: float
+    best_epoch: int
+    run_id: str
+
+
+@dataclass(frozen=True)
+class CrossvalResult:
+    folds: list[FoldResult]
+    summary_path: Path
+
+    def mean_sd(self, metric: str) -> tuple[float, float]:
+        """Mean and sample standard deviation of a FoldResult field over the folds."""
+        values = np.array([getattr(fold, metric) for fold in self.folds], dtype=float)
+        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def crossval_stage(paths: ProjectPaths, config: Config, folds: int = 5) -> CrossvalResult:
+    """Train `folds` times on train+val, each fold held out once; write reports/crossval.json."""
+    from pipeline.rebalance import rebalance_stage
+    from pipeline.train import train_stage
+
+    if folds < 2:
+        raise CxrError(f"crossval: --folds must be at least 2, not {folds}")
+    if not paths.manifest.exists() or not paths.images.exists():
+        raise CxrError(f"{paths.manifest} or {paths.images} is missing: run `cxr ingest` first")
+    manifest = pd.read_parquet(paths.manifest)
+    pooled = manifest["split"].isin(["train", "val"])
+    fold_of = assign_folds(manifest[pooled], folds, config.data.seed)
+
+    tracking.connect(paths.root)  # the experiment must exist in the project's store before the folds log to it
+    tracking.experiment_id(config.tracking.experiment, paths.root)
+    results = []
+    with project_store(paths.root):
+        for fold in range(folds):
+            fold_paths = _fold_project(paths, manifest, pooled, fold_of, fold)
+            log.info("crossval: fold %d of %d (%d train, %d val films)", fold + 1, folds,
+                     int((fold_of != fold).sum()), int((fold_of == fold).sum()))
+            rebalance_stage(fold_paths, config.rebalance)
+            trained = train_stage(fold_paths, config)
+            _tag_fold(trained.run_id, fold, folds)
+            results.append(FoldResult(fold, int((fold_of != fold).sum()), int((fold_of == fold).sum()),
+                                      trained.best_val_auc, trained.best_val_accuracy, trained.best_epoch, trained.run_id))
+    result = CrossvalResult(results, paths.reports / "crossval.json")
+    _write_summary(result, config, folds)
+    return result
+
+
+def assign_folds(frame: pd.DataFrame, folds: int, seed: int) -> pd.Series:
+    """A fold number per row: patients never straddle folds, and each fold holds about 1/folds of each label."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels = frame["label"].astype(str).to_numpy()
+    smallest = pd.Series(labels).value_counts().min()
+    if smallest < folds:
+        raise CxrError(f"crossval: a label has only {smallest} films in train+val, fewer than --folds {folds}")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    fold_of = np.full(len(frame), -1)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(frame)), labels, frame["patient_hash"].to_numpy())):
+        fold_of[held_out] = fold
+    return pd.Series(fold_of, index=frame.index)
+
+
+@contextmanager
+def project_store(root: Path) -> Iterator[None]:
+    """Fold projects live below the project root; their runs belong in the project's MLflow store, not their own."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(root)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def _fold_project(paths: ProjectPaths, manifest: pd.DataFrame, pooled: pd.Series, fold_of: pd.Series,
+                  fold: int) -> ProjectPaths:
+    """models/crossval/fold-<k>/: the manifest with this fold as val and the others as train, the store linked."""
+    fold_paths = ProjectPaths(paths.models / "crossval" / f"fold-{fold}")
+    fold_paths.interim.mkdir(parents=True, exist_ok=True)
+    fold_manifest = manifest.copy()
+    fold_manifest.loc[pooled, "split"] = np.where(fold_of == fold, "val", "train")
+    with atomic_path(fold_paths.manifest) as tmp:
+        fold_manifest.to_parquet(tmp, index=False)
+    fold_paths.images.unlink(missing_ok=True)
+    fold_paths.images.symlink_to(paths.images.resolve())
+    return fold_paths
+
+
+def _tag_fold(run_id: str, fold: int, folds: int) -> None:
+    import mlflow
+
+    mlflow.MlflowClient().set_tag(run_id, "crossval.fold", f"{fold + 1}/{folds}")
+
+
+def _write_summary(result: CrossvalResult, config: Config, folds: int) -> None:
+    auc, auc_sd = result.mean_sd("val_auc")
+    accuracy, accuracy_sd = result.mean_sd("val_accuracy")
+    write_json(result.summary_path, {
+        "folds": folds,
+        "model": config.train.model,
+        "image_size": config.data.image_size,
+        "seed": config.data.seed,
+        "val_auc": {"mean": auc, "sd": auc_sd},
+        "val_accuracy": {"mean": accuracy, "sd": accuracy_sd},
+        "per_fold": [fold.__dict__ for fold in result.folds],
+    })
+    log.info("crossval: %d folds, val AUC %.4f ± %.4f, val accuracy %.4f ± %.4f (mean ± sd) → %s",
+             folds, auc, auc_sd, accuracy, accuracy_sd, result.summary_path)

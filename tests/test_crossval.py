@@ -1,0 +1,63 @@
+"""Cross-validation: folds by patient and stratified, one real training per fold, a summary and MLflow runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import load_config
+from pipeline.crossval import assign_folds, crossval_stage
+from pipeline.errors import CxrError
+from pipeline.ingest import ingest_stage
+from pipeline.paths import ProjectPaths
+from tests.conftest import write_tiny_project
+
+
+def test_folds_keep_patients_together_and_each_label_in_every_fold():
+    rng = np.random.default_rng(0)
+    patients = [f"p{i}" for i in range(60) for _ in range(int(rng.integers(1, 4)))]
+    label_of = {p: ("pneumonia" if int(p[1:]) % 3 else "normal") for p in set(patients)}
+    frame = pd.DataFrame({"patient_hash": patients, "label": [label_of[p] for p in patients]})
+
+    fold_of = assign_folds(frame, 5, seed=0)
+
+    assert set(fold_of) == {0, 1, 2, 3, 4}
+    assert (frame.assign(fold=fold_of).groupby("patient_hash")["fold"].nunique() == 1).all()
+    per_fold = frame.assign(fold=fold_of).groupby("fold")["label"].value_counts().unstack()
+    assert (per_fold > 0).all().all()
+    assert assign_folds(frame, 5, seed=0).equals(fold_of)  # seeded
+
+
+def test_a_label_rarer_than_the_folds_is_refused():
+    frame = pd.DataFrame({"patient_hash": [f"p{i}" for i in range(12)], "label": ["normal"] * 2 + ["pneumonia"] * 10})
+    with pytest.raises(CxrError, match="only 2 films"):
+        assign_folds(frame, 5, seed=0)
+
+
+def test_crossval_trains_every_fold_and_writes_the_summary(tmp_path):
+    import mlflow
+
+    params = write_tiny_project(tmp_path / "project", n=60)
+    config = load_config(params)
+    paths = ProjectPaths(params.parent)
+    ingest_stage(paths, config)
+
+    result = crossval_stage(paths, config, folds=3)
+
+    summary = json.loads((paths.reports / "crossval.json").read_text())
+    assert summary["folds"] == 3 and len(summary["per_fold"]) == 3
+    manifest = pd.read_parquet(paths.manifest)
+    pooled = int(manifest["split"].isin(["train", "val"]).sum())
+    assert sum(fold["n_val"] for fold in summary["per_fold"]) == pooled  # every pooled film held out once
+    mean_auc, _ = result.mean_sd("val_auc")
+    assert summary["val_auc"]["mean"] == pytest.approx(mean_auc)
+    for fold in range(3):
+        fold_root = paths.models / "crossval" / f"fold-{fold}"
+        assert (fold_root / "models" / "checkpoint.pt").exists()
+        assert not (fold_root / "mlruns.db").exists()  # the folds log to the project's store
+    mlflow.set_tracking_uri(f"sqlite:///{paths.root / 'mlruns.db'}")
+    runs = mlflow.search_runs(experiment_names=[config.tracking.experiment], filter_string="tags.`crossval.fold` != ''")
+    assert sorted(runs["tags.crossval.fold"]) == ["1/3", "2/3", "3/3"]
