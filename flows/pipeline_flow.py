@@ -21,7 +21,7 @@ from prefect.states import Failed, State  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.files import sha256_of, write_json  # noqa: E402
-from pipeline.metrics import format_metric  # noqa: E402
+from pipeline.evaluate import headline_rows  # noqa: E402
 from pipeline.errors import CxrError  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
 
@@ -204,12 +204,10 @@ def _publish_artifacts(paths: ProjectPaths, results: dict[str, Any]) -> None:
     """What a person sees on the flow run's page in the Prefect UI: the metrics table and where the results are."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-    test = results["evaluate"].metrics["test"]
+    metrics = results["evaluate"].metrics
+    test = metrics["test"]
     registered = results["register"]
-    rows = []
-    for name in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1"):
-        interval = (test.get("ci95") or {}).get(name) or [None, None]
-        rows.append(f"| {name} | {format_metric(test.get(name), 3)} | {format_metric(interval[0], 3)} to {format_metric(interval[1], 3)} |")
+    rows = ["| " + " | ".join(row) + " |" for row in headline_rows(metrics)]
     markdown = "\n".join([
         f"## Test metrics (n = {test.get('n')})", "", "| metric | value | 95 % CI |", "|---|---|---|", *rows, "",
         f"**{registered.model_name} version {registered.version}**: "

@@ -46,18 +46,27 @@ def current_champion(client, name: str):  # -> ModelVersion | None
 
 
 def gate(paths: ProjectPaths, gate_metric: str, margin: float, champion, rounds: int = 1000, seed: int = 0) -> GateDecision:
-    """Challenger (this project's predictions.csv) against the champion scored on the same films."""
+    """Challenger (this project's predictions.csv) against the champion scored on the same films, each at its
+    own operating point (threshold, thresholds per label, or most probable class)."""
+    from pipeline.evaluate import read_predictions
+
     split, metric = gate_metric.split("_", 1)
     predictions = _predictions(paths, split)
-    truth, challenger = predictions["truth"].to_numpy(), predictions["probability"].to_numpy()
-    challenger_threshold = float(predictions["threshold"].iloc[0])
-    champion_probability, champion_threshold = _score_champion(paths, champion, predictions["store_index"].to_numpy())
-    ours = _metric(truth, challenger, challenger_threshold, metric)
-    theirs = _metric(truth, champion_probability, champion_threshold, metric)
+    task, labels, ours_scored, our_threshold = read_predictions(predictions)
+    scored_by_champion = _score_champion(paths, champion, predictions["store_index"].to_numpy())
+    champion_task, champion_labels, champion_probability, their_threshold = scored_by_champion
+    if champion_task != task or (task != "binary" and champion_labels != labels):
+        ours_described = f"a {task} model" + (f" of {labels}" if labels else "")
+        return GateDecision(False, None, None, None, f"champion v{champion.version} is a {champion_task} model of "
+                            f"{champion_labels}, this one {ours_described}: the gate cannot compare them; "
+                            "`cxr promote` decides by hand")
+    truth, challenger = ours_scored.truth, ours_scored.probability
+    ours = _metric(task, labels, truth, challenger, our_threshold, metric)
+    theirs = _metric(task, labels, truth, champion_probability, their_threshold, metric)
     if ours is None or theirs is None:
         return GateDecision(False, ours, theirs, None, f"{gate_metric} is undefined on this {split} split (one class only)")
-    interval = _paired_difference_interval(truth, challenger, champion_probability, challenger_threshold,
-                                           champion_threshold, metric, rounds, seed)
+    interval = _paired_difference_interval(task, labels, truth, challenger, champion_probability, our_threshold,
+                                           their_threshold, metric, rounds, seed)
     promote = ours >= theirs - margin
     verdict = "within the margin of or better than" if promote else f"worse by more than {margin:g} than"
     reason = (f"{gate_metric} {ours:.4f} vs champion v{champion.version} {theirs:.4f} on the same {len(truth)} {split} films "
@@ -113,12 +122,14 @@ def _predictions(paths: ProjectPaths, split: str) -> pd.DataFrame:
     return predictions[predictions["split"] == split].reset_index(drop=True)
 
 
-def _score_champion(paths: ProjectPaths, champion, store_index: np.ndarray) -> tuple[np.ndarray, float]:
-    """The champion's probabilities for the given films, through the registered pyfunc as it is served."""
+def _score_champion(paths: ProjectPaths, champion, store_index: np.ndarray):
+    """The champion's task, labels, probabilities for the given films (through the registered pyfunc as it is
+    served: the positive label's for binary, else one column per label) and its operating point."""
     import mlflow
 
     model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
-    size = int(model.metadata.metadata["image_size"])
+    metadata = model.metadata.metadata
+    size = int(metadata["image_size"])
     images = np.load(paths.images, mmap_mode="r")
     if images.shape[1:] != (size, size):
         from pipeline.imaging import resize
@@ -127,23 +138,32 @@ def _score_champion(paths: ProjectPaths, champion, store_index: np.ndarray) -> t
     else:
         batch = np.asarray(images[store_index])
     table = model.predict(batch)
-    return table["probability"].to_numpy(dtype=float), float(model.metadata.metadata.get("threshold", 0.5))
+    task, labels = metadata.get("task", "binary"), list(metadata["labels"])  # models from before data.task are binary
+    if task == "binary":
+        return task, labels, table["probability"].to_numpy(dtype=float), float(metadata.get("threshold", 0.5))
+    return task, labels, table[[f"probability_{label}" for label in labels]].to_numpy(dtype=float), metadata.get("threshold")
 
 
-def _metric(truth: np.ndarray, probability: np.ndarray, threshold: float, metric: str) -> float | None:
-    from pipeline.metrics import threshold_metrics
+def _metric(task: str, labels: list[str], truth: np.ndarray, probability: np.ndarray, threshold, metric: str) -> float | None:
+    """The gate metric of one model on the films: the binary table's, or macro AUC / accuracy (pipeline.metrics)."""
+    from pipeline.evaluate import threshold_vector
+    from pipeline.metrics import label_scores, threshold_metrics
 
-    return threshold_metrics(truth, probability, threshold)[metric]
+    if task == "binary":
+        return threshold_metrics(truth, probability, threshold)[metric]
+    cut = threshold_vector(threshold, labels) if task == "multilabel" else 0.5
+    return label_scores(task, truth, probability, cut)[metric]
 
 
-def _paired_difference_interval(truth, ours, theirs, our_threshold, their_threshold, metric, rounds, seed) -> list[float] | None:
+def _paired_difference_interval(task, labels, truth, ours, theirs, our_threshold, their_threshold, metric, rounds,
+                                seed) -> list[float] | None:
     """95 % interval of (challenger - champion) over paired resamples of the same films."""
     rng = np.random.default_rng(seed)
     differences = []
     for _ in range(rounds):
         pick = rng.integers(0, len(truth), len(truth))
-        a = _metric(truth[pick], ours[pick], our_threshold, metric)
-        b = _metric(truth[pick], theirs[pick], their_threshold, metric)
+        a = _metric(task, labels, truth[pick], ours[pick], our_threshold, metric)
+        b = _metric(task, labels, truth[pick], theirs[pick], their_threshold, metric)
         if a is not None and b is not None:
             differences.append(a - b)
     if len(differences) < rounds // 2:

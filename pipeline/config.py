@@ -79,10 +79,18 @@ class SourceFilters(Section):
     body_parts: list[str] = Field(default_factory=list)  # e.g. [CHEST]
 
 
+Task = Literal["binary", "multiclass", "multilabel"]
+
+
 class DataConfig(Section):
     sources: list[SourceSpec] = Field(default_factory=lambda: [SourceSpec(path="data/raw/demo")], min_length=1)
-    # Two labels for now (binary); multi-class and multi-label tasks come with the training engine.
-    labels: list[str] = Field(default_factory=lambda: ["normal", "pneumonia"], min_length=2, max_length=2)
+    # binary: two labels, the last positive (softmax). multiclass: three or more, one per film (softmax).
+    # multilabel: two or more findings, any number per film, none included (a sigmoid per label).
+    task: Task = "binary"
+    labels: list[str] = Field(default_factory=lambda: ["normal", "pneumonia"], min_length=2)
+    # Where a film's class comes from: `label` (its folder or table label) or `subtype` (the subtype its file name
+    # gives by subtype_pattern, e.g. Kermany's bacteria / virus; films without one keep their label).
+    class_from: Literal["label", "subtype"] = "label"
     image_size: int = Field(64, ge=16, le=1024)
     split: SplitFractions = SplitFractions()
     seed: int = 0
@@ -99,11 +107,24 @@ class DataConfig(Section):
 
     @field_validator("labels")
     @classmethod
-    def _labels_unique_lowercase(cls, labels: list[str]) -> list[str]:
+    def _labels_distinct_lowercase(cls, labels: list[str]) -> list[str]:
         lowered = [label.strip().lower() for label in labels]
         if len(set(lowered)) != len(lowered):
             raise ValueError(f"labels must be distinct, got {labels}")
+        if any("|" in label or not label for label in lowered):
+            raise ValueError("a label can be neither empty nor contain '|' (it separates the labels of a multilabel film)")
         return lowered
+
+    @model_validator(mode="after")
+    def _labels_fit_the_task(self) -> DataConfig:
+        if self.task == "binary" and len(self.labels) != 2:
+            raise ValueError(f"data.task binary needs exactly two labels (the last is the positive one), got {self.labels}; "
+                             "for three or more classes set data.task: multiclass (or multilabel)")
+        if self.task == "multiclass" and len(self.labels) < 3:
+            raise ValueError(f"data.task multiclass needs three or more labels, got {self.labels}; with two set data.task: binary")
+        if self.class_from == "subtype" and self.task == "multilabel":
+            raise ValueError("data.class_from: subtype gives one class per film, so it needs data.task binary or multiclass")
+        return self
 
     @field_validator("patient_pattern", "subtype_pattern")
     @classmethod
@@ -120,7 +141,7 @@ class DataConfig(Section):
 
     @property
     def positive_label(self) -> str:
-        """The class whose probability the model reports (the last label, 'pneumonia' by default)."""
+        """Binary tasks: the class whose probability the model reports (the last label, 'pneumonia' by default)."""
         return self.labels[-1]
 
 
@@ -225,7 +246,12 @@ def _as_source_specs(sources: Any) -> Any:
 
 
 class EvaluateConfig(Section):
-    threshold: float = Field(0.5, gt=0, lt=1)
+    # The operating point, chosen on the validation split (never on test): `youden` maximises sensitivity +
+    # specificity - 1, `sensitivity` takes the highest threshold whose validation sensitivity reaches
+    # target_sensitivity, `fixed` uses `threshold` as given. Multilabel tasks choose one threshold per label.
+    threshold_method: Literal["fixed", "youden", "sensitivity"] = "youden"
+    threshold: float = Field(0.5, gt=0, lt=1)  # fixed only
+    target_sensitivity: float = Field(0.95, gt=0, le=1)  # sensitivity only
     # Other labelled sources (same forms as data.sources) scored as external validation: never trained on,
     # reported beside the internal test split with the shift between them.
     external: list[SourceSpec] = Field(default_factory=list)
@@ -282,6 +308,14 @@ class Config(Section):
     def _model_fits_image_size(self) -> Config:
         if self.train.model == "vit" and self.data.image_size % 2:
             raise ValueError(f"train.model vit needs an even data.image_size (patches must tile it), got {self.data.image_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _gate_metric_fits_the_task(self) -> Config:
+        metric = self.registry.gate_metric.split("_", 1)[1]
+        if self.data.task != "binary" and metric not in ("auc", "accuracy"):
+            raise ValueError(f"register.gate_metric {self.registry.gate_metric} is defined for binary tasks only; with "
+                             f"data.task {self.data.task} use test_auc, test_accuracy, val_auc or val_accuracy")
         return self
 
     def params_hash(self) -> str:
@@ -386,6 +420,8 @@ def _describe(exc: ValidationError, where: str) -> str:
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
         if error["type"] == "extra_forbidden":
             problems.append(f"unknown key '{key}'")
+        elif isinstance(error.get("input"), dict):  # a whole section: the message names the keys, its input is noise
+            problems.append(f"'{key}': {error['msg']}")
         else:
             problems.append(f"'{key}': {error['msg']} (got {error.get('input')!r})")
     return f"{where}: " + "; ".join(problems)

@@ -105,11 +105,13 @@ def scale_each_to_unit(maps: torch.Tensor) -> torch.Tensor:
     return (maps - low) / (high - low).clamp_min(1e-12)
 
 
-def grad_cam(network: nn.Module, images: np.ndarray, class_index: int = -1, batch_size: int = 32) -> np.ndarray:
+def grad_cam(network: nn.Module, images: np.ndarray, class_index: int | None = -1, batch_size: int = 32) -> np.ndarray:
     """Grad-CAM heat maps (N, S, S) float32 in 0..1 for stored uint8 images (N, S, S), for one class.
 
-    `class_index` -1 is the positive class (the last label), whose probability the model reports; the same class
-    for every film keeps the maps comparable. Runs on the device the network is on; the network is not changed.
+    `class_index` -1 is the positive class of a binary model (the last label), whose probability the model
+    reports; the same class for every film keeps the maps comparable. None explains each film's own highest
+    output: the predicted class of a multiclass model, the top label of a multilabel one. Runs on the device the
+    network is on; the network is not changed.
     """
     import torch
     from monai.visualize import GradCAM

@@ -3,6 +3,9 @@
 Both answer class imbalance from the loss side, on top of (or instead of) the rebalance stage's sampler:
 class weights make each class count equally however often it appears; focal loss shrinks the loss of
 images the model already gets right, so the rare hard ones dominate the gradient.
+
+Multilabel tasks have one sigmoid output per label: binary cross-entropy with logits, or its focal form,
+and `balanced` weights become a positive weight per label (negatives / positives), as BCEWithLogitsLoss takes.
 """
 
 from __future__ import annotations
@@ -48,8 +51,44 @@ class FocalLoss(nn.Module):
         return (weights * losses).sum() / weights.sum()
 
 
-def build_loss(settings: TrainConfig, train_labels: np.ndarray, n_classes: int) -> nn.Module:
-    """The loss `train.loss` and `train.class_weights` name; weights come from the (rebalanced) training index."""
+def balanced_positive_weights(targets: np.ndarray) -> torch.Tensor:
+    """negatives / positives per label of (N, K) multi-hot targets: each label's positives weigh as much as its
+    negatives together. A label without positives keeps weight 1 (it has no positive terms to weigh)."""
+    positives = np.asarray(targets, dtype=np.float64).sum(axis=0)
+    negatives = len(targets) - positives
+    weights = np.divide(negatives, positives, out=np.ones(len(positives)), where=positives > 0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+class SigmoidFocalLoss(nn.Module):
+    """Focal loss for independent sigmoid outputs (Lin et al. 2017): each label's binary cross-entropy scaled by
+    (1 - p_true)^gamma, with an optional positive weight per label; gamma = 0 is BCEWithLogitsLoss(pos_weight)."""
+
+    def __init__(self, gamma: float, pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_p, log_not_p = F.logsigmoid(logits), F.logsigmoid(-logits)
+        # Clamped as in FocalLoss: a finite gradient for gamma < 1 where the model is certain and right.
+        positive = -((1 - log_p.exp()).clamp(min=1e-6) ** self.gamma) * log_p * targets
+        negative = -(log_p.exp().clamp(min=1e-6) ** self.gamma) * log_not_p * (1 - targets)
+        if self.pos_weight is not None:
+            positive = positive * self.pos_weight
+        return (positive + negative).mean()
+
+
+def build_loss(settings: TrainConfig, train_labels: np.ndarray, n_classes: int, task: str = "binary") -> nn.Module:
+    """The loss `train.loss` and `train.class_weights` name; weights come from the (rebalanced) training index.
+
+    `train_labels` are class indices, or (N, K) multi-hot targets for a multilabel task.
+    """
+    if task == "multilabel":
+        pos_weight = balanced_positive_weights(train_labels) if settings.class_weights == "balanced" else None
+        if settings.loss == "focal":
+            return SigmoidFocalLoss(settings.focal_gamma, pos_weight)
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
     weight = balanced_class_weights(train_labels, n_classes) if settings.class_weights == "balanced" else None
     if settings.loss == "focal":
         return FocalLoss(settings.focal_gamma, weight)

@@ -19,16 +19,25 @@ from pipeline.imaging import UnreadableImage, decode_file, looks_like_image, res
 
 @dataclass(frozen=True)
 class Prediction:
+    """One file's answer. binary: `label` and the positive label's `probability`. multiclass: the most probable
+    class, its `probability`, and every class's in `probabilities`. multilabel: `label` holds the labels called
+    present ('|'-joined, '' for none), `probabilities` every label's, `probability` is None."""
+
     path: str
     label: str | None = None
     probability: float | None = None
     error: str | None = None
     explanation: str | None = None  # the Grad-CAM overlay PNG, when one was asked for
+    probabilities: dict[str, float] | None = None  # multiclass and multilabel: per label
 
     def as_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        result = {"path": self.path, "label": self.label, "probability": self.probability}
+        result: dict = {"path": self.path, "label": self.label}
+        if self.probability is not None:
+            result["probability"] = self.probability
+        if self.probabilities is not None:
+            result["probabilities"] = self.probabilities
         if self.explanation is not None:
             result["explanation"] = self.explanation
         return result
@@ -62,12 +71,13 @@ def load_model(model_uri: str, root: Path):  # -> mlflow.pyfunc.PyFuncModel
 def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: Path | None = None) -> list[Prediction]:
     """Decode, resize to the model's recorded size, predict in batches; keep input order.
 
-    With `explain_dir`, write a Grad-CAM overlay of the positive class there for each classified file; without it
-    nothing extra runs. A model that cannot be explained (vit) fails here, before any prediction.
+    With `explain_dir`, write a Grad-CAM overlay there for each classified file (of the positive class, or for
+    multiclass and multilabel models of each film's most probable label); without it nothing extra runs. A model
+    that cannot be explained (vit) fails here, before any prediction.
     """
-    size = int(model.metadata.metadata["image_size"])
+    metadata = model.metadata.metadata
+    size, labels, task = int(metadata["image_size"]), list(metadata["labels"]), metadata.get("task", "binary")
     network = network_to_explain(model) if explain_dir is not None else None
-    positive = model.metadata.metadata["labels"][-1]
     results: list[Prediction | None] = [None] * len(files)
     ready: list[tuple[int, np.ndarray]] = []
     for position, file in enumerate(files):
@@ -82,20 +92,38 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
         table = model.predict(images)
         explanations: list[str | None] = [None] * len(chunk)
         if network is not None:
-            explanations = write_explanations(network, images, table, overlays[start : start + len(chunk)], positive)
-        for (position, _), probability, label, explanation in zip(chunk, table["probability"], table["label"], explanations):
-            results[position] = Prediction(path=str(files[position]), label=str(label), probability=round(float(probability), 6),
-                                           explanation=explanation)
+            explanations = write_explanations(network, images, table, overlays[start : start + len(chunk)], task, labels)
+        for (position, _), row, explanation in zip(chunk, table.to_dict("records"), explanations):
+            results[position] = _prediction(str(files[position]), row, task, labels, explanation)
     return [r for r in results if r is not None]
 
 
-def write_explanations(network, images: np.ndarray, table, paths: list[Path], positive: str) -> list[str]:
-    """One Grad-CAM overlay per image (evidence for the positive class), captioned with the prediction; returns the paths.
+def _prediction(path: str, row: dict, task: str, labels: list[str], explanation: str | None) -> Prediction:
+    """A row of the served table (pipeline.serving.prediction_table) as a Prediction, probabilities to 6 digits."""
+    if task == "binary":
+        return Prediction(path=path, label=str(row["label"]), probability=round(float(row["probability"]), 6), explanation=explanation)
+    probabilities = {label: round(float(row[f"probability_{label}"]), 6) for label in labels}
+    chosen = probabilities[row["label"]] if task == "multiclass" else None
+    return Prediction(path=path, label=str(row["label"]), probability=chosen, explanation=explanation, probabilities=probabilities)
+
+
+def write_explanations(network, images: np.ndarray, table, paths: list[Path], task: str, labels: list[str]) -> list[str]:
+    """One Grad-CAM overlay per image, captioned with the prediction; returns the paths. Binary models show the
+    evidence for the positive class, multiclass and multilabel ones for each film's most probable label.
 
     An all-zero map is said in the caption: an overlay without colour could otherwise pass for a failure.
     """
-    heat_maps = grad_cam(network, images)
-    for image, heat, probability, label, path in zip(images, heat_maps, table["probability"], table["label"], paths):
-        evidence = f"evidence for {positive}" if heat.max() > 0 else f"no evidence for {positive}"
-        write_overlay(image, heat, path, caption=f"{label}  P({positive}) {float(probability):.3f}\nGrad-CAM: {evidence}")
+    if task == "binary":
+        explained = [labels[-1]] * len(images)
+        shown = [float(p) for p in table["probability"]]
+        heat_maps = grad_cam(network, images)
+    else:
+        probability = table[[f"probability_{label}" for label in labels]].to_numpy(dtype=float)
+        explained = [labels[k] for k in probability.argmax(axis=1)]
+        shown = list(probability.max(axis=1))
+        heat_maps = grad_cam(network, images, class_index=None)  # each film's own top class
+    for image, heat, label, target, p, path in zip(images, heat_maps, table["label"], explained, shown, paths):
+        evidence = f"evidence for {target}" if heat.max() > 0 else f"no evidence for {target}"
+        said = label if label else "none of the labels"
+        write_overlay(image, heat, path, caption=f"{said}  P({target}) {p:.3f}\nGrad-CAM: {evidence}")
     return [str(path) for path in paths]

@@ -2,6 +2,11 @@
 
 Sampling indices, not pixels, keeps the image store untouched and the choice inspectable:
 data/processed/train_index.npy lists store indices, repeated where oversampled.
+
+The sampler balances the manifest's `label` column: the class for binary and multiclass tasks, and for
+multilabel tasks the label set ('effusion|pneumonia', '' for none), i.e. the label powerset. Balancing
+combinations over-repeats rare ones; for many labels prefer `rebalance.method: none` with
+`train.class_weights: balanced` (a positive weight per label).
 """
 
 from __future__ import annotations
@@ -46,31 +51,33 @@ def rebalance_indices(store_index: np.ndarray, labels: np.ndarray, settings: Reb
 
 
 def combined_resample(store_index: np.ndarray, labels: np.ndarray, settings: RebalanceConfig) -> np.ndarray:
-    """Oversample the minority to `over_ratio` of the majority, then undersample the majority to `under_ratio`.
+    """Oversample each minority class to `over_ratio` of the majority, then undersample each larger class to
+    (smallest class) / `under_ratio`.
 
     Between the two plain samplers: random_over repeats each minority film many times (the model can
     memorise them) and random_under throws most of the majority away; this repeats less and drops less.
-    With 10:30 and the defaults 0.5 and 1.0: 15:30 after oversampling, then 15:15.
+    With 10:30 and the defaults 0.5 and 1.0: 15:30 after oversampling, then 15:15. The targets are counts per
+    class, so the same rule serves any number of classes (imbalanced-learn's float ratios take two only).
     Copies of indices only, never synthetic films (SMOTE-style interpolation between chest films makes
-    images no scanner produces). Binary labels only, as imbalanced-learn's float ratios are.
+    images no scanner produces).
     """
     from imblearn.over_sampling import RandomOverSampler
     from imblearn.under_sampling import RandomUnderSampler
 
     chosen, chosen_labels = store_index.reshape(-1, 1), labels
-    if minority_ratio(chosen_labels) < settings.over_ratio:  # imbalanced-learn refuses a ratio the data already exceeds
-        over = RandomOverSampler(sampling_strategy=settings.over_ratio, random_state=settings.seed)
+    counts = Counter(chosen_labels)
+    floor = int(max(counts.values()) * settings.over_ratio)
+    raise_to = {label: floor for label, count in counts.items() if count < floor}
+    if raise_to:
+        over = RandomOverSampler(sampling_strategy=raise_to, random_state=settings.seed)
         chosen, chosen_labels = over.fit_resample(chosen, chosen_labels)
-    if minority_ratio(chosen_labels) < settings.under_ratio:
-        under = RandomUnderSampler(sampling_strategy=settings.under_ratio, random_state=settings.seed)
+    counts = Counter(chosen_labels)
+    ceiling = int(min(counts.values()) / settings.under_ratio)
+    lower_to = {label: ceiling for label, count in counts.items() if count > ceiling}
+    if lower_to:
+        under = RandomUnderSampler(sampling_strategy=lower_to, random_state=settings.seed)
         chosen, chosen_labels = under.fit_resample(chosen, chosen_labels)
     return chosen[:, 0]
-
-
-def minority_ratio(labels: np.ndarray) -> float:
-    """Count of the rarest class over count of the commonest (1.0 when balanced)."""
-    counts = Counter(labels).values()
-    return min(counts) / max(counts)
 
 
 def rebalance_stage(paths: ProjectPaths, settings: RebalanceConfig) -> RebalanceResult:
@@ -80,7 +87,8 @@ def rebalance_stage(paths: ProjectPaths, settings: RebalanceConfig) -> Rebalance
     manifest = pd.read_parquet(paths.manifest, columns=["store_index", "split", "label"])
     train = manifest[manifest["split"] == "train"]
     if train["label"].nunique() < 2:
-        raise CxrError("rebalance: the training split holds only one class; add images of the other class to data.sources")
+        raise CxrError("rebalance: every film of the training split has the same label (or label set); "
+                       "add films of the other labels to data.sources")
     chosen = rebalance_indices(train["store_index"].to_numpy(), train["label"].to_numpy(), settings)
     with atomic_path(paths.train_index) as tmp:
         with tmp.open("wb") as handle:

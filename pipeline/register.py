@@ -19,13 +19,14 @@ import numpy as np
 from pipeline.champion import CHALLENGER, current_champion, gate, move_champion
 from pipeline.config import Config
 from pipeline.errors import CxrError
+from pipeline.evaluate import describe_operating_point, describe_threshold, headline_rows, per_label_rows
 from pipeline.files import atomic_path, read_json, sha256_of, write_json
 from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
 
-SERVING_MODULES = ("__init__.py", "errors.py", "models.py", "serving.py", "mlflow_model.py")
+SERVING_MODULES = ("__init__.py", "errors.py", "labels.py", "models.py", "serving.py", "mlflow_model.py")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
     client = mlflow.MlflowClient()
     name, settings = config.registry.model_name, config.registry
 
-    fingerprint = f"{sha256_of(paths.checkpoint)}@{config.evaluate.threshold}@{metrics.get('temperature', 1.0)}"
+    fingerprint = f"{sha256_of(paths.checkpoint)}@{json.dumps(metrics['threshold'], sort_keys=True)}@{metrics.get('temperature', 1.0)}"
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}' and tags.fingerprint='{fingerprint}'")
     if existing:
         version = int(existing[0].version)
@@ -104,8 +105,10 @@ def _describe_version(client, paths: ProjectPaths, config: Config, name: str, ve
         "data.manifest_sha256": run.data.tags.get("data.manifest_sha256", "unknown"),
         "git.commit": run.data.tags.get("git.commit", "unknown"),
         "params_sha256": params_hash,
-        "threshold": str(config.evaluate.threshold),
-        "test_metrics": json.dumps({k: test.get(k) for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "n")}),
+        "threshold": json.dumps(metrics["threshold"]),  # a number; {label: number} for multilabel; null for multiclass
+        "threshold_method": describe_threshold(metrics),
+        "test_metrics": json.dumps({k: test.get(k) for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "n")
+                                    if k in test}),
         "test_ci95": json.dumps(test.get("ci95", {})),
     }
     for key, value in tags.items():
@@ -121,39 +124,41 @@ def model_card(paths: ProjectPaths, config: Config, name: str, version: int, tag
     """A short, honest model card: what the model is for, what it saw, how good it is, and its limits."""
     import pandas as pd
 
-    manifest = pd.read_parquet(paths.manifest, columns=["split", "label", "format"])
-    counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
-    table = "\n".join(f"| {split} | " + " | ".join(str(int(counts.loc[split].get(label, 0))) for label in config.data.labels) + " |"
-                      for split in counts.index)
-    test, ci = metrics["test"], metrics["test"].get("ci95", {})
+    from pipeline.labels import label_counts
 
-    def line(metric: str) -> str:
-        interval = ci.get(metric) or [None, None]
-        return f"| {metric} | {format_metric(test.get(metric), 3)} | {format_metric(interval[0], 3)} to {format_metric(interval[1], 3)} |"
+    task, labels = metrics.get("task", "binary"), list(config.data.labels)
+    manifest = pd.read_parquet(paths.manifest, columns=["split", "label", "format"])
+    counts = label_counts(manifest, task, labels)
+    table = "\n".join(f"| {split} | " + " | ".join(str(int(value)) for value in counts.loc[split]) + " |" for split in counts.index)
+    test = metrics["test"]
+    metric_lines = "\n".join("| " + " | ".join(row) + " |" for row in headline_rows(metrics))
+    header, rows = per_label_rows(metrics)
+    per_label = ("\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+                 + "\n".join("| " + " | ".join(row) + " |" for row in rows)) if rows else ""
 
     return f"""# Model card: {name} version {version}
 
 ## Intended use
-Research and decision support: ranks chest radiographs by the probability of **{config.data.positive_label}**
-against **{config.data.labels[0]}**. Not a diagnosis; not cleared as a medical device. A clinician reads every film.
+Research and decision support: {_intended_use(task, labels)} Not a diagnosis; not cleared as a medical device.
+A clinician reads every film.
 
 ## Model
-`{config.train.model}` at {config.data.image_size}x{config.data.image_size} px, 1 channel; decision threshold
-{config.evaluate.threshold} on the positive-class probability. Code commit `{tags["git.commit"]}`, params hash
-`{tags["params_sha256"]}`, data version (manifest sha256) `{tags["data.manifest_sha256"]}`.
+`{config.train.model}` at {config.data.image_size}x{config.data.image_size} px, 1 channel; {_operating_point(task, metrics)}
+Code commit `{tags["git.commit"]}`, params hash `{tags["params_sha256"]}`, data version (manifest sha256)
+`{tags["data.manifest_sha256"]}`.
 
 ## Training data
 Sources: {", ".join(source.path for source in config.data.sources)}. Formats: {", ".join(sorted(set(manifest["format"])))}.
-Patient-level splits; identical copies handled by `data.dedupe: {config.data.dedupe}`.
+Patient-level splits; identical copies handled by `data.dedupe: {config.data.dedupe}`. Films per split and label:
 
-| split | {" | ".join(config.data.labels)} |
-|---|{"---|" * len(config.data.labels)}
+| split | {" | ".join(counts.columns)} |
+|---|{"---|" * len(counts.columns)}
 {table}
 
-## Test metrics (threshold {config.evaluate.threshold}, 95 % bootstrap intervals, n = {test.get("n")})
+## Test metrics ({describe_operating_point(metrics)}, 95 % bootstrap intervals, n = {test.get("n")})
 | metric | value | 95 % CI |
 |---|---|---|
-{chr(10).join(line(metric) for metric in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1"))}
+{metric_lines}{per_label}
 
 Expected calibration error: {format_metric(test.get("ece"), 3)}.
 
@@ -165,19 +170,37 @@ Expected calibration error: {format_metric(test.get("ece"), 3)}.
 """
 
 
+def _intended_use(task: str, labels: list[str]) -> str:
+    named = ", ".join(f"**{label}**" for label in labels)
+    if task == "multiclass":
+        return f"assigns each chest radiograph to one of {named} (the most probable class)."
+    if task == "multilabel":
+        return f"flags each of {named} on chest radiographs independently (a film can have several, or none)."
+    return f"ranks chest radiographs by the probability of **{labels[-1]}** against **{labels[0]}**."
+
+
+def _operating_point(task: str, metrics: dict) -> str:
+    if task == "multiclass":
+        return "the prediction is the most probable class."
+    what = "decision threshold" if task == "binary" else "a label is called present at or above its threshold"
+    return (f"{what} {describe_operating_point(metrics)} ({describe_threshold(metrics)}), stored with the model and used "
+            "wherever it is served.")
+
+
 def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
     """Log the pyfunc (with the code it runs, so it loads anywhere) into the training run and register it."""
     import mlflow
-    import pandas as pd
     from mlflow.models import infer_signature
 
     from pipeline.models import load_checkpoint
+    from pipeline.serving import prediction_table
 
     _, state = load_checkpoint(paths.checkpoint)  # describe the model that was trained, not today's params
-    size, labels, threshold = int(state["image_size"]), list(state["labels"]), config.evaluate.threshold
-    temperature = float(read_json(paths.metrics, "`cxr evaluate`").get("temperature", 1.0))
+    metrics = read_json(paths.metrics, "`cxr evaluate`")  # the operating point evaluate chose on validation
+    size, labels, task, threshold = int(state["image_size"]), list(state["labels"]), state["task"], metrics["threshold"]
+    temperature = float(metrics.get("temperature", 1.0))
     example = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (1, size, 1))  # a grey ramp: no patient pixels in the registry
-    output = pd.DataFrame({"probability": [0.5], "label": [labels[-1]]})
+    output = prediction_table(task, labels, np.full((1, len(labels)), 0.5), threshold)
     with tempfile.TemporaryDirectory() as scratch:
         package = _serving_package(Path(scratch))
         with mlflow.start_run(run_id=run_id):
@@ -190,7 +213,7 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
                 signature=infer_signature(example, output),
                 input_example=example,
                 model_config={"threshold": threshold, "temperature": temperature},
-                metadata={"image_size": size, "labels": labels, "threshold": threshold, "temperature": temperature},
+                metadata={"image_size": size, "labels": labels, "task": task, "threshold": threshold, "temperature": temperature},
                 registered_model_name=config.registry.model_name,
             )
     return int(info.registered_model_version)

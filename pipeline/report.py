@@ -20,6 +20,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.errors import CxrError
+from pipeline.evaluate import describe_operating_point, describe_threshold, headline_rows, per_label_rows
 from pipeline.files import atomic_path, read_json
 from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
@@ -44,7 +45,7 @@ def report_stage(paths: ProjectPaths, config: Config) -> Path:
     gate = read_json(paths.validation_summary, "`cxr validate`")
     registered = json.loads(paths.registered.read_text()) if paths.registered.exists() else None
     sections = [
-        _data_section(paths, gate),
+        _data_section(paths, config, gate),
         _metrics_section(metrics),
         _plots_section(paths),
         _explanations_section(paths, config),
@@ -62,9 +63,11 @@ def report_stage(paths: ProjectPaths, config: Config) -> Path:
     return report
 
 
-def _data_section(paths: ProjectPaths, gate: dict) -> str:
+def _data_section(paths: ProjectPaths, config: Config, gate: dict) -> str:
+    from pipeline.labels import UNLABELLED, label_counts
+
     manifest = pd.read_parquet(paths.manifest, columns=["split", "label"])
-    counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0)
+    counts = label_counts(manifest, config.data.task, config.data.labels)
     quarantine = pd.read_csv(paths.quarantine) if paths.quarantine.exists() else pd.DataFrame(columns=["reason"])
     reasons = Counter(quarantine["reason"])
     checks = "".join(
@@ -76,6 +79,8 @@ def _data_section(paths: ProjectPaths, gate: dict) -> str:
     duplicates = gate.get("duplicates", {})
     return (
         "<h2>Data</h2>" + _table(["split", *counts.columns], [[split, *map(int, counts.loc[split])] for split in counts.index])
+        + (f"<p>Unlabelled films (kept for prediction, never trained on): {int((manifest['split'] == UNLABELLED).sum())}.</p>"
+           if (manifest["split"] == UNLABELLED).any() else "")
         + f"<p>Quarantined files: {sum(reasons.values())}"
         + (" (" + ", ".join(f"{html.escape(r)} {n}" for r, n in sorted(reasons.items())) + ")" if reasons else "") + ". "
         + f"Exact duplicates within splits {duplicates.get('exact_within_split', 0)}, across splits "
@@ -87,23 +92,25 @@ def _data_section(paths: ProjectPaths, gate: dict) -> str:
 
 
 def _metrics_section(metrics: dict) -> str:
-    test, ci = metrics["test"], metrics["test"].get("ci95", {})
-    rows = [[name, format_metric(test.get(name), 3),
-             f"{format_metric((ci.get(name) or [None])[0], 3)} to {format_metric((ci.get(name) or [None, None])[1], 3)}"]
-            for name in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")]
-    section = (f"<h2>Test metrics (n = {test.get('n')}, threshold {metrics.get('threshold')})</h2>"
-               + _table(["metric", "value", "95 % bootstrap CI"], rows)
+    test = metrics["test"]
+    point = describe_operating_point(metrics)
+    header, per_label = per_label_rows(metrics)
+    section = (f"<h2>Test metrics (n = {test.get('n')}, {html.escape(point)})</h2>"
+               + f"<p>Operating point: {html.escape(point)} ({html.escape(describe_threshold(metrics))}); "
+               "the registered model decides at it.</p>"
+               + _table(["metric", "value", "95 % bootstrap CI"], headline_rows(metrics))
+               + (f"<h3>Per label</h3>{_table(header, per_label)}" if per_label else "")
                + f"<p>Expected calibration error {format_metric(test.get('ece'), 3)}. "
                f"Validation AUC {format_metric(metrics.get('val', {}).get('auc'), 3)}.</p>")
     for column, groups in test.get("subgroups", {}).items():
         section += f"<h3>By {html.escape(column)}</h3>" + _table(
             [column, "n", "AUC", "accuracy", "sensitivity", "specificity"],
-            [[value, g["n"], *(format_metric(g[k], 3) for k in ("auc", "accuracy", "sensitivity", "specificity"))] for value, g in groups.items()])
+            [[value, g["n"], *(format_metric(g.get(k), 3) for k in ("auc", "accuracy", "sensitivity", "specificity"))] for value, g in groups.items()])
     for source, site in metrics.get("external", {}).items():
         shift = site["shift_from_internal_test"]
         section += f"<h3>External validation: {html.escape(source)} (n = {site['n']})</h3>" + _table(
             ["metric", "value", "shift from internal test"],
-            [[k, format_metric(site[k], 3), format_metric(shift[k], 3)] for k in ("auc", "accuracy", "sensitivity", "specificity")])
+            [[k, format_metric(site[k], 3), format_metric(shift[k], 3)] for k in shift])
     return section
 
 
@@ -113,40 +120,70 @@ def _plots_section(paths: ProjectPaths) -> str:
 
 
 def _explanations_section(paths: ProjectPaths, config: Config) -> str:
-    """Grad-CAM overlays for up to PER_OUTCOME films of each outcome; where the evidence the model used lies."""
+    """Grad-CAM overlays for a few films of each outcome; where the evidence the model used lies.
+
+    binary: up to PER_OUTCOME true and false positives and negatives, explained for the positive label.
+    multiclass and multilabel: the most confident films whose top label is right and wrong, explained for that label.
+    """
     from pipeline.explain import grad_cam, write_overlay
     from pipeline.models import load_checkpoint
 
     if not paths.predictions.exists():
         return ""
     predictions = pd.read_csv(paths.predictions)
-    test = predictions[predictions["split"] == "test"]
-    predicted = test["probability"] >= test["threshold"]
-    outcomes = {
-        "true positive": test[predicted & (test["truth"] == 1)], "false positive": test[predicted & (test["truth"] == 0)],
-        "true negative": test[~predicted & (test["truth"] == 0)], "false negative": test[~predicted & (test["truth"] == 1)],
-    }
-    network, _ = load_checkpoint(paths.checkpoint)
+    network, state = load_checkpoint(paths.checkpoint)
+    examples = _examples(predictions[predictions["split"] == "test"].reset_index(drop=True), list(state["labels"]))
     images = np.load(paths.images, mmap_mode="r")
     figures = []
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            for outcome, rows in outcomes.items():
-                rows = rows.sort_values("probability", ascending=outcome.endswith("negative"), kind="stable").head(PER_OUTCOME)
+            for rows, class_index in examples:
                 if rows.empty:
                     continue
                 films = np.asarray(images[rows["store_index"].to_numpy()])
-                heat = grad_cam(network, films)
+                heat = grad_cam(network, films, class_index=class_index)
                 for film, map_, row in zip(films, heat, rows.itertuples()):
-                    caption = f"{outcome}, p={row.probability:.2f}"
                     path = Path(scratch) / f"{row.image_id}.png"
-                    write_overlay(film, map_, path, caption)
-                    figures.append(_figure(path, f"{caption} (image {row.image_id})"))
+                    write_overlay(film, map_, path, row.caption)
+                    figures.append(_figure(path, f"{row.caption} (image {row.image_id})"))
     except CxrError as exc:  # e.g. a model family Grad-CAM cannot explain yet
         return f"<h2>Grad-CAM</h2><p class='note'>{html.escape(str(exc))}</p>"
-    return ("<h2>Grad-CAM: where the model found evidence of pneumonia</h2>"
-            "<p class='note'>Bright: regions that raised the pneumonia score. A map shows where the model looked, "
-            "not whether it was right.</p><div class='grid'>" + "".join(figures) + "</div>")
+    if state["task"] == "binary":
+        positive = html.escape(state["labels"][-1])
+        heading, note = f"evidence of {positive}", f"Bright: regions that raised the {positive} score."
+    else:
+        heading, note = "evidence of the top label", "Bright: regions that raised the score of the film's most probable label."
+    return (f"<h2>Grad-CAM: where the model found {heading}</h2><p class='note'>{note} A map shows where the model "
+            "looked, not whether it was right.</p><div class='grid'>" + "".join(figures) + "</div>")
+
+
+def _examples(test: pd.DataFrame, labels: list[str]) -> list[tuple[pd.DataFrame, int | None]]:
+    """Films to explain, as (rows with store_index, image_id and a caption, the class Grad-CAM explains)."""
+    from pipeline.evaluate import read_predictions
+    from pipeline.labels import join_labels
+
+    task, _, scored, _ = read_predictions(test)
+    if task == "binary":
+        predicted = test["probability"] >= test["threshold"]
+        outcomes = {
+            "true positive": predicted & (test["truth"] == 1), "false positive": predicted & (test["truth"] == 0),
+            "true negative": ~predicted & (test["truth"] == 0), "false negative": ~predicted & (test["truth"] == 1),
+        }
+        examples = []
+        for outcome, chosen in outcomes.items():
+            rows = test[chosen].sort_values("probability", ascending=outcome.endswith("negative"), kind="stable").head(PER_OUTCOME)
+            examples.append((rows.assign(caption=[f"{outcome}, p={p:.2f}" for p in rows["probability"]]), -1))
+        return examples
+    top, confidence = scored.probability.argmax(axis=1), scored.probability.max(axis=1)
+    if task == "multiclass":
+        right, truths = top == scored.truth, [labels[k] for k in scored.truth]
+    else:
+        right = scored.truth[np.arange(len(top)), top] == 1
+        truths = [join_labels((label for label, on in zip(labels, row) if on), labels) or "none" for row in scored.truth]
+    captions = [f"top {labels[k]} p={p:.2f}, truth {truth}" for k, p, truth in zip(top, confidence, truths)]
+    framed = test.assign(caption=captions, confidence=confidence, right=right)
+    return [(framed[framed["right"] == outcome].sort_values("confidence", ascending=False, kind="stable").head(2 * PER_OUTCOME), None)
+            for outcome in (True, False)]
 
 
 def _registry_section(registered: dict | None) -> str:

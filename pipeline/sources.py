@@ -17,9 +17,9 @@ import numpy as np
 
 from pipeline.config import DataConfig, SourceSpec
 from pipeline.errors import CxrError
+from pipeline.labels import UNLABELLED, join_labels
 
 SPLITS = ("train", "val", "test")
-UNLABELLED = "unlabelled"  # the split of films from unlabelled sources
 TABLE_SUFFIXES = {".csv", ".tsv", ".parquet"}
 NOT_FILMS = TABLE_SUFFIXES | {".txt", ".md", ".json", ".yaml", ".yml", ".xlsx", ".xls", ".pdf", ".html"}
 
@@ -118,11 +118,19 @@ def _from_name(pattern: str, name: str) -> str | None:
 
 def _file_item(spec: SourceSpec, folder: Path, file: Path, data: DataConfig, label: str | None, split: str | None) -> SourceItem:
     rel = file.relative_to(folder).as_posix()
+    subtype = _from_name(data.subtype_pattern, file.name) or ""
+    label = _class_of(label, subtype, data)
     return SourceItem(
         source=spec.path, path=rel, label=label, split=split if label is not None else UNLABELLED,
-        patient_id=_from_name(data.patient_pattern, file.name), subtype=_from_name(data.subtype_pattern, file.name) or "",
-        file=file,
+        patient_id=_from_name(data.patient_pattern, file.name), subtype=subtype, file=file,
     )
+
+
+def _class_of(label: str | None, subtype: str, data: DataConfig) -> str | None:
+    """With data.class_from: subtype, a labelled film's subtype (e.g. bacteria) is its class; else its label is."""
+    if data.class_from == "subtype" and subtype and label is not None:
+        return subtype.lower()
+    return label
 
 
 def _read_folder(spec: SourceSpec, folder: Path, data: DataConfig) -> tuple[list[SourceItem], list[Rejected]]:
@@ -141,13 +149,13 @@ def _read_folder(spec: SourceSpec, folder: Path, data: DataConfig) -> tuple[list
     items: list[SourceItem] = []
     rejected: list[Rejected] = []
     for split, class_dir in groups:
-        label = class_dir.name.lower()
         for file in _visible_files(class_dir):
-            if label not in data.labels:
-                rel = file.relative_to(folder).as_posix()
-                rejected.append(Rejected(spec.path, rel, "label_not_in_set", f"{spec.path}/{rel}: folder '{class_dir.name}' is not one of data.labels {data.labels}"))
+            item = _file_item(spec, folder, file, data, class_dir.name.lower(), split)
+            if item.label not in data.labels:
+                where = f"folder '{class_dir.name}'" if item.label == class_dir.name.lower() else f"subtype '{item.label}'"
+                rejected.append(Rejected(spec.path, item.path, "label_not_in_set", f"{spec.path}/{item.path}: {where} is not one of data.labels {data.labels}"))
                 continue
-            items.append(_file_item(spec, folder, file, data, label, split))
+            items.append(item)
     return items, rejected
 
 
@@ -177,9 +185,10 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
     for row_number, row in enumerate(frame.to_dict("records"), start=2):
         key = spec.path_template.format(row[spec.path_column].strip())
         where = f"{spec.path} line {row_number}"
-        label = _table_label(row, spec, data) if spec.labelled else None
         split = row.get(spec.split_column, "").strip().lower() or None
         file = locate(key) if row[spec.path_column].strip() else None
+        subtype = _from_name(data.subtype_pattern, file.name if file is not None else Path(key).name) or ""
+        label = _table_label(row, spec, data, subtype) if spec.labelled else None
         if key in seen:  # RSNA lists a film once per box: one item, unless the rows disagree
             if seen[key] != label:
                 rejected.append(Rejected(spec.path, key, "conflicting_labels", f"{where}: '{key}' is listed again with another label"))
@@ -190,7 +199,7 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
         elif spec.labelled and label is None:
             raw = row[spec.label_column]
             reason = "no_label" if not raw.strip() else "label_not_in_set"
-            rejected.append(Rejected(spec.path, key, reason, f"{where}: label '{raw}' maps to none of data.labels {data.labels}"))
+            rejected.append(Rejected(spec.path, key, reason, f"{where}: label '{raw}' maps to none (or several) of data.labels {data.labels}"))
         elif split is not None and split not in SPLITS:
             rejected.append(Rejected(spec.path, key, "bad_split", f"{where}: split '{split}' is not one of {list(SPLITS)}"))
         elif file is None:
@@ -202,18 +211,31 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
             items.append(SourceItem(
                 source=spec.path, path=file.relative_to(image_root).as_posix() if file.is_relative_to(image_root) else key,
                 label=label, split=split if label is not None else UNLABELLED, patient_id=patient,
-                subtype=_from_name(data.subtype_pattern, file.name) or "", file=file,
+                subtype=subtype, file=file,
             ))
     return items, rejected
 
 
-def _table_label(row: dict, spec: SourceSpec, data: DataConfig) -> str | None:
-    """The row's label among data.labels, through label_map and label_separator; None when it has none."""
+def _table_label(row: dict, spec: SourceSpec, data: DataConfig, subtype: str = "") -> str | None:
+    """The row's label among data.labels, through label_map and label_separator; None when it has none.
+
+    multilabel: the set of labels the row names, as the manifest writes it ('' for none of them). The cell is split
+    on label_separator ('|' unless given); a part label_map does not name is read as its own lowercase name, and
+    parts outside data.labels (NIH's "No Finding", findings not studied) add nothing. binary and multiclass: one
+    label, or None when the row names none or several (binary: several including the positive label give it).
+    """
     raw = row[spec.label_column].strip()
+    if not raw:
+        return None
+    if data.task == "multilabel":
+        parts = [part.strip() for part in raw.split(spec.label_separator or "|")]
+        return join_labels({spec.label_map.get(part, part.lower()) for part in parts}, data.labels)
     parts = [part.strip() for part in raw.split(spec.label_separator)] if spec.label_separator else [raw]
     mapped = {spec.label_map.get(part, part.lower() if not spec.label_map else None) for part in parts} - {None}
+    if data.class_from == "subtype" and subtype:  # the file name's subtype names the class, whatever the table says
+        mapped = {subtype.lower()}
     mapped &= set(data.labels)
-    if len(mapped) > 1 and data.positive_label in mapped:  # e.g. NIH "Pneumonia|Effusion" → pneumonia
+    if len(mapped) > 1 and data.task == "binary" and data.positive_label in mapped:  # NIH "Pneumonia|Effusion" → pneumonia
         return data.positive_label
     return mapped.pop() if len(mapped) == 1 else None
 
@@ -250,7 +272,8 @@ def _index_by_sop_instance_uid(files: list[Path]) -> dict[str, Path]:
 
 
 def _read_npz(spec: SourceSpec, archive: Path, data: DataConfig) -> list[SourceItem]:
-    """MedMNIST layout: {split}_images (N,H,W[,C]) uint8 and {split}_labels (N,1) class indices."""
+    """MedMNIST layout: {split}_images (N,H,W[,C]) uint8 and {split}_labels (N,1) class indices, or for a
+    multilabel task (N,K) 0/1 columns in data.labels order (ChestMNIST)."""
     try:
         arrays = np.load(archive)
     except Exception as exc:
@@ -264,13 +287,23 @@ def _read_npz(spec: SourceSpec, archive: Path, data: DataConfig) -> list[SourceI
             images = arrays[f"{split}_images"]
             if spec.labelled and f"{split}_labels" not in arrays.files:
                 raise CxrError(f"{spec.path}: has {split}_images but no {split}_labels")
-            labels = arrays[f"{split}_labels"].reshape(len(images), -1)[:, 0] if spec.labelled else [None] * len(images)
-            for index, (pixels, label_index) in enumerate(zip(images, labels)):
-                if label_index is not None and not 0 <= int(label_index) < len(data.labels):
-                    raise CxrError(f"{spec.path}: {split}_labels[{index}] = {label_index} is outside data.labels {data.labels}")
+            labels = _npz_labels(arrays[f"{split}_labels"].reshape(len(images), -1), spec, split, data) if spec.labelled else [None] * len(images)
+            for index, (pixels, label) in enumerate(zip(images, labels)):
                 if pixels.ndim == 3:
                     pixels = pixels.mean(axis=-1).astype(np.uint8)
-                label = data.labels[int(label_index)] if label_index is not None else None
                 items.append(SourceItem(source=spec.path, path=f"{split}/{index}", label=label,
                                         split=split if label is not None else UNLABELLED, pixels=pixels))
     return items
+
+
+def _npz_labels(columns: np.ndarray, spec: SourceSpec, split: str, data: DataConfig) -> list[str]:
+    """Each row's label: the class its index names, or (multilabel) the set its 0/1 columns name."""
+    if data.task == "multilabel":
+        if columns.shape[1] != len(data.labels):
+            raise CxrError(f"{spec.path}: {split}_labels has {columns.shape[1]} columns; a multilabel task needs one per "
+                           f"label of data.labels {data.labels}")
+        return [join_labels((label for label, on in zip(data.labels, row) if on), data.labels) for row in columns]
+    outside = np.flatnonzero((columns[:, 0] < 0) | (columns[:, 0] >= len(data.labels)))
+    if len(outside):
+        raise CxrError(f"{spec.path}: {split}_labels[{outside[0]}] = {columns[outside[0], 0]} is outside data.labels {data.labels}")
+    return [data.labels[int(index)] for index in columns[:, 0]]

@@ -15,7 +15,9 @@ from pipeline.config import SplitFractions
 def split_patients(frame: pd.DataFrame, fractions: SplitFractions, seed: int) -> pd.Series:
     """Assign train/val/test to every row by patient, stratified on each patient's most common label.
 
-    `frame` needs columns patient_hash and label; returns one split name per row.
+    `frame` needs columns patient_hash and label; returns one split name per row. The label is the class, or for
+    a multilabel task the film's label set (pipeline.labels), so multilabel splits are stratified on the label
+    powerset; a combination held by fewer than three patients stays in train.
     """
     patient_label = _patient_labels(frame)
     rng = np.random.default_rng(seed)

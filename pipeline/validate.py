@@ -27,6 +27,7 @@ from pipeline.errors import CxrError
 from pipeline.files import write_json
 from pipeline.sources import UNLABELLED
 from pipeline.ingest import MANIFEST_COLUMNS
+from pipeline.labels import label_counts, split_labels
 from pipeline.paths import ProjectPaths
 from pipeline.phash import close_pairs, phash
 
@@ -114,7 +115,7 @@ def run_validation(
         for name, plan in plans.items()
     ]
     passed = not any(check.severity == "blocking" and not check.success for check in checks)
-    summary = _build_summary(manifest, near_pairs, data.positive_label, checks, passed, dropped)
+    summary = _build_summary(manifest, near_pairs, data, checks, passed, dropped)
 
     results_path, summary_path = out_dir / "results.json", out_dir / "summary.json"
     results = {c.name: {"severity": c.severity, "details": c.details, "result": _stable(gx_results[c.name].to_json_dict())}
@@ -145,7 +146,7 @@ def _plan_checks(
     """
     gxe = _import_gx().expectations
 
-    mean, min_std, ratio = validation.intensity_mean, validation.min_intensity_std, validation.class_ratio
+    mean, min_std = validation.intensity_mean, validation.min_intensity_std
     distance, min_side, size = validation.near_duplicate_distance, validation.min_original_side, data.image_size
     modalities, views = ", ".join(validation.allowed_modalities), ", ".join(validation.allowed_views)
     return {
@@ -158,10 +159,11 @@ def _plan_checks(
             *[gxe.ExpectColumnValuesToNotBeNull(column=column, meta={"failure": f"{{n}} image(s) with no {column}"})
               for column in KEY_COLUMNS],
         ]),
-        "labels_in_set": _CheckPlan(manifest, "image_id", "images", [
+        "labels_in_set": _CheckPlan(_label_rows(manifest, data.task), "image_id", "image labels", [
             gxe.ExpectColumnValuesToBeInSet(
                 column="label", value_set=list(data.labels),
-                meta={"failure": f"{{n}} image(s) with a label outside {', '.join(data.labels)}"}),
+                meta={"failure": f"{{n}} {'label(s) of images' if data.task == 'multilabel' else 'image(s) with a label'} "
+                                 f"outside {', '.join(data.labels)}"}),
         ]),
         "cross_split_duplicates": _CheckPlan(_splits_per_value(manifest, "sha256"), "sha256", "sha256 values", [
             gxe.ExpectColumnValuesToBeBetween(
@@ -173,18 +175,13 @@ def _plan_checks(
                 column="n_splits", max_value=1,
                 meta={"failure": "{n} patient(s) have images in more than one split"}),
         ]),
-        "splits_complete": _CheckPlan(_split_completeness(manifest, data.labels), "split", "splits", [
+        "splits_complete": _CheckPlan(_split_completeness(_label_rows(manifest, data.task), data.labels), "split", "splits", [
             gxe.ExpectColumnValuesToBeBetween(
                 column="n_labels", min_value=len(data.labels),
                 meta={"failure": f"{{n}} of train/val/test lack images of some label ({', '.join(data.labels)}): "
                                  "add data, or check data.split and data.patient_pattern"}),
         ]),
-        "class_ratio": _CheckPlan(_split_table(manifest, data.positive_label), "split", "splits", [
-            gxe.ExpectColumnValuesToBeBetween(
-                column="positive_fraction", min_value=ratio.min, max_value=ratio.max,
-                meta={"failure": f"{{n}} split(s) with a '{data.positive_label}' fraction "
-                                 f"outside [{ratio.min:g}, {ratio.max:g}]"}),
-        ]),
+        "class_ratio": _class_ratio_check(manifest, data, validation, gxe),
         "intensity": _CheckPlan(manifest, "image_id", "images", [
             gxe.ExpectColumnValuesToBeBetween(
                 column="mean_intensity", min_value=mean.min, max_value=mean.max,
@@ -226,6 +223,44 @@ def _plan_checks(
                 meta={"failure": f"{{n}} image(s) with a DICOM view position outside {views}"}),
         ]),
     }
+
+
+def _class_ratio_check(manifest: pd.DataFrame, data: DataConfig, validation: ValidationConfig, gxe) -> _CheckPlan:
+    """binary: the positive label's fraction in each split (the other label is its complement); multiclass and
+    multilabel: the fraction of each split's films carrying each label."""
+    ratio = validation.class_ratio
+    bounds = f"[{ratio.min:g}, {ratio.max:g}]"
+    if data.task == "binary":
+        return _CheckPlan(_split_table(manifest, data.positive_label), "split", "splits", [
+            gxe.ExpectColumnValuesToBeBetween(
+                column="positive_fraction", min_value=ratio.min, max_value=ratio.max,
+                meta={"failure": f"{{n}} split(s) with a '{data.positive_label}' fraction outside {bounds}"}),
+        ])
+    fractions = _label_fractions(manifest, data)
+    table = pd.DataFrame([{"split_label": f"{split}/{label}", "fraction": fraction}
+                          for split, row in fractions.items() for label, fraction in row.items()])
+    return _CheckPlan(table, "split_label", "split/label pairs", [
+        gxe.ExpectColumnValuesToBeBetween(
+            column="fraction", min_value=ratio.min, max_value=ratio.max,
+            meta={"failure": f"{{n}} split/label pair(s) with a label fraction outside {bounds}"}),
+    ])
+
+
+def _label_fractions(manifest: pd.DataFrame, data: DataConfig) -> dict[str, dict[str, float]]:
+    """split → label → the fraction of the split's films carrying that label, splits in pipeline order."""
+    counts = label_counts(manifest, data.task, data.labels)
+    sizes = manifest.groupby("split").size()
+    return {split: {label: float(counts.loc[split, label] / sizes[split]) for label in data.labels}
+            for split in counts.index}
+
+
+def _label_rows(manifest: pd.DataFrame, task: str) -> pd.DataFrame:
+    """One row per label a film carries (image_id, split, label): a multilabel film's set is split into its labels
+    (a film with none gives no row); any other film gives its one row, whatever its label."""
+    if task != "multilabel":
+        return manifest[["image_id", "split", "label"]]
+    rows = manifest[["image_id", "split"]].assign(label=manifest["label"].map(split_labels)).explode("label")
+    return rows.dropna(subset=["label"]).reset_index(drop=True)
 
 
 def _run_gx(plans: dict[str, _CheckPlan], docs_dir: Path) -> dict[str, ExpectationSuiteValidationResult]:
@@ -315,9 +350,9 @@ def _split_table(manifest: pd.DataFrame, positive_label: str) -> pd.DataFrame:
     })
 
 
-def _split_completeness(manifest: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
-    """train, val and test, each with how many of the labels it holds (0 for a missing split)."""
-    held = manifest[manifest["label"].isin(labels)].groupby("split")["label"].nunique()
+def _split_completeness(label_rows: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
+    """train, val and test, each with how many of the labels its films carry (0 for a missing split)."""
+    held = label_rows[label_rows["label"].isin(labels)].groupby("split")["label"].nunique()
     splits = ["train", "val", "test"]
     return pd.DataFrame({"split": splits, "n_labels": [int(held.get(split, 0)) for split in splits]})
 
@@ -405,11 +440,15 @@ def _duplicate_counts(manifest: pd.DataFrame, near_pairs: pd.DataFrame) -> dict:
 
 
 def _build_summary(
-    manifest: pd.DataFrame, near_pairs: pd.DataFrame, positive_label: str, checks: list[CheckResult], passed: bool,
+    manifest: pd.DataFrame, near_pairs: pd.DataFrame, data: DataConfig, checks: list[CheckResult], passed: bool,
     dropped: pd.DataFrame | None = None,
 ) -> dict:
-    """Plain-JSON counts (no numpy types) so that a rerun on the same manifest writes the same bytes."""
-    splits = _split_table(manifest, positive_label)
+    """Plain-JSON counts (no numpy types) so that a rerun on the same manifest writes the same bytes.
+
+    Per split: binary tasks give the positive label's fraction, the others every label's fraction.
+    """
+    splits = _split_table(manifest, data.positive_label)
+    fractions = _label_fractions(manifest, data) if data.task != "binary" else {}
     dropped = dropped if dropped is not None else pd.DataFrame(columns=["split", "sha256"])
     as_found = pd.concat([manifest[["split", "sha256"]], dropped[["split", "sha256"]]], ignore_index=True)
     duplicates = _duplicate_counts(as_found, near_pairs)
@@ -418,7 +457,8 @@ def _build_summary(
         "passed": passed,
         "n_images": len(manifest),
         "per_split": {
-            row.split: {"n": int(row.n_images), "positive_fraction": float(row.positive_fraction)}
+            row.split: {"n": int(row.n_images), "positive_fraction": float(row.positive_fraction)} if data.task == "binary"
+            else {"n": int(row.n_images), "label_fractions": fractions.get(row.split, {})}
             for row in splits.itertuples()
         },
         "duplicates": duplicates,

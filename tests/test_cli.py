@@ -33,7 +33,9 @@ def test_every_command_has_an_explaining_help(command):
 
 @pytest.mark.parametrize(
     ("override", "expected"),
-    [("train.epoch=2", "unknown key 'train.epoch'"), ("train.epochs=lots", "'train.epochs'"), ("data.sources=[a", "not valid YAML")],
+    [("train.epoch=2", "unknown key 'train.epoch'"), ("train.epochs=lots", "'train.epochs'"), ("data.sources=[a", "not valid YAML"),
+     ("data.labels=[normal, bacteria, virus]", "data.task binary needs exactly two labels"),
+     ("data.task=multiclass", "data.task multiclass needs three or more labels")],
 )
 def test_bad_set_is_one_line_error_without_traceback(tmp_path, override, expected):
     out = cxr("train", "--set", override, cwd=tmp_path)

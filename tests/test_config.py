@@ -72,9 +72,11 @@ def test_flat_dict_has_every_leaf_for_mlflow(tmp_path):
     assert flat["register.gate_metric"] == "test_auc"
 
 
-def test_more_than_two_labels_is_refused_for_now(tmp_path):
-    with pytest.raises(CxrError, match="'data.labels'"):
+def test_three_labels_need_a_multiclass_or_multilabel_task(tmp_path):
+    with pytest.raises(CxrError, match="data.task binary needs exactly two labels.*set data.task: multiclass"):
         load_config(tmp_path / "params.yaml", ["data.labels=[normal, bacterial, viral]"])
+    config = load_config(tmp_path / "params.yaml", ["data.labels=[normal, bacterial, viral]", "data.task=multiclass"])
+    assert config.data.labels == ["normal", "bacterial", "viral"]
 
 
 def test_params_folder_instead_of_file_is_a_clear_error(tmp_path):

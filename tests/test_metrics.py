@@ -114,3 +114,114 @@ def test_served_model_applies_the_temperature_fitted_on_validation(tmp_path):
     network, _ = load_checkpoint(project.paths.checkpoint)
     expected = apply_temperature(predict_proba(network, films, torch.device("cpu"))[:, -1], temperature)
     assert np.allclose(served.predict(films)["probability"], expected, atol=1e-6)
+
+
+# --- the operating point, chosen on validation ---------------------------------------------------
+
+
+def test_youden_threshold_is_the_hand_computed_one():
+    """J by hand: 0.1→0, 0.3→.25, 0.35→.5, 0.4→.75, 0.55→.5, 0.6→.25, 0.7→.5, 0.9→.25; the best is 0.4."""
+    from pipeline.metrics import choose_threshold
+
+    truth = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    probability = np.array([0.1, 0.3, 0.35, 0.6, 0.4, 0.55, 0.7, 0.9])
+    assert choose_threshold(truth, probability, "youden") == 0.4
+    point = binary_metrics(truth, probability, 0.4)
+    assert (point["sensitivity"], point["specificity"]) == (1.0, 0.75)
+    # J is 0.5 at both 0.4 and 0.8: the tie goes to the lower threshold (the higher sensitivity)
+    assert choose_threshold(np.array([0, 1, 0, 1]), np.array([0.2, 0.4, 0.6, 0.8]), "youden") == 0.4
+    assert choose_threshold(truth, probability, "fixed", fixed=0.3) == 0.3
+
+
+def test_sensitivity_target_is_met_on_validation_by_the_highest_such_threshold():
+    from pipeline.metrics import choose_threshold
+
+    truth = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    probability = np.array([0.1, 0.3, 0.35, 0.6, 0.4, 0.55, 0.7, 0.9])
+    assert choose_threshold(truth, probability, "sensitivity", target_sensitivity=0.75) == 0.55  # 3 of 4 positives
+    truth, probability = _scores(500, seed=4)
+    for target in (0.5, 0.8, 0.95, 1.0):
+        threshold = choose_threshold(truth, probability, "sensitivity", target_sensitivity=target)
+        assert binary_metrics(truth, probability, threshold)["sensitivity"] >= target
+        higher = probability[probability > threshold]
+        if len(higher):  # any higher threshold misses the target
+            assert binary_metrics(truth, probability, higher.min())["sensitivity"] < target
+
+
+def test_a_threshold_cannot_be_chosen_without_both_classes_in_validation():
+    from pipeline.errors import CxrError
+    from pipeline.metrics import choose_threshold
+
+    with pytest.raises(CxrError, match="no negative films.*threshold_method=fixed"):
+        choose_threshold(np.array([1, 1]), np.array([0.2, 0.7]), "youden")
+    with pytest.raises(CxrError, match="no positive films"):
+        choose_threshold(np.array([0, 0]), np.array([0.2, 0.7]), "sensitivity")
+
+
+def test_the_threshold_chosen_on_validation_is_reported_and_stored_with_the_served_model(tiny_project):
+    """Default youden: metrics.json, predictions.csv, the run, the version's tags and the pyfunc all hold one threshold."""
+    import mlflow
+    import pandas as pd
+
+    from pipeline.metrics import choose_threshold
+    from pipeline.tracking import connect, read_run_id
+
+    paths = tiny_project.paths
+    metrics = json.loads(paths.metrics.read_text())
+    threshold = metrics["threshold"]
+    assert metrics["threshold_method"] == "youden"
+    predictions = pd.read_csv(paths.predictions)
+    val = predictions[predictions["split"] == "val"]
+    assert threshold == pytest.approx(choose_threshold(val["truth"], val["probability"], "youden"), abs=1e-6)
+    assert np.allclose(predictions["threshold"], threshold, atol=1e-6)
+    test = predictions[predictions["split"] == "test"]
+    assert metrics["test"]["tp"] == int(((test["probability"] >= threshold) & (test["truth"] == 1)).sum())
+
+    connect(paths.root)
+    client = mlflow.MlflowClient()
+    run = client.get_run(read_run_id(paths))
+    assert run.data.metrics["threshold"] == pytest.approx(threshold)
+    assert run.data.tags["threshold_method"] == "chosen on validation by Youden's J"
+    version = client.get_model_version("cxr-pneumonia", str(tiny_project.results["register"].version))
+    assert float(version.tags["threshold"]) == threshold
+    assert f"{threshold:.4f}" in version.description and "Youden" in version.description
+    served = mlflow.pyfunc.load_model("models:/cxr-pneumonia@champion")
+    assert served.metadata.metadata["threshold"] == threshold
+    films = np.load(paths.images)[:20]
+    table = served.predict(films)
+    expected = np.where(table["probability"] >= threshold, "pneumonia", "normal")
+    assert list(table["label"]) == list(expected)
+
+
+@pytest.mark.slow
+def test_the_served_model_calls_positives_at_a_changed_stored_threshold(tmp_path):
+    """Re-evaluated with a fixed threshold at the median served probability (films on both sides of it), the new
+    champion calls positives at that stored threshold, in the pyfunc and in `cxr predict`'s code path."""
+    import mlflow
+
+    from pipeline.config import load_config
+    from pipeline.evaluate import evaluate_stage
+    from pipeline.register import register_stage
+    from pipeline.tracking import connect
+    from tests.conftest import run_all_stages, write_tiny_project
+
+    project = run_all_stages(write_tiny_project(tmp_path, n=60))
+    connect(project.paths.root)
+    films = np.load(project.paths.images)
+    first = mlflow.pyfunc.load_model("models:/cxr-pneumonia@champion").predict(films)["probability"].to_numpy()
+    median = float(np.median(first))
+    config = load_config(project.params, ["evaluate.threshold_method=fixed", f"evaluate.threshold={median}"])
+    evaluate_stage(project.paths, config)
+    result = register_stage(project.paths, config)
+    assert result.version == 2 and result.is_champion  # the same network: within the gate's margin
+    served = mlflow.pyfunc.load_model("models:/cxr-pneumonia@champion")
+    assert served.metadata.metadata["threshold"] == median
+    table = served.predict(films)
+    assert np.allclose(table["probability"], first)
+    assert list(table["label"]) == list(np.where(first >= median, "pneumonia", "normal"))
+    assert 0 < (table["label"] == "pneumonia").sum() < len(films)
+    from pipeline.predict import expand_inputs, load_model, predict_files
+
+    files = expand_inputs([project.paths.root / "data" / "raw" / "demo" / "pneumonia"])[:8]
+    for prediction in predict_files(load_model("models:/cxr-pneumonia@champion", project.paths.root), files):
+        assert prediction.error or prediction.label == ("pneumonia" if prediction.probability >= median else "normal")

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def test_mlflow_models_serve_returns_a_probability_per_image(tiny_project):
+def test_mlflow_models_serve_returns_a_probability_per_image_labelled_at_the_stored_threshold(tiny_project):
     root = tiny_project.paths.root
     port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=default_tracking_uri(root), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
@@ -40,5 +40,7 @@ def test_mlflow_models_serve_returns_a_probability_per_image(tiny_project):
         stop(process)
     rows = answer["predictions"]
     assert len(rows) == 3
+    threshold = json.loads(tiny_project.paths.metrics.read_text())["threshold"]  # chosen on validation, stored with the model
     for row in rows:
-        assert 0.0 <= row["probability"] <= 1.0 and row["label"] in ("normal", "pneumonia")
+        assert 0.0 <= row["probability"] <= 1.0
+        assert row["label"] == ("pneumonia" if row["probability"] >= threshold else "normal")

@@ -340,3 +340,33 @@ def test_odd_bit_depth_fails_image_size(tmp_path: Path) -> None:
     manifest.loc[3, "bits_stored"] = 32
     gate = validate(manifest, tmp_path)
     assert "1 image(s) with a bit depth outside 8 to 16 bits" in check(gate, "image_size").details
+
+
+def multilabel_manifest() -> pd.DataFrame:
+    """clean_manifest with label sets: patients cycle through none, effusion, pneumonia and both (every split has each)."""
+    manifest = clean_manifest()
+    sets = ["", "effusion", "pneumonia", "effusion|pneumonia"]
+    return manifest.assign(label=[sets[(i // 3) % 4] for i in range(60)], label_index=-1)
+
+
+def validate_multilabel(manifest: pd.DataFrame, out_dir: Path) -> GateResult:
+    data = DataConfig(task="multilabel", labels=["effusion", "pneumonia"])
+    return run_validation(manifest, clean_images(), data, ValidationConfig(), out_dir)
+
+
+def test_multilabel_sets_pass_with_each_labels_fraction_in_the_summary(tmp_path: Path) -> None:
+    gate = validate_multilabel(multilabel_manifest(), tmp_path)
+    assert gate.passed, gate.checks
+    assert gate.summary["per_split"]["val"] == {"n": 12, "label_fractions": {"effusion": 0.5, "pneumonia": 0.5}}
+
+
+def test_multilabel_label_missing_from_a_split_or_unknown_fails(tmp_path: Path) -> None:
+    manifest = multilabel_manifest()
+    val = manifest["split"] == "val"
+    manifest.loc[val, "label"] = manifest.loc[val, "label"].str.replace("pneumonia", "").str.strip("|")
+    manifest.loc[0, "label"] = "effusion|nodule"
+    gate = validate_multilabel(manifest, tmp_path)
+    assert not gate.passed
+    assert check(gate, "splits_complete").details.startswith("1 of train/val/test lack images of some label")
+    assert check(gate, "class_ratio").details == "1 split/label pair(s) with a label fraction outside [0.05, 0.95]"
+    assert check(gate, "labels_in_set").details == "1 label(s) of images outside effusion, pneumonia"
