@@ -155,6 +155,8 @@ def train(
 ) -> None:
     """Train train.model with batch augmentation (GPU when present, else CPU), log params and per-epoch
     metrics to MLflow, and keep the checkpoint best on validation AUC in models/checkpoint.pt.
+    Under torchrun (`torchrun --nproc-per-node 4 -m cxr train`) the processes train together with
+    DistributedDataParallel; see README "Training on several GPUs or machines".
     """
     from pipeline.train import train_stage
 
@@ -162,9 +164,34 @@ def train(
 
 
 @app.command()
+def crossval(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = [],  # noqa: B006
+    folds: Annotated[int, typer.Option("--folds", min=2, help="Number of folds.")] = 5,
+) -> None:
+    """Cross-validate the training settings: pool train+val, split it into --folds folds by patient (stratified on
+    the label, seeded by data.seed), and train once per fold with that fold as validation. Prints the mean and
+    standard deviation of validation AUC and accuracy and writes reports/crossval.json; each fold is an MLflow
+    run tagged crossval.fold. Needs `cxr ingest` first; the test split is not used. Takes `folds` trainings.
+    """
+
+    def body(paths: Any, config: Any) -> None:
+        from pipeline.crossval import crossval_stage
+
+        result = crossval_stage(paths, config, folds)
+        auc, auc_sd = result.mean_sd("val_auc")
+        accuracy, accuracy_sd = result.mean_sd("val_accuracy")
+        typer.echo(f"crossval: {folds} folds, val AUC {auc:.4f} ± {auc_sd:.4f}, "
+                   f"val accuracy {accuracy:.4f} ± {accuracy_sd:.4f} → {result.summary_path}", err=True)
+
+    _stage(params, set_, body)
+
+
+@app.command()
 def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
-    """Score the best checkpoint on the test split: AUC, accuracy, sensitivity, specificity, confusion
-    matrix. Writes reports/metrics.json and reports/plots/, and logs them to the training's MLflow run.
+    """Choose the operating threshold on the validation split (evaluate.threshold_method: youden, sensitivity or
+    fixed), then score the best checkpoint on the test split at it: AUC, accuracy, sensitivity, specificity,
+    confusion matrix. Writes reports/metrics.json and reports/plots/, and logs them to the training's MLflow run.
     """
     from pipeline.evaluate import evaluate_stage
 
@@ -290,7 +317,8 @@ def predict(
     paths: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files, or folders of them.")],
     model: Annotated[str | None, typer.Option("--model", help="MLflow model URI; default models:/<register.model_name>@champion.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help='Print a JSON list: {"path", "label", "probability"} or {"path", "error"} per file '
-                                                         '(with --explain, also "explanation": the overlay PNG).')] = False,
+                                                         '(multiclass and multilabel models add "probabilities" per label; '
+                                                         'with --explain, also "explanation": the overlay PNG).')] = False,
     explain: Annotated[Path | None, typer.Option("--explain", metavar="OUT_DIR", help="Also write a Grad-CAM overlay PNG per classified file into "
                                                  "this folder (<stem>_gradcam.png): the film with a heat map of where the model found "
                                                  "evidence for the positive class. Not available for vit models.")] = None,
@@ -318,9 +346,16 @@ def predict(
             if r.error is not None:
                 typer.echo(f"{r.path}\terror: {r.error}")
             else:
-                typer.echo(f"{r.path}\t{r.label}\t{r.probability:.4f}" + (f"\t{r.explanation}" if r.explanation else ""))
+                typer.echo("\t".join([r.path, r.label or "(none)", *_shown_probabilities(r), *([r.explanation] if r.explanation else [])]))
     if not any(r.error is None for r in results):
         raise typer.Exit(1)
+
+
+def _shown_probabilities(prediction: Any) -> list[str]:
+    """The positive label's probability (binary), or every label's as label=probability."""
+    if prediction.probabilities is None:
+        return [f"{prediction.probability:.4f}"]
+    return [f"{label}={probability:.4f}" for label, probability in prediction.probabilities.items()]
 
 
 def _print_summary(root: Path) -> None:
@@ -331,7 +366,8 @@ def _print_summary(root: Path) -> None:
     paths = ProjectPaths(root)
     if not paths.metrics.exists():
         raise CxrError(f"{paths.metrics} is missing: run `cxr pipeline` or `dvc repro` first")
-    test = json.loads(paths.metrics.read_text())["test"]
+    metrics = json.loads(paths.metrics.read_text())
+    test = metrics["test"]
     intervals = test.get("ci95", {})
 
     def shown(name: str) -> str:
@@ -339,11 +375,10 @@ def _print_summary(root: Path) -> None:
         ci = f" ({format_metric(low, 3)}-{format_metric(high, 3)})" if low is not None else ""
         return f"{format_metric(test.get(name), 3)}{ci}"
 
-    lines = [
-        "",
-        f"Test AUC {shown('auc')}  accuracy {shown('accuracy')}  sensitivity {shown('sensitivity')}  "
-        f"specificity {shown('specificity')}  (n={test.get('n')}; 95% bootstrap intervals)",
-    ]
+    headline = f"Test AUC {shown('auc')}  accuracy {shown('accuracy')}  sensitivity {shown('sensitivity')}  specificity {shown('specificity')}"
+    if metrics.get("task", "binary") != "binary":
+        headline = f"Test macro AUC {shown('auc')}  accuracy {shown('accuracy')}"
+    lines = ["", f"{headline}  (n={test.get('n')}; 95% bootstrap intervals)"]
     if paths.registered.exists():
         reg = json.loads(paths.registered.read_text())
         state = "is @champion" if reg["is_champion"] else "registered (champion unchanged)"

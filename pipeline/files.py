@@ -40,6 +40,17 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def md5_of(path: Path) -> str:
+    """Hex md5 of a file's bytes: what DVC 3 records for a file output in dvc.lock and .dvc files."""
+    import hashlib
+
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_json(path: Path, what: str) -> Any:
     """Read a JSON file an earlier stage wrote; `what` names the stage to run when it is missing."""
     from pipeline.errors import CxrError

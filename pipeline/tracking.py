@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline import config
 from pipeline.errors import CxrError
-from pipeline.files import read_json, write_json
+from pipeline.files import md5_of, read_json, sha256_of, write_json
 from pipeline.paths import ProjectPaths
 
 
@@ -55,6 +55,29 @@ def read_run_id(paths: ProjectPaths) -> str:
     if not run_id:
         raise CxrError(f"{paths.run_info} has no run_id: run `cxr train` again")
     return run_id
+
+
+def data_version_tags(paths: ProjectPaths, sources: list[str]) -> dict[str, str]:
+    """The data a run trained on, as DVC versions it, so a run can be traced back to `dvc checkout`-able data.
+
+    `data.dvc_md5.images` and `data.dvc_md5.manifest` are the md5s dvc.lock records for the ingest stage's
+    outputs; a source tracked with `dvc add` also gets the md5 from its .dvc file. The manifest's sha256 is
+    kept as well (older runs have only that).
+    """
+    import yaml
+
+    tags = {
+        "data.manifest_sha256": sha256_of(paths.manifest),
+        "data.dvc_md5.manifest": md5_of(paths.manifest),
+        "data.dvc_md5.images": md5_of(paths.images),
+    }
+    for source in sources:
+        dvc_file = (paths.root / source).with_name(Path(source).name + ".dvc")
+        if dvc_file.is_file():
+            outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or [{}]
+            if outs[0].get("md5"):
+                tags[f"data.dvc_md5.source.{Path(source).name}"] = str(outs[0]["md5"])
+    return tags
 
 
 def git_commit(root: Path) -> str | None:

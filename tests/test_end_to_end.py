@@ -110,6 +110,18 @@ def test_dvc_repro_runs_everything_then_nothing(dvc_project):
     assert "Data and pipelines are up to date" in second.stdout
 
 
+def test_the_mlflow_run_names_the_data_version_dvc_recorded(dvc_project):
+    import yaml
+
+    root, _ = dvc_project
+    outs = {out["path"]: out["md5"] for out in yaml.safe_load((root / "dvc.lock").read_text())["stages"]["ingest"]["outs"]}
+    connect(root)
+    run = mlflow.get_run(json.loads((root / "models" / "run.json").read_text())["run_id"])
+    assert run.data.tags["data.dvc_md5.images"] == outs["data/interim/images.npy"]
+    assert run.data.tags["data.dvc_md5.manifest"] == outs["data/interim/manifest.parquet"]
+    assert len(run.data.tags["git.commit"]) == 40
+
+
 def test_cxr_pipeline_and_dvc_repro_produce_the_same_artefacts(prefect_project, dvc_project):
     """Same files, byte for byte, except those naming this run's MLflow run id, model version and git commit
     (and the flow's own record of its last complete run, which scheduled runs read)."""
