@@ -74,7 +74,7 @@ class Measurement:
     workers: int
     n_files: int
     cold_s: float  # best of the repeats, whole ingest
-    decode_s: float  # the decoding step of the best cold ingest
+    decode_s: float  # the fastest decoding step among the cold ingests
     cached_s: float
     others_share: float  # share of the machine's CPU used by other processes during these timings
 

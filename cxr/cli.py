@@ -171,7 +171,8 @@ def crossval(
 ) -> None:
     """Cross-validate the training settings: pool train+val, split it into --folds folds by patient (stratified on
     the label, seeded by data.seed), and train once per fold with that fold as validation. Prints the mean and
-    standard deviation of validation AUC and accuracy and writes reports/crossval.json; each fold is an MLflow
+    standard deviation of validation AUC and accuracy (at 0.5) of each fold's model after its last epoch and writes
+    reports/crossval.json (with the best epoch's AUC, optimistic: picked on the same fold); each fold is an MLflow
     run tagged crossval.fold. Needs `cxr ingest` first; the test split is not used. Takes `folds` trainings.
     """
 

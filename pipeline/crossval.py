@@ -4,6 +4,9 @@ Why: on a small or easy validation split the score saturates (PneumoniaMNIST's 5
 near 1 for most reasonable models), so one number cannot tell two settings apart. Pooling train and
 val and training k times, each time holding out one fold, gives a mean and a spread.
 
+Each fold's score is its model after the last epoch (train.epochs, or where early stopping ended), on that
+fold: the best epoch's score is kept too, but it was picked on the same films and is optimistic.
+
 Each fold is a small project under models/crossval/fold-<k>/ that reuses the project's image store (a
 symbolic link, never a copy) and runs the same rebalance and train stages as `cxr train`: the fold's
 films are `val`, the other folds' are `train`, and the test split stays untouched and unused. Folds are
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,9 @@ from pipeline import tracking
 from pipeline.config import Config, tracking_uri
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, write_json
+from pipeline.labels import split_labels
 from pipeline.paths import ProjectPaths
+from pipeline.splits import patient_labels
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +44,9 @@ class FoldResult:
     fold: int
     n_train: int
     n_val: int
-    val_auc: float
-    val_accuracy: float
+    val_auc: float  # after the last epoch: the held-out estimate
+    val_accuracy: float  # after the last epoch, at 0.5 (as training scores validation)
+    best_val_auc: float  # the best epoch's: picked on this same fold, so optimistic
     best_epoch: int
     run_id: str
 
@@ -79,26 +86,41 @@ def crossval_stage(paths: ProjectPaths, config: Config, folds: int = 5) -> Cross
             rebalance_stage(fold_paths, config.rebalance)
             trained = train_stage(fold_paths, config)
             _tag_fold(trained.run_id, fold, folds)
+            last = pd.read_csv(fold_paths.history).iloc[-1]
             results.append(FoldResult(fold, int((fold_of != fold).sum()), int((fold_of == fold).sum()),
-                                      trained.best_val_auc, trained.best_val_accuracy, trained.best_epoch, trained.run_id))
+                                      float(last["val_auc"]), float(last["val_accuracy"]), trained.best_val_auc,
+                                      trained.best_epoch, trained.run_id))
     result = CrossvalResult(results, paths.reports / "crossval.json")
     _write_summary(result, config, folds)
     return result
 
 
 def assign_folds(frame: pd.DataFrame, folds: int, seed: int) -> pd.Series:
-    """A fold number per row: patients never straddle folds, and each fold holds about 1/folds of each label."""
+    """A fold number per row: patients never straddle folds, and each fold holds about 1/folds of each label.
+
+    Patients are stratified on their (majority) label, or label set for multilabel; sets held by fewer than
+    `folds` patients share one stratum, as a real multilabel archive always has rare combinations.
+    """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    labels = frame["label"].astype(str).to_numpy()
-    smallest = pd.Series(labels).value_counts().min()
-    if smallest < folds:
-        raise CxrError(f"crossval: a label has only {smallest} films in train+val, fewer than --folds {folds}")
+    stratum_of = patient_labels(frame).astype(str)
+    _check_labels_per_fold(stratum_of, folds)
+    sizes = stratum_of.value_counts()
+    stratum_of = stratum_of.where(stratum_of.map(sizes) >= folds, "(rare label sets)")
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    strata = frame["patient_hash"].map(stratum_of).to_numpy()
     fold_of = np.full(len(frame), -1)
-    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(frame)), labels, frame["patient_hash"].to_numpy())):
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(frame)), strata, frame["patient_hash"].to_numpy())):
         fold_of[held_out] = fold
     return pd.Series(fold_of, index=frame.index)
+
+
+def _check_labels_per_fold(stratum_of: pd.Series, folds: int) -> None:
+    """Every label must reach every fold's validation, or that fold's AUC is undefined."""
+    patients_per_label = Counter(label for labels in stratum_of for label in split_labels(labels) or ["(none)"])
+    label, patients = min(patients_per_label.items(), key=lambda item: item[1])
+    if patients < folds:
+        raise CxrError(f"crossval: label {label!r} is held by {patients} patient(s) in train+val, fewer than --folds {folds}")
 
 
 @contextmanager
@@ -138,13 +160,17 @@ def _tag_fold(run_id: str, fold: int, folds: int) -> None:
 def _write_summary(result: CrossvalResult, config: Config, folds: int) -> None:
     auc, auc_sd = result.mean_sd("val_auc")
     accuracy, accuracy_sd = result.mean_sd("val_accuracy")
+    best, best_sd = result.mean_sd("best_val_auc")
     write_json(result.summary_path, {
         "folds": folds,
+        "scored": "each fold's model after the last epoch, on that fold; accuracy at 0.5; best_val_auc is the "
+                  "best epoch's, chosen on the same fold and so optimistic",
         "model": config.train.model,
         "image_size": config.data.image_size,
         "seed": config.data.seed,
         "val_auc": {"mean": auc, "sd": auc_sd},
         "val_accuracy": {"mean": accuracy, "sd": accuracy_sd},
+        "best_val_auc": {"mean": best, "sd": best_sd},
         "per_fold": [fold.__dict__ for fold in result.folds],
     })
     log.info("crossval: %d folds, val AUC %.4f ± %.4f, val accuracy %.4f ± %.4f (mean ± sd) → %s",

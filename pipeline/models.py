@@ -29,7 +29,8 @@ MODEL_NAMES = ("seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru", "vi
 
 
 class SeedCNN(nn.Module):
-    """The brief's CNN: Conv 32-64-128 (3×3, ReLU, 2×2 max-pool each), Dense 128, dropout, 2-way output.
+    """The brief's CNN: Conv 32-64-128 (3×3, ReLU, 2×2 max-pool each), Dense 128, dropout, one output per label
+    (2-way, as the brief's softmax, for the binary task).
 
     Padding keeps any input size from 8 px up usable (the Keras original used 'valid' at 224 px).
     """

@@ -19,7 +19,7 @@ def split_patients(frame: pd.DataFrame, fractions: SplitFractions, seed: int) ->
     a multilabel task the film's label set (pipeline.labels), so multilabel splits are stratified on the label
     powerset; a combination held by fewer than three patients stays in train.
     """
-    patient_label = _patient_labels(frame)
+    patient_label = patient_labels(frame)
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
     for label in sorted(patient_label.unique()):
@@ -33,7 +33,7 @@ def split_patients(frame: pd.DataFrame, fractions: SplitFractions, seed: int) ->
 def carve_from_train(frame: pd.DataFrame, target: str, fraction: float, seed: int) -> pd.Series:
     """For a source that brings no `target` split (e.g. MedMNIST without test): move `fraction` of train patients to it."""
     splits = frame["split"].copy()
-    patient_label = _patient_labels(frame[frame["split"] == "train"])
+    patient_label = patient_labels(frame[frame["split"] == "train"])
     rng = np.random.default_rng(seed)
     moved: set[str] = set()
     for label in sorted(patient_label.unique()):
@@ -44,7 +44,7 @@ def carve_from_train(frame: pd.DataFrame, target: str, fraction: float, seed: in
     return splits
 
 
-def _patient_labels(frame: pd.DataFrame) -> pd.Series:
+def patient_labels(frame: pd.DataFrame) -> pd.Series:
     """Each patient's most common label, patients in order of first appearance.
 
     That order comes from the sorted source files, not from the keyed hashes, so the same data and

@@ -402,9 +402,24 @@ def _train_one_epoch(trainer: Trainer, images: np.ndarray, labels, config: Confi
             continue  # a lone image on a rank breaks batch norm (DenseNet, ResNet) and teaches nothing
         inputs = augment_batch(to_tensor(images[batch.numpy()]).to(trainer.device), config.augment, trainer.generator)
         rows = batch[mine]
-        share = len(rows) * world.size / len(batch)  # 1 in one process, and whenever the ranks' shares are equal
+        share = rank_share(trainer.loss_fn, labels[batch], mine, world.size)
         total_loss += _step(trainer, inputs[mine], labels[rows].to(trainer.device), share) * len(rows)
     return distributed.sum_over_ranks(total_loss, world) / len(order)
+
+
+def rank_share(loss_fn, batch_labels, mine: slice, world_size: int) -> float:
+    """This rank's part of the whole batch's loss, × ranks: DDP averages gradients over the ranks, so scaling each
+    rank's mean loss by it makes the step exactly the whole batch's (1 in one process).
+
+    A class-weighted loss averages as Σ w·loss / Σ w, so its part is the rank's share of the weights, not of the rows.
+    """
+    if world_size == 1:
+        return 1.0
+    weight = getattr(loss_fn, "weight", None)
+    if weight is None or batch_labels.ndim > 1:  # a plain mean (multilabel: over every row and label)
+        return len(batch_labels[mine]) * world_size / len(batch_labels)
+    weights = weight.detach().cpu()[batch_labels]
+    return float(weights[mine].sum() * world_size / weights.sum())
 
 
 def _step(trainer: Trainer, inputs, targets, share: float = 1.0) -> float:

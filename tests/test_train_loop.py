@@ -291,3 +291,24 @@ def test_cuda_trains_in_mixed_precision_into_a_cpu_loadable_checkpoint(project):
     model, _ = load_checkpoint(paths.checkpoint)  # weights saved on the CPU, in the usual layout
     assert next(model.parameters()).device.type == "cpu"
     assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 2)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_rank_shares_make_the_ranks_mean_loss_the_whole_batch_loss(weighted):
+    """Under DDP the gradient is the ranks' average of share × loss; it must equal the whole batch's loss (3 ranks,
+    a batch of 8 that splits 3/3/2, class-weighted or not)."""
+    import torch
+
+    from pipeline.train import rank_share
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 2, generator=generator)
+    labels = torch.tensor([0, 1, 1, 1, 0, 1, 1, 1])
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([2.0, 0.6]) if weighted else None)
+    ranks = 3
+    averaged = sum(
+        rank_share(loss_fn, labels, slice(rank, None, ranks), ranks) * loss_fn(logits[rank::ranks], labels[rank::ranks])
+        for rank in range(ranks)
+    ) / ranks
+    assert float(averaged) == pytest.approx(float(loss_fn(logits, labels)), rel=1e-6)
+    assert rank_share(loss_fn, labels, slice(0, None, 1), 1) == 1.0
