@@ -190,7 +190,7 @@ class ValidationConfig(Section):
 
 
 class RebalanceConfig(Section):
-    method: Literal["none", "random_over", "random_under", "combined"] = "random_over"
+    method: Literal["none", "random_over", "random_under", "combined"] = "none"
     seed: int = 0
     # `combined` only: oversample the minority to over_ratio × the majority, then undersample the majority
     # until minority/majority is under_ratio (1.0: equal counts).
@@ -206,25 +206,25 @@ class RebalanceConfig(Section):
 
 class AugmentConfig(Section):
     enabled: bool = True
-    rotation_deg: float = Field(7.0, ge=0, le=45)
-    translate: float = Field(0.05, ge=0, le=0.3)
-    scale: float = Field(0.08, ge=0, le=0.5)
-    brightness: float = Field(0.1, ge=0, le=0.5)
-    contrast: float = Field(0.15, ge=0, le=0.9)
-    crop_scale: float = Field(0.85, ge=0.3, le=1)  # random resized crop: smallest area kept (0.85: 85-100 %); 1 = off
-    gamma: float = Field(0.2, ge=0, le=0.9)  # gamma drawn from 1 ± this; 0 = off
+    rotation_deg: float = Field(5.0, ge=0, le=45)
+    translate: float = Field(0.03, ge=0, le=0.3)
+    scale: float = Field(0.05, ge=0, le=0.5)
+    brightness: float = Field(0.05, ge=0, le=0.5)
+    contrast: float = Field(0.05, ge=0, le=0.9)
+    crop_scale: float = Field(1.0, ge=0.3, le=1)  # random resized crop: smallest area kept (0.85: 85-100 %); 1 = off
+    gamma: float = Field(0.0, ge=0, le=0.9)  # gamma drawn from 1 ± this; 0 = off
     hflip: bool = False  # off: anatomy is not left-right symmetric (heart on the left)
 
 
 class TrainConfig(Section):
     # The same names as pipeline.models.MODEL_NAMES (spelled out so reading params never imports torch).
-    model: Literal["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru", "vit"] = "seed_cnn"
+    model: Literal["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru", "vit"] = "cnn_gru"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=2)  # a batch of one breaks batch norm, so such batches are skipped
     lr: float = Field(1e-3, gt=0)  # the peak learning rate when a schedule changes it
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # sgd: momentum 0.9, Nesterov
     weight_decay: float = Field(0.0, ge=0)  # adam: L2 in the gradient; adamw: decoupled; 0 makes adamw = adam
-    schedule: Literal["constant", "cosine", "onecycle"] = "constant"  # stepped every batch
+    schedule: Literal["constant", "cosine", "onecycle"] = "cosine"  # stepped every batch
     warmup_fraction: float = Field(0.1, ge=0, lt=1)  # cosine and onecycle: share of all steps spent warming up
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     focal_gamma: float = Field(2.0, ge=0)  # focal only: 0 is cross-entropy

@@ -101,7 +101,7 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     write_json(paths.metrics, metrics)
     with atomic_path(paths.predictions) as tmp:
         predictions = [_prediction_rows(split, rows[split], task, labels, scored[split], threshold) for split in ("val", "test")]
-        pd.concat(predictions).to_csv(tmp, index=False, float_format="%.6f")
+        pd.concat(predictions).to_csv(tmp, index=False, float_format="%.9g")
     _log_to_mlflow(paths, metrics, plot_paths)
     _log_summary(metrics, paths.metrics)
     return EvaluateResult(metrics, paths.metrics, plot_paths)

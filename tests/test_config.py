@@ -67,7 +67,7 @@ def test_unknown_key_in_params_file_is_refused(tmp_path):
 
 def test_flat_dict_has_every_leaf_for_mlflow(tmp_path):
     flat = load_config(tmp_path / "params.yaml").as_flat_dict()
-    assert flat["train.model"] == "seed_cnn"
+    assert flat["train.model"] == "cnn_gru"
     assert flat["data.split.test"] == 0.15
     assert flat["register.gate_metric"] == "test_auc"
 

@@ -45,7 +45,7 @@ def test_training_logs_params_and_per_epoch_metrics_to_mlflow(tiny_project):
     paths = tiny_project.paths
     connect(paths.root)
     run = mlflow.MlflowClient().get_run(read_run_id(paths))
-    assert run.data.params["train.model"] == "seed_cnn"
+    assert run.data.params["train.model"] == "cnn_gru"
     assert run.data.params["data.image_size"] == "32"
     for key in ("train_loss", "val_loss", "val_auc", "val_accuracy", "best_val_auc", "test_auc", "test_accuracy"):
         assert key in run.data.metrics, key
