@@ -42,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import machine_cpu_s, own_cpu_s  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.ingest import IngestResult, decode_items, finish_ingest, plan_ingest  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
@@ -240,22 +241,6 @@ def timed_ingest(paths: ProjectPaths, source: Path, workers: int) -> Timing:
     seconds = time.perf_counter() - start
     others = max(0.0, (machine_cpu_s() - machine) - (own_cpu_s() - own))
     return Timing(seconds, decode_seconds, others, result)
-
-
-def machine_cpu_s() -> float:
-    """CPU seconds all cores spent on anything but idling since boot (Linux /proc/stat; 0 elsewhere)."""
-    try:
-        ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    """CPU seconds of this process and its finished children (the decoding workers, once the pool is shut)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
 
 
 def measure(kind: str, source: Path, workers: int, repeats: int, scratch: Path) -> Measurement:

@@ -40,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import machine_cpu_s, own_cpu_s  # noqa: E402
 from pipeline.config import Config, TrainConfig, load_config  # noqa: E402
 from pipeline.errors import CxrError  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
@@ -150,22 +151,6 @@ def train_run(paths: ProjectPaths, data: Path, size: int, model: str, seed: int,
     share = others / (seconds * (os.cpu_count() or 1))
     return Run(model, size, seed, result.best_val_auc, result.best_val_accuracy, result.best_epoch,
                result.epochs_run, seconds, share)
-
-
-def machine_cpu_s() -> float:
-    """CPU seconds all cores spent on anything but idling since boot (Linux /proc/stat; 0 elsewhere)."""
-    try:
-        ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    """CPU seconds of this process and its finished children."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
 
 
 # --- the table -----------------------------------------------------------------------------------

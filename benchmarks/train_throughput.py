@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.ingest import machine_cpu_s, own_cpu_s  # noqa: E402
+from benchmarks.machine import machine_cpu_s, own_cpu_s  # noqa: E402
 from pipeline.augment import augment_batch  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.models import build_model  # noqa: E402

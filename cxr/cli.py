@@ -176,16 +176,9 @@ def crossval(
     run tagged crossval.fold. Needs `cxr ingest` first; the test split is not used. Takes `folds` trainings.
     """
 
-    def body(paths: Any, config: Any) -> None:
-        from pipeline.crossval import crossval_stage
+    from pipeline.crossval import crossval_stage
 
-        result = crossval_stage(paths, config, folds)
-        auc, auc_sd = result.mean_sd("val_auc")
-        accuracy, accuracy_sd = result.mean_sd("val_accuracy")
-        typer.echo(f"crossval: {folds} folds, val AUC {auc:.4f} ± {auc_sd:.4f}, "
-                   f"val accuracy {accuracy:.4f} ± {accuracy_sd:.4f} → {result.summary_path}", err=True)
-
-    _stage(params, set_, body)
+    _stage(params, set_, lambda paths, config: crossval_stage(paths, config, folds))  # it logs the mean ± sd
 
 
 @app.command()

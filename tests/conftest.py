@@ -46,6 +46,20 @@ def write_tiny_project(root: Path, n: int = 80, seed: int = 0) -> Path:
     return params
 
 
+def ingest_and_rebalance(root: Path, n: int = 64) -> tuple[Path, ProjectPaths]:
+    """A tiny project ingested and rebalanced, ready for `train` (the data gate is not needed for training)."""
+    from pipeline.config import load_config
+    from pipeline.ingest import ingest_stage
+    from pipeline.rebalance import rebalance_stage
+
+    params = write_tiny_project(root, n=n)
+    config = load_config(params)
+    paths = ProjectPaths(params.parent)
+    ingest_stage(paths, config)
+    rebalance_stage(paths, config.rebalance)
+    return params, paths
+
+
 @dataclass
 class TinyProject:
     params: Path

@@ -23,7 +23,7 @@ from pipeline.config import load_config
 from pipeline.models import load_checkpoint, predict_proba
 from pipeline.tracking import connect, read_run_id
 from pipeline.train import load_training_data, train_stage, train_state_path
-from tests.conftest import REPO, write_tiny_project
+from tests.conftest import REPO, ingest_and_rebalance
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +38,7 @@ PROBABILITY_TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A tiny project ingested and rebalanced once (the data gate is not needed for training)."""
-    from pipeline.ingest import ingest_stage
-    from pipeline.paths import ProjectPaths
-    from pipeline.rebalance import rebalance_stage
-
-    params = write_tiny_project(tmp_path_factory.mktemp("ddp"), n=64)
-    config = load_config(params)
-    paths = ProjectPaths(params.parent)
-    ingest_stage(paths, config)
-    rebalance_stage(paths, config.rebalance)
-    return params, paths
+    return ingest_and_rebalance(tmp_path_factory.mktemp("ddp"))
 
 
 def torchrun(arguments: list[str]) -> subprocess.CompletedProcess:

@@ -26,22 +26,13 @@ from pipeline.losses import FocalLoss, balanced_class_weights
 from pipeline.rebalance import rebalance_indices
 from pipeline.tracking import connect, read_run_id
 from pipeline.train import patience_ran_out, train_stage, train_state_path, warmup_cosine
-from tests.conftest import REPO, write_tiny_project
+from tests.conftest import REPO, ingest_and_rebalance
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A tiny project ingested and rebalanced once (the data gate is not needed for training)."""
-    from pipeline.ingest import ingest_stage
-    from pipeline.paths import ProjectPaths
-    from pipeline.rebalance import rebalance_stage
-
-    params = write_tiny_project(tmp_path_factory.mktemp("loop"), n=64)
-    config = load_config(params)
-    paths = ProjectPaths(params.parent)
-    ingest_stage(paths, config)
-    rebalance_stage(paths, config.rebalance)
-    return params, paths
+    return ingest_and_rebalance(tmp_path_factory.mktemp("loop"))
 
 
 def _metric_steps(run_id: str, key: str) -> list[tuple[int, float]]:
