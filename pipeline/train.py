@@ -140,8 +140,7 @@ def _train(paths: ProjectPaths, config: Config, resume: bool, world: distributed
     fingerprint = run_fingerprint(paths, config, manifest_sha256, world.size)
 
     state_path = train_state_path(paths)
-    state = load_train_state(state_path, fingerprint, paths) if resume and world.is_main else None
-    state = distributed.broadcast(state, world)  # every rank resumes from rank 0's file
+    state = _resume_state(state_path, fingerprint, paths, world) if resume else None
     if world.is_main and resume and state is None:
         log.info("train: no %s to resume from; starting a new run", state_path)
     if world.is_main and state is None:
@@ -161,6 +160,20 @@ def _train(paths: ProjectPaths, config: Config, resume: bool, world: distributed
         log.info("train: best epoch %d, val AUC %.4f, val accuracy %.4f → %s (MLflow run %s)",
                  best["epoch"], best["val_auc"], best["val_accuracy"], paths.checkpoint, run_id)
     return TrainResult(run_id, best["epoch"], best["val_auc"], best["val_accuracy"], str(device), paths.checkpoint, epochs_run)
+
+
+def _resume_state(state_path: Path, fingerprint: dict, paths: ProjectPaths, world: distributed.World) -> dict | None:
+    """Rank 0 reads the state file and every rank gets it, or the same one-line error (no rank left waiting)."""
+    state, problem = None, None
+    if world.is_main:
+        try:
+            state = load_train_state(state_path, fingerprint, paths)
+        except CxrError as exc:
+            problem = str(exc)
+    state, problem = distributed.broadcast((state, problem), world)
+    if problem:
+        raise CxrError(problem)
+    return state
 
 
 @contextmanager

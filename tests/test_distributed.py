@@ -129,6 +129,12 @@ def test_a_crashed_torchrun_run_resumes_to_the_weights_of_an_uninterrupted_one(p
     state = torch.load(train_state_path(paths), weights_only=True)
     assert state["epoch"] == 1 and len(state["rank_rng"]) == 2
 
+    # A resume with other settings is refused by every rank with the same one-line error, and the state survives.
+    refused = cxr_train(params, [*overrides, "train.lr=0.5"], "--resume")
+    assert refused.returncode != 0
+    assert refused.stderr.count("error: ") == 2 and "train.lr: 0.001 → 0.5" in refused.stderr
+    assert train_state_path(paths).exists()
+
     resumed = cxr_train(params, overrides, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
