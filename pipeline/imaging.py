@@ -116,8 +116,24 @@ def check_usable(pixels: np.ndarray, name: str) -> None:
     """Reject images too small or too flat to be a radiograph."""
     if min(pixels.shape[:2]) < MIN_SIDE:
         raise UnreadableImage("too_small", f"{name}: image is {pixels.shape[1]}x{pixels.shape[0]} px, below {MIN_SIDE} px")
-    if float(pixels.std()) < MIN_STD:
+    if grey_std(pixels) < MIN_STD:
         raise UnreadableImage("blank_image", f"{name}: image is blank (all pixels nearly the same value)")
+
+
+def grey_std(pixels: np.ndarray) -> float:
+    """Standard deviation of an 8-bit grey image, from Pillow's 256-bin histogram.
+
+    The same value as `pixels.std()`, at under half the cost on a full-size film: numpy makes float64 copies of
+    every pixel, and with two decoding workers that memory traffic slows both.
+    """
+    from PIL import Image
+
+    if pixels.dtype != np.uint8 or pixels.ndim != 2:
+        return float(pixels.std())
+    counts = np.asarray(Image.fromarray(np.ascontiguousarray(pixels), mode="L").histogram(), dtype=np.float64)
+    values = np.arange(256, dtype=np.float64)
+    mean = counts @ values / counts.sum()
+    return float(np.sqrt(max(counts @ (values - mean) ** 2 / counts.sum(), 0.0)))
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:

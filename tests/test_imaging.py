@@ -99,3 +99,15 @@ def test_resize_and_hash():
     assert resize(image, 32).shape == (32, 32)
     assert pixel_sha256(image) == pixel_sha256(image.copy())
     assert pixel_sha256(image) != pixel_sha256(image.T)
+
+
+def test_grey_std_from_the_histogram_equals_numpy():
+    from pipeline.imaging import grey_std
+
+    rng = np.random.default_rng(0)
+    for shape in ((17, 23), (512, 384)):
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        assert grey_std(pixels) == pytest.approx(float(pixels.std()), abs=1e-9)
+    assert grey_std(np.full((32, 32), 200, dtype=np.uint8)) == 0.0
+    wide = rng.normal(size=(8, 8))  # not 8-bit: numpy's own
+    assert grey_std(wide) == pytest.approx(float(wide.std()))
