@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import machine_cpu_s, own_cpu_s  # noqa: E402
+from benchmarks.machine import BUSY_WARNING, cpu_snapshot, others_cpu_s  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.ingest import IngestResult, decode_items, finish_ingest, plan_ingest  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
@@ -60,7 +60,6 @@ WORKER_COUNTS = (1, 2)
 IMAGE_SIZE = 64
 REAL_J2K = REPO.parent / "shared" / "data" / "samples" / "dicom" / "RG1_J2KI.dcm"
 TARGET_JPEG_SPEEDUP = 1.7
-BUSY_WARNING = 0.10  # share of the machine's CPU that other processes may take before a timing is flagged
 
 
 @dataclass(frozen=True)
@@ -231,7 +230,7 @@ class Timing:
 def timed_ingest(paths: ProjectPaths, source: Path, workers: int) -> Timing:
     config = load_config(paths.root / "params.yaml", [f"data.sources=[{source}]", f"data.num_workers={workers}"])
     gc.collect()
-    machine, own = machine_cpu_s(), own_cpu_s()
+    cpu = cpu_snapshot()
     start = time.perf_counter()
     plan = plan_ingest(paths, config)  # the three steps of ingest_stage, timed around the middle one
     decode_start = time.perf_counter()
@@ -239,8 +238,7 @@ def timed_ingest(paths: ProjectPaths, source: Path, workers: int) -> Timing:
     decode_seconds = time.perf_counter() - decode_start
     result = finish_ingest(paths, config, plan, outcomes)
     seconds = time.perf_counter() - start
-    others = max(0.0, (machine_cpu_s() - machine) - (own_cpu_s() - own))
-    return Timing(seconds, decode_seconds, others, result)
+    return Timing(seconds, decode_seconds, others_cpu_s(cpu), result)
 
 
 def measure(kind: str, source: Path, workers: int, repeats: int, scratch: Path) -> Measurement:

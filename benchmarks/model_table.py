@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import machine_cpu_s, own_cpu_s  # noqa: E402
+from benchmarks.machine import BUSY_WARNING, cpu_snapshot, others_cpu_s  # noqa: E402
 from pipeline.config import Config, TrainConfig, load_config  # noqa: E402
 from pipeline.errors import CxrError  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
@@ -48,7 +48,6 @@ from pipeline.paths import ProjectPaths  # noqa: E402
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist_trainval.npz"
 DEFAULT_PARAMS = REPO / "params.yaml"
 MODEL_NAMES = typing.get_args(TrainConfig.model_fields["model"].annotation)  # read from the config: no torch import
-BUSY_WARNING = 0.10  # share of the machine's CPU other processes may take before a row's time is flagged
 
 
 @dataclass(frozen=True)
@@ -143,12 +142,11 @@ def train_run(paths: ProjectPaths, data: Path, size: int, model: str, seed: int,
 
     config = run_config(paths, data, size, overrides, model, seed)
     rebalance_stage(paths, config.rebalance)
-    machine, own = machine_cpu_s(), own_cpu_s()
+    cpu = cpu_snapshot()
     start = time.perf_counter()
     result = train_stage(paths, config)
     seconds = time.perf_counter() - start
-    others = max(0.0, (machine_cpu_s() - machine) - (own_cpu_s() - own))
-    share = others / (seconds * (os.cpu_count() or 1))
+    share = others_cpu_s(cpu) / (seconds * (os.cpu_count() or 1))
     return Run(model, size, seed, result.best_val_auc, result.best_val_accuracy, result.best_epoch,
                result.epochs_run, seconds, share)
 

@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.machine import machine_cpu_s, own_cpu_s  # noqa: E402
+from benchmarks.machine import BUSY_WARNING, cpu_snapshot, others_cpu_s  # noqa: E402
 from pipeline.augment import augment_batch  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
@@ -65,7 +65,6 @@ from pipeline.train import TrainingData, _train_one_epoch, build_optimizer, buil
 
 PNEUMONIAMNIST = REPO.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist_trainval.npz"
 TARGET_RATIO = 1.05
-BUSY_WARNING = 0.10  # share of the machine's CPU other processes may take, beyond the cores left free, before a row is flagged
 WARM_UP_BATCHES = 3
 
 
@@ -202,13 +201,13 @@ def measure(model: str, size: int, args: argparse.Namespace) -> Row:
     n = batch * min(max(1, round(args.seconds * rate / batch)), most // batch)  # whole batches only: no skipped remainder
 
     rates: dict[str, list[float]] = {"bare": [], "pipeline": []}
-    machine, own, started = machine_cpu_s(), own_cpu_s(), time.perf_counter()
+    cpu, started = cpu_snapshot(), time.perf_counter()
     for repeat in range(args.repeats):
         order = ("bare", "pipeline") if repeat % 2 == 0 else ("pipeline", "bare")
         for name in order:
             rates[name].append(images_per_second(bare if name == "bare" else pipeline, n))
     capacity = (time.perf_counter() - started) * (os.cpu_count() or 1)
-    others = max(0.0, (machine_cpu_s() - machine) - (own_cpu_s() - own)) / capacity
+    others = others_cpu_s(cpu) / capacity
     # The ratio of each back-to-back pair: a neighbour's load changes both of a pair alike.
     ratio = statistics.median(b / p for b, p in zip(rates["bare"], rates["pipeline"]))
     return Row(model, size, n, statistics.median(rates["bare"]), statistics.median(rates["pipeline"]), ratio,
@@ -230,7 +229,7 @@ def print_table(rows: list[Row], threads: int) -> None:
     print("img/s: medians over the repeats; bare/pipeline: the median of back-to-back pairs' ratios; "
           "same weights: both loops ended bit-identical (same batches, augmentation, dropout and updates)")
     for row in rows:
-        if row.others_share > spare_share + BUSY_WARNING:
+        if row.others_share > spare_share + BUSY_WARNING:  # beyond the cores this benchmark leaves free
             print(f"WARNING: {row.model} {row.size} px: other processes took {row.others_share:.0%} of the CPU "
                   "while it was timed; rerun on an idle machine")
 

@@ -440,8 +440,8 @@ def _step(trainer: Trainer, inputs, targets, share: float = 1.0) -> float:
 
     CPU: float32, exactly as before mixed precision existed. CUDA: the forward pass under autocast on
     channels_last input, the loss in float32, and loss scaling when the half type is float16.
-    `share` is this rank's rows × ranks ÷ the batch (1 in one process: the gradient is unchanged): DDP averages
-    the ranks' gradients, and weighting each rank's mean loss by its share makes that the whole batch's mean.
+    `share` scales this rank's loss so that DDP's average over the ranks is the whole batch's loss (see
+    rank_share; 1 in one process, where the gradient is unchanged).
     """
     import torch
 
