@@ -1,12 +1,12 @@
 """Training throughput benchmark: images per second of the pipeline's training step against a bare torch loop.
 
-Why it exists: the pipeline's epoch loop (`pipeline.train._train_one_epoch` and `_step` on the Trainer that
+Why it exists: the pipeline's epoch loop (`pipeline.training.loop.train_one_epoch` and `step` on the Trainer that
 `build_trainer` makes from params) carries seeded ordering, uint8 → float conversion per batch, a learning-rate
 schedule, loss bookkeeping and the hooks for mixed precision and DistributedDataParallel. None of that may
 make training noticeably slower than a careful hand-written loop: the target is bare ÷ pipeline ≤ 1.05.
 
 What runs, in one process, with the same torch thread count:
-- pipeline: `build_trainer(config, data, cpu)` then `_train_one_epoch` over uint8 images, exactly as
+- pipeline: `build_trainer(config, data, cpu)` then `train_one_epoch` over uint8 images, exactly as
   `cxr train` runs an epoch (params.yaml's augmentation, Adam, the constant schedule stepped every batch,
   cross-entropy), without validation, checkpoints or MLflow.
 - bare: the same network (`build_model`, same seed so the same initial weights), the same optimiser
@@ -61,7 +61,10 @@ from benchmarks.machine import BUSY_WARNING, cpu_snapshot, others_cpu_s  # noqa:
 from pipeline.augment import augment_batch  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.train import TrainingData, _train_one_epoch, build_optimizer, build_trainer  # noqa: E402
+from pipeline.training.data import TrainingData  # noqa: E402
+from pipeline.training.loop import train_one_epoch  # noqa: E402
+from pipeline.training.optim import build_optimizer  # noqa: E402
+from pipeline.training.trainer import build_trainer  # noqa: E402
 
 PNEUMONIAMNIST = REPO.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist_trainval.npz"
 TARGET_RATIO = 1.05
@@ -156,7 +159,7 @@ class Bare:
 
 
 class Pipeline:
-    """The pipeline's own epoch: build_trainer's Trainer and _train_one_epoch over uint8 images."""
+    """The pipeline's own epoch: build_trainer's Trainer and train_one_epoch over uint8 images."""
 
     def __init__(self, config: Config, images: np.ndarray, labels: np.ndarray) -> None:
         torch.manual_seed(config.train.seed)
@@ -164,11 +167,11 @@ class Pipeline:
         self.trainer = build_trainer(config, data, torch.device("cpu"))
         self.config = config
         self.images = images
-        self.labels = torch.as_tensor(labels, dtype=torch.long)  # as pipeline.train._fit makes them
+        self.labels = torch.as_tensor(labels, dtype=torch.long)  # as pipeline.training.loop.fit makes them
         self.global_rng = torch.get_rng_state()
 
     def epoch(self, n: int) -> None:
-        _train_one_epoch(self.trainer, self.images[:n], self.labels[:n], self.config)
+        train_one_epoch(self.trainer, self.images[:n], self.labels[:n], self.config)
 
 
 def images_per_second(loop: Bare | Pipeline, n: int) -> float:

@@ -22,7 +22,9 @@ import torch
 from pipeline.config import load_config
 from pipeline.models import load_checkpoint, predict_proba
 from pipeline.tracking import connect, read_run_id
-from pipeline.train import load_training_data, train_stage, train_state_path
+from pipeline.train import train_stage
+from pipeline.training.data import load_training_data
+from pipeline.training.state import train_state_path
 from tests.conftest import REPO, ingest_and_rebalance
 
 pytestmark = pytest.mark.slow
@@ -96,20 +98,21 @@ def test_two_gloo_processes_train_to_the_weights_of_one_process(project):
 CRASH_AFTER_EPOCH_1 = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    import pipeline.train as train
+    import pipeline.training.loop as loop
     from pipeline.config import load_config
     from pipeline.paths import ProjectPaths
+    from pipeline.train import train_stage
 
     params = Path(sys.argv[1])
-    save = train.save_train_state
+    save = loop.save_train_state
 
     def save_then_die(path, trainer, epoch, *rest):  # rank 0 alone saves
         save(path, trainer, epoch, *rest)
         if epoch == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # torchrun then stops rank 1: the whole job dies
 
-    train.save_train_state = save_then_die
-    train.train_stage(ProjectPaths(params.parent), load_config(params, sys.argv[2:]))
+    loop.save_train_state = save_then_die
+    train_stage(ProjectPaths(params.parent), load_config(params, sys.argv[2:]))
 """)
 
 

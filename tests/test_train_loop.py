@@ -25,7 +25,10 @@ from pipeline.errors import CxrError
 from pipeline.losses import FocalLoss, balanced_class_weights
 from pipeline.rebalance import rebalance_indices
 from pipeline.tracking import connect, read_run_id
-from pipeline.train import patience_ran_out, train_stage, train_state_path, warmup_cosine
+from pipeline.train import train_stage
+from pipeline.training.loop import patience_ran_out
+from pipeline.training.optim import warmup_cosine
+from pipeline.training.state import train_state_path
 from tests.conftest import REPO, ingest_and_rebalance
 
 
@@ -81,7 +84,7 @@ def test_cosine_warms_up_linearly_then_decays_towards_zero():
 @pytest.mark.parametrize("total_steps", [1, 2, 3, 10, 20, 33])
 def test_onecycle_runs_any_number_of_steps_and_never_exceeds_the_peak(total_steps):
     from pipeline.config import TrainConfig
-    from pipeline.train import build_schedule
+    from pipeline.training.optim import build_schedule
 
     for warmup_fraction in (0.0, 0.1, 0.5, 0.9):
         optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1e-3, momentum=0.9)
@@ -202,20 +205,21 @@ def test_early_stopping_stops_when_validation_never_improves(project):
 CRASH_AFTER_EPOCH_1 = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    import pipeline.train as train
+    import pipeline.training.loop as loop
     from pipeline.config import load_config
     from pipeline.paths import ProjectPaths
+    from pipeline.train import train_stage
 
     params = Path(sys.argv[1])
-    save = train.save_train_state
+    save = loop.save_train_state
 
     def save_then_die(path, trainer, epoch, *rest):
         save(path, trainer, epoch, *rest)
         if epoch == 1:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no MLflow end_run: a real crash
 
-    train.save_train_state = save_then_die
-    train.train_stage(ProjectPaths(params.parent), load_config(params, sys.argv[2:]))
+    loop.save_train_state = save_then_die
+    train_stage(ProjectPaths(params.parent), load_config(params, sys.argv[2:]))
 """)
 
 
@@ -271,7 +275,8 @@ def test_resume_without_a_state_file_starts_a_new_run(project):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_trains_in_mixed_precision_into_a_cpu_loadable_checkpoint(project):
     from pipeline.models import load_checkpoint
-    from pipeline.train import build_trainer, load_training_data, mixed_precision_dtype
+    from pipeline.training.data import load_training_data
+    from pipeline.training.trainer import build_trainer, mixed_precision_dtype
 
     params, paths = project
     config = load_config(params, ["train.device=cuda", "train.epochs=2"])
@@ -292,7 +297,7 @@ def test_rank_shares_make_the_ranks_mean_loss_the_whole_batch_loss(weighted):
     a batch of 8 that splits 3/3/2, class-weighted or not)."""
     import torch
 
-    from pipeline.train import rank_share
+    from pipeline.training.loop import rank_share
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 2, generator=generator)

@@ -1,0 +1,190 @@
+"""The epoch loop: train, score validation, keep the best checkpoint, save the resume state, stop early.
+
+Under `torchrun` the same code trains with DistributedDataParallel (pipeline.distributed): each step's batch
+of train.batch_size is split across the processes, and rank 0 alone validates, logs and writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+
+from pipeline import distributed
+from pipeline.config import Config
+from pipeline.files import atomic_path
+from pipeline.paths import ProjectPaths
+from pipeline.training.data import TrainingData
+from pipeline.training.state import global_rng_state, save_checkpoint, save_train_state, train_state_path
+from pipeline.training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPaths, run_id: str,
+        fingerprint: dict, state: dict | None, world: distributed.World = distributed.ONE_PROCESS) -> tuple[dict, int]:
+    """Train epoch by epoch, score validation, keep the best checkpoint, save the state; returns (best, epochs run).
+
+    Under torchrun rank 0 validates and sends the scores to the other ranks, so all stop at the same epoch;
+    it alone logs, writes and shows progress.
+    """
+    import mlflow
+    import torch
+    from tqdm import tqdm
+
+    settings = config.train
+    labels = torch.as_tensor(np.array(data.train_labels))  # int64 class indices, or float32 multi-hot rows (multilabel)
+    epoch = state["epoch"] if state else 0  # epochs completed
+    history: list[dict] = state["history"] if state else []
+    best: dict = state["best"] if state else {"epoch": 0, "val_auc": -1.0, "val_accuracy": 0.0}
+
+    progress = tqdm(total=settings.epochs, initial=epoch, desc="train", unit="epoch", disable=None if world.is_main else True)
+    while epoch < settings.epochs and not patience_ran_out(best["epoch"], epoch, settings.early_stopping_patience):
+        epoch += 1
+        lr = trainer.optimizer.param_groups[0]["lr"]  # the rate this epoch starts at
+        started = time.perf_counter()
+        train_loss = train_one_epoch(trainer, data.train_images, labels, config, world)
+        seconds = time.perf_counter() - started
+        scores = validate(trainer, data, len(config.data.labels)) if world.is_main else None
+        scores = distributed.broadcast(scores, world)
+        row = {"epoch": epoch, "train_loss": train_loss, **scores, "lr": lr}
+        history.append(row)  # history.csv holds only what is reproducible; throughput goes to MLflow alone
+        metrics = {k: v for k, v in row.items() if k != "epoch"} | {"train_images_per_second": len(labels) / seconds}
+        if world.is_main:
+            mlflow.log_metrics(metrics, step=epoch, run_id=run_id)
+        if row["val_auc"] > best["val_auc"]:  # NaN never wins, ties keep the earlier epoch
+            best = {"epoch": epoch, "val_auc": row["val_auc"], "val_accuracy": row["val_accuracy"]}
+            if world.is_main:
+                save_checkpoint(paths.checkpoint, trainer.model, config, best)
+        rank_rng = distributed.all_gather(global_rng_state(trainer.device), world)
+        if world.is_main:
+            save_train_state(train_state_path(paths), trainer, epoch, best, history, run_id, fingerprint, rank_rng)
+        progress.update(1)
+    progress.close()
+
+    if best["epoch"] == 0:  # validation AUC undefined every epoch (one class): keep the last model
+        best = {"epoch": epoch, "val_auc": float("nan"), "val_accuracy": history[-1]["val_accuracy"]}
+        if world.is_main:
+            save_checkpoint(paths.checkpoint, trainer.model, config, best)
+    if not world.is_main:
+        return best, epoch
+    if epoch < settings.epochs:
+        log.info("train: no better val AUC for %d epochs; stopped after epoch %d of %d",
+                 settings.early_stopping_patience, epoch, settings.epochs)
+    mlflow.log_metrics({"best_val_auc": best["val_auc"], "best_val_accuracy": best["val_accuracy"],
+                        "best_epoch": best["epoch"], "epochs_run": epoch}, run_id=run_id)
+    with atomic_path(paths.history) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False, float_format="%.6g")  # 6 significant digits: lr can be 1e-5
+    return best, epoch
+
+
+def patience_ran_out(best_epoch: int, epochs_done: int, patience: int) -> bool:
+    """Early stopping: `patience` epochs in a row without a better val AUC (patience 0 never stops)."""
+    return patience > 0 and epochs_done - best_epoch >= patience
+
+
+def train_one_epoch(trainer: Trainer, images: np.ndarray, labels, config: Config,
+                    world: distributed.World = distributed.ONE_PROCESS) -> float:
+    """One pass over the training index in a seeded random order, augmenting each batch; the mean loss.
+
+    Under torchrun every rank draws the same order and augments the same batch of train.batch_size from the
+    same generator, then trains on its own rows (every world.size-th): one process's step, split across
+    ranks, with the generator identical everywhere. Augmenting the whole batch on each rank costs little next
+    to the forward and backward passes, and keeps each image's augmentation independent of the rank count.
+    """
+    import torch
+
+    from pipeline.augment import augment_batch
+    from pipeline.models import to_tensor
+
+    trainer.step_model.train()
+    batch_size = config.train.batch_size
+    order = torch.randperm(len(labels), generator=trainer.generator)
+    mine = slice(world.rank, None, world.size)
+    total_loss = 0.0
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        if len(batch) < 2 * world.size:
+            continue  # a lone image on a rank breaks batch norm (DenseNet, ResNet) and teaches nothing
+        inputs = augment_batch(to_tensor(images[batch.numpy()]).to(trainer.device), config.augment, trainer.generator)
+        rows = batch[mine]
+        share = rank_share(trainer.loss_fn, labels[batch], mine, world.size)
+        total_loss += step(trainer, inputs[mine], labels[rows].to(trainer.device), share) * len(rows)
+    return distributed.sum_over_ranks(total_loss, world) / len(order)
+
+
+def rank_share(loss_fn, batch_labels, mine: slice, world_size: int) -> float:
+    """This rank's part of the whole batch's loss, × ranks: DDP averages gradients over the ranks, so scaling each
+    rank's mean loss by it makes the step exactly the whole batch's (1 in one process).
+
+    A class-weighted loss averages as Σ w·loss / Σ w, so its part is the rank's share of the weights, not of the rows.
+    """
+    if world_size == 1:
+        return 1.0
+    weight = getattr(loss_fn, "weight", None)
+    if weight is None or batch_labels.ndim > 1:  # a plain mean (multilabel: over every row and label)
+        return len(batch_labels[mine]) * world_size / len(batch_labels)
+    weights = weight.detach().cpu()[batch_labels]
+    return float(weights[mine].sum() * world_size / weights.sum())
+
+
+def step(trainer: Trainer, inputs, targets, share: float = 1.0) -> float:
+    """One optimiser step and one schedule step; returns the batch loss.
+
+    CPU: float32, exactly as before mixed precision existed. CUDA: the forward pass under autocast on
+    channels_last input, the loss in float32, and loss scaling when the half type is float16.
+    `share` scales this rank's loss so that DDP's average over the ranks is the whole batch's loss (see
+    rank_share; 1 in one process, where the gradient is unchanged).
+    """
+    import torch
+
+    optimizer = trainer.optimizer
+    if trainer.device.type != "cuda":
+        loss = trainer.loss_fn(trainer.step_model(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        (loss * share).backward()
+        optimizer.step()
+    else:
+        with torch.autocast("cuda", dtype=trainer.amp_dtype):
+            logits = trainer.step_model(inputs.contiguous(memory_format=torch.channels_last))
+        loss = trainer.loss_fn(logits.float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if trainer.scaler is None:  # bfloat16
+            (loss * share).backward()
+            optimizer.step()
+        else:  # float16: scale the loss so small gradients do not underflow; skips steps with inf/NaN gradients
+            trainer.scaler.scale(loss * share).backward()
+            trainer.scaler.step(optimizer)
+            trainer.scaler.update()
+    trainer.scheduler.step()
+    return loss.item()
+
+
+def validate(trainer: Trainer, data: TrainingData, n_classes: int) -> dict:
+    """val_loss (plain cross-entropy, or binary cross-entropy per label for multilabel, whatever train.loss is, so
+    runs compare), val AUC and val accuracy.
+
+    binary: AUC of the positive class, accuracy at 0.5 (the operating threshold is chosen later, by evaluate).
+    multiclass: macro one-vs-rest AUC, accuracy of the most probable class. multilabel: macro AUC over labels,
+    mean per-label accuracy at 0.5 (pipeline.metrics.label_scores).
+    """
+    from pipeline.metrics import binary_metrics, label_scores
+    from pipeline.models import predict_proba
+
+    probabilities = predict_proba(trainer.model, data.val_images, trainer.device, multilabel=data.task == "multilabel")
+    if data.task == "multilabel":
+        p = np.clip(probabilities, 1e-7, 1 - 1e-7)
+        val_loss = float(-(data.val_labels * np.log(p) + (1 - data.val_labels) * np.log(1 - p)).mean())
+    else:
+        val_loss = float(-np.log(probabilities[np.arange(len(data.val_labels)), data.val_labels] + 1e-7).mean())
+    if data.task == "binary":
+        scores = binary_metrics(data.val_labels == n_classes - 1, probabilities[:, -1], 0.5)
+    else:
+        scores = label_scores(data.task, data.val_labels, probabilities, 0.5)
+    return {
+        "val_loss": val_loss,
+        "val_auc": scores["auc"] if scores["auc"] is not None else float("nan"),
+        "val_accuracy": scores["accuracy"],
+    }
