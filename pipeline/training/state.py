@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from pipeline import distributed
 from pipeline.config import Config
 from pipeline.errors import CxrError
@@ -62,7 +60,6 @@ def save_train_state(path: Path, trainer: Trainer, epoch: int, best: dict, histo
         "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
         "augment_rng": trainer.generator.get_state(),
         "rank_rng": rank_rng,
-        "numpy_rng": _numpy_rng_state(),
     }
     with atomic_path(path) as tmp, tmp.open("wb") as handle:
         torch.save(state, handle)
@@ -126,7 +123,6 @@ def restore_trainer(trainer: Trainer, state: dict, rank: int = 0) -> None:
     torch.set_rng_state(own["torch"])
     if trainer.device.type == "cuda" and own["cuda"]:
         torch.cuda.set_rng_state_all(own["cuda"])
-    _set_numpy_rng_state(state["numpy_rng"])
 
 
 def global_rng_state(device) -> dict:
@@ -134,21 +130,6 @@ def global_rng_state(device) -> dict:
     import torch
 
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}
-
-
-def _numpy_rng_state() -> dict:
-    """numpy's global random state as plain numbers (torch.load with weights_only reads no numpy arrays).
-
-    This loop does not draw from numpy; it is saved so that a numpy-based transform added later resumes exactly too.
-    """
-    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
-    return {"keys": [int(key) for key in keys], "position": int(position), "has_gauss": int(has_gauss),
-            "cached_gauss": float(cached_gauss)}
-
-
-def _set_numpy_rng_state(saved: dict) -> None:
-    keys = np.array(saved["keys"], dtype=np.uint32)
-    np.random.set_state(("MT19937", keys, saved["position"], saved["has_gauss"], saved["cached_gauss"]))
 
 
 def save_checkpoint(path: Path, model, config: Config, best: dict) -> None:
