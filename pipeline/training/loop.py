@@ -133,8 +133,8 @@ def rank_share(loss_fn, batch_labels, mine: slice, world_size: int) -> float:
 def step(trainer: Trainer, inputs, targets, share: float = 1.0) -> float:
     """One optimiser step and one schedule step; returns the batch loss.
 
-    CPU: float32, exactly as before mixed precision existed. CUDA: the forward pass under autocast on
-    channels_last input, the loss in float32, and loss scaling when the half type is float16.
+    CPU: plain float32, deterministic. CUDA: the forward pass under autocast on channels_last input, the loss
+    in float32, and loss scaling when the half type is float16.
     `share` scales this rank's loss so that DDP's average over the ranks is the whole batch's loss (see
     rank_share; 1 in one process, where the gradient is unchanged).
     """

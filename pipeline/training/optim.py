@@ -9,7 +9,7 @@ from pipeline.errors import CxrError
 
 
 def build_optimizer(model, settings: TrainConfig):  # -> torch.optim.Optimizer
-    """Adam (the default, as before), AdamW (decoupled weight decay) or SGD with Nesterov momentum 0.9."""
+    """Adam, AdamW (decoupled weight decay) or SGD with Nesterov momentum 0.9."""
     import torch
 
     parameters = model.parameters()
@@ -32,7 +32,7 @@ def steps_per_epoch(n_images: int, batch_size: int, world_size: int = 1) -> int:
 
 
 def build_schedule(optimizer, settings: TrainConfig, total_steps: int):  # -> LRScheduler
-    """A per-step learning-rate schedule; `constant` keeps train.lr throughout (as before schedules existed).
+    """A per-step learning-rate schedule; `constant` keeps train.lr throughout.
 
     cosine: linear warm-up over warmup_fraction of the steps, then half a cosine down towards 0.
     onecycle: PyTorch's one-cycle policy peaking at train.lr after warmup_fraction of the steps
