@@ -2,8 +2,8 @@
 
 Why it exists: issue #4 asks for a results table from real runs, each row with the command that reproduces it.
 A table written by hand drifts from the code; this one is produced by the pipeline's own stages
-(`ingest_stage`, `validate_stage`, `rebalance_stage`, `train_stage`) with the params.yaml defaults plus
-`--set` overrides, exactly as `cxr pipeline` would run them, so a row is what a user gets.
+(pipeline.stages: ingest, validate, rebalance, train) with the params.yaml defaults plus `--set` overrides,
+exactly as `cxr pipeline` would run them, so a row is what a user gets.
 
 Each image size is ingested (and passed through the data-quality gate) once in a temporary project; every
 model and seed then rebalances and trains there. A seed sets `train.seed` and `rebalance.seed` (weights,
@@ -127,24 +127,20 @@ def run_config(paths: ProjectPaths, data: Path, size: int, overrides: list[str],
 
 def prepare_size(paths: ProjectPaths, data: Path, size: int, overrides: list[str]) -> None:
     """Ingest at one image size and pass the data-quality gate (a failed blocking check raises CxrError)."""
-    from pipeline.ingest import ingest_stage
-    from pipeline.validate import validate_stage
+    from pipeline.stages import run_stages
 
-    config = run_config(paths, data, size, overrides)
-    ingest_stage(paths, config)
-    validate_stage(paths, config)
+    run_stages(paths, run_config(paths, data, size, overrides), until="validate")
 
 
 def train_run(paths: ProjectPaths, data: Path, size: int, model: str, seed: int, overrides: list[str]) -> Run:
     """Rebalance and train one model with one seed; the best-on-validation scores and the training time."""
-    from pipeline.rebalance import rebalance_stage
-    from pipeline.train import train_stage
+    from pipeline.stages import stage
 
     config = run_config(paths, data, size, overrides, model, seed)
-    rebalance_stage(paths, config.rebalance)
+    stage("rebalance").run(paths, config)
     cpu = cpu_snapshot()
     start = time.perf_counter()
-    result = train_stage(paths, config)
+    result = stage("train").run(paths, config)
     seconds = time.perf_counter() - start
     share = others_cpu_s(cpu) / (seconds * (os.cpu_count() or 1))
     return Run(model, size, seed, result.best_val_auc, result.best_val_accuracy, result.best_epoch,

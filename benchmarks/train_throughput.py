@@ -61,6 +61,7 @@ from benchmarks.machine import BUSY_WARNING, cpu_snapshot, others_cpu_s  # noqa:
 from pipeline.augment import augment_batch  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
+from pipeline.tasks import task_for  # noqa: E402
 from pipeline.training.data import TrainingData  # noqa: E402
 from pipeline.training.loop import train_one_epoch  # noqa: E402
 from pipeline.training.optim import build_optimizer  # noqa: E402
@@ -163,7 +164,8 @@ class Pipeline:
 
     def __init__(self, config: Config, images: np.ndarray, labels: np.ndarray) -> None:
         torch.manual_seed(config.train.seed)
-        data = TrainingData(train_images=images, train_labels=labels, val_images=images[:2], val_labels=labels[:2])
+        task = task_for(config.data.task, config.data.labels)
+        data = TrainingData(train_images=images, train_labels=labels, val_images=images[:2], val_labels=labels[:2], task=task)
         self.trainer = build_trainer(config, data, torch.device("cpu"))
         self.config = config
         self.images = images

@@ -67,14 +67,16 @@ def _run(action: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
 
 
-def _stage(params: Path, overrides: list[str], body: Callable[[Any, Any], T]) -> T:
-    """Load config and project paths, then run one stage function."""
-    from pipeline.config import load_config
-    from pipeline.paths import ProjectPaths
+def _stage(params: Path, overrides: list[str], name: str, **options: Any) -> Any:
+    """Load config and project paths, then run the stage `name` of pipeline.stages; its result."""
 
-    def action() -> T:
+    def action() -> Any:
+        from pipeline.config import load_config
+        from pipeline.paths import ProjectPaths
+        from pipeline.stages import stage
+
         config = load_config(params, overrides)
-        return body(ProjectPaths(params.resolve().parent), config)
+        return stage(name).run(ProjectPaths(params.resolve().parent), config, **options)
 
     return _run(action)
 
@@ -112,9 +114,7 @@ def ingest(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> 
 
     Files that cannot be used go to quarantine.csv with a reason; the run goes on.
     """
-    from pipeline.ingest import ingest_stage
-
-    _stage(params, set_, ingest_stage)
+    _stage(params, set_, "ingest")
 
 
 @app.command()
@@ -125,16 +125,11 @@ def validate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
     Writes reports/validation/ (results.json, summary.json, Data Docs HTML); exits 2 if a blocking check fails.
     """
 
-    def body(paths: Any, config: Any) -> None:
-        from pipeline.validate import validate_stage
-
-        result = validate_stage(paths, config)
-        for check in result.checks:
-            mark = "ok  " if check.success else ("FAIL" if check.severity == "blocking" else "warn")
-            typer.echo(f"  {mark} {check.name}: {check.details}", err=True)
-        typer.echo(f"  summary {result.summary_path}; Data Docs {result.data_docs_path}", err=True)
-
-    _stage(params, set_, body)
+    result = _stage(params, set_, "validate")
+    for check in result.checks:
+        mark = "ok  " if check.success else ("FAIL" if check.severity == "blocking" else "warn")
+        typer.echo(f"  {mark} {check.name}: {check.details}", err=True)
+    typer.echo(f"  summary {result.summary_path}; Data Docs {result.data_docs_path}", err=True)
 
 
 @app.command()
@@ -142,9 +137,7 @@ def rebalance(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) 
     """Resample the training split with imbalanced-learn (rebalance.method: none, random_over, random_under, combined)
     and write the chosen image indices to data/processed/train_index.npy.
     """
-    from pipeline.rebalance import rebalance_stage
-
-    _stage(params, set_, lambda paths, config: rebalance_stage(paths, config.rebalance))
+    _stage(params, set_, "rebalance")
 
 
 @app.command()
@@ -158,9 +151,7 @@ def train(
     Under torchrun (`torchrun --nproc-per-node 4 -m cxr train`) the processes train together with
     DistributedDataParallel; see README "Training on several GPUs or machines".
     """
-    from pipeline.train import train_stage
-
-    _stage(params, set_, lambda paths, config: train_stage(paths, config, resume=resume))
+    _stage(params, set_, "train", resume=resume)
 
 
 @app.command()
@@ -176,9 +167,14 @@ def crossval(
     run tagged crossval.fold. Needs `cxr ingest` first; the test split is not used. Takes `folds` trainings.
     """
 
-    from pipeline.crossval import crossval_stage
+    def action() -> None:
+        from pipeline.config import load_config
+        from pipeline.crossval import crossval_stage
+        from pipeline.paths import ProjectPaths
 
-    _stage(params, set_, lambda paths, config: crossval_stage(paths, config, folds))  # it logs the mean ± sd
+        crossval_stage(ProjectPaths(params.resolve().parent), load_config(params, set_), folds)  # it logs the mean ± sd
+
+    _run(action)
 
 
 @app.command()
@@ -187,9 +183,7 @@ def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
     fixed), then score the best checkpoint on the test split at it: AUC, accuracy, sensitivity, specificity,
     confusion matrix. Writes reports/metrics.json and reports/plots/, and logs them to the training's MLflow run.
     """
-    from pipeline.evaluate import evaluate_stage
-
-    _stage(params, set_, evaluate_stage)
+    _stage(params, set_, "evaluate")
 
 
 @app.command()
@@ -198,9 +192,7 @@ def register(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
     version of register.model_name, and score the current champion on the same films: the new version takes
     `champion` unless it is worse by more than register.margin on register.gate_metric, else `challenger`.
     """
-    from pipeline.register import register_stage
-
-    _stage(params, set_, register_stage)
+    _stage(params, set_, "register")
 
 
 @app.command()
@@ -210,12 +202,7 @@ def report(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> 
     false positives and negatives, and the registry decision.
     """
 
-    def body(paths: Any, config: Any) -> None:
-        from pipeline.report import report_stage
-
-        typer.echo(f"report: {report_stage(paths, config)}", err=True)
-
-    _stage(params, set_, body)
+    typer.echo(f"report: {_stage(params, set_, 'report')}", err=True)
 
 
 @app.command()
@@ -237,14 +224,12 @@ def pipeline(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
 
 def _registry(params: Path):  # -> tuple[MlflowClient, str]
     """The project's MLflow client and registered model name, for commands that move aliases by hand."""
-    import mlflow
-
     from pipeline import tracking
     from pipeline.config import load_config
+    from pipeline.paths import ProjectPaths
 
     config = load_config(params)
-    tracking.connect(params.resolve().parent)
-    return mlflow.MlflowClient(), config.registry.model_name
+    return tracking.client(ProjectPaths(params.resolve().parent)), config.registry.model_name
 
 
 @app.command()
@@ -322,15 +307,15 @@ def predict(
 
     def action() -> list:
         from pipeline.config import load_config
+        from pipeline.paths import ProjectPaths
         from pipeline.predict import expand_inputs, load_model, predict_files
 
         config = load_config(params)
-        root = params.resolve().parent
         files = expand_inputs(paths)
         if not files:
             raise CxrError(f"no image files found in {', '.join(map(str, paths))}")
         uri = model or f"models:/{config.registry.model_name}@champion"
-        return predict_files(load_model(uri, root), files, explain_dir=explain)
+        return predict_files(load_model(uri, ProjectPaths(params.resolve().parent)), files, explain_dir=explain)
 
     results = _run(action)
     if as_json:

@@ -24,15 +24,16 @@ from pipeline.files import sha256_of, write_json  # noqa: E402
 from pipeline.evaluate import headline_rows  # noqa: E402
 from pipeline.errors import CxrError  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
+from pipeline.stages import STAGES, stage  # noqa: E402
 
 
 USER_ERROR = "UserError"
 
 
-def _as_state(stage: Callable[[], Any]) -> Any:
+def _as_state(body: Callable[[], Any]) -> Any:
     """Run a stage; a user error becomes a Failed state with its message instead of an exception."""
     try:
-        return stage()
+        return body()
     except CxrError as exc:
         return Failed(message=str(exc), name=USER_ERROR)
 
@@ -103,59 +104,26 @@ def task_runner_for(config: Config):
     return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers, "threads_per_worker": 1, "processes": True})
 
 
-@task(name="validate")
-def validate_task(paths: ProjectPaths, config: Config):
-    from pipeline.validate import validate_stage
-
-    return _as_state(lambda: validate_stage(paths, config))
-
-
-@task(name="rebalance")
-def rebalance_task(paths: ProjectPaths, config: Config):
-    from pipeline.rebalance import rebalance_stage
-
-    return _as_state(lambda: rebalance_stage(paths, config.rebalance))
-
-
-@task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=_is_transient)
-def train_task(paths: ProjectPaths, config: Config):
-    """Training; batch augmentation runs inside it, on the training device. A retry resumes from the last epoch's state."""
+@task
+def stage_task(name: str, paths: ProjectPaths, config: Config):
+    """One stage of pipeline.stages, by name. A retry (after a fault that is not the user's, see _is_transient)
+    of a stage that resumes continues where the failed run stopped: train from its last epoch's state."""
     from prefect.runtime import task_run
 
-    from pipeline.train import train_stage
-
+    each = stage(name)
     retrying = (task_run.run_count or 1) > 1
-    return _as_state(lambda: train_stage(paths, config, resume=retrying))
+    options = {"resume": True} if retrying and each.resumes else {}
+    return _as_state(lambda: each.run(paths, config, **options))
 
 
-@task(name="evaluate")
-def evaluate_task(paths: ProjectPaths, config: Config):
-    from pipeline.evaluate import evaluate_stage
-
-    return _as_state(lambda: evaluate_stage(paths, config))
-
-
-# Registering talks to the tracking server, the one part that can fail transiently; register_stage is idempotent.
-@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=_is_transient)
-def register_task(paths: ProjectPaths, config: Config):
-    from pipeline.register import register_stage
-
-    return _as_state(lambda: register_stage(paths, config))
-
-
-@task(name="report")
-def report_task(paths: ProjectPaths, config: Config):
-    from pipeline.report import report_stage
-
-    return _as_state(lambda: report_stage(paths, config))
-
-
-STAGES = (validate_task, rebalance_task, train_task, evaluate_task, register_task, report_task)
+# Training starts here: a scheduled run whose data and params are those of the last complete run stops before it.
+TRAINING_STARTS = "rebalance"
 
 
 @flow(name="cxr-pipeline")
 def cxr_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, skip_if_unchanged: bool = False) -> dict | State:
-    """ingest → validate → rebalance → train → evaluate → register, reading params.yaml plus overrides.
+    """Every stage of pipeline.stages in order (ingest → validate → rebalance → train → evaluate → register →
+    report), reading params.yaml plus overrides; ingest runs as its own fanned-out flow (ingest_flow).
 
     Stops at the first failed stage; the flow run then ends Failed with that stage's message. With
     `skip_if_unchanged` (scheduled deployments), training is skipped when the ingested data and the params
@@ -166,16 +134,20 @@ def cxr_pipeline(params_path: str = "params.yaml", overrides: list[str] | None =
     paths = ProjectPaths(params.parent)
     logger = get_run_logger()
     results: dict[str, Any] = {}
-    ingest = ingest_flow.with_options(task_runner=task_runner_for(config))
-    for stage in (ingest, *STAGES):
-        if stage is rebalance_task and skip_if_unchanged and _unchanged_since_last_success(paths, config):
+    for each in STAGES:
+        if each.name == TRAINING_STARTS and skip_if_unchanged and _unchanged_since_last_success(paths, config):
             logger.info("data version and params unchanged since the last complete run: training skipped")
             return {"skipped": True, "data_version": _fingerprint(paths, config)["data_version"]}
-        state = stage(paths, config, return_state=True)
+        if each.name == "ingest":
+            state = ingest_flow.with_options(task_runner=task_runner_for(config))(paths, config, return_state=True)
+        else:
+            run = stage_task.with_options(name=each.name, retries=each.retries, retry_delay_seconds=5,
+                                          retry_condition_fn=_is_transient)
+            state = run(each.name, paths, config, return_state=True)
         if state.is_failed():
-            logger.error("%s failed: %s", stage.name, state.message)
-            return Failed(message=f"{stage.name}: {state.message}")
-        results[stage.name] = state.result()
+            logger.error("%s failed: %s", each.name, state.message)
+            return Failed(message=f"{each.name}: {state.message}")
+        results[each.name] = state.result()
     registered = results["register"]
     write_json(paths.last_success, _fingerprint(paths, config))
     _publish_artifacts(paths, results)

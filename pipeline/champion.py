@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
-import pandas as pd
 
 from pipeline.errors import CxrError
 from pipeline.metrics import format_metric
@@ -48,24 +47,23 @@ def current_champion(client, name: str):  # -> ModelVersion | None
 def gate(paths: ProjectPaths, gate_metric: str, margin: float, champion, rounds: int = 1000, seed: int = 0) -> GateDecision:
     """Challenger (this project's predictions.csv) against the champion scored on the same films, each at its
     own operating point (threshold, thresholds per label, or most probable class)."""
-    from pipeline.evaluate import read_predictions
+    from pipeline.files import read_json
+    from pipeline.predictions import load_predictions, read_predictions
 
     split, metric = gate_metric.split("_", 1)
-    predictions = _predictions(paths, split)
-    task, labels, ours_scored, our_threshold = read_predictions(predictions)
-    scored_by_champion = _score_champion(paths, champion, predictions["store_index"].to_numpy())
-    champion_task, champion_labels, champion_probability, their_threshold = scored_by_champion
-    if champion_task != task or (task != "binary" and champion_labels != labels):
-        ours_described = f"a {task} model" + (f" of {labels}" if labels else "")
-        return GateDecision(False, None, None, None, f"champion v{champion.version} is a {champion_task} model of "
-                            f"{champion_labels}, this one {ours_described}: the gate cannot compare them; "
-                            "`cxr promote` decides by hand")
+    predictions = load_predictions(paths.predictions, split)
+    ours_task, ours_scored, our_threshold = read_predictions(predictions, read_json(paths.metrics, "`cxr evaluate`")["labels"])
+    theirs_task, champion_probability, their_threshold = _score_champion(paths, champion, predictions["store_index"].to_numpy())
+    if (theirs_task.name, theirs_task.labels) != (ours_task.name, ours_task.labels):
+        return GateDecision(False, None, None, None, f"champion v{champion.version} is a {theirs_task.name} model of "
+                            f"{theirs_task.labels}, this one a {ours_task.name} model of {ours_task.labels}: the gate "
+                            "cannot compare them; `cxr promote` decides by hand")
     truth, challenger = ours_scored.truth, ours_scored.probability
-    ours = _metric(task, labels, truth, challenger, our_threshold, metric)
-    theirs = _metric(task, labels, truth, champion_probability, their_threshold, metric)
+    ours = ours_task.quick_metrics(truth, challenger, our_threshold)[metric]
+    theirs = ours_task.quick_metrics(truth, champion_probability, their_threshold)[metric]
     if ours is None or theirs is None:
         return GateDecision(False, ours, theirs, None, f"{gate_metric} is undefined on this {split} split (one class only)")
-    interval = _paired_difference_interval(task, labels, truth, challenger, champion_probability, our_threshold,
+    interval = _paired_difference_interval(ours_task, truth, challenger, champion_probability, our_threshold,
                                            their_threshold, metric, rounds, seed)
     promote = ours >= theirs - margin
     verdict = "within the margin of or better than" if promote else f"worse by more than {margin:g} than"
@@ -115,19 +113,16 @@ def _history(client, name: str) -> list[dict]:
     return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
 
 
-def _predictions(paths: ProjectPaths, split: str) -> pd.DataFrame:
-    if not paths.predictions.exists():
-        raise CxrError(f"{paths.predictions} is missing: run `cxr evaluate` first")
-    predictions = pd.read_csv(paths.predictions)
-    return predictions[predictions["split"] == split].reset_index(drop=True)
-
-
-def _score_champion(paths: ProjectPaths, champion, store_index: np.ndarray):
-    """The champion's task, labels, probabilities for the given films (through the registered pyfunc as it is
-    served: the positive label's for binary, else one column per label) and its operating point."""
+def _score_champion(paths: ProjectPaths, champion, store_index: np.ndarray):  # -> tuple[Task, np.ndarray, Threshold]
+    """The champion's task, its probabilities for the given films (through the registered pyfunc as it is served)
+    and its operating point."""
     import mlflow
 
-    model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
+    from pipeline import tracking
+    from pipeline.tasks import task_for
+
+    with tracking.fluent_store(paths):
+        model = mlflow.pyfunc.load_model(f"models:/{champion.name}/{champion.version}")
     metadata = model.metadata.metadata
     size = int(metadata["image_size"])
     images = np.load(paths.images, mmap_mode="r")
@@ -137,33 +132,19 @@ def _score_champion(paths: ProjectPaths, champion, store_index: np.ndarray):
         batch = np.stack([resize(np.asarray(images[i]), size) for i in store_index])  # the champion was trained at another size
     else:
         batch = np.asarray(images[store_index])
-    table = model.predict(batch)
-    task, labels = metadata.get("task", "binary"), list(metadata["labels"])  # models from before data.task are binary
-    if task == "binary":
-        return task, labels, table["probability"].to_numpy(dtype=float), float(metadata.get("threshold", 0.5))
-    return task, labels, table[[f"probability_{label}" for label in labels]].to_numpy(dtype=float), metadata.get("threshold")
+    task = task_for(metadata["task"], metadata["labels"])
+    return task, task.served_probability(model.predict(batch)), metadata["threshold"]
 
 
-def _metric(task: str, labels: list[str], truth: np.ndarray, probability: np.ndarray, threshold, metric: str) -> float | None:
-    """The gate metric of one model on the films: the binary table's, or macro AUC / accuracy (pipeline.metrics)."""
-    from pipeline.evaluate import threshold_vector
-    from pipeline.metrics import label_scores, threshold_metrics
-
-    if task == "binary":
-        return threshold_metrics(truth, probability, threshold)[metric]
-    cut = threshold_vector(threshold, labels) if task == "multilabel" else 0.5
-    return label_scores(task, truth, probability, cut)[metric]
-
-
-def _paired_difference_interval(task, labels, truth, ours, theirs, our_threshold, their_threshold, metric, rounds,
+def _paired_difference_interval(task, truth, ours, theirs, our_threshold, their_threshold, metric, rounds,
                                 seed) -> list[float] | None:
     """95 % interval of (challenger - champion) over paired resamples of the same films."""
     rng = np.random.default_rng(seed)
     differences = []
     for _ in range(rounds):
         pick = rng.integers(0, len(truth), len(truth))
-        a = _metric(task, labels, truth[pick], ours[pick], our_threshold, metric)
-        b = _metric(task, labels, truth[pick], theirs[pick], their_threshold, metric)
+        a = task.quick_metrics(truth[pick], ours[pick], our_threshold)[metric]
+        b = task.quick_metrics(truth[pick], theirs[pick], their_threshold)[metric]
         if a is not None and b is not None:
             differences.append(a - b)
     if len(differences) < rounds // 2:

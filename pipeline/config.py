@@ -117,13 +117,15 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _labels_fit_the_task(self) -> DataConfig:
-        if self.task == "binary" and len(self.labels) != 2:
-            raise ValueError(f"data.task binary needs exactly two labels (the last is the positive one), got {self.labels}; "
-                             "for three or more classes set data.task: multiclass (or multilabel)")
-        if self.task == "multiclass" and len(self.labels) < 3:
-            raise ValueError(f"data.task multiclass needs three or more labels, got {self.labels}; with two set data.task: binary")
-        if self.class_from == "subtype" and self.task == "multilabel":
-            raise ValueError("data.class_from: subtype gives one class per film, so it needs data.task binary or multiclass")
+        from pipeline.tasks import TASKS
+
+        task = TASKS[self.task]
+        problem = task.label_problem(self.labels)
+        if problem:
+            raise ValueError(problem)
+        if self.class_from == "subtype" and not task.one_label_per_film:
+            fitting = " or ".join(name for name, each in TASKS.items() if each.one_label_per_film)
+            raise ValueError(f"data.class_from: subtype gives one class per film, so it needs data.task {fitting}")
         return self
 
     @field_validator("patient_pattern", "subtype_pattern")
@@ -138,11 +140,6 @@ class DataConfig(Section):
         if compiled.groups < 1:
             raise ValueError("needs one capture group, e.g. '^([A-Za-z]*\\d+)_'")
         return pattern
-
-    @property
-    def positive_label(self) -> str:
-        """Binary tasks: the class whose probability the model reports (the last label, 'pneumonia' by default)."""
-        return self.labels[-1]
 
 
 class Bounds(Section):
@@ -312,10 +309,14 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _gate_metric_fits_the_task(self) -> Config:
-        metric = self.registry.gate_metric.split("_", 1)[1]
-        if self.data.task != "binary" and metric not in ("auc", "accuracy"):
-            raise ValueError(f"register.gate_metric {self.registry.gate_metric} is defined for binary tasks only; with "
-                             f"data.task {self.data.task} use test_auc, test_accuracy, val_auc or val_accuracy")
+        from pipeline.tasks import TASKS
+
+        split, metric = self.registry.gate_metric.split("_", 1)
+        defined = TASKS[self.data.task].table_metrics
+        if metric not in defined:
+            having = " and ".join(name for name, each in TASKS.items() if metric in each.table_metrics)
+            raise ValueError(f"register.gate_metric {self.registry.gate_metric} is defined for {having} tasks only; with "
+                             f"data.task {self.data.task} use one of {', '.join(f'{split}_{name}' for name in defined)}")
         return self
 
     def params_hash(self) -> str:
@@ -440,10 +441,7 @@ def tracking_uri(root: Path) -> str:
 
 
 def artifact_location(root: Path) -> str | None:
-    """Where new experiments keep artifacts: mlartifacts/ beside the default store, the server's choice otherwise.
-
-    (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, so compare with the default rather than test for it.)
-    """
+    """Where new experiments keep artifacts: mlartifacts/ beside the default store, the server's choice otherwise."""
     if tracking_uri(root) != default_tracking_uri(root):
         return None
     return (root / "mlartifacts").resolve().as_uri()

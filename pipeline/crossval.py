@@ -18,18 +18,15 @@ reports/crossval.json. The fold checkpoints are kept (models/crossval/fold-<k>/m
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.config import Config, tracking_uri
+from pipeline.config import Config
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, write_json
 from pipeline.labels import split_labels
@@ -75,21 +72,19 @@ def crossval_stage(paths: ProjectPaths, config: Config, folds: int = 5) -> Cross
     pooled = manifest["split"].isin(["train", "val"])
     fold_of = assign_folds(manifest[pooled], folds, config.data.seed)
 
-    tracking.connect(paths.root)  # the experiment must exist in the project's store before the folds log to it
-    tracking.experiment_id(config.tracking.experiment, paths.root)
+    client = tracking.client(paths)
     results = []
-    with project_store(paths.root):
-        for fold in range(folds):
-            fold_paths = _fold_project(paths, manifest, pooled, fold_of, fold)
-            log.info("crossval: fold %d of %d (%d train, %d val films)", fold + 1, folds,
-                     int((fold_of != fold).sum()), int((fold_of == fold).sum()))
-            rebalance_stage(fold_paths, config.rebalance)
-            trained = train_stage(fold_paths, config)
-            _tag_fold(trained.run_id, fold, folds)
-            last = pd.read_csv(fold_paths.history).iloc[-1]
-            results.append(FoldResult(fold, int((fold_of != fold).sum()), int((fold_of == fold).sum()),
-                                      float(last["val_auc"]), float(last["val_accuracy"]), trained.best_val_auc,
-                                      trained.best_epoch, trained.run_id))
+    for fold in range(folds):
+        fold_paths = _fold_project(paths, manifest, pooled, fold_of, fold)
+        log.info("crossval: fold %d of %d (%d train, %d val films)", fold + 1, folds,
+                 int((fold_of != fold).sum()), int((fold_of == fold).sum()))
+        rebalance_stage(fold_paths, config)
+        trained = train_stage(fold_paths, config)
+        client.set_tag(trained.run_id, "crossval.fold", f"{fold + 1}/{folds}")
+        last = pd.read_csv(fold_paths.history).iloc[-1]
+        results.append(FoldResult(fold, int((fold_of != fold).sum()), int((fold_of == fold).sum()),
+                                  float(last["val_auc"]), float(last["val_accuracy"]), trained.best_val_auc,
+                                  trained.best_epoch, trained.run_id))
     result = CrossvalResult(results, paths.reports / "crossval.json")
     _write_summary(result, config, folds)
     return result
@@ -123,24 +118,11 @@ def _check_labels_per_fold(stratum_of: pd.Series, folds: int) -> None:
         raise CxrError(f"crossval: label {label!r} is held by {patients} patient(s) in train+val, fewer than --folds {folds}")
 
 
-@contextmanager
-def project_store(root: Path) -> Iterator[None]:
-    """Fold projects live below the project root; their runs belong in the project's MLflow store, not their own."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(root)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
-
-
 def _fold_project(paths: ProjectPaths, manifest: pd.DataFrame, pooled: pd.Series, fold_of: pd.Series,
                   fold: int) -> ProjectPaths:
-    """models/crossval/fold-<k>/: the manifest with this fold as val and the others as train, the store linked."""
-    fold_paths = ProjectPaths(paths.models / "crossval" / f"fold-{fold}")
+    """models/crossval/fold-<k>/: the manifest with this fold as val and the others as train, the image store
+    linked, and the project's MLflow store as its own."""
+    fold_paths = ProjectPaths(paths.models / "crossval" / f"fold-{fold}", store_root=paths.tracking_root)
     fold_paths.interim.mkdir(parents=True, exist_ok=True)
     fold_manifest = manifest.copy()
     fold_manifest.loc[pooled, "split"] = np.where(fold_of == fold, "val", "train")
@@ -149,12 +131,6 @@ def _fold_project(paths: ProjectPaths, manifest: pd.DataFrame, pooled: pd.Series
     fold_paths.images.unlink(missing_ok=True)
     fold_paths.images.symlink_to(paths.images.resolve())
     return fold_paths
-
-
-def _tag_fold(run_id: str, fold: int, folds: int) -> None:
-    import mlflow
-
-    mlflow.MlflowClient().set_tag(run_id, "crossval.fold", f"{fold + 1}/{folds}")
 
 
 def _write_summary(result: CrossvalResult, config: Config, folds: int) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, DataConfig, DedupeMode, SourceFilters
+from pipeline.config import Config, DedupeMode, SourceFilters
 from pipeline.decode_cache import DecodeCache, Decoded, Failure
 from pipeline.deid import load_key, patient_hash, redact
 from pipeline.errors import CxrError
@@ -30,6 +30,7 @@ from pipeline.imaging import UnreadableImage, check_usable, decode_file, pixel_s
 from pipeline.paths import ProjectPaths
 from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
 from pipeline.splits import carve_from_train, split_patients
+from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
         raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
 
     manifest = _assign_splits(pd.DataFrame(rows), config)
-    manifest["label_index"] = _label_indices(manifest["label"], config.data)
+    manifest["label_index"] = task_for(config.data.task, config.data.labels).label_index(manifest["label"])
     manifest["label"] = manifest["label"].fillna("")
     keep = _rows_to_keep(manifest, config.data.dedupe)
     dropped = manifest[~keep]
@@ -196,13 +197,6 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     )
     _log_summary(result)
     return result
-
-
-def _label_indices(labels: pd.Series, data: DataConfig) -> pd.Series:
-    """Each film's position in data.labels; -1 for unlabelled films, and for every multilabel film (its set is `label`)."""
-    if data.task == "multilabel":
-        return pd.Series(-1, index=labels.index)
-    return labels.map({label: i for i, label in enumerate(data.labels)}).fillna(-1).astype(int)
 
 
 def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache, size: int) -> Decoded | Failure:

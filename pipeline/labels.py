@@ -1,11 +1,10 @@
-"""How a film's label is written in the manifest and turned into training targets, for each `data.task`.
+"""How a multilabel film's set of labels is written in the manifest: joined by '|' in `data.labels` order.
 
-binary and multiclass: `label` is the film's one class and `label_index` its position in `data.labels`.
-multilabel: `label` is the film's set of labels joined by '|' in `data.labels` order ('effusion|pneumonia';
-'' for a film with none of them, e.g. NIH's "No Finding") and `label_index` is -1; the set string is also
-the stratum the patient split and the rebalance sampler use (the label powerset).
+'effusion|pneumonia'; '' for a film with none of them (e.g. NIH's "No Finding"). The set string is also the
+stratum the patient split and the rebalance sampler use (the label powerset). Binary and multiclass films
+carry their one class as `label` (pipeline.tasks reads both forms).
 
-Imports only numpy and pandas: the served model (pipeline.serving) uses it too.
+Imports only numpy: the served model (pipeline.serving) uses it too.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-import pandas as pd
 
 SEPARATOR = "|"
 UNLABELLED = "unlabelled"  # the split of films from unlabelled sources (kept for prediction, never trained on)
@@ -40,23 +38,3 @@ def multi_hot(texts: Iterable[str], labels: list[str]) -> np.ndarray:
             if part in column:
                 hot[row, column[part]] = 1.0
     return hot
-
-
-def targets(rows: pd.DataFrame, task: str, labels: list[str]) -> np.ndarray:
-    """Training and scoring targets for manifest rows: class indices (N,) int64, or multi-hot (N, K) for multilabel."""
-    if task == "multilabel":
-        return multi_hot(rows["label"], labels)
-    return rows["label_index"].to_numpy().astype(np.int64)
-
-
-def label_counts(manifest: pd.DataFrame, task: str, labels: list[str]) -> pd.DataFrame:
-    """Films per labelled split (rows) carrying each label (columns, in `labels` order); multilabel adds `(none)`."""
-    manifest = manifest[manifest["split"] != UNLABELLED]
-    if task == "multilabel":
-        hot = pd.DataFrame(multi_hot(manifest["label"], labels).astype(int), columns=labels, index=manifest.index)
-        hot["(none)"] = (hot.sum(axis=1) == 0).astype(int)
-        counts = hot.groupby(manifest["split"]).sum()
-    else:
-        counts = manifest.groupby(["split", "label"]).size().unstack(fill_value=0).reindex(columns=labels, fill_value=0)
-    order = {split: rank for rank, split in enumerate(("train", "val", "test"))}
-    return counts.loc[sorted(counts.index, key=lambda split: (order.get(split, len(order)), split))]

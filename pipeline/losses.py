@@ -6,6 +6,7 @@ images the model already gets right, so the rare hard ones dominate the gradient
 
 Multilabel tasks have one sigmoid output per label: binary cross-entropy with logits, or its focal form,
 and `balanced` weights become a positive weight per label (negatives / positives), as BCEWithLogitsLoss takes.
+Which loss a run uses is the task's choice (pipeline.tasks: Task.loss).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import TrainConfig
 
 
 def balanced_class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -77,19 +77,3 @@ class SigmoidFocalLoss(nn.Module):
         if self.pos_weight is not None:
             positive = positive * self.pos_weight
         return (positive + negative).mean()
-
-
-def build_loss(settings: TrainConfig, train_labels: np.ndarray, n_classes: int, task: str = "binary") -> nn.Module:
-    """The loss `train.loss` and `train.class_weights` name; weights come from the (rebalanced) training index.
-
-    `train_labels` are class indices, or (N, K) multi-hot targets for a multilabel task.
-    """
-    if task == "multilabel":
-        pos_weight = balanced_positive_weights(train_labels) if settings.class_weights == "balanced" else None
-        if settings.loss == "focal":
-            return SigmoidFocalLoss(settings.focal_gamma, pos_weight)
-        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    weight = balanced_class_weights(train_labels, n_classes) if settings.class_weights == "balanced" else None
-    if settings.loss == "focal":
-        return FocalLoss(settings.focal_gamma, weight)
-    return nn.CrossEntropyLoss(weight=weight)

@@ -1,8 +1,8 @@
 """Classification metrics shared by training (validation), evaluation (test) and the champion gate.
 
-Binary tasks get the full table at a threshold (`binary_metrics`); multiclass and multilabel tasks get a
-macro AUC and an accuracy (`label_scores`) and, per label, the binary table one-vs-rest. The operating point
-is chosen on validation scores by `choose_threshold`.
+The formulas, for 0/1 truth and probabilities: the full table at a threshold (`binary_metrics`, and its fast
+form for bootstraps), AUC from ranks, macro AUC, bootstrap intervals, the threshold chosen on validation
+(`choose_threshold`) and calibration. Which of them a task reports is pipeline.tasks' business.
 """
 
 from __future__ import annotations
@@ -91,27 +91,6 @@ def bootstrap(
     }
 
 
-def label_bootstrap_intervals(
-    task: str, truth: np.ndarray, probability: np.ndarray, labels: list[str], threshold: float | np.ndarray = 0.5,
-    rounds: int = 1000, seed: int = 0,
-) -> dict:
-    """Percentile bootstrap intervals of a multiclass or multilabel model's macro AUC and accuracy
-    (as label_scores computes them) and of each label's one-vs-rest AUC (`per_label_auc`)."""
-    truth, probability = np.asarray(truth), np.asarray(probability, dtype=float)
-    hot = one_hot(truth, len(labels)) if task == "multiclass" else truth
-
-    def score(pick: np.ndarray) -> dict[str, float | None]:
-        aucs = [rank_auc(hot[pick, k], probability[pick, k]) for k in range(len(labels))]
-        defined = [auc for auc in aucs if auc is not None]
-        accuracy = label_scores(task, truth[pick], probability[pick], threshold)["accuracy"]
-        per_label = {f"auc of {label}": auc for label, auc in zip(labels, aucs)}  # never a label's own name: 'auc' may be one
-        return {"auc": float(np.mean(defined)) if defined else None, "accuracy": accuracy, **per_label}
-
-    intervals = bootstrap(score, len(truth), rounds, seed)
-    return {"auc": intervals["auc"], "accuracy": intervals["accuracy"],
-            "per_label_auc": {label: intervals[f"auc of {label}"] for label in labels}}
-
-
 def threshold_metrics(y_true: np.ndarray, probability: np.ndarray, threshold: float) -> dict[str, float | None]:
     """binary_metrics without sklearn or counts, for the thousand calls a bootstrap makes (AUC from ranks, ties averaged)."""
     auc = rank_auc(y_true, probability)
@@ -182,24 +161,6 @@ def macro_auc(truth: np.ndarray, probability: np.ndarray) -> float | None:
     return float(np.mean(defined)) if defined else None
 
 
-def label_scores(task: str, truth: np.ndarray, probability: np.ndarray, threshold: float | np.ndarray = 0.5) -> dict[str, float | None]:
-    """Headline AUC and accuracy of a multiclass or multilabel model (binary tasks use binary_metrics).
-
-    multiclass: truth (N,) class indices, probability (N, K) softmax; AUC is the macro one-vs-rest AUC,
-    accuracy is that of the most probable class. multilabel: truth and probability (N, K); AUC is the macro
-    AUC over labels, accuracy the mean per-label accuracy at `threshold` (one value, or one per label).
-    """
-    truth = np.asarray(truth)
-    probability = np.asarray(probability, dtype=float)
-    if not len(truth):
-        return {"auc": None, "accuracy": None}
-    if task == "multiclass":
-        return {"auc": macro_auc(one_hot(truth, probability.shape[1]), probability),
-                "accuracy": float((probability.argmax(axis=1) == truth).mean())}
-    predicted = probability >= np.asarray(threshold, dtype=float)
-    return {"auc": macro_auc(truth, probability), "accuracy": float((predicted == (truth == 1)).mean())}
-
-
 def calibration_table(y_true: np.ndarray, probability: np.ndarray, bins: int = 10) -> tuple[list[dict], float]:
     """Reliability curve (per equal-width probability bin: mean predicted, observed fraction, count) and the
     expected calibration error, the count-weighted gap between the two."""
@@ -215,3 +176,39 @@ def calibration_table(y_true: np.ndarray, probability: np.ndarray, bins: int = 1
         rows.append({"bin": index, "predicted": predicted, "observed": observed, "count": int(inside.sum())})
         error += inside.sum() / len(y_true) * abs(predicted - observed)
     return rows, float(error)
+
+
+def apply_temperature(probability: np.ndarray, temperature: float, softmax: bool = False) -> np.ndarray:
+    """Probabilities recalibrated by temperature scaling, i.e. logits divided by T; T = 1 changes nothing.
+
+    Independent probabilities (a binary model's positive class, a multilabel model's labels), of any shape:
+    sigmoid(logit(p) / T). softmax: rows of softmax probabilities (N, K): softmax(log(p) / T), as log p is the
+    logits up to a constant.
+    """
+    if temperature == 1.0:
+        return probability
+    p = np.clip(np.asarray(probability, dtype=np.float64), 1e-7, 1 - 1e-7)
+    if softmax:
+        scaled = np.log(p) / temperature
+        scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+        return scaled / scaled.sum(axis=1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-np.log(p / (1 - p)) / temperature))
+
+
+def fit_temperature(y_true: np.ndarray, probability: np.ndarray, softmax: bool = False) -> float:
+    """The temperature minimising validation log-loss (Guo et al. 2017): T > 1 softens an overconfident model.
+
+    One scalar, so it cannot change the ranking (AUC) of films, only how far the probabilities can be trusted.
+    `y_true` as `probability` is shaped (0/1), or with softmax rows the class index of each row.
+    """
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y_true)
+
+    def log_loss(temperature: float) -> float:
+        p = np.clip(apply_temperature(probability, temperature, softmax), 1e-7, 1 - 1e-7)
+        if softmax:
+            return float(-np.log(p[np.arange(len(y)), y.astype(int)]).mean())
+        return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+    return float(minimize_scalar(log_loss, bounds=(0.05, 20.0), method="bounded").x)

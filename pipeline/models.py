@@ -6,10 +6,10 @@ Every network takes (N, 1, S, S) floats in 0..1 for any S from 16 px up (`vit`: 
 
 | `train.model` | what it is                                                        | from   |
 |---------------|-------------------------------------------------------------------|--------|
-| `seed_cnn`    | the brief's Keras CNN (the default)                               | here   |
+| `seed_cnn`    | the brief's Keras CNN, the baseline                               | here   |
 | `resnet18/34` | residual CNN, stem chosen by image size                           | MONAI  |
 | `densenet121` | densely connected CNN, upsamples inputs below 64 px               | MONAI  |
-| `cnn_gru`     | small CNN whose feature rows a bidirectional GRU reads (the RNN)  | here   |
+| `cnn_gru`     | small CNN whose feature rows a bidirectional GRU reads (the RNN); the default | here |
 | `vit`         | small Vision Transformer, patch size chosen by image size         | MONAI  |
 
 MONAI is imported inside `build_model`, only for the models that need it, because it takes seconds to import.
@@ -227,7 +227,6 @@ def load_checkpoint(path: Path):  # -> tuple[torch.nn.Module, dict]
     if not path.exists():
         raise CxrError(f"{path} is missing: run `cxr train` first")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    state.setdefault("task", "binary")  # checkpoints from before data.task were binary
     model = build_model(state["model"], state["image_size"], len(state["labels"]), state["dropout"])
     model.load_state_dict(state["state_dict"])
     model.eval()
@@ -240,50 +239,17 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 128,
-                  multilabel: bool = False) -> np.ndarray:
-    """Probabilities (N, n_outputs) for stored uint8 images, in batches, without gradients: a softmax over the
-    classes, or for a multilabel model an independent sigmoid per label."""
+def predict_proba(model: nn.Module, images: np.ndarray, device: torch.device, activation, batch_size: int = 128) -> np.ndarray:
+    """Probabilities (N, n_outputs) for stored uint8 images, in batches, without gradients.
+
+    `activation` turns logits into probabilities: the task's (pipeline.tasks), a softmax over classes or a
+    sigmoid per label.
+    """
     model.eval()
     chunks = []
     for start in range(0, len(images), batch_size):
         logits = model(to_tensor(images[start : start + batch_size]).to(device))
-        chunks.append((torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).cpu().numpy())
+        chunks.append(activation(logits).cpu().numpy())
     if not chunks:
         return np.zeros((0, 2), dtype=np.float32)
     return np.concatenate(chunks)
-
-
-def apply_temperature(probability: np.ndarray, temperature: float, multiclass: bool = False) -> np.ndarray:
-    """Probabilities recalibrated by temperature scaling, i.e. logits divided by T; T = 1 changes nothing.
-
-    Positive-class or per-label (multilabel) probabilities, of any shape: sigmoid(logit(p) / T).
-    multiclass: rows of softmax probabilities (N, K): softmax(log(p) / T), as log p is the logits up to a constant.
-    """
-    if temperature == 1.0:
-        return probability
-    p = np.clip(np.asarray(probability, dtype=np.float64), 1e-7, 1 - 1e-7)
-    if multiclass:
-        scaled = np.log(p) / temperature
-        scaled = np.exp(scaled - scaled.max(axis=1, keepdims=True))
-        return scaled / scaled.sum(axis=1, keepdims=True)
-    return 1.0 / (1.0 + np.exp(-np.log(p / (1 - p)) / temperature))
-
-
-def fit_temperature(y_true: np.ndarray, probability: np.ndarray, multiclass: bool = False) -> float:
-    """The temperature minimising validation log-loss (Guo et al. 2017): T > 1 softens an overconfident model.
-
-    One scalar, so it cannot change the ranking (AUC) of films, only how far the probabilities can be trusted.
-    `y_true` as `probability` is shaped (0/1), or for multiclass the class index of each row.
-    """
-    from scipy.optimize import minimize_scalar
-
-    y = np.asarray(y_true)
-
-    def log_loss(temperature: float) -> float:
-        p = np.clip(apply_temperature(probability, temperature, multiclass), 1e-7, 1 - 1e-7)
-        if multiclass:
-            return float(-np.log(p[np.arange(len(y)), y.astype(int)]).mean())
-        return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
-
-    return float(minimize_scalar(log_loss, bounds=(0.05, 20.0), method="bounded").x)

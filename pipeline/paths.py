@@ -11,6 +11,14 @@ from pathlib import Path
 @dataclass(frozen=True)
 class ProjectPaths:
     root: Path
+    # The folder of the MLflow store (mlruns.db, mlartifacts/) when it is not the root's own: a cross-validation
+    # fold is a small project inside its parent, and logs to the parent's store.
+    store_root: Path | None = None
+
+    @property
+    def tracking_root(self) -> Path:
+        """Where the default MLflow store lives (MLFLOW_TRACKING_URI, when set, names another)."""
+        return self.store_root or self.root
 
     @property
     def interim(self) -> Path:

@@ -1,7 +1,8 @@
 """Evaluation plots, each written twice: a CSV that `dvc plots` draws and a PNG for people and MLflow.
 
-ROC and precision-recall curves are one-vs-rest, one per label, for multiclass and multilabel tasks (their CSVs
-then start with a `label` column); a binary task has the positive label's curve alone, as before.
+Which curves and confusion matrices there are is the task's (pipeline.tasks): one-vs-rest curves per label for
+multiclass and multilabel tasks (their CSVs then start with a `label` column), the positive label's curve alone
+for a binary one; one confusion matrix, or one per label.
 """
 
 from __future__ import annotations
@@ -12,23 +13,18 @@ import numpy as np
 import pandas as pd
 
 from pipeline.files import atomic_path
+from pipeline.tasks import Scored, Task, Threshold
 
 
-def write_evaluation_plots(
-    folder: Path, task: str, labels: list[str], truth: np.ndarray, probability: np.ndarray, threshold,
-    calibration: list[dict],
-) -> list[Path]:
-    """ROC, precision-recall, reliability (calibration) and confusion for the test split; returns the PNG paths.
-
-    `truth`, `probability` and `threshold` are shaped as pipeline.evaluate.Scored and its operating point.
-    """
+def write_evaluation_plots(folder: Path, task: Task, test: Scored, threshold: Threshold, calibration: list[dict]) -> list[Path]:
+    """ROC, precision-recall, reliability (calibration) and confusion for the test split; returns the PNG paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     roc_rows, pr_rows, roc_lines, pr_lines = [], [], [], []
-    for name, y, p in _one_vs_rest(task, labels, truth, probability):
+    for name, y, p in task.curves(test):
         two_classes = len(np.unique(y)) == 2
         fpr, tpr, cuts = roc_curve(y, p) if two_classes else ([0, 1], [0, 1], [1, 0])
         precision, recall, _ = precision_recall_curve(y, p) if two_classes else ([1, 0], [0, 1], None)
@@ -36,10 +32,10 @@ def write_evaluation_plots(
         pr_rows.append(pd.DataFrame({"label": name, "recall": recall, "precision": precision}))
         roc_lines.append((name, fpr, tpr))
         pr_lines.append((name, recall, precision))
-    _write_csv(folder / "roc.csv", _labelled(pd.concat(roc_rows), task))
-    _write_csv(folder / "pr.csv", _labelled(pd.concat(pr_rows), task))
+    _write_csv(folder / "roc.csv", task.curve_table(pd.concat(roc_rows)))
+    _write_csv(folder / "pr.csv", task.curve_table(pd.concat(pr_rows)))
     _write_csv(folder / "calibration.csv", pd.DataFrame({key: [row[key] for row in calibration] for key in ("predicted", "observed", "count")}))
-    actual, predicted, names = _decisions(task, labels, truth, probability, threshold)
+    actual, predicted = task.decisions(test, threshold)
     _write_csv(folder / "confusion.csv", pd.DataFrame({"actual": actual, "predicted": predicted}))
 
     return [
@@ -49,37 +45,8 @@ def write_evaluation_plots(
                    "Precision (PPV)", diagonal=False),
         _line_plot(folder / "calibration.png", [("model", [row["predicted"] for row in calibration], [row["observed"] for row in calibration])],
                    "Reliability, test split", "Mean predicted probability", "Observed fraction positive", diagonal=True),
-        _confusion_plot(folder / "confusion.png", task, labels, actual, predicted, names, threshold),
+        _confusion_plot(folder / "confusion.png", task.confusion_panels(test, threshold)),
     ]
-
-
-def _one_vs_rest(task: str, labels: list[str], truth: np.ndarray, probability: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(label, 0/1 truth, probability) per curve: the positive label alone for binary, every label otherwise."""
-    if task == "binary":
-        return [("model", truth, probability)]
-    hot = (truth[:, None] == np.arange(len(labels))).astype(int) if task == "multiclass" else truth
-    return [(label, hot[:, k], probability[:, k]) for k, label in enumerate(labels)]
-
-
-def _labelled(frame: pd.DataFrame, task: str) -> pd.DataFrame:
-    """Binary curve CSVs keep their two columns (what `dvc plots` draws); the others name each row's label."""
-    return frame.drop(columns="label") if task == "binary" else frame
-
-
-def _decisions(task: str, labels: list[str], truth: np.ndarray, probability: np.ndarray, threshold):
-    """Actual and predicted names per film (multilabel: per film and label, '<label>' or 'no <label>') and the
-    names in display order."""
-    if task == "binary":
-        names = np.array([labels[0], labels[-1]])
-        return names[truth], names[(probability >= threshold).astype(int)], list(names)
-    if task == "multiclass":
-        names = np.array(labels)
-        return names[truth], names[probability.argmax(axis=1)], labels
-    cut = np.array([threshold[label] for label in labels])
-    said = lambda yes, label: label if yes else f"no {label}"  # noqa: E731
-    actual = [said(truth[i, k], label) for i in range(len(truth)) for k, label in enumerate(labels)]
-    predicted = [said(probability[i, k] >= cut[k], label) for i in range(len(truth)) for k, label in enumerate(labels)]
-    return actual, predicted, [name for label in labels for name in (label, f"no {label}")]
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
@@ -104,26 +71,24 @@ def _line_plot(path: Path, lines: list[tuple[str, object, object]], title: str, 
     return path
 
 
-def _confusion_plot(path: Path, task: str, labels: list[str], actual, predicted, names: list[str], threshold) -> Path:
-    """One matrix (binary, multiclass), or a 2x2 matrix per label at its threshold (multilabel)."""
+def _confusion_plot(path: Path, panels: list[tuple[str, list[str], list[str], list[str]]]) -> Path:
+    """One matrix, sized to its labels, or a grid of small ones (e.g. a 2x2 matrix per label at its threshold)."""
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    if task != "multilabel":
+    if len(panels) == 1:
+        title, actual, predicted, names = panels[0]
         figure, axis = plt.subplots(figsize=(4.5 + 0.4 * max(0, len(names) - 2),) * 2)
         ConfusionMatrixDisplay.from_predictions(actual, predicted, labels=names, ax=axis, colorbar=False)
-        how = f"threshold {threshold:g}" if task == "binary" else "most probable class"
-        axis.set_title(f"Confusion, test split ({how})")
+        axis.set_title(title)
     else:
-        columns = min(3, len(labels))
-        rows = -(-len(labels) // columns)
+        columns = min(3, len(panels))
+        rows = -(-len(panels) // columns)
         figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
-        pairs = np.array(list(zip(actual, predicted))).reshape(-1, len(labels), 2)
-        for k, (label, axis) in enumerate(zip(labels, axes.flat)):
-            ConfusionMatrixDisplay.from_predictions(pairs[:, k, 0], pairs[:, k, 1], labels=[label, f"no {label}"], ax=axis,
-                                                    colorbar=False)
-            axis.set_title(f"{label} (threshold {threshold[label]:.2f})", fontsize="small")
-        for axis in list(axes.flat)[len(labels):]:
+        for (title, actual, predicted, names), axis in zip(panels, axes.flat):
+            ConfusionMatrixDisplay.from_predictions(actual, predicted, labels=names, ax=axis, colorbar=False)
+            axis.set_title(title, fontsize="small")
+        for axis in list(axes.flat)[len(panels):]:
             axis.axis("off")
     figure.tight_layout()
     with atomic_path(path) as tmp:

@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.errors import CxrError
 from pipeline.explain import grad_cam, network_to_explain, overlay_paths, write_overlay
 from pipeline.imaging import UnreadableImage, decode_file, looks_like_image, resize
+from pipeline.paths import ProjectPaths
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,16 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def load_model(model_uri: str, root: Path):  # -> mlflow.pyfunc.PyFuncModel
+def load_model(model_uri: str, paths: ProjectPaths):  # -> mlflow.pyfunc.PyFuncModel
     """Load a pyfunc from the project's tracking store; a missing model is a clear error."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from pipeline import tracking
 
-    tracking.connect(root)
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        with tracking.fluent_store(paths):
+            return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:
         raise CxrError(f"could not load model '{model_uri}' ({str(exc).splitlines()[0]}); run `cxr pipeline` to register one, or pass --model") from None
 
@@ -75,8 +76,10 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
     multiclass and multilabel models of each film's most probable label); without it nothing extra runs. A model
     that cannot be explained (vit) fails here, before any prediction.
     """
+    from pipeline.tasks import task_for
+
     metadata = model.metadata.metadata
-    size, labels, task = int(metadata["image_size"]), list(metadata["labels"]), metadata.get("task", "binary")
+    size, task = int(metadata["image_size"]), task_for(metadata["task"], metadata["labels"])
     network = network_to_explain(model) if explain_dir is not None else None
     results: list[Prediction | None] = [None] * len(files)
     ready: list[tuple[int, np.ndarray]] = []
@@ -92,36 +95,21 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
         table = model.predict(images)
         explanations: list[str | None] = [None] * len(chunk)
         if network is not None:
-            explanations = write_explanations(network, images, table, overlays[start : start + len(chunk)], task, labels)
+            explanations = write_explanations(network, images, table, overlays[start : start + len(chunk)], task)
         for (position, _), row, explanation in zip(chunk, table.to_dict("records"), explanations):
-            results[position] = _prediction(str(files[position]), row, task, labels, explanation)
+            results[position] = Prediction(path=str(files[position]), explanation=explanation, **task.answer(row))
     return [r for r in results if r is not None]
 
 
-def _prediction(path: str, row: dict, task: str, labels: list[str], explanation: str | None) -> Prediction:
-    """A row of the served table (pipeline.serving.prediction_table) as a Prediction, probabilities to 6 digits."""
-    if task == "binary":
-        return Prediction(path=path, label=str(row["label"]), probability=round(float(row["probability"]), 6), explanation=explanation)
-    probabilities = {label: round(float(row[f"probability_{label}"]), 6) for label in labels}
-    chosen = probabilities[row["label"]] if task == "multiclass" else None
-    return Prediction(path=path, label=str(row["label"]), probability=chosen, explanation=explanation, probabilities=probabilities)
-
-
-def write_explanations(network, images: np.ndarray, table, paths: list[Path], task: str, labels: list[str]) -> list[str]:
-    """One Grad-CAM overlay per image, captioned with the prediction; returns the paths. Binary models show the
-    evidence for the positive class, multiclass and multilabel ones for each film's most probable label.
+def write_explanations(network, images: np.ndarray, table, paths: list[Path], task) -> list[str]:
+    """One Grad-CAM overlay per image, captioned with the prediction; returns the paths. Which label each map
+    explains is the task's (Task.explained): binary models show the evidence for the positive class, multiclass
+    and multilabel ones for each film's most probable label.
 
     An all-zero map is said in the caption: an overlay without colour could otherwise pass for a failure.
     """
-    if task == "binary":
-        explained = [labels[-1]] * len(images)
-        shown = [float(p) for p in table["probability"]]
-        heat_maps = grad_cam(network, images)
-    else:
-        probability = table[[f"probability_{label}" for label in labels]].to_numpy(dtype=float)
-        explained = [labels[k] for k in probability.argmax(axis=1)]
-        shown = list(probability.max(axis=1))
-        heat_maps = grad_cam(network, images, class_index=None)  # each film's own top class
+    explained, shown, class_index = task.explained(table)
+    heat_maps = grad_cam(network, images, class_index=class_index)
     for image, heat, label, target, p, path in zip(images, heat_maps, table["label"], explained, shown, paths):
         evidence = f"evidence for {target}" if heat.max() > 0 else f"no evidence for {target}"
         said = label if label else "none of the labels"

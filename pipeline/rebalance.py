@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import RebalanceConfig
+from pipeline.config import Config, RebalanceConfig
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path
 from pipeline.paths import ProjectPaths
@@ -80,8 +80,9 @@ def combined_resample(store_index: np.ndarray, labels: np.ndarray, settings: Reb
     return chosen[:, 0]
 
 
-def rebalance_stage(paths: ProjectPaths, settings: RebalanceConfig) -> RebalanceResult:
-    """Resample the training split of the manifest and write the chosen store indices."""
+def rebalance_stage(paths: ProjectPaths, config: Config) -> RebalanceResult:
+    """Resample the training split of the manifest (rebalance.method) and write the chosen store indices."""
+    settings = config.rebalance
     if not paths.manifest.exists():
         raise CxrError(f"{paths.manifest} is missing: run `cxr ingest` first")
     manifest = pd.read_parquet(paths.manifest, columns=["store_index", "split", "label"])

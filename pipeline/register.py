@@ -26,7 +26,7 @@ from pipeline.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
 
-SERVING_MODULES = ("__init__.py", "errors.py", "labels.py", "models.py", "serving.py", "mlflow_model.py")
+SERVING_MODULES = ("__init__.py", "errors.py", "labels.py", "tasks.py", "metrics.py", "models.py", "serving.py", "mlflow_model.py")
 
 
 @dataclass(frozen=True)
@@ -193,14 +193,15 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
     from mlflow.models import infer_signature
 
     from pipeline.models import load_checkpoint
-    from pipeline.serving import prediction_table
+    from pipeline.tasks import task_for
 
     _, state = load_checkpoint(paths.checkpoint)  # describe the model that was trained, not today's params
     metrics = read_json(paths.metrics, "`cxr evaluate`")  # the operating point evaluate chose on validation
-    size, labels, task, threshold = int(state["image_size"]), list(state["labels"]), state["task"], metrics["threshold"]
-    temperature = float(metrics.get("temperature", 1.0))
+    size, labels, threshold = int(state["image_size"]), list(state["labels"]), metrics["threshold"]
+    task = task_for(state["task"], labels)
+    temperature = float(metrics["temperature"])
     example = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (1, size, 1))  # a grey ramp: no patient pixels in the registry
-    output = prediction_table(task, labels, np.full((1, len(labels)), 0.5), threshold)
+    output = task.serving_table(np.full((1, len(labels)), 0.5), threshold)
     with tempfile.TemporaryDirectory() as scratch:
         package = _serving_package(Path(scratch))
         with mlflow.start_run(run_id=run_id):
@@ -213,7 +214,7 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
                 signature=infer_signature(example, output),
                 input_example=example,
                 model_config={"threshold": threshold, "temperature": temperature},
-                metadata={"image_size": size, "labels": labels, "task": task, "threshold": threshold, "temperature": temperature},
+                metadata={"image_size": size, "labels": labels, "task": task.name, "threshold": threshold, "temperature": temperature},
                 registered_model_name=config.registry.model_name,
             )
     return int(info.registered_model_version)

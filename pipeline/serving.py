@@ -2,7 +2,8 @@
 
 It takes images already decoded and resized to the size recorded in the model's metadata
 (`image_size`), so the same pyfunc answers `mlflow models serve` requests. The operating point chosen on
-validation (a threshold, or one per label) and the temperature travel in the model's `model_config`.
+validation (a threshold, or one per label) and the temperature travel in the model's `model_config`; what
+the answer table holds is the task's (pipeline.tasks: Task.serving_table).
 """
 
 from __future__ import annotations
@@ -14,28 +15,6 @@ import numpy as np
 import pandas as pd
 
 
-def prediction_table(task: str, labels: list[str], probability: np.ndarray, threshold) -> pd.DataFrame:
-    """What the served model answers for (N, K) probabilities, one row per image.
-
-    binary: `probability` (of the positive label) and `label` (positive at or above `threshold`, else the other).
-    multiclass: `label` (the most probable class) and `probability_<label>` for every class.
-    multilabel: `label` (the labels at or above their own thresholds, joined by '|'; '' for none) and
-    `probability_<label>` for every label.
-    """
-    from pipeline.labels import join_labels
-
-    if task == "binary":
-        positive = probability[:, -1].astype(np.float64)
-        return pd.DataFrame({"probability": positive, "label": np.where(positive >= threshold, labels[-1], labels[0])})
-    if task == "multiclass":
-        predicted = list(np.array(labels)[probability.argmax(axis=1)])
-    else:
-        cut = np.array([threshold[label] for label in labels], dtype=float)
-        predicted = [join_labels(np.array(labels)[row >= cut], labels) for row in probability]
-    columns = {f"probability_{label}": probability[:, k].astype(np.float64) for k, label in enumerate(labels)}
-    return pd.DataFrame({"label": predicted, **columns})
-
-
 class CxrClassifier(mlflow.pyfunc.PythonModel):
     """(N, S, S) uint8 grey images → a table of label(s) and probabilities at the stored operating point."""
 
@@ -44,9 +23,10 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from pipeline.models import load_checkpoint
+        from pipeline.tasks import task_for
 
         self.model, state = load_checkpoint(Path(context.artifacts["checkpoint"]))
-        self.labels, self.task = list(state["labels"]), state["task"]
+        self.task = task_for(state["task"], state["labels"])
         settings = context.model_config or {}
         threshold = settings.get("threshold", 0.5)  # a float, {label: float} (multilabel) or None (multiclass)
         self.threshold = float(threshold) if isinstance(threshold, (int, float)) else threshold
@@ -56,13 +36,13 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         import torch
 
-        from pipeline.models import apply_temperature, predict_proba
+        from pipeline.models import predict_proba
 
         images = np.asarray(model_input)
         if images.ndim == 2:
             images = images[None]
         if images.shape[1:] != (self.image_size, self.image_size):
             raise ValueError(f"expected images of shape (N, {self.image_size}, {self.image_size}), got {images.shape}")
-        probability = predict_proba(self.model, images.astype(np.uint8), torch.device("cpu"), multilabel=self.task == "multilabel")
-        probability = apply_temperature(probability, self.temperature, multiclass=self.task == "multiclass")
-        return prediction_table(self.task, self.labels, probability, self.threshold)
+        probability = predict_proba(self.model, images.astype(np.uint8), torch.device("cpu"), self.task.activation)
+        probability = self.task.apply_temperature(probability, self.temperature)
+        return self.task.serving_table(probability, self.threshold)

@@ -17,7 +17,8 @@ import numpy as np
 
 from pipeline.config import DataConfig, SourceSpec
 from pipeline.errors import CxrError
-from pipeline.labels import UNLABELLED, join_labels
+from pipeline.labels import UNLABELLED
+from pipeline.tasks import Task, task_for
 
 SPLITS = ("train", "val", "test")
 TABLE_SUFFIXES = {".csv", ".tsv", ".parquet"}
@@ -179,6 +180,7 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
     if not image_root.is_dir():
         raise CxrError(f"{spec.path}: image_root '{image_root}' is not a folder")
     locate = _locator(spec, image_root)
+    task = task_for(data.task, data.labels)
     items: list[SourceItem] = []
     rejected: list[Rejected] = []
     seen: dict[str, str | None] = {}
@@ -188,7 +190,7 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
         split = row.get(spec.split_column, "").strip().lower() or None
         file = locate(key) if row[spec.path_column].strip() else None
         subtype = _from_name(data.subtype_pattern, file.name if file is not None else Path(key).name) or ""
-        label = _table_label(row, spec, data, subtype) if spec.labelled else None
+        label = _table_label(row, spec, data, task, subtype) if spec.labelled else None
         if key in seen:  # RSNA lists a film once per box: one item, unless the rows disagree
             if seen[key] != label:
                 rejected.append(Rejected(spec.path, key, "conflicting_labels", f"{where}: '{key}' is listed again with another label"))
@@ -216,28 +218,16 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
     return items, rejected
 
 
-def _table_label(row: dict, spec: SourceSpec, data: DataConfig, subtype: str = "") -> str | None:
-    """The row's label among data.labels, through label_map and label_separator; None when it has none.
+def _table_label(row: dict, spec: SourceSpec, data: DataConfig, task: Task, subtype: str = "") -> str | None:
+    """The row's label as the manifest writes it (the task reads the cell: pipeline.tasks); None when it has none.
 
-    multilabel: the set of labels the row names, as the manifest writes it ('' for none of them). The cell is split
-    on label_separator ('|' unless given); a part label_map does not name is read as its own lowercase name, and
-    parts outside data.labels (NIH's "No Finding", findings not studied) add nothing. binary and multiclass: one
-    label, or None when the row names none or several (binary: several including the positive label give it).
+    With data.class_from: subtype, the file name's subtype names the class, whatever the table says.
     """
     raw = row[spec.label_column].strip()
     if not raw:
         return None
-    if data.task == "multilabel":
-        parts = [part.strip() for part in raw.split(spec.label_separator or "|")]
-        return join_labels({spec.label_map.get(part, part.lower()) for part in parts}, data.labels)
-    parts = [part.strip() for part in raw.split(spec.label_separator)] if spec.label_separator else [raw]
-    mapped = {spec.label_map.get(part, part.lower() if not spec.label_map else None) for part in parts} - {None}
-    if data.class_from == "subtype" and subtype:  # the file name's subtype names the class, whatever the table says
-        mapped = {subtype.lower()}
-    mapped &= set(data.labels)
-    if len(mapped) > 1 and data.task == "binary" and data.positive_label in mapped:  # NIH "Pneumonia|Effusion" → pneumonia
-        return data.positive_label
-    return mapped.pop() if len(mapped) == 1 else None
+    subtype_class = subtype.lower() if data.class_from == "subtype" and subtype else None
+    return task.label_from_cell(raw, spec, subtype_class)
 
 
 def _locator(spec: SourceSpec, image_root: Path):  # -> Callable[[str], Path | None]
@@ -274,6 +264,7 @@ def _index_by_sop_instance_uid(files: list[Path]) -> dict[str, Path]:
 def _read_npz(spec: SourceSpec, archive: Path, data: DataConfig) -> list[SourceItem]:
     """MedMNIST layout: {split}_images (N,H,W[,C]) uint8 and {split}_labels (N,1) class indices, or for a
     multilabel task (N,K) 0/1 columns in data.labels order (ChestMNIST)."""
+    task = task_for(data.task, data.labels)
     try:
         arrays = np.load(archive)
     except Exception as exc:
@@ -287,23 +278,11 @@ def _read_npz(spec: SourceSpec, archive: Path, data: DataConfig) -> list[SourceI
             images = arrays[f"{split}_images"]
             if spec.labelled and f"{split}_labels" not in arrays.files:
                 raise CxrError(f"{spec.path}: has {split}_images but no {split}_labels")
-            labels = _npz_labels(arrays[f"{split}_labels"].reshape(len(images), -1), spec, split, data) if spec.labelled else [None] * len(images)
+            labels = (task.labels_from_npz(arrays[f"{split}_labels"].reshape(len(images), -1), f"{spec.path}: {split}_labels")
+                      if spec.labelled else [None] * len(images))
             for index, (pixels, label) in enumerate(zip(images, labels)):
                 if pixels.ndim == 3:
                     pixels = pixels.mean(axis=-1).astype(np.uint8)
                 items.append(SourceItem(source=spec.path, path=f"{split}/{index}", label=label,
                                         split=split if label is not None else UNLABELLED, pixels=pixels))
     return items
-
-
-def _npz_labels(columns: np.ndarray, spec: SourceSpec, split: str, data: DataConfig) -> list[str]:
-    """Each row's label: the class its index names, or (multilabel) the set its 0/1 columns name."""
-    if data.task == "multilabel":
-        if columns.shape[1] != len(data.labels):
-            raise CxrError(f"{spec.path}: {split}_labels has {columns.shape[1]} columns; a multilabel task needs one per "
-                           f"label of data.labels {data.labels}")
-        return [join_labels((label for label, on in zip(data.labels, row) if on), data.labels) for row in columns]
-    outside = np.flatnonzero((columns[:, 0] < 0) | (columns[:, 0] >= len(data.labels)))
-    if len(outside):
-        raise CxrError(f"{spec.path}: {split}_labels[{outside[0]}] = {columns[outside[0], 0]} is outside data.labels {data.labels}")
-    return [data.labels[int(index)] for index in columns[:, 0]]

@@ -1,14 +1,22 @@
-"""MLflow set-up: the tracking store, the experiment, and the run id that links train → evaluate → register.
+"""MLflow set-up: the project's tracking store, the experiment, and the run id that links train → evaluate → register.
 
-MLflow's active run is thread-local, so stages never rely on it: the run id travels in
+Every call names its store: stages talk to MLflow through `client(paths)`, an MlflowClient bound to the
+project's store, and never through MLflow's process-wide tracking URI, so two projects in one process (tests,
+a Prefect worker, cross-validation folds) cannot log into each other's store. The two calls MLflow offers only
+in its fluent, process-wide form (logging and loading a pyfunc model) run inside `fluent_store(paths)`, which
+sets that URI for the call and restores it after.
+
+MLflow's active run is thread-local, so stages never rely on it either: the run id travels in
 models/run.json and every call names it explicitly.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import config
@@ -16,33 +24,56 @@ from pipeline.errors import CxrError
 from pipeline.files import md5_of, read_json, sha256_of, write_json
 from pipeline.paths import ProjectPaths
 
+QUIET = ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent")
 
-def connect(root: Path) -> str:
-    """Point MLflow at the project's store (SQLite under the root unless MLFLOW_TRACKING_URI says otherwise)."""
+
+def store_uri(paths: ProjectPaths) -> str:
+    """The project's store: MLFLOW_TRACKING_URI when set, else SQLite under the project (pipeline.config)."""
+    return config.tracking_uri(paths.tracking_root)
+
+
+def client(paths: ProjectPaths):  # -> mlflow.MlflowClient
+    """An MlflowClient for the project's tracking store and model registry."""
     import mlflow
 
-    for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+    for noisy in QUIET:
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    uri = config.tracking_uri(root)
-    user_setting = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    # set_tracking_uri also exports MLFLOW_TRACKING_URI; undo that so the next project in this process
-    # (a test, a Prefect worker) still gets its own default store.
-    if user_setting is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    uri = store_uri(paths)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextmanager
+def fluent_store(paths: ProjectPaths) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to the project's store for the calls inside, and restored after.
+
+    Only for what MLflow has no client form of (mlflow.pyfunc.log_model, mlflow.pyfunc.load_model). The URI is
+    set with MLflow's own scoped setter, which also restores MLFLOW_TRACKING_URI as it was.
+    """
+    import os
+
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    for noisy in QUIET:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    return uri
+    with _use_tracking_uri(store_uri(paths)):
+        yield
 
 
-def experiment_id(name: str, root: Path) -> str:
+def experiment_id(tracking, name: str, paths: ProjectPaths) -> str:
     """The experiment's id, creating it (with artifacts under mlartifacts/) the first time."""
-    import mlflow
-
-    existing = mlflow.get_experiment_by_name(name)
+    existing = tracking.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    return mlflow.create_experiment(name, artifact_location=config.artifact_location(root))
+    return tracking.create_experiment(name, artifact_location=config.artifact_location(paths.tracking_root))
+
+
+def log_metrics(tracking, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Several metrics in one request, as mlflow.log_metrics sends them."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    tracking.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
 
 
 def write_run_info(paths: ProjectPaths, run_id: str, experiment: str) -> None:

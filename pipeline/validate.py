@@ -27,9 +27,9 @@ from pipeline.errors import CxrError
 from pipeline.files import write_json
 from pipeline.sources import UNLABELLED
 from pipeline.ingest import MANIFEST_COLUMNS
-from pipeline.labels import label_counts, split_labels
 from pipeline.paths import ProjectPaths
 from pipeline.phash import close_pairs, phash
+from pipeline.tasks import LabelBalance, task_for
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
@@ -145,6 +145,7 @@ def _plan_checks(
     Each expectation's meta["failure"] is the sentence reported when it fails; "{n}" becomes the failing row count.
     """
     gxe = _import_gx().expectations
+    task = task_for(data.task, data.labels)
 
     mean, min_std = validation.intensity_mean, validation.min_intensity_std
     distance, min_side, size = validation.near_duplicate_distance, validation.min_original_side, data.image_size
@@ -159,11 +160,10 @@ def _plan_checks(
             *[gxe.ExpectColumnValuesToNotBeNull(column=column, meta={"failure": f"{{n}} image(s) with no {column}"})
               for column in KEY_COLUMNS],
         ]),
-        "labels_in_set": _CheckPlan(_label_rows(manifest, data.task), "image_id", "image labels", [
+        "labels_in_set": _CheckPlan(task.label_rows(manifest), "image_id", "image labels", [
             gxe.ExpectColumnValuesToBeInSet(
                 column="label", value_set=list(data.labels),
-                meta={"failure": f"{{n}} {'label(s) of images' if data.task == 'multilabel' else 'image(s) with a label'} "
-                                 f"outside {', '.join(data.labels)}"}),
+                meta={"failure": f"{{n}} {task.label_rows_noun} outside {', '.join(data.labels)}"}),
         ]),
         "cross_split_duplicates": _CheckPlan(_splits_per_value(manifest, "sha256"), "sha256", "sha256 values", [
             gxe.ExpectColumnValuesToBeBetween(
@@ -175,13 +175,13 @@ def _plan_checks(
                 column="n_splits", max_value=1,
                 meta={"failure": "{n} patient(s) have images in more than one split"}),
         ]),
-        "splits_complete": _CheckPlan(_split_completeness(_label_rows(manifest, data.task), data.labels), "split", "splits", [
+        "splits_complete": _CheckPlan(_split_completeness(task.label_rows(manifest), data.labels), "split", "splits", [
             gxe.ExpectColumnValuesToBeBetween(
                 column="n_labels", min_value=len(data.labels),
                 meta={"failure": f"{{n}} of train/val/test lack images of some label ({', '.join(data.labels)}): "
                                  "add data, or check data.split and data.patient_pattern"}),
         ]),
-        "class_ratio": _class_ratio_check(manifest, data, validation, gxe),
+        "class_ratio": _class_ratio_check(task.label_balance(manifest), validation, gxe),
         "intensity": _CheckPlan(manifest, "image_id", "images", [
             gxe.ExpectColumnValuesToBeBetween(
                 column="mean_intensity", min_value=mean.min, max_value=mean.max,
@@ -225,42 +225,15 @@ def _plan_checks(
     }
 
 
-def _class_ratio_check(manifest: pd.DataFrame, data: DataConfig, validation: ValidationConfig, gxe) -> _CheckPlan:
-    """binary: the positive label's fraction in each split (the other label is its complement); multiclass and
-    multilabel: the fraction of each split's films carrying each label."""
+def _class_ratio_check(balance: LabelBalance, validation: ValidationConfig, gxe) -> _CheckPlan:
+    """Each fraction the task balances (binary: the positive label's per split; else each label's per split)
+    within validation.class_ratio."""
     ratio = validation.class_ratio
-    bounds = f"[{ratio.min:g}, {ratio.max:g}]"
-    if data.task == "binary":
-        return _CheckPlan(_split_table(manifest, data.positive_label), "split", "splits", [
-            gxe.ExpectColumnValuesToBeBetween(
-                column="positive_fraction", min_value=ratio.min, max_value=ratio.max,
-                meta={"failure": f"{{n}} split(s) with a '{data.positive_label}' fraction outside {bounds}"}),
-        ])
-    fractions = _label_fractions(manifest, data)
-    table = pd.DataFrame([{"split_label": f"{split}/{label}", "fraction": fraction}
-                          for split, row in fractions.items() for label, fraction in row.items()])
-    return _CheckPlan(table, "split_label", "split/label pairs", [
+    return _CheckPlan(balance.table, balance.key, balance.noun, [
         gxe.ExpectColumnValuesToBeBetween(
-            column="fraction", min_value=ratio.min, max_value=ratio.max,
-            meta={"failure": f"{{n}} split/label pair(s) with a label fraction outside {bounds}"}),
+            column=balance.column, min_value=ratio.min, max_value=ratio.max,
+            meta={"failure": f"{{n}} {balance.failure} outside [{ratio.min:g}, {ratio.max:g}]"}),
     ])
-
-
-def _label_fractions(manifest: pd.DataFrame, data: DataConfig) -> dict[str, dict[str, float]]:
-    """split → label → the fraction of the split's films carrying that label, splits in pipeline order."""
-    counts = label_counts(manifest, data.task, data.labels)
-    sizes = manifest.groupby("split").size()
-    return {split: {label: float(counts.loc[split, label] / sizes[split]) for label in data.labels}
-            for split in counts.index}
-
-
-def _label_rows(manifest: pd.DataFrame, task: str) -> pd.DataFrame:
-    """One row per label a film carries (image_id, split, label): a multilabel film's set is split into its labels
-    (a film with none gives no row); any other film gives its one row, whatever its label."""
-    if task != "multilabel":
-        return manifest[["image_id", "split", "label"]]
-    rows = manifest[["image_id", "split"]].assign(label=manifest["label"].map(split_labels)).explode("label")
-    return rows.dropna(subset=["label"]).reset_index(drop=True)
 
 
 def _run_gx(plans: dict[str, _CheckPlan], docs_dir: Path) -> dict[str, ExpectationSuiteValidationResult]:
@@ -338,16 +311,6 @@ def _splits_per_value(manifest: pd.DataFrame, column: str) -> pd.DataFrame:
     """How many distinct splits each value of `column` (sha256, patient_hash) appears in."""
     counts = manifest.groupby(column)["split"].nunique()
     return pd.DataFrame({column: counts.index.astype(str), "n_splits": counts.to_numpy()})
-
-
-def _split_table(manifest: pd.DataFrame, positive_label: str) -> pd.DataFrame:
-    """One row per split present: its image count and the fraction labelled `positive_label`."""
-    positive = (manifest["label"] == positive_label).groupby(manifest["split"])
-    return pd.DataFrame({
-        "split": positive.size().index.astype(str),
-        "n_images": positive.size().to_numpy(),
-        "positive_fraction": positive.mean().to_numpy(),
-    })
 
 
 def _split_completeness(label_rows: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
@@ -445,10 +408,9 @@ def _build_summary(
 ) -> dict:
     """Plain-JSON counts (no numpy types) so that a rerun on the same manifest writes the same bytes.
 
-    Per split: binary tasks give the positive label's fraction, the others every label's fraction.
+    Per split, how its labels are spread is the task's (binary: the positive label's fraction; else every label's).
     """
-    splits = _split_table(manifest, data.positive_label)
-    fractions = _label_fractions(manifest, data) if data.task != "binary" else {}
+    task = task_for(data.task, data.labels)
     dropped = dropped if dropped is not None else pd.DataFrame(columns=["split", "sha256"])
     as_found = pd.concat([manifest[["split", "sha256"]], dropped[["split", "sha256"]]], ignore_index=True)
     duplicates = _duplicate_counts(as_found, near_pairs)
@@ -456,11 +418,7 @@ def _build_summary(
     return {
         "passed": passed,
         "n_images": len(manifest),
-        "per_split": {
-            row.split: {"n": int(row.n_images), "positive_fraction": float(row.positive_fraction)} if data.task == "binary"
-            else {"n": int(row.n_images), "label_fractions": fractions.get(row.split, {})}
-            for row in splits.itertuples()
-        },
+        "per_split": {str(split): task.split_summary(manifest, split) for split in sorted(manifest["split"].unique())},
         "duplicates": duplicates,
         "patient_leakage": int((_splits_per_value(manifest, "patient_hash")["n_splits"] > 1).sum()),
         "checks": {check.name: {"severity": check.severity, "success": check.success} for check in checks},

@@ -56,7 +56,7 @@ def ingest_and_rebalance(root: Path, n: int = 64) -> tuple[Path, ProjectPaths]:
     config = load_config(params)
     paths = ProjectPaths(params.parent)
     ingest_stage(paths, config)
-    rebalance_stage(paths, config.rebalance)
+    rebalance_stage(paths, config)
     return params, paths
 
 
@@ -69,27 +69,13 @@ class TinyProject:
 
 
 def run_all_stages(params: Path, overrides: list[str] = ()) -> TinyProject:
-    """Every stage in order, by calling the library functions directly (what the CLI and the flow call)."""
+    """Every stage of the stage table in order, in this process (the functions the CLI and the flow call)."""
     from pipeline.config import load_config
-    from pipeline.evaluate import evaluate_stage
-    from pipeline.ingest import ingest_stage
-    from pipeline.paths import ProjectPaths
-    from pipeline.rebalance import rebalance_stage
-    from pipeline.register import register_stage
-    from pipeline.train import train_stage
-    from pipeline.validate import validate_stage
+    from pipeline.stages import run_stages
 
     config = load_config(params, overrides)
     paths = ProjectPaths(params.parent)
-    results = {
-        "ingest": ingest_stage(paths, config),
-        "validate": validate_stage(paths, config),
-        "rebalance": rebalance_stage(paths, config.rebalance),
-        "train": train_stage(paths, config),
-        "evaluate": evaluate_stage(paths, config),
-        "register": register_stage(paths, config),
-    }
-    return TinyProject(params, paths, config, results)
+    return TinyProject(params, paths, config, run_stages(paths, config))
 
 
 @pytest.fixture(scope="session")

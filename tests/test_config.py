@@ -14,7 +14,7 @@ def test_repo_params_file_spells_out_exactly_the_code_defaults(tmp_path):
     config = load_config(REPO_PARAMS)
     assert config == load_config(tmp_path / "missing.yaml")
     assert [source.path for source in config.data.sources] == ["data/raw/demo"]
-    assert config.data.positive_label == "pneumonia"
+    assert config.data.labels[-1] == "pneumonia"
     assert config.registry.model_name == "cxr-pneumonia"
 
 

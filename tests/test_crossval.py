@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -54,7 +55,7 @@ def test_multilabel_folds_accept_rare_label_sets_and_reach_every_label():
 
 
 def test_crossval_trains_every_fold_and_writes_the_summary(tmp_path):
-    import mlflow
+    from pipeline.tracking import client as tracking_client
 
     params = write_tiny_project(tmp_path / "project", n=60)
     config = load_config(params)
@@ -76,6 +77,8 @@ def test_crossval_trains_every_fold_and_writes_the_summary(tmp_path):
         fold_root = paths.models / "crossval" / f"fold-{fold}"
         assert (fold_root / "models" / "checkpoint.pt").exists()
         assert not (fold_root / "mlruns.db").exists()  # the folds log to the project's store
-    mlflow.set_tracking_uri(f"sqlite:///{paths.root / 'mlruns.db'}")
-    runs = mlflow.search_runs(experiment_names=[config.tracking.experiment], filter_string="tags.`crossval.fold` != ''")
-    assert sorted(runs["tags.crossval.fold"]) == ["1/3", "2/3", "3/3"]
+    client = tracking_client(paths)
+    experiment = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    runs = client.search_runs([experiment], filter_string="tags.`crossval.fold` != ''")
+    assert sorted(run.data.tags["crossval.fold"] for run in runs) == ["1/3", "2/3", "3/3"]
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # no process-wide setting left behind for the next project

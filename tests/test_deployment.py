@@ -7,10 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 
-from pipeline.tracking import connect
+from pipeline.paths import ProjectPaths
+from pipeline.tracking import client as tracking_client
 from tests.conftest import write_tiny_project
 from tests.servers import free_port, stop, wait_for
 
@@ -58,8 +58,7 @@ def test_scheduled_deployment_trains_registers_then_skips_unchanged_data(tmp_pat
         stop(server)
 
     assert [run["state"] for run in runs] == ["COMPLETED", "COMPLETED"], runs
-    connect(params.parent)
-    client = mlflow.MlflowClient()
+    client = tracking_client(ProjectPaths(params.parent))
     assert int(client.get_model_version_by_alias("cxr-pneumonia", "champion").version) == 1
     assert len(client.search_model_versions("name='cxr-pneumonia'")) == 1  # the second, unchanged run trained nothing
     assert (params.parent / "models" / "last_success.json").exists()

@@ -13,13 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 
 from pipeline.demo_data import phi_values
 from pipeline.files import sha256_of
-from pipeline.tracking import connect
+from pipeline.paths import ProjectPaths
+from pipeline.tracking import client as tracking_client
 from tests.conftest import REPO, tiny_params_text, write_tiny_project
 
 pytestmark = pytest.mark.slow
@@ -89,8 +89,7 @@ def test_cxr_pipeline_runs_every_stage_through_prefect_and_registers_a_champion(
     assert "Test AUC" in out.stdout and "Traceback" not in log
     metrics = json.loads((root / "reports" / "metrics.json").read_text())
     assert {"auc", "accuracy", "sensitivity", "specificity"} <= set(metrics["test"])
-    connect(root)
-    champion = mlflow.MlflowClient().get_model_version_by_alias("cxr-pneumonia", "champion")
+    champion = tracking_client(ProjectPaths(root)).get_model_version_by_alias("cxr-pneumonia", "champion")
     assert int(champion.version) == 1
 
 
@@ -115,8 +114,7 @@ def test_the_mlflow_run_names_the_data_version_dvc_recorded(dvc_project):
 
     root, _ = dvc_project
     outs = {out["path"]: out["md5"] for out in yaml.safe_load((root / "dvc.lock").read_text())["stages"]["ingest"]["outs"]}
-    connect(root)
-    run = mlflow.get_run(json.loads((root / "models" / "run.json").read_text())["run_id"])
+    run = tracking_client(ProjectPaths(root)).get_run(json.loads((root / "models" / "run.json").read_text())["run_id"])
     assert run.data.tags["data.dvc_md5.images"] == outs["data/interim/images.npy"]
     assert run.data.tags["data.dvc_md5.manifest"] == outs["data/interim/manifest.parquet"]
     assert len(run.data.tags["git.commit"]) == 40

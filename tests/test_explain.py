@@ -22,7 +22,7 @@ CNN_FAMILIES = ["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru"]
 @pytest.fixture(scope="module")
 def champion(tiny_project):
     """The tiny project's registered champion, loaded as `cxr predict` loads it."""
-    return load_model("models:/cxr-pneumonia@champion", tiny_project.paths.root)
+    return load_model("models:/cxr-pneumonia@champion", tiny_project.paths)
 
 
 def demo_films(tiny_project, size: int, count: int = 2) -> np.ndarray:

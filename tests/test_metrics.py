@@ -82,7 +82,7 @@ def test_external_validation_scores_another_source_and_reports_the_shift(tiny_pr
 def test_temperature_scaling_recovers_the_overconfidence_and_keeps_the_ranking():
     from scipy.stats import spearmanr
 
-    from pipeline.models import apply_temperature, fit_temperature
+    from pipeline.metrics import apply_temperature, fit_temperature
 
     rng = np.random.default_rng(0)
     calibrated = rng.uniform(0.02, 0.98, 4000)
@@ -98,21 +98,21 @@ def test_temperature_scaling_recovers_the_overconfidence_and_keeps_the_ranking()
 
 @pytest.mark.slow
 def test_served_model_applies_the_temperature_fitted_on_validation(tmp_path):
-    import mlflow
     import torch
 
-    from pipeline.models import apply_temperature, load_checkpoint, predict_proba
-    from pipeline.tracking import connect
+    from pipeline.metrics import apply_temperature
+    from pipeline.models import load_checkpoint, predict_proba
+    from pipeline.predict import load_model
     from tests.conftest import run_all_stages, write_tiny_project
 
     project = run_all_stages(write_tiny_project(tmp_path, n=60), ["evaluate.temperature_scaling=true"])
     temperature = json.loads(project.paths.metrics.read_text())["temperature"]
     assert temperature != 1.0
-    connect(project.paths.root)
-    served = mlflow.pyfunc.load_model("models:/cxr-pneumonia@champion")
+    served = load_model("models:/cxr-pneumonia@champion", project.paths)
     films = np.load(project.paths.images)[:5]
     network, _ = load_checkpoint(project.paths.checkpoint)
-    expected = apply_temperature(predict_proba(network, films, torch.device("cpu"))[:, -1], temperature)
+    softmax = lambda logits: torch.softmax(logits, dim=1)  # noqa: E731 (a binary model's activation)
+    expected = apply_temperature(predict_proba(network, films, torch.device("cpu"), softmax)[:, -1], temperature)
     assert np.allclose(served.predict(films)["probability"], expected, atol=1e-6)
 
 
@@ -160,11 +160,11 @@ def test_a_threshold_cannot_be_chosen_without_both_classes_in_validation():
 
 def test_the_threshold_chosen_on_validation_is_reported_and_stored_with_the_served_model(tiny_project):
     """Default youden: metrics.json, predictions.csv, the run, the version's tags and the pyfunc all hold one threshold."""
-    import mlflow
     import pandas as pd
 
     from pipeline.metrics import choose_threshold
-    from pipeline.tracking import connect, read_run_id
+    from pipeline.predict import load_model
+    from pipeline.tracking import client as tracking_client, read_run_id
 
     paths = tiny_project.paths
     metrics = json.loads(paths.metrics.read_text())
@@ -177,15 +177,14 @@ def test_the_threshold_chosen_on_validation_is_reported_and_stored_with_the_serv
     test = predictions[predictions["split"] == "test"]
     assert metrics["test"]["tp"] == int(((test["probability"] >= threshold) & (test["truth"] == 1)).sum())
 
-    connect(paths.root)
-    client = mlflow.MlflowClient()
+    client = tracking_client(paths)
     run = client.get_run(read_run_id(paths))
     assert run.data.metrics["threshold"] == pytest.approx(threshold)
     assert run.data.tags["threshold_method"] == "chosen on validation by Youden's J"
     version = client.get_model_version("cxr-pneumonia", str(tiny_project.results["register"].version))
     assert float(version.tags["threshold"]) == threshold
     assert f"{threshold:.4f}" in version.description and "Youden" in version.description
-    served = mlflow.pyfunc.load_model("models:/cxr-pneumonia@champion")
+    served = load_model("models:/cxr-pneumonia@champion", paths)
     assert served.metadata.metadata["threshold"] == threshold
     films = np.load(paths.images)[:20]
     table = served.predict(films)
@@ -197,24 +196,22 @@ def test_the_threshold_chosen_on_validation_is_reported_and_stored_with_the_serv
 def test_the_served_model_calls_positives_at_a_changed_stored_threshold(tmp_path):
     """Re-evaluated with a fixed threshold at the median served probability (films on both sides of it), the new
     champion calls positives at that stored threshold, in the pyfunc and in `cxr predict`'s code path."""
-    import mlflow
 
     from pipeline.config import load_config
     from pipeline.evaluate import evaluate_stage
     from pipeline.register import register_stage
-    from pipeline.tracking import connect
+    from pipeline.predict import load_model
     from tests.conftest import run_all_stages, write_tiny_project
 
     project = run_all_stages(write_tiny_project(tmp_path, n=60))
-    connect(project.paths.root)
     films = np.load(project.paths.images)
-    first = mlflow.pyfunc.load_model("models:/cxr-pneumonia@champion").predict(films)["probability"].to_numpy()
+    first = load_model("models:/cxr-pneumonia@champion", project.paths).predict(films)["probability"].to_numpy()
     median = float(np.median(first))
     config = load_config(project.params, ["evaluate.threshold_method=fixed", f"evaluate.threshold={median}"])
     evaluate_stage(project.paths, config)
     result = register_stage(project.paths, config)
     assert result.version == 2 and result.is_champion  # the same network: within the gate's margin
-    served = mlflow.pyfunc.load_model("models:/cxr-pneumonia@champion")
+    served = load_model("models:/cxr-pneumonia@champion", project.paths)
     assert served.metadata.metadata["threshold"] == median
     table = served.predict(films)
     assert np.allclose(table["probability"], first)
@@ -223,5 +220,5 @@ def test_the_served_model_calls_positives_at_a_changed_stored_threshold(tmp_path
     from pipeline.predict import expand_inputs, load_model, predict_files
 
     files = expand_inputs([project.paths.root / "data" / "raw" / "demo" / "pneumonia"])[:8]
-    for prediction in predict_files(load_model("models:/cxr-pneumonia@champion", project.paths.root), files):
+    for prediction in predict_files(load_model("models:/cxr-pneumonia@champion", project.paths), files):
         assert prediction.error or prediction.label == ("pneumonia" if prediction.probability >= median else "normal")

@@ -1,5 +1,6 @@
 """Rebalancing with imbalanced-learn samplers over training indices."""
 
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -7,6 +8,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import RebalanceConfig
+from pipeline.paths import ProjectPaths
 from pipeline.rebalance import rebalance_indices, rebalance_stage
 
 INDEX = np.arange(100, 140)
@@ -29,9 +31,12 @@ def test_same_seed_same_index_and_other_seed_differs():
     assert np.array_equal(first, again) and not np.array_equal(first, other)
 
 
-def test_stage_writes_only_training_indices(tiny_project):
-    paths = tiny_project.paths
-    result = rebalance_stage(paths, RebalanceConfig(method="random_over"))
+def test_stage_writes_only_training_indices(tiny_project, tmp_path):
+    paths = ProjectPaths(tmp_path)  # a project of its own holding the shared project's manifest: the shared one is left as it is
+    paths.interim.mkdir(parents=True)
+    shutil.copyfile(tiny_project.paths.manifest, paths.manifest)
+    config = tiny_project.config.model_copy(update={"rebalance": RebalanceConfig(method="random_over")})
+    result = rebalance_stage(paths, config)
     chosen = np.load(paths.train_index)
     manifest = pd.read_parquet(paths.manifest)
     train = set(manifest.loc[manifest["split"] == "train", "store_index"])

@@ -12,7 +12,6 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,7 +22,8 @@ from PIL import Image
 
 from pipeline.config import RebalanceConfig, load_config
 from pipeline.errors import CxrError
-from pipeline.tracking import connect
+from pipeline.predict import load_model
+from pipeline.tracking import client
 from tests.conftest import run_all_stages, tiny_params_text
 
 MULTICLASS_LABELS = ["normal", "bacteria", "virus"]
@@ -120,8 +120,11 @@ def test_label_sets_that_do_not_fit_the_task_are_one_line_errors(tmp_path, overr
 
 
 def test_the_default_task_is_binary_with_the_last_label_positive(tmp_path):
+    from pipeline.tasks import task_for
+
     data = load_config(tmp_path / "params.yaml").data
-    assert (data.task, data.labels, data.class_from, data.positive_label) == ("binary", ["normal", "pneumonia"], "label", "pneumonia")
+    assert (data.task, data.labels, data.class_from) == ("binary", ["normal", "pneumonia"], "label")
+    assert task_for(data.task, data.labels).positive == "pneumonia"
 
 
 # --- sources, splits, rebalance, losses, metrics ------------------------------------------------------
@@ -196,19 +199,19 @@ def test_sigmoid_focal_loss_with_gamma_zero_is_weighted_binary_cross_entropy():
 def test_macro_auc_and_accuracy_match_scikit_learn():
     from sklearn.metrics import roc_auc_score
 
-    from pipeline.metrics import label_scores
+    from pipeline.tasks import task_for
 
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 3, 200)
     probability = rng.dirichlet([1, 1, 1], 200) + np.eye(3)[truth] * 0.5
     probability /= probability.sum(axis=1, keepdims=True)
-    scores = label_scores("multiclass", truth, probability)
+    scores = task_for("multiclass", ["a", "b", "c"]).quick_metrics(truth, probability, None)
     assert scores["auc"] == pytest.approx(roc_auc_score(truth, probability, multi_class="ovr", average="macro"))
     assert scores["accuracy"] == pytest.approx((probability.argmax(axis=1) == truth).mean())
     hot = rng.integers(0, 2, (200, 3))
     probability = hot * 0.3 + rng.random((200, 3)) * 0.7
     cut = np.array([0.5, 0.6, 0.7])
-    scores = label_scores("multilabel", hot, probability, cut)
+    scores = task_for("multilabel", ["a", "b", "c"]).quick_metrics(hot, probability, {"a": 0.5, "b": 0.6, "c": 0.7})
     assert scores["auc"] == pytest.approx(roc_auc_score(hot, probability, average="macro"))
     assert scores["accuracy"] == pytest.approx(np.mean([((probability[:, k] >= cut[k]) == hot[:, k]).mean() for k in range(3)]))
 
@@ -230,10 +233,9 @@ def test_a_three_class_folder_project_trains_evaluates_and_registers(multiclass_
     assert 0 <= test["auc"] <= 1 and set(test["ci95"]["per_label_auc"]) == set(MULTICLASS_LABELS)
     assert project.results["register"].is_champion and project.results["register"].gate_metric == "test_auc"
 
-    connect(project.paths.root)
-    run = mlflow.MlflowClient().get_run(project.results["train"].run_id)
+    run = client(project.paths).get_run(project.results["train"].run_id)
     assert 0 <= run.data.metrics["val_auc"] <= 1 and "test_auc_bacteria" in run.data.metrics
-    served = mlflow.pyfunc.load_model("models:/cxr-pneumonia@champion")
+    served = load_model("models:/cxr-pneumonia@champion", project.paths)
     films = np.load(project.paths.images)[:6]
     table = served.predict(films)
     probabilities = table[[f"probability_{label}" for label in MULTICLASS_LABELS]].to_numpy()
@@ -256,10 +258,9 @@ def test_a_multilabel_table_project_reports_per_label_auc_and_serves_label_sets(
     summary = json.loads(project.paths.validation_summary.read_text())
     assert set(summary["per_split"]["val"]["label_fractions"]) == set(MULTILABEL_LABELS)
 
-    connect(project.paths.root)
-    version = mlflow.MlflowClient().get_model_version("cxr-pneumonia", str(project.results["register"].version))
+    version = client(project.paths).get_model_version("cxr-pneumonia", str(project.results["register"].version))
     assert json.loads(version.tags["threshold"]) == metrics["threshold"] and "| pneumonia |" in version.description
-    served = mlflow.pyfunc.load_model("models:/cxr-pneumonia@champion")
+    served = load_model("models:/cxr-pneumonia@champion", project.paths)
     films = np.load(project.paths.images)[:8]
     table = served.predict(films)
     for _, row in table.iterrows():
@@ -268,14 +269,16 @@ def test_a_multilabel_table_project_reports_per_label_auc_and_serves_label_sets(
 
 
 def test_multilabel_thresholds_reach_the_target_sensitivity_on_validation(multilabel_project):
-    from pipeline.evaluate import evaluate_stage, read_predictions
+    from pipeline.evaluate import evaluate_stage
+    from pipeline.predictions import read_predictions
 
     project = multilabel_project
     backup = {path: path.read_bytes() for path in (project.paths.metrics, project.paths.predictions)}
     config = load_config(project.params, ["evaluate.threshold_method=sensitivity", "evaluate.target_sensitivity=0.9"])
     try:
         result = evaluate_stage(project.paths, config)
-        _, labels, val, threshold = read_predictions(pd.read_csv(project.paths.predictions).query("split == 'val'"))
+        labels = MULTILABEL_LABELS
+        _, val, threshold = read_predictions(pd.read_csv(project.paths.predictions).query("split == 'val'"), labels)
     finally:
         for path, content in backup.items():
             path.write_bytes(content)  # the shared project keeps its default (youden) evaluation for the other tests
@@ -294,7 +297,7 @@ def test_the_report_and_predict_speak_the_task(multiclass_project, multilabel_pr
         page = report_stage(project.paths, project.config).read_text()
         assert "<h3>Per label</h3>" in page and "macro AUC" in page and "top label" in page
         assert page.count("data:image/png;base64,") >= 4 + 2  # the plots and Grad-CAM overlays of top labels
-        model = load_model("models:/cxr-pneumonia@champion", project.paths.root)
+        model = load_model("models:/cxr-pneumonia@champion", project.paths)
         files = expand_inputs([project.paths.root / "data" / "raw"])[:3]
         for prediction in predict_files(model, files, explain_dir=project.paths.root / "explained"):
             answer = prediction.as_dict()
@@ -312,19 +315,21 @@ def test_the_report_and_predict_speak_the_task(multiclass_project, multilabel_pr
 
 def test_a_temperature_scaled_multiclass_version_goes_through_the_gate_and_is_served_scaled(multiclass_project):
     from pipeline.evaluate import evaluate_stage
-    from pipeline.models import apply_temperature, load_checkpoint, predict_proba
+    from pipeline.metrics import apply_temperature
+    from pipeline.models import load_checkpoint, predict_proba
     from pipeline.register import register_stage
+    from pipeline.tasks import task_for
 
     project = multiclass_project
     config = load_config(project.params, ["evaluate.temperature_scaling=true"])
     temperature = evaluate_stage(project.paths, config).metrics["temperature"]
     result = register_stage(project.paths, config)
     assert result.version == 2 and "vs champion v1" in result.reason  # compared on the same films by macro AUC
-    connect(project.paths.root)
-    served = mlflow.pyfunc.load_model("models:/cxr-pneumonia/2")
+    served = load_model("models:/cxr-pneumonia/2", project.paths)
     films = np.load(project.paths.images)[:5]
     network, _ = load_checkpoint(project.paths.checkpoint)
-    expected = apply_temperature(predict_proba(network, films, torch.device("cpu")), temperature, multiclass=True)
+    probability = predict_proba(network, films, torch.device("cpu"), task_for("multiclass", MULTICLASS_LABELS).activation)
+    expected = apply_temperature(probability, temperature, softmax=True)
     table = served.predict(films)
     assert np.allclose(table[[f"probability_{label}" for label in MULTICLASS_LABELS]].to_numpy(), expected, atol=1e-6)
 
@@ -340,6 +345,5 @@ def test_new_multilabel_thresholds_make_a_new_version_that_the_gate_compares_lab
     assert thresholds == {label: 0.5 for label in MULTILABEL_LABELS}
     result = register_stage(project.paths, config)
     assert result.version == 2 and "test_accuracy" in result.reason and "vs champion v1" in result.reason
-    connect(project.paths.root)
-    served = mlflow.pyfunc.load_model("models:/cxr-pneumonia/2")
+    served = load_model("models:/cxr-pneumonia/2", project.paths)
     assert served.metadata.metadata["threshold"] == thresholds and served.metadata.metadata["task"] == "multilabel"

@@ -12,7 +12,6 @@ import sys
 import textwrap
 from collections import Counter
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,7 +23,8 @@ from pipeline.config import AugmentConfig, RebalanceConfig, load_config
 from pipeline.errors import CxrError
 from pipeline.losses import FocalLoss, balanced_class_weights
 from pipeline.rebalance import rebalance_indices
-from pipeline.tracking import connect, read_run_id
+from pipeline.paths import ProjectPaths
+from pipeline.tracking import client as tracking_client, read_run_id
 from pipeline.train import train_stage
 from pipeline.training.loop import patience_ran_out
 from pipeline.training.optim import warmup_cosine
@@ -38,8 +38,8 @@ def project(tmp_path_factory):
     return ingest_and_rebalance(tmp_path_factory.mktemp("loop"))
 
 
-def _metric_steps(run_id: str, key: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, key)]
+def _metric_steps(paths: ProjectPaths, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in tracking_client(paths).get_metric_history(run_id, key)]
 
 
 # --- optimisers, schedules, losses ---------------------------------------------------------------
@@ -64,14 +64,13 @@ def test_every_optimizer_schedule_and_loss_trains_and_logs_lr(project, optimizer
 
     history = pd.read_csv(paths.history)
     assert list(history["epoch"]) == [1, 2] and np.isfinite(history["train_loss"]).all()
-    connect(paths.root)
-    lrs = [value for _, value in _metric_steps(result.run_id, "lr")]
+    lrs = [value for _, value in _metric_steps(paths, result.run_id, "lr")]
     assert len(lrs) == 2 and lrs == pytest.approx(list(history["lr"]), rel=1e-5)
     if schedule == "constant":
         assert lrs == [pytest.approx(1e-3), pytest.approx(1e-3)]
     else:  # never above the peak, and the second epoch starts at another rate
         assert max(lrs) <= 1e-3 * (1 + 1e-6) and lrs[1] != pytest.approx(lrs[0])
-    assert len(_metric_steps(result.run_id, "train_images_per_second")) == 2
+    assert len(_metric_steps(paths, result.run_id, "train_images_per_second")) == 2
     assert not train_state_path(paths).exists()  # a finished run leaves no state to resume
 
 
@@ -196,8 +195,7 @@ def test_early_stopping_stops_when_validation_never_improves(project):
     assert result.epochs_run == 2 < config.train.epochs
     assert result.best_epoch == 1
     assert list(pd.read_csv(paths.history)["epoch"]) == [1, 2]
-    connect(paths.root)
-    assert mlflow.MlflowClient().get_run(result.run_id).data.metrics["epochs_run"] == 2
+    assert tracking_client(paths).get_run(result.run_id).data.metrics["epochs_run"] == 2
 
 
 # --- resume ---------------------------------------------------------------------------------------
@@ -247,8 +245,7 @@ def test_resume_after_a_crash_gives_the_same_weights_as_an_uninterrupted_run(pro
     for key, weights in straight_checkpoint["state_dict"].items():
         assert torch.equal(checkpoint["state_dict"][key], weights), key
     pd.testing.assert_frame_equal(pd.read_csv(paths.history), straight_history)  # epochs 2-3 trained after the resume
-    connect(paths.root)
-    assert [step for step, _ in _metric_steps(resumed.run_id, "train_loss")] == [1, 2, 3]
+    assert [step for step, _ in _metric_steps(paths, resumed.run_id, "train_loss")] == [1, 2, 3]
     assert not train_state_path(paths).exists()
 
 
@@ -280,7 +277,7 @@ def test_cuda_trains_in_mixed_precision_into_a_cpu_loadable_checkpoint(project):
 
     params, paths = project
     config = load_config(params, ["train.device=cuda", "train.epochs=2"])
-    trainer = build_trainer(config, load_training_data(paths), torch.device("cuda"))
+    trainer = build_trainer(config, load_training_data(paths, config.data), torch.device("cuda"))
     assert trainer.amp_dtype == mixed_precision_dtype(torch.device("cuda")) in (torch.bfloat16, torch.float16)
     assert (trainer.scaler is not None) == (trainer.amp_dtype == torch.float16)
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,7 +16,8 @@ from pipeline.config import AugmentConfig, load_config
 from pipeline.models import build_model
 from pipeline.champion import rollback
 from pipeline.register import register_stage
-from pipeline.tracking import connect, read_run_id
+from pipeline.predict import load_model
+from pipeline.tracking import client as tracking_client, read_run_id
 from pipeline.train import train_stage
 from pipeline.evaluate import evaluate_stage
 from pipeline.errors import CxrError
@@ -43,8 +43,7 @@ def test_augmentation_is_seeded_bounded_and_changes_images():
 
 def test_training_logs_params_and_per_epoch_metrics_to_mlflow(tiny_project):
     paths = tiny_project.paths
-    connect(paths.root)
-    run = mlflow.MlflowClient().get_run(read_run_id(paths))
+    run = tracking_client(paths).get_run(read_run_id(paths))
     assert run.data.params["train.model"] == "cnn_gru"
     assert run.data.params["data.image_size"] == "32"
     for key in ("train_loss", "val_loss", "val_auc", "val_accuracy", "best_val_auc", "test_auc", "test_accuracy"):
@@ -67,11 +66,10 @@ def test_metrics_json_has_the_keys_dvc_and_users_read(tiny_project):
 
 def test_first_registered_version_is_champion_with_signature(tiny_project):
     result = tiny_project.results["register"]
-    connect(tiny_project.paths.root)
-    client = mlflow.MlflowClient()
+    client = tracking_client(tiny_project.paths)
     champion = client.get_model_version_by_alias("cxr-pneumonia", "champion")
     assert result.is_champion and int(champion.version) == result.version
-    model = mlflow.pyfunc.load_model("models:/cxr-pneumonia@champion")
+    model = load_model("models:/cxr-pneumonia@champion", tiny_project.paths)
     assert model.metadata.signature is not None
     assert model.metadata.metadata["image_size"] == 32
     table = model.predict(np.zeros((2, 32, 32), dtype=np.uint8))
@@ -82,8 +80,7 @@ def test_first_registered_version_is_champion_with_signature(tiny_project):
 def test_weaker_challenger_does_not_take_champion(tmp_path):
     """A model trained with a useless learning rate registers a version but leaves the alias where it was."""
     project = run_all_stages(write_tiny_project(tmp_path, n=120), ["train.epochs=8"])
-    connect(project.paths.root)
-    client = mlflow.MlflowClient()
+    client = tracking_client(project.paths)
     before = client.get_model_version_by_alias("cxr-pneumonia", "champion").version
 
     weak = load_config(project.params, ["train.lr=1e-9", "augment.enabled=false"])
@@ -118,8 +115,7 @@ def test_weaker_challenger_does_not_take_champion(tmp_path):
 
 
 def test_registered_version_carries_audit_tags_and_a_model_card(tiny_project):
-    connect(tiny_project.paths.root)
-    version = mlflow.MlflowClient().get_model_version("cxr-pneumonia", str(tiny_project.results["register"].version))
+    version = tracking_client(tiny_project.paths).get_model_version("cxr-pneumonia", str(tiny_project.results["register"].version))
     for tag in ("data.manifest_sha256", "git.commit", "params_sha256", "threshold", "test_metrics", "test_ci95", "decision"):
         assert tag in version.tags, tag
     assert json.loads(version.tags["test_ci95"])["auc"] is not None

@@ -10,31 +10,31 @@ import pandas as pd
 from pipeline.config import DataConfig
 from pipeline.errors import CxrError
 from pipeline.paths import ProjectPaths
+from pipeline.tasks import Task, task_for
 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Stored uint8 images and their targets for the rebalanced train index and the val split: class indices
-    (N,) int64, or for a multilabel task (N, K) float32 multi-hot rows (pipeline.labels.targets)."""
+    """Stored uint8 images and their targets for the rebalanced train index and the val split, as the task reads
+    the manifest's labels (pipeline.tasks: Task.targets): class indices (N,) int64, or multi-hot (N, K) float32."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
     val_images: np.ndarray
     val_labels: np.ndarray
-    task: str = "binary"  # data.task: how the targets and outputs are read
+    task: Task  # how the targets and the network's outputs are read
 
 
-def load_training_data(paths: ProjectPaths, data: DataConfig = DataConfig()) -> TrainingData:
+def load_training_data(paths: ProjectPaths, data: DataConfig) -> TrainingData:
     """Images and targets (as `data.task` reads the manifest's labels) of the training index and the val split."""
-    from pipeline.labels import targets
-
+    task = task_for(data.task, data.labels)
     for needed, stage in ((paths.manifest, "cxr ingest"), (paths.images, "cxr ingest"), (paths.train_index, "cxr rebalance")):
         if not needed.exists():
             raise CxrError(f"{needed} is missing: run `{stage}` first")
     manifest = pd.read_parquet(paths.manifest, columns=["store_index", "split", "label", "label_index"])
     images = np.load(paths.images, mmap_mode="r")
     train_index = np.load(paths.train_index)
-    target_of = targets(manifest.set_index("store_index").loc[train_index], data.task, data.labels)
+    target_of = task.targets(manifest.set_index("store_index").loc[train_index])
     val = manifest[manifest["split"] == "val"]
     if val.empty:
         raise CxrError("train: the validation split is empty; add data or raise data.split.val")
@@ -42,8 +42,8 @@ def load_training_data(paths: ProjectPaths, data: DataConfig = DataConfig()) -> 
         train_images=np.asarray(images[train_index]),
         train_labels=target_of,
         val_images=np.asarray(images[val["store_index"].to_numpy()]),
-        val_labels=targets(val, data.task, data.labels),
-        task=data.task,
+        val_labels=task.targets(val),
+        task=task,
     )
 
 

@@ -30,11 +30,13 @@ def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPath
     Under torchrun rank 0 validates and sends the scores to the other ranks, so all stop at the same epoch;
     it alone logs, writes and shows progress.
     """
-    import mlflow
     import torch
     from tqdm import tqdm
 
+    from pipeline import tracking
+
     settings = config.train
+    client = tracking.client(paths) if world.is_main else None
     labels = torch.as_tensor(np.array(data.train_labels))  # int64 class indices, or float32 multi-hot rows (multilabel)
     epoch = state["epoch"] if state else 0  # epochs completed
     history: list[dict] = state["history"] if state else []
@@ -47,13 +49,13 @@ def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPath
         started = time.perf_counter()
         train_loss = train_one_epoch(trainer, data.train_images, labels, config, world)
         seconds = time.perf_counter() - started
-        scores = validate(trainer, data, len(config.data.labels)) if world.is_main else None
+        scores = validate(trainer, data) if world.is_main else None
         scores = distributed.broadcast(scores, world)
         row = {"epoch": epoch, "train_loss": train_loss, **scores, "lr": lr}
         history.append(row)  # history.csv holds only what is reproducible; throughput goes to MLflow alone
         metrics = {k: v for k, v in row.items() if k != "epoch"} | {"train_images_per_second": len(labels) / seconds}
         if world.is_main:
-            mlflow.log_metrics(metrics, step=epoch, run_id=run_id)
+            tracking.log_metrics(client, run_id, metrics, step=epoch)
         if row["val_auc"] > best["val_auc"]:  # NaN never wins, ties keep the earlier epoch
             best = {"epoch": epoch, "val_auc": row["val_auc"], "val_accuracy": row["val_accuracy"]}
             if world.is_main:
@@ -73,8 +75,8 @@ def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPath
     if epoch < settings.epochs:
         log.info("train: no better val AUC for %d epochs; stopped after epoch %d of %d",
                  settings.early_stopping_patience, epoch, settings.epochs)
-    mlflow.log_metrics({"best_val_auc": best["val_auc"], "best_val_accuracy": best["val_accuracy"],
-                        "best_epoch": best["epoch"], "epochs_run": epoch}, run_id=run_id)
+    tracking.log_metrics(client, run_id, {"best_val_auc": best["val_auc"], "best_val_accuracy": best["val_accuracy"],
+                                          "best_epoch": best["epoch"], "epochs_run": epoch})
     with atomic_path(paths.history) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False, float_format="%.6g")  # 6 significant digits: lr can be 1e-5
     return best, epoch
@@ -162,29 +164,10 @@ def step(trainer: Trainer, inputs, targets, share: float = 1.0) -> float:
     return loss.item()
 
 
-def validate(trainer: Trainer, data: TrainingData, n_classes: int) -> dict:
-    """val_loss (plain cross-entropy, or binary cross-entropy per label for multilabel, whatever train.loss is, so
-    runs compare), val AUC and val accuracy.
-
-    binary: AUC of the positive class, accuracy at 0.5 (the operating threshold is chosen later, by evaluate).
-    multiclass: macro one-vs-rest AUC, accuracy of the most probable class. multilabel: macro AUC over labels,
-    mean per-label accuracy at 0.5 (pipeline.metrics.label_scores).
-    """
-    from pipeline.metrics import binary_metrics, label_scores
+def validate(trainer: Trainer, data: TrainingData) -> dict:
+    """val_loss, val AUC and val accuracy, as the task scores them during training (pipeline.tasks:
+    Task.validation_scores; decisions at 0.5, the operating point is chosen later, by evaluate)."""
     from pipeline.models import predict_proba
 
-    probabilities = predict_proba(trainer.model, data.val_images, trainer.device, multilabel=data.task == "multilabel")
-    if data.task == "multilabel":
-        p = np.clip(probabilities, 1e-7, 1 - 1e-7)
-        val_loss = float(-(data.val_labels * np.log(p) + (1 - data.val_labels) * np.log(1 - p)).mean())
-    else:
-        val_loss = float(-np.log(probabilities[np.arange(len(data.val_labels)), data.val_labels] + 1e-7).mean())
-    if data.task == "binary":
-        scores = binary_metrics(data.val_labels == n_classes - 1, probabilities[:, -1], 0.5)
-    else:
-        scores = label_scores(data.task, data.val_labels, probabilities, 0.5)
-    return {
-        "val_loss": val_loss,
-        "val_auc": scores["auc"] if scores["auc"] is not None else float("nan"),
-        "val_accuracy": scores["accuracy"],
-    }
+    probabilities = predict_proba(trainer.model, data.val_images, trainer.device, data.task.activation)
+    return data.task.validation_scores(data.val_labels, probabilities)

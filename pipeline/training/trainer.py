@@ -34,7 +34,6 @@ def build_trainer(config: Config, data: TrainingData, device, world: distributed
     """Model, optimiser, per-step schedule, loss and random generator as the params describe them."""
     import torch
 
-    from pipeline.losses import build_loss
     from pipeline.models import build_model
 
     settings = config.train
@@ -51,7 +50,7 @@ def build_trainer(config: Config, data: TrainingData, device, world: distributed
         step_model=step_model,
         optimizer=optimizer,
         scheduler=build_schedule(optimizer, settings, total_steps),
-        loss_fn=build_loss(settings, data.train_labels, n_classes, data.task).to(device),
+        loss_fn=data.task.loss(settings, data.train_labels).to(device),
         generator=torch.Generator().manual_seed(settings.seed),
         device=device,
         amp_dtype=amp_dtype,
