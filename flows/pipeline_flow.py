@@ -21,7 +21,7 @@ from prefect.states import Failed, State  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.files import sha256_of, write_json  # noqa: E402
-from pipeline.evaluate import headline_rows  # noqa: E402
+from pipeline.documents import headline_rows  # noqa: E402
 from pipeline.errors import CxrError  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
 
