@@ -72,6 +72,11 @@ def headline_rows(metrics: dict) -> list[list[str]]:
     return rows
 
 
+def count_rows(counts) -> tuple[list[str], list[list]]:
+    """labels.label_counts' frame as (its label columns, [split, films, ...] rows) for a films-per-split table."""
+    return [str(column) for column in counts.columns], [[split, *map(int, counts.loc[split])] for split in counts.index]
+
+
 def per_label_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
     """The header and rows of the per-label test table (multiclass: one-vs-rest at the most probable class;
     multilabel: at each label's threshold); no rows for a binary task."""
