@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.champion import CHALLENGER, current_champion, gate, move_champion
 from pipeline.config import Config
-from pipeline.documents import describe_operating_point, describe_threshold, headline_rows, per_label_rows
+from pipeline.documents import count_rows, describe_operating_point, describe_threshold, headline_rows, per_label_rows, render
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, read_json, sha256_of, write_json
 from pipeline.metrics import format_metric
@@ -122,52 +122,41 @@ def _describe_version(client, paths: ProjectPaths, config: Config, name: str, ve
 
 def model_card(paths: ProjectPaths, config: Config, name: str, version: int, tags: dict, metrics: dict) -> str:
     """A short, honest model card: what the model is for, what it saw, how good it is, and its limits."""
+    return render("model_card.md.j2", **model_card_context(paths, config, name, version, tags, metrics))
+
+
+def model_card_context(paths: ProjectPaths, config: Config, name: str, version: int, tags: dict, metrics: dict) -> dict:
+    """What the model card says, as plain data (model_card.md.j2 lays it out)."""
     import pandas as pd
 
     from pipeline.labels import label_counts
 
     task, labels = metrics.get("task", "binary"), list(config.data.labels)
     manifest = pd.read_parquet(paths.manifest, columns=["split", "label", "format"])
-    counts = label_counts(manifest, task, labels)
-    table = "\n".join(f"| {split} | " + " | ".join(str(int(value)) for value in counts.loc[split]) + " |" for split in counts.index)
-    test = metrics["test"]
-    metric_lines = "\n".join("| " + " | ".join(row) + " |" for row in headline_rows(metrics))
-    header, rows = per_label_rows(metrics)
-    per_label = ("\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-                 + "\n".join("| " + " | ".join(row) + " |" for row in rows)) if rows else ""
-
-    return f"""# Model card: {name} version {version}
-
-## Intended use
-Research and decision support: {_intended_use(task, labels)} Not a diagnosis; not cleared as a medical device.
-A clinician reads every film.
-
-## Model
-`{config.train.model}` at {config.data.image_size}x{config.data.image_size} px, 1 channel; {_operating_point(task, metrics)}
-Code commit `{tags["git.commit"]}`, params hash `{tags["params_sha256"]}`, data version (manifest sha256)
-`{tags["data.manifest_sha256"]}`.
-
-## Training data
-Sources: {", ".join(source.path for source in config.data.sources)}. Formats: {", ".join(sorted(set(manifest["format"])))}.
-Patient-level splits; identical copies handled by `data.dedupe: {config.data.dedupe}`. Films per split and label:
-
-| split | {" | ".join(counts.columns)} |
-|---|{"---|" * len(counts.columns)}
-{table}
-
-## Test metrics ({describe_operating_point(metrics)}, 95 % bootstrap intervals, n = {test.get("n")})
-| metric | value | 95 % CI |
-|---|---|---|
-{metric_lines}{per_label}
-
-Expected calibration error: {format_metric(test.get("ece"), 3)}.
-
-## Limits
-- Trained and tested on the sources above only; performance on other sites, devices, populations or views is unknown
-  until measured (external validation).
-- Small test splits give wide intervals: read the interval, not the point estimate.
-- Labels come from the sources' tables or folders and carry their errors.
-"""
+    count_labels, counts = count_rows(label_counts(manifest, task, labels))
+    per_label_header, per_label = per_label_rows(metrics)
+    return {
+        "name": name,
+        "version": version,
+        "intended_use": _intended_use(task, labels),
+        "model": config.train.model,
+        "image_size": config.data.image_size,
+        "operating_point_sentence": _operating_point(task, metrics),
+        "git_commit": tags["git.commit"],
+        "params_hash": tags["params_sha256"],
+        "data_version": tags["data.manifest_sha256"],
+        "sources": [source.path for source in config.data.sources],
+        "formats": sorted(set(manifest["format"])),
+        "dedupe": config.data.dedupe,
+        "count_labels": count_labels,
+        "counts": counts,
+        "operating_point": describe_operating_point(metrics),
+        "n": metrics["test"].get("n"),
+        "headline": headline_rows(metrics),
+        "per_label_header": per_label_header,
+        "per_label_rows": per_label,
+        "ece": format_metric(metrics["test"].get("ece"), 3),
+    }
 
 
 def _intended_use(task: str, labels: list[str]) -> str:
