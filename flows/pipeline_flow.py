@@ -21,7 +21,7 @@ from prefect.states import Failed, State  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.files import sha256_of, write_json  # noqa: E402
-from pipeline.evaluate import headline_rows  # noqa: E402
+from pipeline.documents import headline_rows, render  # noqa: E402
 from pipeline.errors import CxrError  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
 from pipeline.stages import STAGES, stage  # noqa: E402
@@ -179,9 +179,8 @@ def _publish_artifacts(paths: ProjectPaths, results: dict[str, Any]) -> None:
     metrics = results["evaluate"].metrics
     test = metrics["test"]
     registered = results["register"]
-    rows = ["| " + " | ".join(row) + " |" for row in headline_rows(metrics)]
     markdown = "\n".join([
-        f"## Test metrics (n = {test.get('n')})", "", "| metric | value | 95 % CI |", "|---|---|---|", *rows, "",
+        f"## Test metrics (n = {test.get('n')})", "", render("metrics_table.md.j2", headline=headline_rows(metrics)),
         f"**{registered.model_name} version {registered.version}**: "
         f"{'@champion' if registered.is_champion else '@challenger'} ({registered.reason})",
     ])

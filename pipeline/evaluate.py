@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
+from pipeline.documents import describe_operating_point, describe_threshold
 from pipeline.errors import CxrError
 from pipeline.files import sha256_of, write_json
 from pipeline.metrics import format_metric
@@ -199,61 +200,3 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Ta
     log.info("evaluate: external %s: AUC %s (internal test %s), n=%d", spec.path, format_metric(scores["auc"]),
              format_metric(internal.get("auc")), scores["n"])
     return scores
-
-
-# --- presentation (moving to pipeline.documents) ---
-
-def describe_threshold(metrics: dict) -> str:
-    """How the operating point in metrics.json was chosen, in words for the run, the model card and the report."""
-    method = metrics.get("threshold_method", "fixed")
-    per_label = " for each label" if isinstance(metrics.get("threshold"), dict) else ""
-    if method == "argmax":
-        return "argmax, no threshold to choose"
-    if method == "youden":
-        return f"chosen on validation by Youden's J{per_label}"
-    if method == "sensitivity":
-        return f"chosen on validation{per_label} for sensitivity >= {metrics.get('target_sensitivity')}"
-    return "fixed by evaluate.threshold"
-
-
-def describe_operating_point(metrics: dict) -> str:
-    """The operating point itself, in words: '0.4231', 'effusion 0.31, pneumonia 0.42' or 'most probable class'."""
-    threshold = metrics.get("threshold")
-    if threshold is None:
-        return "most probable class"
-    if isinstance(threshold, dict):
-        return ", ".join(f"{label} {threshold[label]:.4f}" for label in metrics["labels"])
-    return f"{threshold:.4f}"
-
-
-BINARY_TABLE = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
-
-
-def headline_rows(metrics: dict) -> list[list[str]]:
-    """[metric, value, 95 % CI] rows of the test split, for the model card, the report and the flow's summary:
-    the binary table, or macro AUC and accuracy for multiclass and multilabel tasks."""
-    test, intervals = metrics["test"], metrics["test"].get("ci95", {})
-    binary = metrics.get("task", "binary") == "binary"
-    rows = []
-    for name in BINARY_TABLE if binary else ("auc", "accuracy"):
-        low, high = intervals.get(name) or [None, None]
-        shown = name if binary or name != "auc" else "macro AUC"
-        rows.append([shown, format_metric(test.get(name), 3), f"{format_metric(low, 3)} to {format_metric(high, 3)}"])
-    return rows
-
-
-def per_label_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
-    """The header and rows of the per-label test table (multiclass: one-vs-rest at the most probable class;
-    multilabel: at each label's threshold); no rows for a binary task."""
-    test = metrics["test"]
-    intervals = test.get("ci95", {}).get("per_label_auc", {})
-    multilabel = isinstance(metrics.get("threshold"), dict)
-    header = ["label", "films with it", "AUC", "AUC 95 % CI", "sensitivity", "specificity", *(["threshold"] if multilabel else [])]
-    rows = []
-    for label in metrics.get("labels", []) if "per_label" in test else []:
-        scores = test["per_label"][label]
-        low, high = intervals.get(label) or [None, None]
-        rows.append([label, str(scores["tp"] + scores["fn"]), format_metric(scores["auc"], 3),
-                     f"{format_metric(low, 3)} to {format_metric(high, 3)}", format_metric(scores["sensitivity"], 3),
-                     format_metric(scores["specificity"], 3), *([f"{scores['threshold']:.4f}"] if multilabel else [])])
-    return header, rows

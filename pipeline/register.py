@@ -18,8 +18,8 @@ import numpy as np
 
 from pipeline.champion import CHALLENGER, current_champion, gate, move_champion
 from pipeline.config import Config
+from pipeline.documents import count_rows, describe_operating_point, describe_threshold, headline_rows, per_label_rows, render
 from pipeline.errors import CxrError
-from pipeline.evaluate import describe_operating_point, describe_threshold, headline_rows, per_label_rows
 from pipeline.files import atomic_path, read_json, sha256_of, write_json
 from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
@@ -48,8 +48,6 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
     Idempotent: the same checkpoint and threshold from the same run reuse the version already registered
     (a rerun, or a Prefect retry after a dropped connection, does not add a copy).
     """
-    import mlflow
-
     from pipeline import tracking
 
     if not paths.checkpoint.exists():
@@ -57,12 +55,11 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
     metrics = read_json(paths.metrics, "`cxr evaluate`")
     if metrics.get("checkpoint_sha256") != sha256_of(paths.checkpoint):
         raise CxrError(f"{paths.metrics} describes another checkpoint than {paths.checkpoint}: run `cxr evaluate` first")
-    tracking.connect(paths.root)
     run_id = tracking.read_run_id(paths)
-    client = mlflow.MlflowClient()
+    client = tracking.client(paths)
     name, settings = config.registry.model_name, config.registry
 
-    fingerprint = f"{sha256_of(paths.checkpoint)}@{json.dumps(metrics['threshold'], sort_keys=True)}@{metrics.get('temperature', 1.0)}"
+    fingerprint = f"{sha256_of(paths.checkpoint)}@{json.dumps(metrics['threshold'], sort_keys=True)}@{metrics['temperature']}"
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}' and tags.fingerprint='{fingerprint}'")
     if existing:
         version = int(existing[0].version)
@@ -122,69 +119,41 @@ def _describe_version(client, paths: ProjectPaths, config: Config, name: str, ve
 
 def model_card(paths: ProjectPaths, config: Config, name: str, version: int, tags: dict, metrics: dict) -> str:
     """A short, honest model card: what the model is for, what it saw, how good it is, and its limits."""
+    return render("model_card.md.j2", **model_card_context(paths, config, name, version, tags, metrics))
+
+
+def model_card_context(paths: ProjectPaths, config: Config, name: str, version: int, tags: dict, metrics: dict) -> dict:
+    """What the model card says, as plain data (model_card.md.j2 lays it out)."""
     import pandas as pd
 
-    from pipeline.labels import label_counts
+    from pipeline.tasks import task_for
 
-    task, labels = metrics.get("task", "binary"), list(config.data.labels)
+    task = task_for(metrics["task"], metrics["labels"])
     manifest = pd.read_parquet(paths.manifest, columns=["split", "label", "format"])
-    counts = label_counts(manifest, task, labels)
-    table = "\n".join(f"| {split} | " + " | ".join(str(int(value)) for value in counts.loc[split]) + " |" for split in counts.index)
-    test = metrics["test"]
-    metric_lines = "\n".join("| " + " | ".join(row) + " |" for row in headline_rows(metrics))
-    header, rows = per_label_rows(metrics)
-    per_label = ("\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-                 + "\n".join("| " + " | ".join(row) + " |" for row in rows)) if rows else ""
-
-    return f"""# Model card: {name} version {version}
-
-## Intended use
-Research and decision support: {_intended_use(task, labels)} Not a diagnosis; not cleared as a medical device.
-A clinician reads every film.
-
-## Model
-`{config.train.model}` at {config.data.image_size}x{config.data.image_size} px, 1 channel; {_operating_point(task, metrics)}
-Code commit `{tags["git.commit"]}`, params hash `{tags["params_sha256"]}`, data version (manifest sha256)
-`{tags["data.manifest_sha256"]}`.
-
-## Training data
-Sources: {", ".join(source.path for source in config.data.sources)}. Formats: {", ".join(sorted(set(manifest["format"])))}.
-Patient-level splits; identical copies handled by `data.dedupe: {config.data.dedupe}`. Films per split and label:
-
-| split | {" | ".join(counts.columns)} |
-|---|{"---|" * len(counts.columns)}
-{table}
-
-## Test metrics ({describe_operating_point(metrics)}, 95 % bootstrap intervals, n = {test.get("n")})
-| metric | value | 95 % CI |
-|---|---|---|
-{metric_lines}{per_label}
-
-Expected calibration error: {format_metric(test.get("ece"), 3)}.
-
-## Limits
-- Trained and tested on the sources above only; performance on other sites, devices, populations or views is unknown
-  until measured (external validation).
-- Small test splits give wide intervals: read the interval, not the point estimate.
-- Labels come from the sources' tables or folders and carry their errors.
-"""
-
-
-def _intended_use(task: str, labels: list[str]) -> str:
-    named = ", ".join(f"**{label}**" for label in labels)
-    if task == "multiclass":
-        return f"assigns each chest radiograph to one of {named} (the most probable class)."
-    if task == "multilabel":
-        return f"flags each of {named} on chest radiographs independently (a film can have several, or none)."
-    return f"ranks chest radiographs by the probability of **{labels[-1]}** against **{labels[0]}**."
-
-
-def _operating_point(task: str, metrics: dict) -> str:
-    if task == "multiclass":
-        return "the prediction is the most probable class."
-    what = "decision threshold" if task == "binary" else "a label is called present at or above its threshold"
-    return (f"{what} {describe_operating_point(metrics)} ({describe_threshold(metrics)}), stored with the model and used "
-            "wherever it is served.")
+    count_labels, counts = count_rows(task.label_counts(manifest))
+    per_label_header, per_label = per_label_rows(metrics)
+    return {
+        "name": name,
+        "version": version,
+        "intended_use": task.intended_use(),
+        "model": config.train.model,
+        "image_size": config.data.image_size,
+        "operating_point_sentence": task.decision_rule(describe_operating_point(metrics), describe_threshold(metrics)),
+        "git_commit": tags["git.commit"],
+        "params_hash": tags["params_sha256"],
+        "data_version": tags["data.manifest_sha256"],
+        "sources": [source.path for source in config.data.sources],
+        "formats": sorted(set(manifest["format"])),
+        "dedupe": config.data.dedupe,
+        "count_labels": count_labels,
+        "counts": counts,
+        "operating_point": describe_operating_point(metrics),
+        "n": metrics["test"].get("n"),
+        "headline": headline_rows(metrics),
+        "per_label_header": per_label_header,
+        "per_label_rows": per_label,
+        "ece": format_metric(metrics["test"].get("ece"), 3),
+    }
 
 
 def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
@@ -192,6 +161,7 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
     import mlflow
     from mlflow.models import infer_signature
 
+    from pipeline import tracking
     from pipeline.models import load_checkpoint
     from pipeline.tasks import task_for
 
@@ -204,7 +174,7 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
     output = task.serving_table(np.full((1, len(labels)), 0.5), threshold)
     with tempfile.TemporaryDirectory() as scratch:
         package = _serving_package(Path(scratch))
-        with mlflow.start_run(run_id=run_id):
+        with tracking.fluent_store(paths), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(package / "mlflow_model.py"),

@@ -58,21 +58,15 @@ def test_metrics_json_has_subgroups_by_format_and_view(tiny_project):
     assert sum(group["n"] for group in subgroups["format"].values()) == json.loads(tiny_project.paths.metrics.read_text())["test"]["n"]
 
 
-def test_external_validation_scores_another_source_and_reports_the_shift(tiny_project, tmp_path):
+def test_external_validation_scores_another_source_and_reports_the_shift(tmp_path):
     """A second demo set (another seed: other synthetic patients) scored as an external site."""
-    from pipeline.config import load_config
     from pipeline.demo_data import write_demo_data
-    from pipeline.evaluate import evaluate_stage
+    from tests.conftest import run_all_stages, write_tiny_project
 
     external = tmp_path / "site_b"
     write_demo_data(external, n=30, seed=11, size=64)
-    project = tiny_project.paths
-    backup = project.metrics.read_bytes()
-    config = load_config(tiny_project.params, [f"evaluate.external=[{external}]"])
-    try:
-        result = evaluate_stage(project, config)
-    finally:
-        project.metrics.write_bytes(backup)  # the shared project's metrics stay as the other tests expect them
+    project = run_all_stages(write_tiny_project(tmp_path / "project", n=60), [f"evaluate.external=[{external}]"])
+    result = project.results["evaluate"]
     site = result.metrics["external"][str(external)]
     assert site["n"] == 30 and site["unreadable"] == 3  # the three files broken on purpose
     assert site["shift_from_internal_test"]["accuracy"] == pytest.approx(site["accuracy"] - result.metrics["test"]["accuracy"])

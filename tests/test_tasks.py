@@ -268,38 +268,16 @@ def test_a_multilabel_table_project_reports_per_label_auc_and_serves_label_sets(
         assert row["label"] == "|".join(called)
 
 
-def test_multilabel_thresholds_reach_the_target_sensitivity_on_validation(multilabel_project):
-    from pipeline.evaluate import evaluate_stage
-    from pipeline.predictions import read_predictions
-
-    project = multilabel_project
-    backup = {path: path.read_bytes() for path in (project.paths.metrics, project.paths.predictions)}
-    config = load_config(project.params, ["evaluate.threshold_method=sensitivity", "evaluate.target_sensitivity=0.9"])
-    try:
-        result = evaluate_stage(project.paths, config)
-        labels = MULTILABEL_LABELS
-        _, val, threshold = read_predictions(pd.read_csv(project.paths.predictions).query("split == 'val'"), labels)
-    finally:
-        for path, content in backup.items():
-            path.write_bytes(content)  # the shared project keeps its default (youden) evaluation for the other tests
-    assert result.metrics["threshold_method"] == "sensitivity"
-    for k, label in enumerate(labels):
-        positives = val.probability[val.truth[:, k] == 1, k]
-        assert (positives >= threshold[label] - 1e-6).mean() >= 0.9
-        assert result.metrics["val"]["per_label"][label]["sensitivity"] >= 0.9
-
-
-def test_the_report_and_predict_speak_the_task(multiclass_project, multilabel_project):
+def test_the_report_and_predict_speak_the_task(multiclass_project, multilabel_project, tmp_path):
     from pipeline.predict import expand_inputs, load_model, predict_files
-    from pipeline.report import report_stage
 
     for project, labels in ((multiclass_project, MULTICLASS_LABELS), (multilabel_project, MULTILABEL_LABELS)):
-        page = report_stage(project.paths, project.config).read_text()
+        page = project.results["report"].read_text()
         assert "<h3>Per label</h3>" in page and "macro AUC" in page and "top label" in page
         assert page.count("data:image/png;base64,") >= 4 + 2  # the plots and Grad-CAM overlays of top labels
         model = load_model("models:/cxr-pneumonia@champion", project.paths)
         files = expand_inputs([project.paths.root / "data" / "raw"])[:3]
-        for prediction in predict_files(model, files, explain_dir=project.paths.root / "explained"):
+        for prediction in predict_files(model, files, explain_dir=tmp_path / project.config.data.task):
             answer = prediction.as_dict()
             assert set(answer["probabilities"]) == set(labels) and Path(answer["explanation"]).exists()
             assert all(part in labels for part in answer["label"].split("|") if part)
@@ -310,17 +288,17 @@ def test_the_report_and_predict_speak_the_task(multiclass_project, multilabel_pr
     assert all(f"\t{label}=" in out.stdout for label in MULTILABEL_LABELS)
 
 
-# Last in this module: these register a second version in the shared projects.
+# These register a second version, so each builds a project of its own: the shared ones stay as built.
 
 
-def test_a_temperature_scaled_multiclass_version_goes_through_the_gate_and_is_served_scaled(multiclass_project):
+def test_a_temperature_scaled_multiclass_version_goes_through_the_gate_and_is_served_scaled(tmp_path):
     from pipeline.evaluate import evaluate_stage
     from pipeline.metrics import apply_temperature
     from pipeline.models import load_checkpoint, predict_proba
     from pipeline.register import register_stage
     from pipeline.tasks import task_for
 
-    project = multiclass_project
+    project = run_all_stages(write_kermany_project(tmp_path))
     config = load_config(project.params, ["evaluate.temperature_scaling=true"])
     temperature = evaluate_stage(project.paths, config).metrics["temperature"]
     result = register_stage(project.paths, config)
@@ -334,16 +312,27 @@ def test_a_temperature_scaled_multiclass_version_goes_through_the_gate_and_is_se
     assert np.allclose(table[[f"probability_{label}" for label in MULTICLASS_LABELS]].to_numpy(), expected, atol=1e-6)
 
 
-def test_new_multilabel_thresholds_make_a_new_version_that_the_gate_compares_label_by_label(multilabel_project):
+def test_multilabel_thresholds_reach_a_target_sensitivity_and_new_ones_make_a_version_compared_label_by_label(tmp_path):
     from pipeline.evaluate import evaluate_stage
+    from pipeline.predictions import load_predictions, read_predictions
     from pipeline.register import register_stage
 
-    project = multilabel_project
+    project = run_all_stages(write_table_project(tmp_path))
+    config = load_config(project.params, ["evaluate.threshold_method=sensitivity", "evaluate.target_sensitivity=0.9"])
+    result = evaluate_stage(project.paths, config)
+    assert result.metrics["threshold_method"] == "sensitivity"
+    _, val, threshold = read_predictions(load_predictions(project.paths.predictions, "val"), MULTILABEL_LABELS)
+    assert threshold == pytest.approx(result.metrics["threshold"], rel=1e-6)  # predictions.csv keeps 9 digits
+    for k, label in enumerate(MULTILABEL_LABELS):
+        positives = val.probability[val.truth[:, k] == 1, k]
+        assert (positives >= threshold[label] - 1e-6).mean() >= 0.9
+        assert result.metrics["val"]["per_label"][label]["sensitivity"] >= 0.9
+
     config = load_config(project.params, ["evaluate.threshold_method=fixed", "evaluate.threshold=0.5",
                                           "register.gate_metric=test_accuracy"])
     thresholds = evaluate_stage(project.paths, config).metrics["threshold"]
     assert thresholds == {label: 0.5 for label in MULTILABEL_LABELS}
-    result = register_stage(project.paths, config)
-    assert result.version == 2 and "test_accuracy" in result.reason and "vs champion v1" in result.reason
+    registered = register_stage(project.paths, config)
+    assert registered.version == 2 and "test_accuracy" in registered.reason and "vs champion v1" in registered.reason
     served = load_model("models:/cxr-pneumonia/2", project.paths)
     assert served.metadata.metadata["threshold"] == thresholds and served.metadata.metadata["task"] == "multilabel"

@@ -1,0 +1,92 @@
+"""Documents people read (the HTML report, the model card, the flow's summary) rendered from Jinja2 templates.
+
+Layout lives in pipeline/templates/, numbers in the plain dict each stage gathers. This module owns the one
+template environment and the helpers that turn metrics.json into the words and rows those documents show.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from pipeline.metrics import format_metric
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+def render(template_name: str, **context) -> str:
+    """`template_name` from pipeline/templates/ filled with `context`; a key the template needs but lacks raises."""
+    return _environment().get_template(template_name).render(**context)
+
+
+@cache
+def _environment():
+    """HTML templates (*.html.j2) autoescape; markdown ones do not (a label is text there, not markup)."""
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False, default=False),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def describe_threshold(metrics: dict) -> str:
+    """How the operating point in metrics.json was chosen, in words for the run, the model card and the report."""
+    method = metrics.get("threshold_method", "fixed")
+    per_label = " for each label" if isinstance(metrics.get("threshold"), dict) else ""
+    if method == "argmax":
+        return "argmax, no threshold to choose"
+    if method == "youden":
+        return f"chosen on validation by Youden's J{per_label}"
+    if method == "sensitivity":
+        return f"chosen on validation{per_label} for sensitivity >= {metrics.get('target_sensitivity')}"
+    return "fixed by evaluate.threshold"
+
+
+def describe_operating_point(metrics: dict) -> str:
+    """The operating point itself, in words: '0.4231', 'effusion 0.31, pneumonia 0.42' or 'most probable class'."""
+    threshold = metrics.get("threshold")
+    if threshold is None:
+        return "most probable class"
+    if isinstance(threshold, dict):
+        return ", ".join(f"{label} {threshold[label]:.4f}" for label in metrics["labels"])
+    return f"{threshold:.4f}"
+
+
+def headline_rows(metrics: dict) -> list[list[str]]:
+    """[metric, value, 95 % CI] rows of the test split, for the model card, the report and the flow's summary:
+    the task's table (binary: AUC to F1; multiclass and multilabel: macro AUC and accuracy)."""
+    from pipeline.tasks import task_for
+
+    task = task_for(metrics["task"], metrics["labels"])
+    test, intervals = metrics["test"], metrics["test"].get("ci95", {})
+    rows = []
+    for name in task.table_metrics:
+        low, high = intervals.get(name) or [None, None]
+        rows.append([task.metric_title(name), format_metric(test.get(name), 3), f"{format_metric(low, 3)} to {format_metric(high, 3)}"])
+    return rows
+
+
+def count_rows(counts) -> tuple[list[str], list[list]]:
+    """labels.label_counts' frame as (its label columns, [split, films, ...] rows) for a films-per-split table."""
+    return [str(column) for column in counts.columns], [[split, *map(int, counts.loc[split])] for split in counts.index]
+
+
+def per_label_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the per-label test table (multiclass: one-vs-rest at the most probable class;
+    multilabel: at each label's threshold); no rows for a binary task."""
+    test = metrics["test"]
+    intervals = test.get("ci95", {}).get("per_label_auc", {})
+    multilabel = isinstance(metrics.get("threshold"), dict)
+    header = ["label", "films with it", "AUC", "AUC 95 % CI", "sensitivity", "specificity", *(["threshold"] if multilabel else [])]
+    rows = []
+    for label in metrics.get("labels", []) if "per_label" in test else []:
+        scores = test["per_label"][label]
+        low, high = intervals.get(label) or [None, None]
+        rows.append([label, str(scores["tp"] + scores["fn"]), format_metric(scores["auc"], 3),
+                     f"{format_metric(low, 3)} to {format_metric(high, 3)}", format_metric(scores["sensitivity"], 3),
+                     format_metric(scores["specificity"], 3), *([f"{scores['threshold']:.4f}"] if multilabel else [])])
+    return header, rows

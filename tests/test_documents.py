@@ -1,0 +1,85 @@
+"""Documents rendered from templates: a name that reads as markup is shown, never run; a missing value fails loudly."""
+
+import json
+import shutil
+
+import jinja2
+import pytest
+
+from pipeline.config import load_config
+from pipeline.documents import headline_rows, render
+from pipeline.paths import ProjectPaths
+from pipeline.register import model_card, model_card_context
+from pipeline.report import report_context, report_stage
+
+HOSTILE = "<script>alert(1)</script> & co"
+ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co"
+
+
+@pytest.fixture(scope="module")
+def hostile(tiny_project, tmp_path_factory):
+    """A copy of the tiny project's outputs whose source, a label and the registry's reason are written as markup."""
+    root = tmp_path_factory.mktemp("hostile") / "project"
+    shutil.copytree(tiny_project.paths.root, root, ignore=shutil.ignore_patterns("raw", "mlruns*", "mlartifacts"))
+    paths = ProjectPaths(root)
+    config = load_config(root / "params.yaml", [f"data.sources=['data/raw/{HOSTILE}']"])
+
+    metrics = json.loads(paths.metrics.read_text())  # a multilabel operating point, so labels reach every table
+    labels = [HOSTILE, "pneumonia"]
+    scores = {"tp": 3, "fn": 2, "auc": 0.8, "sensitivity": 0.6, "specificity": 0.7}
+    metrics |= {"task": "multilabel", "labels": labels, "threshold": {HOSTILE: 0.31, "pneumonia": 0.42},
+                "threshold_method": "youden"}
+    metrics["test"]["per_label"] = {label: {**scores, "threshold": metrics["threshold"][label]} for label in labels}
+    metrics["test"]["subgroups"] = {"view": {HOSTILE: {"n": 3, "auc": 0.5, "accuracy": 0.6, "sensitivity": 1.0, "specificity": 0.0}}}
+    paths.metrics.write_text(json.dumps(metrics))
+    registered = json.loads(paths.registered.read_text()) | {"reason": HOSTILE}
+    paths.registered.write_text(json.dumps(registered))
+    return paths, config, metrics
+
+
+def _card(hostile) -> str:
+    paths, config, metrics = hostile
+    tags = {"git.commit": HOSTILE, "params_sha256": "p", "data.manifest_sha256": "m"}
+    return model_card(paths, config, "cxr-pneumonia", 1, tags, metrics)
+
+
+def test_report_escapes_source_label_and_reason_names(hostile):
+    paths, config, _ = hostile
+    page = report_stage(paths, config).read_text()
+    assert "<script" not in page and "alert(1)</script>" not in page
+    assert f"Sources: data/raw/{ESCAPED}." in page
+    assert f"<td>{ESCAPED}</td>" in page  # the per-label and subgroup tables
+    assert f"Operating point: {ESCAPED} 0.3100, pneumonia 0.4200" in page
+    assert f"</b>: {ESCAPED}.</p>" in page  # the registry's reason
+    assert page.count(ESCAPED) >= 6
+
+
+def test_model_card_shows_names_as_written(hostile):
+    card = _card(hostile)
+    assert f"Sources: data/raw/{HOSTILE}." in card
+    assert f"| {HOSTILE} | 5 | 0.800 |" in card
+    assert f"Code commit `{HOSTILE}`" in card
+    assert "&lt;" not in card and "&amp;" not in card
+
+
+def test_model_card_and_flow_summary_share_one_metrics_table(hostile):
+    _, _, metrics = hostile
+    table = render("metrics_table.md.j2", headline=headline_rows(metrics))
+    assert table.startswith("| metric | value | 95 % CI |\n|---|---|---|\n| macro AUC |")
+    assert table in _card(hostile)
+
+
+def test_a_missing_value_raises_instead_of_rendering_blank(hostile):
+    paths, config, metrics = hostile
+    context = report_context(paths, config)
+    for broken in ({k: v for k, v in context.items() if k != "registry"},
+                   context | {"metrics": {k: v for k, v in context["metrics"].items() if k != "val_auc"}}):
+        with pytest.raises(jinja2.UndefinedError):
+            render("report.html.j2", **broken)
+    card = model_card_context(paths, config, "cxr-pneumonia", 1, {"git.commit": "c", "params_sha256": "p",
+                                                                   "data.manifest_sha256": "m"}, metrics)
+    del card["ece"]
+    with pytest.raises(jinja2.UndefinedError, match="ece"):
+        render("model_card.md.j2", **card)
+    with pytest.raises(jinja2.UndefinedError, match="headline"):
+        render("metrics_table.md.j2")
