@@ -341,6 +341,7 @@ def _print_summary(root: Path) -> None:
     """The closing message: headline metrics and where to look next."""
     from pipeline.metrics import format_metric
     from pipeline.paths import ProjectPaths
+    from pipeline.tasks import task_for
 
     paths = ProjectPaths(root)
     if not paths.metrics.exists():
@@ -354,9 +355,8 @@ def _print_summary(root: Path) -> None:
         ci = f" ({format_metric(low, 3)}-{format_metric(high, 3)})" if low is not None else ""
         return f"{format_metric(test.get(name), 3)}{ci}"
 
-    headline = f"Test AUC {shown('auc')}  accuracy {shown('accuracy')}  sensitivity {shown('sensitivity')}  specificity {shown('specificity')}"
-    if metrics.get("task", "binary") != "binary":
-        headline = f"Test macro AUC {shown('auc')}  accuracy {shown('accuracy')}"
+    task = task_for(metrics["task"], metrics["labels"])
+    headline = "Test " + "  ".join(f"{task.metric_title(name)} {shown(name)}" for name in task.headline)
     lines = ["", f"{headline}  (n={test.get('n')}; 95% bootstrap intervals)"]
     if paths.registered.exists():
         reg = json.loads(paths.registered.read_text())

@@ -15,6 +15,8 @@ from typing import Any
 
 # A closed network must not cost a telemetry error on every run.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect's local mode starts a temporary server; on a busy 2-core machine it can take longer than Prefect waits.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.states import Failed, State  # noqa: E402

@@ -7,8 +7,7 @@ folded into one affine map, so each image is resampled once. Horizontal flip is 
 anatomy is not left-right symmetric.
 
 Random numbers are drawn from the caller's generator in a fixed order, and an option that is off draws
-nothing, so settings that leave the newer options (crop, flip, gamma) off give the same images as before
-those options existed.
+nothing: the images depend only on the options in use and the generator's state.
 """
 
 from __future__ import annotations

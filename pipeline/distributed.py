@@ -1,7 +1,7 @@
 """Training on several processes with DistributedDataParallel, when `torchrun` starts `cxr train`.
 
 torchrun sets WORLD_SIZE, RANK, LOCAL_RANK and LOCAL_WORLD_SIZE in each process's environment; without them
-(or with one process) every helper here does nothing, so a plain `cxr train` runs exactly as before.
+(or with one process) every helper here does nothing, so a plain `cxr train` is a single ordinary process.
 The process group uses gloo on the CPU and NCCL on CUDA (one GPU per process: cuda:LOCAL_RANK).
 
 Rank 0 is the one that talks to MLflow and writes files; the others send and receive Python objects

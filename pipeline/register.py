@@ -26,7 +26,9 @@ from pipeline.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
 
-SERVING_MODULES = ("__init__.py", "errors.py", "labels.py", "tasks.py", "metrics.py", "models.py", "serving.py", "mlflow_model.py")
+# What the served model imports (a test checks the list against the imports): files, and the tasks package.
+SERVING_MODULES = ("__init__.py", "errors.py", "labels.py", "tasks", "metrics.py", "losses.py", "models.py", "serving.py",
+                   "mlflow_model.py")
 
 
 @dataclass(frozen=True)
@@ -206,5 +208,8 @@ def _serving_package(folder: Path) -> Path:
     package = folder / "pipeline"
     package.mkdir(parents=True)
     for module in SERVING_MODULES:
-        shutil.copy2(source / module, package / module)
+        if (source / module).is_dir():
+            shutil.copytree(source / module, package / module, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source / module, package / module)
     return package

@@ -27,10 +27,9 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
 
         self.model, state = load_checkpoint(Path(context.artifacts["checkpoint"]))
         self.task = task_for(state["task"], state["labels"])
-        settings = context.model_config or {}
-        threshold = settings.get("threshold", 0.5)  # a float, {label: float} (multilabel) or None (multiclass)
+        threshold = context.model_config["threshold"]  # a float, {label: float} (multilabel) or None (multiclass)
         self.threshold = float(threshold) if isinstance(threshold, (int, float)) else threshold
-        self.temperature = float(settings.get("temperature", 1.0))
+        self.temperature = float(context.model_config["temperature"])
         self.image_size = int(state["image_size"])
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:

@@ -93,7 +93,7 @@ def data_version_tags(paths: ProjectPaths, sources: list[str]) -> dict[str, str]
 
     `data.dvc_md5.images` and `data.dvc_md5.manifest` are the md5s dvc.lock records for the ingest stage's
     outputs; a source tracked with `dvc add` also gets the md5 from its .dvc file. The manifest's sha256 is
-    kept as well (older runs have only that).
+    kept as well: the registry's tags and the model card name the data by it.
     """
     import yaml
 

@@ -35,10 +35,20 @@ def test_dvc_yaml_declares_exactly_the_outputs_of_each_stage():
         assert written == set(each.outputs), each.name
 
 
+def _imports(tree: ast.AST):
+    """Every import statement, at the top or inside functions, but not those only type checkers read."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        yield from _imports(node)
+
+
 def _imported_modules(module: Path) -> set[Path]:
-    """The project files `module` imports, at the top or inside functions (pipeline.x, or a package's files)."""
+    """The project files `module` imports (pipeline.x, or a package's files)."""
     found = set()
-    for node in ast.walk(ast.parse(module.read_text())):
+    for node in _imports(ast.parse(module.read_text())):
         names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
         if isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
@@ -53,7 +63,8 @@ def _imported_modules(module: Path) -> set[Path]:
     return found
 
 
-def _closure(module: Path) -> set[Path]:
+def closure(module: Path) -> set[Path]:
+    """`module` and every project file it imports, directly or through others."""
     seen, todo = set(), [module]
     while todo:
         current = todo.pop()
@@ -69,8 +80,8 @@ def test_each_dvc_stage_depends_on_all_the_code_it_runs():
     for each in STAGES:
         module = REPO / Path(*each.run.__module__.split(".")).with_suffix(".py")
         deps = [REPO / dep for dep in dvc[each.name]["deps"]]
-        covered = {path for path in _closure(module) if any(path == dep or dep in path.parents for dep in deps)}
-        missing = sorted(str(path.relative_to(REPO)) for path in _closure(module) - covered
+        covered = {path for path in closure(module) if any(path == dep or dep in path.parents for dep in deps)}
+        missing = sorted(str(path.relative_to(REPO)) for path in closure(module) - covered
                          if path.name != "__init__.py")
         assert not missing, f"dvc.yaml stage {each.name} misses deps {missing}"
 

@@ -148,7 +148,7 @@ def test_crop_gamma_and_flip_are_seeded_bounded_and_change_images():
     assert torch.equal(first, augment_batch(images, settings, torch.Generator().manual_seed(0)))
     assert not torch.equal(first, augment_batch(images, settings, torch.Generator().manual_seed(1)))
     assert first.min() >= 0 and first.max() <= 1
-    without = AugmentConfig(crop_scale=1.0, gamma=0.0, hflip=False)  # the augmentation before these three existed
+    without = AugmentConfig(crop_scale=1.0, gamma=0.0, hflip=False)  # the same settings with these three off
     assert not torch.allclose(first, augment_batch(images, without, torch.Generator().manual_seed(0)))
 
 

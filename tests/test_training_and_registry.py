@@ -121,3 +121,28 @@ def test_registered_version_carries_audit_tags_and_a_model_card(tiny_project):
     assert json.loads(version.tags["test_ci95"])["auc"] is not None
     assert version.description.startswith("# Model card: cxr-pneumonia version")
     assert "## Limits" in version.description and "95 % CI" in version.description
+
+
+@pytest.mark.slow
+def test_the_default_model_learns_the_demo_set(tmp_path):
+    """The shipped params (only smaller images and fewer epochs) rank the held-out test films of the demo set well,
+    and the served champion says so on the films themselves: a label, output column or threshold swapped anywhere
+    between ingest and serving cannot pass this."""
+    from pipeline.demo_data import write_demo_data
+    from pipeline.tasks import task_for
+    from tests.conftest import REPO
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    write_demo_data(tmp_path / "data" / "raw" / "demo", n=400, seed=0, size=64)
+    project = run_all_stages(tmp_path / "params.yaml", ["data.image_size=32"])  # the default model and epochs
+    test = project.results["evaluate"].metrics["test"]
+    assert test["auc"] >= 0.9 and test["accuracy"] >= 0.85, test  # about 0.99 and 0.97
+
+    manifest = pd.read_parquet(project.paths.manifest)
+    held_out = manifest[manifest["split"] == "test"]
+    films = np.load(project.paths.images)[held_out["store_index"].to_numpy()]
+    answer = load_model("models:/cxr-pneumonia@champion", project.paths).predict(films)
+    positive = task_for("binary", project.config.data.labels).positive
+    is_positive = (held_out["label"] == positive).to_numpy()
+    assert answer["probability"][is_positive].mean() > answer["probability"][~is_positive].mean() + 0.3
+    assert (answer["label"].to_numpy() == held_out["label"].to_numpy()).mean() == pytest.approx(test["accuracy"])
