@@ -49,10 +49,13 @@ def gate(paths: ProjectPaths, gate_metric: str, margin: float, champion, rounds:
     own operating point (threshold, thresholds per label, or most probable class)."""
     from pipeline.files import read_json
     from pipeline.predictions import load_predictions, read_predictions
+    from pipeline.tasks import task_for
 
     split, metric = gate_metric.split("_", 1)
     predictions = load_predictions(paths.predictions, split)
-    ours_task, ours_scored, our_threshold = read_predictions(predictions, read_json(paths.metrics, "`cxr evaluate`")["labels"])
+    metrics = read_json(paths.metrics, "`cxr evaluate`")
+    ours_task = task_for(metrics["task"], metrics["labels"])
+    ours_scored, our_threshold = read_predictions(predictions, ours_task, paths.predictions)
     theirs_task, champion_probability, their_threshold = _score_champion(paths, champion, predictions["store_index"].to_numpy())
     if (theirs_task.name, theirs_task.labels) != (ours_task.name, ours_task.labels):
         return GateDecision(False, None, None, None, f"champion v{champion.version} is a {theirs_task.name} model of "

@@ -288,7 +288,7 @@ class TrackingConfig(Section):
 
 
 class Config(Section):
-    data: DataConfig = DataConfig()
+    data: DataConfig = Field(default_factory=DataConfig)  # built when a Config is: its validator asks pipeline.tasks
     validation: ValidationConfig = ValidationConfig()
     rebalance: RebalanceConfig = RebalanceConfig()
     augment: AugmentConfig = AugmentConfig()

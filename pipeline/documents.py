@@ -35,33 +35,26 @@ def _environment():
 
 def describe_threshold(metrics: dict) -> str:
     """How the operating point in metrics.json was chosen, in words for the run, the model card and the report."""
-    method = metrics.get("threshold_method", "fixed")
-    per_label = " for each label" if isinstance(metrics.get("threshold"), dict) else ""
+    method = metrics["threshold_method"]
+    per_label = " for each label" if _task(metrics).thresholds_per_label else ""
     if method == "argmax":
         return "argmax, no threshold to choose"
     if method == "youden":
         return f"chosen on validation by Youden's J{per_label}"
     if method == "sensitivity":
-        return f"chosen on validation{per_label} for sensitivity >= {metrics.get('target_sensitivity')}"
+        return f"chosen on validation{per_label} for sensitivity >= {metrics['target_sensitivity']}"
     return "fixed by evaluate.threshold"
 
 
 def describe_operating_point(metrics: dict) -> str:
     """The operating point itself, in words: '0.4231', 'effusion 0.31, pneumonia 0.42' or 'most probable class'."""
-    threshold = metrics.get("threshold")
-    if threshold is None:
-        return "most probable class"
-    if isinstance(threshold, dict):
-        return ", ".join(f"{label} {threshold[label]:.4f}" for label in metrics["labels"])
-    return f"{threshold:.4f}"
+    return _task(metrics).describe_point(metrics["threshold"])
 
 
 def headline_rows(metrics: dict) -> list[list[str]]:
     """[metric, value, 95 % CI] rows of the test split, for the model card, the report and the flow's summary:
     the task's table (binary: AUC to F1; multiclass and multilabel: macro AUC and accuracy)."""
-    from pipeline.tasks import task_for
-
-    task = task_for(metrics["task"], metrics["labels"])
+    task = _task(metrics)
     test, intervals = metrics["test"], metrics["test"].get("ci95", {})
     rows = []
     for name in task.table_metrics:
@@ -71,7 +64,7 @@ def headline_rows(metrics: dict) -> list[list[str]]:
 
 
 def count_rows(counts) -> tuple[list[str], list[list]]:
-    """labels.label_counts' frame as (its label columns, [split, films, ...] rows) for a films-per-split table."""
+    """Task.label_counts' frame as (its label columns, [split, films, ...] rows) for a films-per-split table."""
     return [str(column) for column in counts.columns], [[split, *map(int, counts.loc[split])] for split in counts.index]
 
 
@@ -80,13 +73,20 @@ def per_label_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
     multilabel: at each label's threshold); no rows for a binary task."""
     test = metrics["test"]
     intervals = test.get("ci95", {}).get("per_label_auc", {})
-    multilabel = isinstance(metrics.get("threshold"), dict)
-    header = ["label", "films with it", "AUC", "AUC 95 % CI", "sensitivity", "specificity", *(["threshold"] if multilabel else [])]
+    with_thresholds = _task(metrics).thresholds_per_label
+    header = ["label", "films with it", "AUC", "AUC 95 % CI", "sensitivity", "specificity", *(["threshold"] if with_thresholds else [])]
     rows = []
     for label in metrics.get("labels", []) if "per_label" in test else []:
         scores = test["per_label"][label]
         low, high = intervals.get(label) or [None, None]
         rows.append([label, str(scores["tp"] + scores["fn"]), format_metric(scores["auc"], 3),
                      f"{format_metric(low, 3)} to {format_metric(high, 3)}", format_metric(scores["sensitivity"], 3),
-                     format_metric(scores["specificity"], 3), *([f"{scores['threshold']:.4f}"] if multilabel else [])])
+                     format_metric(scores["specificity"], 3), *([f"{scores['threshold']:.4f}"] if with_thresholds else [])])
     return header, rows
+
+
+def _task(metrics: dict):  # -> pipeline.tasks.Task
+    """The task metrics.json was written for."""
+    from pipeline.tasks import task_for
+
+    return task_for(metrics["task"], metrics["labels"])

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.documents import describe_operating_point, describe_threshold
+from pipeline.documents import describe_threshold
 from pipeline.errors import CxrError
 from pipeline.files import sha256_of, write_json
 from pipeline.metrics import format_metric
@@ -78,7 +78,7 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     plot_paths = write_evaluation_plots(paths.plots, task, test, threshold, calibration)
     write_json(paths.metrics, metrics)
     write_predictions(paths.predictions, [prediction_rows(split, rows[split], task, scored[split], threshold) for split in ("val", "test")])
-    _log_to_mlflow(paths, metrics, plot_paths)
+    _log_to_mlflow(paths, task, metrics, plot_paths)
     _log_summary(task, metrics, paths.metrics)
     return EvaluateResult(metrics, paths.metrics, plot_paths)
 
@@ -114,7 +114,7 @@ def _subgroup_metrics(test_rows: pd.DataFrame, task: Task, test: Scored, thresho
     return groups
 
 
-def _log_to_mlflow(paths: ProjectPaths, metrics: dict, plot_paths: list[Path]) -> None:
+def _log_to_mlflow(paths: ProjectPaths, task: Task, metrics: dict, plot_paths: list[Path]) -> None:
     """Every numeric metric of val and test (per-label ones as `test_auc_<label>`), the intervals, the threshold(s)
     as metrics and how they were chosen as a tag (a tag: a rerun may choose another way), plus the files."""
     from pipeline import tracking
@@ -130,11 +130,7 @@ def _log_to_mlflow(paths: ProjectPaths, metrics: dict, plot_paths: list[Path]) -
     intervals = metrics["test"]["ci95"]
     flat |= {f"test_{name}_ci95_{end}": bound for name, interval in intervals.items() if isinstance(interval, list)
              for end, bound in zip(("low", "high"), interval)}
-    threshold = metrics["threshold"]
-    if isinstance(threshold, dict):
-        flat |= {f"threshold_{_metric_name(label)}": value for label, value in threshold.items()}
-    elif threshold is not None:
-        flat["threshold"] = threshold
+    flat |= {_metric_name(name): value for name, value in task.threshold_metrics(metrics["threshold"]).items()}
     tracking.log_metrics(client, run_id, flat)
     client.set_tag(run_id, "threshold_method", describe_threshold(metrics))
     client.log_artifact(run_id, str(paths.metrics), artifact_path="evaluation")
@@ -157,7 +153,7 @@ def _log_summary(task: Task, metrics: dict, where: Path) -> None:
     headline = (f"test {task.metric_title('auc')} {format_metric(test['auc'])} "
                 f"(95% CI {format_metric(auc_ci[0], 3)} to {format_metric(auc_ci[1], 3)})")
     headline += "".join(f", {task.metric_title(name)} {format_metric(test[name], 3)}" for name in task.headline[1:])
-    log.info("evaluate: operating point %s (%s); %s (n=%d) → %s", describe_operating_point(metrics),
+    log.info("evaluate: operating point %s (%s); %s (n=%d) → %s", task.describe_point(metrics["threshold"]),
              describe_threshold(metrics), headline, test["n"], where)
 
 

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def balanced_class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     """n / (n_classes · count) per class, scikit-learn's 'balanced': a class twice as rare weighs twice as much.
 

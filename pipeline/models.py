@@ -4,13 +4,13 @@ Every network takes (N, 1, S, S) floats in 0..1 for any S from 16 px up (`vit`: 
 (N, n_classes) logits.
 `train.dropout` is always the dropout right before the output layer, so it means the same in every model.
 
-| `train.model` | what it is                                                        | from   |
-|---------------|-------------------------------------------------------------------|--------|
-| `seed_cnn`    | the brief's Keras CNN, the baseline                               | here   |
-| `resnet18/34` | residual CNN, stem chosen by image size                           | MONAI  |
-| `densenet121` | densely connected CNN, upsamples inputs below 64 px               | MONAI  |
-| `cnn_gru`     | small CNN whose feature rows a bidirectional GRU reads (the RNN); the default | here |
-| `vit`         | small Vision Transformer, patch size chosen by image size         | MONAI  |
+| `train.model` | what it is                                                                   | from   |
+|---------------|------------------------------------------------------------------------------|--------|
+| `seed_cnn`    | the brief's Keras CNN, the baseline                                          | here   |
+| `resnet18/34` | residual CNN, stem chosen by image size                                      | MONAI  |
+| `densenet121` | densely connected CNN, upsamples inputs below 64 px                          | MONAI  |
+| `cnn_gru`     | small CNN whose feature rows a bidirectional GRU reads (the RNN); the default | here   |
+| `vit`         | small Vision Transformer, patch size chosen by image size                    | MONAI  |
 
 MONAI is imported inside `build_model`, only for the models that need it, because it takes seconds to import.
 """

@@ -15,7 +15,7 @@ import pandas as pd
 
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path
-from pipeline.tasks import Scored, Task, Threshold, task_for
+from pipeline.tasks import Scored, Task, Threshold
 
 
 def prediction_rows(split: str, rows: pd.DataFrame, task: Task, scored: Scored, threshold: Threshold) -> pd.DataFrame:
@@ -38,19 +38,11 @@ def load_predictions(path: Path, split: str) -> pd.DataFrame:
     return predictions[predictions["split"] == split].reset_index(drop=True)
 
 
-def task_of(predictions: pd.DataFrame, labels: list[str]) -> Task:
-    """Which task wrote these rows, from their columns; `labels` as the model that wrote them has them."""
-    columns = set(predictions.columns)
-    if "probability" in columns:
-        return task_for("binary", labels)
-    written = [column.removeprefix("probability_") for column in predictions.columns if column.startswith("probability_")]
-    if written != list(labels):
-        raise CxrError(f"predictions.csv holds the labels {written}, the model {list(labels)}: run `cxr evaluate` again")
-    return task_for("multiclass" if "truth" in columns else "multilabel", labels)
-
-
-def read_predictions(predictions: pd.DataFrame, labels: list[str]) -> tuple[Task, Scored, Threshold]:
-    """predictions.csv rows back to the task that wrote them, its truth and probabilities, and its operating point."""
-    task = task_of(predictions, labels)
-    scored, threshold = task.read_prediction_columns(predictions)
-    return task, scored, threshold
+def read_predictions(predictions: pd.DataFrame, task: Task, where: Path) -> tuple[Scored, Threshold]:
+    """predictions.csv rows back to truth, probabilities and the operating point, as `task` (the model's, from
+    metrics.json) wrote them; rows written for another task or other labels are an error naming the file."""
+    missing = [column for column in task.prediction_column_names() if column not in predictions.columns]
+    if missing:
+        raise CxrError(f"{where} was not written for this {task.name} model of {task.labels} (no column "
+                       f"{missing[0]}): run `cxr evaluate` again")
+    return task.read_prediction_columns(predictions)

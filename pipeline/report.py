@@ -19,7 +19,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.documents import count_rows, describe_operating_point, describe_threshold, headline_rows, per_label_rows, render
+from pipeline.documents import (
+    count_rows,
+    describe_operating_point,
+    describe_threshold,
+    headline_rows,
+    per_label_rows,
+    render,
+)
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, read_json
 from pipeline.metrics import format_metric
@@ -119,7 +126,7 @@ def _explanations(paths: ProjectPaths, task: Task) -> dict | None:
     if not paths.predictions.exists():
         return None
     test = load_predictions(paths.predictions, "test")
-    task, scored, threshold = read_predictions(test, task.labels)
+    scored, threshold = read_predictions(test, task, paths.predictions)
     network, _ = load_checkpoint(paths.checkpoint)
     images = np.load(paths.images, mmap_mode="r")
     figures = []

@@ -2,9 +2,9 @@
 
 Every call names its store: stages talk to MLflow through `client(paths)`, an MlflowClient bound to the
 project's store, and never through MLflow's process-wide tracking URI, so two projects in one process (tests,
-a Prefect worker, cross-validation folds) cannot log into each other's store. The two calls MLflow offers only
-in its fluent, process-wide form (logging and loading a pyfunc model) run inside `fluent_store(paths)`, which
-sets that URI for the call and restores it after.
+a Prefect worker, cross-validation folds) do not log into each other's store. The calls MLflow offers only in
+its fluent, process-wide form (logging and loading a pyfunc model) run inside `fluent_store(paths)`, which sets
+that URI for the call and restores it after.
 
 MLflow's active run is thread-local, so stages never rely on it either: the run id travels in
 models/run.json and every call names it explicitly.
@@ -46,8 +46,10 @@ def client(paths: ProjectPaths):  # -> mlflow.MlflowClient
 def fluent_store(paths: ProjectPaths) -> Iterator[None]:
     """MLflow's process-wide tracking URI set to the project's store for the calls inside, and restored after.
 
-    Only for what MLflow has no client form of (mlflow.pyfunc.log_model, mlflow.pyfunc.load_model). The URI is
-    set with MLflow's own scoped setter, which also restores MLFLOW_TRACKING_URI as it was.
+    Only for what MLflow has no client form of (mlflow.pyfunc.log_model, mlflow.pyfunc.load_model, downloading
+    a registered model). MLflow's scoped setter puts its own setting back, but exports the URI to the environment
+    while it is set and removes it after, so the environment variables it touches are put back here as they were
+    (a user's MLFLOW_TRACKING_URI included). Process-wide while it lasts: not for calls on several threads at once.
     """
     import os
 
@@ -55,25 +57,33 @@ def fluent_store(paths: ProjectPaths) -> Iterator[None]:
 
     for noisy in QUIET:
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with _use_tracking_uri(store_uri(paths)):
-        yield
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no download bars in `cxr predict`'s output
+    try:
+        with _use_tracking_uri(store_uri(paths)):
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
-def experiment_id(tracking, name: str, paths: ProjectPaths) -> str:
+def experiment_id(client, name: str, paths: ProjectPaths) -> str:
     """The experiment's id, creating it (with artifacts under mlartifacts/) the first time."""
-    existing = tracking.get_experiment_by_name(name)
+    existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    return tracking.create_experiment(name, artifact_location=config.artifact_location(paths.tracking_root))
+    return client.create_experiment(name, artifact_location=config.artifact_location(paths.tracking_root))
 
 
-def log_metrics(tracking, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     """Several metrics in one request, as mlflow.log_metrics sends them."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    tracking.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
 
 
 def write_run_info(paths: ProjectPaths, run_id: str, experiment: str) -> None:

@@ -418,7 +418,7 @@ def _build_summary(
     return {
         "passed": passed,
         "n_images": len(manifest),
-        "per_split": {str(split): task.split_summary(manifest, split) for split in sorted(manifest["split"].unique())},
+        "per_split": task.split_summaries(manifest),
         "duplicates": duplicates,
         "patient_leakage": int((_splits_per_value(manifest, "patient_hash")["n_splits"] > 1).sum()),
         "checks": {check.name: {"severity": check.severity, "success": check.success} for check in checks},

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import jinja2
+import pandas as pd
 import pytest
 
 from pipeline.config import load_config
@@ -32,6 +33,13 @@ def hostile(tiny_project, tmp_path_factory):
     metrics["test"]["per_label"] = {label: {**scores, "threshold": metrics["threshold"][label]} for label in labels}
     metrics["test"]["subgroups"] = {"view": {HOSTILE: {"n": 3, "auc": 0.5, "accuracy": 0.6, "sensitivity": 1.0, "specificity": 0.0}}}
     paths.metrics.write_text(json.dumps(metrics))
+    predictions = pd.read_csv(paths.predictions)  # the same films, written as that multilabel model's would be
+    other = {"truth": 1 - predictions["truth"], "probability": 1 - predictions["probability"]}
+    predictions = predictions[["split", "image_id", "store_index"]].assign(**{
+        **{f"truth_{HOSTILE}": other["truth"], "truth_pneumonia": predictions["truth"]},
+        **{f"probability_{HOSTILE}": other["probability"], "probability_pneumonia": predictions["probability"]},
+        **{f"threshold_{label}": value for label, value in metrics["threshold"].items()}})
+    predictions.to_csv(paths.predictions, index=False)
     registered = json.loads(paths.registered.read_text()) | {"reason": HOSTILE}
     paths.registered.write_text(json.dumps(registered))
     return paths, config, metrics

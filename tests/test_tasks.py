@@ -316,12 +316,14 @@ def test_multilabel_thresholds_reach_a_target_sensitivity_and_new_ones_make_a_ve
     from pipeline.evaluate import evaluate_stage
     from pipeline.predictions import load_predictions, read_predictions
     from pipeline.register import register_stage
+    from pipeline.tasks import task_for
 
     project = run_all_stages(write_table_project(tmp_path))
     config = load_config(project.params, ["evaluate.threshold_method=sensitivity", "evaluate.target_sensitivity=0.9"])
     result = evaluate_stage(project.paths, config)
     assert result.metrics["threshold_method"] == "sensitivity"
-    _, val, threshold = read_predictions(load_predictions(project.paths.predictions, "val"), MULTILABEL_LABELS)
+    task = task_for("multilabel", MULTILABEL_LABELS)
+    val, threshold = read_predictions(load_predictions(project.paths.predictions, "val"), task, project.paths.predictions)
     assert threshold == pytest.approx(result.metrics["threshold"], rel=1e-6)  # predictions.csv keeps 9 digits
     for k, label in enumerate(MULTILABEL_LABELS):
         positives = val.probability[val.truth[:, k] == 1, k]

@@ -1,6 +1,6 @@
 """What differs between the three tasks a model can be trained for, in one place: Binary, Multiclass, Multilabel.
 
-`task_for(data.task, labels)` picks one once (from params, a checkpoint or a registered model's metadata); the
+`task_for(data.task, labels)` picks one once (from params, a checkpoint, metrics.json or a model's metadata); the
 stages then ask it and never branch on the task themselves, as torchmetrics' Binary/Multiclass/MultilabelAUROC
 each own their formula and the code that uses them does not care which it holds.
 

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import pandas as pd
 
-
 if TYPE_CHECKING:
     from pipeline.config import EvaluateConfig, SourceSpec, TrainConfig
 
@@ -63,6 +62,8 @@ class Task(ABC):
     headline: ClassVar[tuple[str, ...]] = ("auc", "accuracy")
     table_metrics: ClassVar[tuple[str, ...]] = ("auc", "accuracy")
     one_label_per_film: ClassVar[bool] = True
+    thresholds_per_label: ClassVar[bool] = False  # the operating point is one threshold per label
+    softmax_rows: ClassVar[bool] = False  # probabilities are rows of a softmax (temperature scales them as such)
 
     def __init__(self, labels: Sequence[str]) -> None:
         self.labels = list(labels)
@@ -104,13 +105,16 @@ class Task(ABC):
     def label_counts(self, manifest: pd.DataFrame) -> pd.DataFrame:
         """Films per labelled split (rows, in pipeline order) carrying each label (columns, in labels order)."""
 
-    @abstractmethod
     def label_balance(self, manifest: pd.DataFrame) -> LabelBalance:
-        """The fractions the data gate keeps within validation.class_ratio."""
+        """The fractions the data gate keeps within validation.class_ratio: each label's in each split."""
+        return _label_pair_balance(self.label_counts(manifest), manifest, self.labels)
 
-    @abstractmethod
-    def split_summary(self, manifest: pd.DataFrame, split: str) -> dict:
-        """A split's entry in the gate's summary.json: its size and how its labels are spread."""
+    def split_summaries(self, manifest: pd.DataFrame) -> dict[str, dict]:
+        """Each split's entry in the gate's summary.json (splits in sorted order): its size and how its labels are
+        spread (every label's fraction)."""
+        counts, sizes = self.label_counts(manifest), manifest.groupby("split").size()
+        fractions = _label_fractions(counts, manifest, self.labels)
+        return {str(split): {"n": int(sizes[split]), "label_fractions": fractions.get(split, {})} for split in sorted(sizes.index)}
 
     # --- the network's outputs ------------------------------------------------------------------
 
@@ -135,12 +139,12 @@ class Task(ABC):
     def fit_temperature(self, val: Scored) -> float:
         from pipeline.metrics import fit_temperature
 
-        return fit_temperature(val.truth, val.probability)
+        return fit_temperature(val.truth, val.probability, softmax=self.softmax_rows)
 
     def apply_temperature(self, probability: np.ndarray, temperature: float) -> np.ndarray:
         from pipeline.metrics import apply_temperature
 
-        return apply_temperature(probability, temperature)
+        return apply_temperature(probability, temperature, softmax=self.softmax_rows)
 
     @abstractmethod
     def operating_point(self, val: Scored, settings: EvaluateConfig) -> Threshold:
@@ -148,6 +152,14 @@ class Task(ABC):
 
     def threshold_method(self, settings: EvaluateConfig) -> str:
         return settings.threshold_method
+
+    @abstractmethod
+    def describe_point(self, threshold: Threshold) -> str:
+        """The operating point in words: '0.4231', 'effusion 0.31, pneumonia 0.42' or 'most probable class'."""
+
+    @abstractmethod
+    def threshold_metrics(self, threshold: Threshold) -> dict[str, float]:
+        """The operating point as MLflow metrics (none when there is no threshold)."""
 
     @abstractmethod
     def metrics(self, scored: Scored, threshold: Threshold) -> dict:
@@ -194,6 +206,10 @@ class Task(ABC):
     def read_prediction_columns(self, frame: pd.DataFrame) -> tuple[Scored, Threshold]:
         """What prediction_columns wrote, back."""
 
+    @abstractmethod
+    def prediction_column_names(self) -> list[str]:
+        """The names of the columns prediction_columns writes."""
+
     # --- serving --------------------------------------------------------------------------------
 
     @abstractmethod
@@ -234,6 +250,12 @@ class Task(ABC):
         """About `total` test films worth explaining, in groups (e.g. true and false positives)."""
 
     # --- shared by the subclasses ---------------------------------------------------------------
+
+    @staticmethod
+    def _validation_row(val_loss: float, scores: dict) -> dict[str, float]:
+        """The row training logs: an undefined AUC (one class in validation) as NaN, which never wins an epoch."""
+        return {"val_loss": val_loss, "val_auc": scores["auc"] if scores["auc"] is not None else float("nan"),
+                "val_accuracy": scores["accuracy"]}
 
     def _one_vs_rest(self, truth: np.ndarray) -> np.ndarray:
         """(N, K) 0/1 truth, one column per label."""
@@ -289,20 +311,15 @@ def in_split_order(counts: pd.DataFrame) -> pd.DataFrame:
     return counts.loc[sorted(counts.index, key=lambda split: (order.get(split, len(order)), split))]
 
 
-def label_fractions(counts: pd.DataFrame, manifest: pd.DataFrame, labels: list[str]) -> dict[str, dict[str, float]]:
+def _label_fractions(counts: pd.DataFrame, manifest: pd.DataFrame, labels: list[str]) -> dict[str, dict[str, float]]:
     """split → label → the fraction of the split's films carrying that label, splits in pipeline order."""
     sizes = manifest.groupby("split").size()
     return {split: {label: float(counts.loc[split, label] / sizes[split]) for label in labels} for split in counts.index}
 
 
-def label_pair_balance(counts: pd.DataFrame, manifest: pd.DataFrame, labels: list[str]) -> LabelBalance:
+def _label_pair_balance(counts: pd.DataFrame, manifest: pd.DataFrame, labels: list[str]) -> LabelBalance:
     """The fraction of each split's films carrying each label."""
-    fractions = label_fractions(counts, manifest, labels)
+    fractions = _label_fractions(counts, manifest, labels)
     table = pd.DataFrame([{"split_label": f"{split}/{label}", "fraction": fraction}
                           for split, row in fractions.items() for label, fraction in row.items()])
     return LabelBalance(table, "split_label", "fraction", "split/label pairs", "split/label pair(s) with a label fraction")
-
-
-def label_fraction_summary(counts: pd.DataFrame, manifest: pd.DataFrame, labels: list[str], split: str) -> dict:
-    fractions = label_fractions(counts, manifest, labels)
-    return {"n": int((manifest["split"] == split).sum()), "label_fractions": fractions.get(split, {})}

@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipeline.tasks.base import ExampleFilms, LabelBalance, Scored, Threshold, threshold_on_validation
+from pipeline.tasks.base import (
+    ExampleFilms,
+    LabelBalance,
+    Scored,
+    Threshold,
+    threshold_on_validation,
+)
 from pipeline.tasks.one_label import OneLabelPerFilm
 
 if TYPE_CHECKING:
@@ -48,9 +54,11 @@ class Binary(OneLabelPerFilm):
                               "positive_fraction": positive.mean().to_numpy()})
         return LabelBalance(table, "split", "positive_fraction", "splits", f"split(s) with a '{self.positive}' fraction")
 
-    def split_summary(self, manifest: pd.DataFrame, split: str) -> dict:
-        rows = manifest[manifest["split"] == split]
-        return {"n": len(rows), "positive_fraction": float((rows["label"] == self.positive).mean())}
+    def split_summaries(self, manifest: pd.DataFrame) -> dict[str, dict]:
+        """Each split's size and positive fraction (the other label's is its complement)."""
+        positive = (manifest["label"] == self.positive).groupby(manifest["split"])
+        return {str(split): {"n": int(n), "positive_fraction": float(fraction)}
+                for split, n, fraction in zip(positive.size().index, positive.size(), positive.mean())}
 
     def quick_validation(self, targets: np.ndarray, probability: np.ndarray) -> dict:
         from pipeline.metrics import binary_metrics
@@ -96,6 +104,15 @@ class Binary(OneLabelPerFilm):
     def confusion_panels(self, scored: Scored, threshold: Threshold) -> list[tuple[str, list[str], list[str], list[str]]]:
         actual, predicted = self.decisions(scored, threshold)
         return [(f"Confusion, test split (threshold {threshold:g})", actual, predicted, [self.labels[0], self.labels[-1]])]
+
+    def describe_point(self, threshold: Threshold) -> str:
+        return f"{threshold:.4f}"
+
+    def threshold_metrics(self, threshold: Threshold) -> dict[str, float]:
+        return {"threshold": threshold}
+
+    def prediction_column_names(self) -> list[str]:
+        return ["truth", "probability", "threshold"]
 
     def prediction_columns(self, scored: Scored, threshold: Threshold) -> dict[str, Any]:
         return {"truth": scored.truth, "probability": scored.probability, "threshold": threshold}

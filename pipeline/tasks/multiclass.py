@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipeline.tasks.base import ExampleFilms, LabelBalance, Scored, Threshold, label_fraction_summary, label_pair_balance
+from pipeline.tasks.base import ExampleFilms, Scored, Threshold
 from pipeline.tasks.one_label import OneLabelPerFilm
 
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ class Multiclass(OneLabelPerFilm):
     """Three or more classes, one per film: the most probable class is the answer."""
 
     name = "multiclass"
+    softmax_rows = True
 
     @classmethod
     def label_problem(cls, labels: list[str]) -> str | None:
@@ -25,24 +26,8 @@ class Multiclass(OneLabelPerFilm):
             return f"data.task multiclass needs three or more labels, got {labels}; with two set data.task: binary"
         return None
 
-    def label_balance(self, manifest: pd.DataFrame) -> LabelBalance:
-        return label_pair_balance(self.label_counts(manifest), manifest, self.labels)
-
-    def split_summary(self, manifest: pd.DataFrame, split: str) -> dict:
-        return label_fraction_summary(self.label_counts(manifest), manifest, self.labels, split)
-
     def quick_validation(self, targets: np.ndarray, probability: np.ndarray) -> dict:
         return self.quick_metrics(targets, probability, None)
-
-    def fit_temperature(self, val: Scored) -> float:
-        from pipeline.metrics import fit_temperature
-
-        return fit_temperature(val.truth, val.probability, softmax=True)
-
-    def apply_temperature(self, probability: np.ndarray, temperature: float) -> np.ndarray:
-        from pipeline.metrics import apply_temperature
-
-        return apply_temperature(probability, temperature, softmax=True)
 
     def operating_point(self, val: Scored, settings: EvaluateConfig) -> None:
         return None
@@ -87,6 +72,15 @@ class Multiclass(OneLabelPerFilm):
     def confusion_panels(self, scored: Scored, threshold: Threshold) -> list[tuple[str, list[str], list[str], list[str]]]:
         actual, predicted = self.decisions(scored, threshold)
         return [("Confusion, test split (most probable class)", actual, predicted, self.labels)]
+
+    def describe_point(self, threshold: Threshold) -> str:
+        return "most probable class"
+
+    def threshold_metrics(self, threshold: Threshold) -> dict[str, float]:
+        return {}
+
+    def prediction_column_names(self) -> list[str]:
+        return ["truth", *(f"probability_{label}" for label in self.labels)]
 
     def prediction_columns(self, scored: Scored, threshold: Threshold) -> dict[str, Any]:
         return {"truth": scored.truth, **self._probability_columns(scored.probability)}

@@ -9,8 +9,14 @@ import pandas as pd
 
 from pipeline.errors import CxrError
 from pipeline.labels import UNLABELLED, join_labels, multi_hot, split_labels
-from pipeline.tasks.base import (ExampleFilms, LabelBalance, Scored, Task, Threshold, threshold_on_validation, in_split_order,
-                                 label_fraction_summary, label_pair_balance)
+from pipeline.tasks.base import (
+    ExampleFilms,
+    Scored,
+    Task,
+    Threshold,
+    in_split_order,
+    threshold_on_validation,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import EvaluateConfig, SourceSpec, TrainConfig
@@ -21,6 +27,7 @@ class Multilabel(Task):
 
     name = "multilabel"
     one_label_per_film = False
+    thresholds_per_label = True
     label_rows_noun = "label(s) of images"
 
     def label_from_cell(self, raw: str, spec: SourceSpec, subtype_class: str | None = None) -> str | None:
@@ -56,12 +63,6 @@ class Multilabel(Task):
         hot["(none)"] = (hot.sum(axis=1) == 0).astype(int)
         return in_split_order(hot.groupby(manifest["split"]).sum())
 
-    def label_balance(self, manifest: pd.DataFrame) -> LabelBalance:
-        return label_pair_balance(self.label_counts(manifest), manifest, self.labels)
-
-    def split_summary(self, manifest: pd.DataFrame, split: str) -> dict:
-        return label_fraction_summary(self.label_counts(manifest), manifest, self.labels, split)
-
     def activation(self, logits):
         import torch
 
@@ -82,9 +83,7 @@ class Multilabel(Task):
         """val_loss is binary cross-entropy per label whatever train.loss is, so runs compare."""
         p = np.clip(probability, 1e-7, 1 - 1e-7)
         val_loss = float(-(targets * np.log(p) + (1 - targets) * np.log(1 - p)).mean())
-        scores = self.quick_metrics(targets, probability, 0.5)
-        return {"val_loss": val_loss, "val_auc": scores["auc"] if scores["auc"] is not None else float("nan"),
-                "val_accuracy": scores["accuracy"]}
+        return self._validation_row(val_loss, self.quick_metrics(targets, probability, 0.5))
 
     def operating_point(self, val: Scored, settings: EvaluateConfig) -> dict[str, float]:
         """One threshold per label, each chosen as a binary task's."""
@@ -131,6 +130,15 @@ class Multilabel(Task):
         n = len(self.labels)
         return [(f"{label} (threshold {threshold[label]:.2f})", actual[k::n], predicted[k::n], [label, f"no {label}"])
                 for k, label in enumerate(self.labels)]
+
+    def describe_point(self, threshold: Threshold) -> str:
+        return ", ".join(f"{label} {threshold[label]:.4f}" for label in self.labels)
+
+    def threshold_metrics(self, threshold: Threshold) -> dict[str, float]:
+        return {f"threshold_{label}": threshold[label] for label in self.labels}
+
+    def prediction_column_names(self) -> list[str]:
+        return [f"{kind}_{label}" for kind in ("truth", "probability", "threshold") for label in self.labels]
 
     def prediction_columns(self, scored: Scored, threshold: Threshold) -> dict[str, Any]:
         return ({f"truth_{label}": scored.truth[:, k].astype(int) for k, label in enumerate(self.labels)}

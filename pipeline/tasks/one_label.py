@@ -69,9 +69,7 @@ class OneLabelPerFilm(Task):
     def validation_scores(self, targets: np.ndarray, probability: np.ndarray) -> dict[str, float]:
         """val_loss is plain cross-entropy whatever train.loss is, so runs compare."""
         val_loss = float(-np.log(probability[np.arange(len(targets)), targets] + 1e-7).mean())
-        scores = self.quick_validation(targets, probability)
-        return {"val_loss": val_loss, "val_auc": scores["auc"] if scores["auc"] is not None else float("nan"),
-                "val_accuracy": scores["accuracy"]}
+        return self._validation_row(val_loss, self.quick_validation(targets, probability))
 
     @abstractmethod
     def quick_validation(self, targets: np.ndarray, probability: np.ndarray) -> dict:

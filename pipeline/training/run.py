@@ -40,8 +40,8 @@ def tracked_run(paths: ProjectPaths, config: Config, state: dict | None, device,
     else:
         run = _reopen_run(client, state["run_id"], train_state_path(paths))
     run_id = run.info.run_id
-    tracking.write_run_info(paths, run_id, run.info.experiment_id)
     try:
+        tracking.write_run_info(paths, run_id, run.info.experiment_id)
         if state is None:
             _log_params(client, run_id, config)
             _log_gate_summary(client, run_id, paths)
