@@ -1,6 +1,7 @@
 """The `cxr` command as a user runs it: help texts, one-line errors, prediction JSON."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,8 +72,14 @@ def test_predict_a_folder_and_plain_output(tiny_project):
     out = cxr("predict", str(folder), cwd=tiny_project.paths.root)
     assert out.returncode == 0
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == len([p for p in folder.iterdir() if p.is_file()])
+    files = sorted(str(p) for p in folder.iterdir() if p.is_file())
+    assert len(lines) == len(files)
+    assert sorted(line.split("\t", 1)[0] for line in lines) == files  # one line per file, named as given
     assert any("error: decode_failed" in line for line in lines)  # the truncated demo DICOM
+    classified = [line for line in lines if "\terror: " not in line]
+    assert classified
+    for line in classified:  # path, label, the positive label's probability to 4 digits, tab-separated
+        assert re.fullmatch(r"[^\t]+\t(normal|pneumonia)\t(0\.\d{4}|1\.0000)", line), line
 
 
 def test_predict_with_nothing_readable_exits_1(tiny_project, tmp_path):
@@ -92,3 +99,8 @@ def test_summary_points_at_the_results(tiny_project):
     out = cxr("summary", cwd=tiny_project.paths.root)
     assert out.returncode == 0
     assert "Test AUC" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
+    test = json.loads(tiny_project.paths.metrics.read_text())["test"]
+    low, high = test["ci95"]["auc"]
+    shown = re.search(r"Test AUC (\S+) \((\S+)-(\S+)\)", out.stdout)
+    assert shown, out.stdout
+    assert shown.groups() == (f"{test['auc']:.3f}", f"{low:.3f}", f"{high:.3f}")

@@ -65,11 +65,29 @@ def test_unknown_key_in_params_file_is_refused(tmp_path):
         load_config(params)
 
 
+def _leaf_paths(tree: dict, prefix: str = "") -> dict:
+    """Dotted paths of a YAML tree's leaves (a non-empty mapping is a branch; lists, scalars and {} are leaves)."""
+    leaves = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            leaves |= _leaf_paths(value, f"{prefix}{key}.")
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
 def test_flat_dict_has_every_leaf_for_mlflow(tmp_path):
+    import yaml
+
     flat = load_config(tmp_path / "params.yaml").as_flat_dict()
     assert flat["train.model"] == "cnn_gru"
     assert flat["data.split.test"] == 0.15
     assert flat["register.gate_metric"] == "test_auc"
+    leaves = _leaf_paths(yaml.safe_load(REPO_PARAMS.read_text()))
+    assert set(flat) == set(leaves)
+    # params.yaml spells out the defaults, so each leaf's value is the file's (sources are expanded to mappings).
+    assert [source["path"] for source in flat["data.sources"]] == leaves["data.sources"]
+    assert {key: flat[key] for key in leaves if key != "data.sources"} == {key: value for key, value in leaves.items() if key != "data.sources"}
 
 
 def test_three_labels_need_a_multiclass_or_multilabel_task(tmp_path):

@@ -39,12 +39,17 @@ def test_scheduled_deployment_trains_registers_then_skips_unchanged_data(tmp_pat
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
         served = subprocess.Popen([str(BIN / "cxr"), "deploy", "--params", str(params)], cwd=params.parent, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # the deployment exists once `cxr deploy` has registered it
-            listed = subprocess.run([str(BIN / "prefect"), "deployment", "ls"], env=env, capture_output=True, text=True)
+        wait_s = 120
+        deadline = time.monotonic() + wait_s
+        while True:  # the deployment exists once `cxr deploy` has registered it
+            listed = subprocess.run([str(BIN / "prefect"), "deployment", "ls"], env=env, capture_output=True, text=True,
+                                    timeout=wait_s)
             if "scheduled" in listed.stdout:
                 break
             assert served.poll() is None, served.stdout.read()[-3000:]
+            if time.monotonic() >= deadline:
+                pytest.fail(f"`cxr deploy` did not register the deployment 'scheduled' within {wait_s} s; "
+                            f"`prefect deployment ls` printed:\n{listed.stdout[-2000:]}{listed.stderr[-2000:]}")
             time.sleep(2)
 
         runs = []

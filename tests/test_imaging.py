@@ -94,11 +94,18 @@ def test_blank_image_is_rejected(tmp_path):
     assert raised.value.reason == "blank_image"
 
 
-def test_resize_and_hash():
+def test_resize_and_hash(tmp_path):
     image = (np.arange(100 * 80) % 251).astype(np.uint8).reshape(100, 80)
-    assert resize(image, 32).shape == (32, 32)
-    assert pixel_sha256(image) == pixel_sha256(image.copy())
+    assert resize(image, 32).shape == (32, 32) and resize(image, 32).dtype == np.uint8
+    for shape in ((100, 80), (20, 12)):  # shrinking and enlarging: a flat image stays flat, at its grey level
+        assert np.array_equal(resize(np.full(shape, 77, dtype=np.uint8), 32), np.full((32, 32), 77, dtype=np.uint8))
+    # pixel_sha256 hashes the pixels and their shape (its docstring): not the memory layout, not the file's bytes.
+    assert pixel_sha256(image) == pixel_sha256(np.asfortranarray(image))
+    Image.fromarray(image).save(tmp_path / "film.png")
+    assert pixel_sha256(image) == pixel_sha256(decode_file(tmp_path / "film.png").pixels)  # re-encoded, still matches
     assert pixel_sha256(image) != pixel_sha256(image.T)
+    same_bytes = image.reshape(80, 100)
+    assert same_bytes.tobytes() == image.tobytes() and pixel_sha256(same_bytes) != pixel_sha256(image)
 
 
 def test_grey_std_from_the_histogram_equals_numpy():

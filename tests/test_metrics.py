@@ -32,6 +32,7 @@ def test_perfect_classifier_has_a_degenerate_interval_and_seed_fixes_it():
     assert bootstrap_intervals(truth, perfect, 0.5, rounds=200)["auc"] == [1.0, 1.0]
     truth, probability = _scores(80)
     assert bootstrap_intervals(truth, probability, 0.5, seed=3) == bootstrap_intervals(truth, probability, 0.5, seed=3)
+    assert bootstrap_intervals(truth, probability, 0.5, seed=3) != bootstrap_intervals(truth, probability, 0.5, seed=4)
 
 
 def test_calibration_error_is_zero_when_probabilities_match_frequencies_and_large_when_not():
@@ -53,9 +54,20 @@ def test_metrics_json_carries_intervals_and_calibration(tiny_project):
 
 
 def test_metrics_json_has_subgroups_by_format_and_view(tiny_project):
-    subgroups = json.loads(tiny_project.paths.metrics.read_text())["test"]["subgroups"]
+    import pandas as pd
+
+    test = json.loads(tiny_project.paths.metrics.read_text())["test"]
+    subgroups = test["subgroups"]
     assert set(subgroups["format"]) <= {"dicom", "png", "jpeg"} and len(subgroups["format"]) >= 2
-    assert sum(group["n"] for group in subgroups["format"].values()) == json.loads(tiny_project.paths.metrics.read_text())["test"]["n"]
+    assert sum(group["n"] for group in subgroups["format"].values()) == test["n"]
+    manifest = pd.read_parquet(tiny_project.paths.manifest)
+    held_out = manifest[manifest["split"] == "test"]
+    for column in ("format", "view"):
+        # One group per value present in the test split (films without the field, e.g. a PNG's view, in none).
+        counts = held_out[column].fillna("").astype(str).loc[lambda values: values != ""].value_counts().to_dict()
+        assert len(counts) >= 2, f"the tiny test split needs two {column}s for this test"
+        assert {kind: group["n"] for kind, group in subgroups[column].items()} == counts, column
+    assert sum(group["n"] for group in subgroups["view"].values()) == int((held_out["view"].fillna("") != "").sum())
 
 
 def test_external_validation_scores_another_source_and_reports_the_shift(tmp_path):

@@ -25,8 +25,9 @@ def test_config_offers_exactly_the_models_build_model_knows():
 @pytest.mark.parametrize("size", [28, 32, 64, 224])
 def test_every_model_gives_two_logits_per_image_from_medmnist_to_full_size(name, size):
     model = build_model(name, size, 2, 0.5).eval()
+    images = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert model(torch.rand(2, 1, size, size)).shape == (2, 2)
+        assert model(images).shape == (2, 2)
 
 
 def test_parameter_counts_fit_what_each_model_is_for():
@@ -68,7 +69,7 @@ def test_state_dict_round_trip_through_build_model_gives_the_same_outputs(name):
 def test_densenet_trains_on_a_batch_of_one_small_image():
     """A last batch of one image must not hit batch norm on a 1×1 map (why small inputs are enlarged to 64 px)."""
     model = build_model("densenet121", 28, 2, 0.5).train()
-    assert model(torch.rand(1, 1, 28, 28)).shape == (1, 2)
+    assert model(torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))).shape == (1, 2)
 
 
 def test_vit_patch_size_follows_the_image_size_and_logits_are_not_squashed():
@@ -84,10 +85,21 @@ def test_unknown_model_name_is_a_value_error_listing_the_known_ones():
 
 
 @pytest.mark.slow
-def test_pipeline_trains_and_registers_the_cnn_gru_model(tmp_path):
-    project = run_all_stages(write_tiny_project(tmp_path), ["train.model=cnn_gru"])
+def test_pipeline_trains_and_registers_a_model_other_than_the_default(tmp_path):
+    """train.model reaches the checkpoint, the MLflow run's params and the registered version (not just the default)."""
+    from pipeline.tracking import client as tracking_client, read_run_id
+
+    other = "seed_cnn"
+    assert other != TrainConfig().model  # otherwise this test proves nothing about the override
+    project = run_all_stages(write_tiny_project(tmp_path), [f"train.model={other}"])
     model, state = load_checkpoint(project.paths.checkpoint)
-    assert state["model"] == "cnn_gru" and state["image_size"] == 32
-    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2)
-    assert project.results["train"].best_epoch == 1
-    assert project.results["register"].version == 1
+    assert state["model"] == other and state["image_size"] == project.config.data.image_size
+    assert parameter_count(model) == parameter_count(build_model(other, project.config.data.image_size, 2, 0.5))
+    size = project.config.data.image_size
+    assert model(torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))).shape == (2, 2)
+
+    client = tracking_client(project.paths)
+    run_id = read_run_id(project.paths)
+    assert client.get_run(run_id).data.params["train.model"] == other
+    version = client.get_model_version("cxr-pneumonia", str(project.results["register"].version))
+    assert version.run_id == run_id  # the registered version is the model this run trained

@@ -41,7 +41,8 @@ def _evaluate_in_page(url: str, expression: str, tmp_path) -> object:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
+        startup = 120  # seconds: a busy 2-core CI machine can take a while to start Chromium
+        deadline = time.monotonic() + startup
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as response:
@@ -50,7 +51,8 @@ def _evaluate_in_page(url: str, expression: str, tmp_path) -> object:
                     break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, "Chromium did not start"
+            assert browser.poll() is None, f"Chromium exited with status {browser.returncode} before it served DevTools"
+            assert time.monotonic() < deadline, f"Chromium did not start within {startup} s"
             time.sleep(0.5)
         with connect(pages[0]["webSocketDebuggerUrl"], max_size=None) as socket_:
             def call(method: str, params: dict, call_id: int) -> dict:

@@ -1,7 +1,9 @@
 """Source adapters on real files: NIH and RSNA tables, DICOM folders keyed by SOPInstanceUID,
 unlabelled folders, header filters, and the real samples in ../shared (skipped when absent)."""
 
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -125,6 +127,13 @@ def test_every_real_sample_is_used_or_quarantined_with_a_reason(tmp_path):
     films = [p for p in (samples / "kermany_fullres").rglob("*.jpeg")] + list((samples / "dicom").glob("*.dcm"))
     assert result.n_images + len(quarantine) == len(films)
     assert sorted(quarantine["reason"]) == ["decode_failed", "decode_failed"]  # the truncated MR and the bad-SOS JPEG
-    assert (manifest["subtype"] != "").sum() == 10  # every Kermany pneumonia film names bacteria or virus
+    # Every Kermany pneumonia film that was used names bacteria or virus, and only those carry a subtype.
+    pattern = re.compile(load_config(tmp_path / "params.yaml").data.subtype_pattern)
+    quarantined = {Path(path).name for path in quarantine["path"]}
+    expected = {film.name: pattern.search(film.name).group(1)
+                for film in (samples / "kermany_fullres" / "PNEUMONIA").glob("*.jpeg") if film.name not in quarantined}
+    assert expected
+    with_subtype = manifest[manifest["subtype"] != ""]
+    assert dict(zip(with_subtype["path"].map(lambda path: Path(path).name), with_subtype["subtype"])) == expected
     mono1 = manifest[manifest["photometric"] == "MONOCHROME1"]
     assert len(mono1) == 2 and set(manifest.loc[manifest["format"] == "dicom", "split"]) == {"unlabelled"}

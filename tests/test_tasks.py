@@ -196,7 +196,7 @@ def test_sigmoid_focal_loss_with_gamma_zero_is_weighted_binary_cross_entropy():
     assert balanced_positive_weights(counts).tolist() == [1.0, 3.0, 1.0]  # negatives / positives; no positives: 1
 
 
-def test_macro_auc_and_accuracy_match_scikit_learn():
+def test_macro_auc_matches_scikit_learn():
     from sklearn.metrics import roc_auc_score
 
     from pipeline.tasks import task_for
@@ -207,13 +207,30 @@ def test_macro_auc_and_accuracy_match_scikit_learn():
     probability /= probability.sum(axis=1, keepdims=True)
     scores = task_for("multiclass", ["a", "b", "c"]).quick_metrics(truth, probability, None)
     assert scores["auc"] == pytest.approx(roc_auc_score(truth, probability, multi_class="ovr", average="macro"))
-    assert scores["accuracy"] == pytest.approx((probability.argmax(axis=1) == truth).mean())
     hot = rng.integers(0, 2, (200, 3))
     probability = hot * 0.3 + rng.random((200, 3)) * 0.7
-    cut = np.array([0.5, 0.6, 0.7])
     scores = task_for("multilabel", ["a", "b", "c"]).quick_metrics(hot, probability, {"a": 0.5, "b": 0.6, "c": 0.7})
     assert scores["auc"] == pytest.approx(roc_auc_score(hot, probability, average="macro"))
-    assert scores["accuracy"] == pytest.approx(np.mean([((probability[:, k] >= cut[k]) == hot[:, k]).mean() for k in range(3)]))
+
+
+def test_accuracy_on_hand_worked_examples():
+    from pipeline.tasks import task_for
+
+    # Multiclass: the most probable class is right for films 1 and 3, wrong for 2 (says a, is b) and 4 (says b, is c).
+    truth = np.array([0, 1, 2, 2])
+    probability = np.array([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.2, 0.5, 0.3]])
+    assert task_for("multiclass", ["a", "b", "c"]).quick_metrics(truth, probability, None)["accuracy"] == 2 / 4
+
+    # Multilabel at a 0.5, b 0.6, c 0.7 (a probability equal to its threshold is positive):
+    #   film 1: a .9→1 ✓  b .5→0 ✓   c .8→1 ✓
+    #   film 2: a .4→0 ✓  b .6→1 ✓   c .2→0 ✓
+    #   film 3: a .5→1 ✓  b .59→0 ✗  c .1→0 ✓
+    #   film 4: a .6→1 ✗  b .1→0 ✓   c .69→0 ✗
+    # 9 of 12 decisions right: 0.75 per label on average (exact-match accuracy would be 2 of 4, 0.5).
+    hot = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]])
+    probability = np.array([[0.9, 0.5, 0.8], [0.4, 0.6, 0.2], [0.5, 0.59, 0.1], [0.6, 0.1, 0.69]])
+    scores = task_for("multilabel", ["a", "b", "c"]).quick_metrics(hot, probability, {"a": 0.5, "b": 0.6, "c": 0.7})
+    assert scores["accuracy"] == pytest.approx(9 / 12)
 
 
 # --- end to end ---------------------------------------------------------------------------------------

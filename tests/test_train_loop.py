@@ -38,6 +38,16 @@ def project(tmp_path_factory):
     return ingest_and_rebalance(tmp_path_factory.mktemp("loop"))
 
 
+@pytest.fixture(autouse=True)
+def _no_state_file_left_behind(request):
+    """A training test that fails midway (or writes a stale state on purpose) must not leave models/train_state.pt
+    in the shared module project: the next test would resume from it, or find a state it never wrote."""
+    yield
+    if "project" in request.fixturenames:
+        _, paths = request.getfixturevalue("project")
+        train_state_path(paths).unlink(missing_ok=True)
+
+
 def _metric_steps(paths: ProjectPaths, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in tracking_client(paths).get_metric_history(run_id, key)]
 
@@ -129,6 +139,8 @@ def test_combined_rebalance_gives_the_expected_counts(over_ratio, under_ratio, e
     assert (counts["normal"], counts["pneumonia"]) == expected
     assert set(chosen) <= set(INDEX)
     assert np.array_equal(chosen, rebalance_indices(INDEX, LABELS, settings))  # seeded
+    reseeded = RebalanceConfig(method="combined", over_ratio=over_ratio, under_ratio=under_ratio, seed=settings.seed + 1)
+    assert not np.array_equal(chosen, rebalance_indices(INDEX, LABELS, reseeded))  # and the seed decides which films
 
 
 def test_combined_rebalance_refuses_under_ratio_below_over_ratio(tmp_path):
@@ -253,15 +265,19 @@ def test_resume_refuses_a_state_from_other_settings(project):
     params, paths = project
     config = load_config(params)
     stale = {"fingerprint": {"settings": {"train.lr": 0.5}, "manifest_sha256": "x", "train_index_sha256": "y"}}
-    torch.save(stale, train_state_path(paths))
-    with pytest.raises(CxrError, match="other settings or data"):
-        train_stage(paths, config, resume=True)
-    assert train_state_path(paths).exists()  # left for the user to resume with the right settings
-    train_state_path(paths).unlink()
+    try:
+        train_state_path(paths).parent.mkdir(parents=True, exist_ok=True)  # no training test need have run first
+        torch.save(stale, train_state_path(paths))
+        with pytest.raises(CxrError, match="other settings or data"):
+            train_stage(paths, config, resume=True)
+        assert train_state_path(paths).exists()  # left for the user to resume with the right settings
+    finally:
+        train_state_path(paths).unlink(missing_ok=True)
 
 
 def test_resume_without_a_state_file_starts_a_new_run(project):
     params, paths = project
+    assert not train_state_path(paths).exists(), "a state file left by another test would be resumed here"
     result = train_stage(paths, load_config(params, ["train.epochs=1"]), resume=True)
     assert result.epochs_run == 1 and read_run_id(paths) == result.run_id
 

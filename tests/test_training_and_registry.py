@@ -13,7 +13,8 @@ import torch
 
 from pipeline.augment import augment_batch
 from pipeline.config import AugmentConfig, load_config
-from pipeline.models import build_model
+from pipeline.files import sha256_of
+from pipeline.metrics import calibration_table
 from pipeline.champion import rollback
 from pipeline.register import register_stage
 from pipeline.predict import load_model
@@ -24,41 +25,52 @@ from pipeline.errors import CxrError
 from tests.conftest import run_all_stages, write_tiny_project
 
 
-def test_seed_cnn_takes_any_size_and_gives_two_logits():
-    for size in (28, 32, 64, 224):
-        model = build_model("seed_cnn", size, 2, 0.5)
-        assert model(torch.zeros(3, 1, size, size)).shape == (3, 2)
-
-
 def test_augmentation_is_seeded_bounded_and_changes_images():
-    images = torch.rand(8, 1, 32, 32)
+    images = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(3))
     settings = AugmentConfig()
     first = augment_batch(images, settings, torch.Generator().manual_seed(0))
     again = augment_batch(images, settings, torch.Generator().manual_seed(0))
     assert torch.equal(first, again)
+    assert not torch.equal(first, augment_batch(images, settings, torch.Generator().manual_seed(1)))
     assert first.min() >= 0 and first.max() <= 1
     assert not torch.allclose(first, images)
     assert torch.equal(augment_batch(images, AugmentConfig(enabled=False), torch.Generator()), images)
 
 
 def test_training_logs_params_and_per_epoch_metrics_to_mlflow(tiny_project):
-    paths = tiny_project.paths
-    run = tracking_client(paths).get_run(read_run_id(paths))
-    assert run.data.params["train.model"] == "cnn_gru"
-    assert run.data.params["data.image_size"] == "32"
+    paths, config = tiny_project.paths, tiny_project.config
+    client = tracking_client(paths)
+    run_id = read_run_id(paths)
+    run = client.get_run(run_id)
+    assert run.data.params["train.model"] == config.train.model
+    assert run.data.params["data.image_size"] == str(config.data.image_size)
     for key in ("train_loss", "val_loss", "val_auc", "val_accuracy", "best_val_auc", "test_auc", "test_accuracy"):
         assert key in run.data.metrics, key
     history = pd.read_csv(paths.history)
-    assert list(history["epoch"]) == [1]
-    assert run.data.tags["data.manifest_sha256"]
+    assert list(history["epoch"]) == list(range(1, config.train.epochs + 1))
+    for key in ("train_loss", "val_auc"):
+        # Training logs one value per epoch at step = epoch (evaluate logs its own val_* at step 0: not an epoch).
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key) if m.step >= 1)
+        assert [step for step, _ in logged] == list(history["epoch"]), key
+        assert [value for _, value in logged] == pytest.approx(list(history[key]), rel=1e-5), key  # history.csv: 6 digits
+    assert run.data.tags["data.manifest_sha256"] == sha256_of(paths.manifest)
     assert run.data.metrics["gate.duplicates.exact_cross_split"] == 0  # the data gate's counts travel with the run
 
 
 def test_metrics_json_has_the_keys_dvc_and_users_read(tiny_project):
+    from sklearn.metrics import roc_auc_score
+
     metrics = json.loads(tiny_project.paths.metrics.read_text())
     for key in ("auc", "accuracy", "sensitivity", "specificity"):
         assert 0.0 <= metrics["test"][key] <= 1.0
     assert metrics["test"]["tp"] + metrics["test"]["fn"] + metrics["test"]["tn"] + metrics["test"]["fp"] == metrics["test"]["n"]
+    # The headline numbers recomputed independently from the per-film test predictions evaluate wrote.
+    predictions = pd.read_csv(tiny_project.paths.predictions)
+    test = predictions[predictions["split"] == "test"]
+    assert len(test) == metrics["test"]["n"]
+    assert metrics["test"]["auc"] == pytest.approx(roc_auc_score(test["truth"], test["probability"]), abs=1e-9)
+    _, ece = calibration_table(test["truth"].to_numpy(), test["probability"].to_numpy(), tiny_project.config.evaluate.calibration_bins)
+    assert metrics["test"]["ece"] == pytest.approx(ece, abs=1e-6)  # predictions.csv keeps 9 significant digits
     roc = pd.read_csv(tiny_project.paths.roc)
     assert list(roc.columns) == ["fpr", "tpr", "threshold"] and roc["tpr"].iloc[-1] == 1.0
     assert (tiny_project.paths.plots / "roc.png").stat().st_size > 1000
@@ -70,9 +82,14 @@ def test_first_registered_version_is_champion_with_signature(tiny_project):
     champion = client.get_model_version_by_alias("cxr-pneumonia", "champion")
     assert result.is_champion and int(champion.version) == result.version
     model = load_model("models:/cxr-pneumonia@champion", tiny_project.paths)
-    assert model.metadata.signature is not None
-    assert model.metadata.metadata["image_size"] == 32
-    table = model.predict(np.zeros((2, 32, 32), dtype=np.uint8))
+    size = tiny_project.config.data.image_size
+    signature = model.metadata.signature
+    assert signature.inputs.is_tensor_spec()
+    [spec] = signature.inputs.inputs
+    assert spec.type == np.dtype("uint8") and spec.shape == (-1, size, size)
+    assert signature.outputs.input_names() == ["probability", "label"]
+    assert model.metadata.metadata["image_size"] == size
+    table = model.predict(np.zeros((2, size, size), dtype=np.uint8))
     assert list(table.columns) == ["probability", "label"] and table["probability"].between(0, 1).all()
 
 
@@ -118,7 +135,14 @@ def test_registered_version_carries_audit_tags_and_a_model_card(tiny_project):
     version = tracking_client(tiny_project.paths).get_model_version("cxr-pneumonia", str(tiny_project.results["register"].version))
     for tag in ("data.manifest_sha256", "git.commit", "params_sha256", "threshold", "test_metrics", "test_ci95", "decision"):
         assert tag in version.tags, tag
-    assert json.loads(version.tags["test_ci95"])["auc"] is not None
+    metrics = json.loads(tiny_project.paths.metrics.read_text())
+    assert json.loads(version.tags["test_ci95"]) == metrics["test"]["ci95"]
+    assert json.loads(version.tags["test_ci95"])["auc"] == metrics["test"]["ci95"]["auc"]
+    assert version.tags["data.manifest_sha256"] == sha256_of(tiny_project.paths.manifest)
+    assert json.loads(version.tags["threshold"]) == metrics["threshold"]
+    test_metrics = json.loads(version.tags["test_metrics"])
+    assert {"auc", "accuracy", "sensitivity", "specificity", "n"} <= test_metrics.keys()
+    assert test_metrics == {key: metrics["test"][key] for key in test_metrics}
     assert version.description.startswith("# Model card: cxr-pneumonia version")
     assert "## Limits" in version.description and "95 % CI" in version.description
 

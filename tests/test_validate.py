@@ -169,6 +169,10 @@ def test_validate_stage_returns_the_gate_for_a_clean_manifest(tmp_path: Path) ->
     assert gate.passed
     assert gate.results_path == paths.validation_results
     assert gate.summary_path == paths.validation_summary
+    assert paths.validation_results.is_file() and paths.validation_summary.is_file()
+    assert json.loads(paths.validation_results.read_text())  # the GX results, one entry per check run
+    summary = json.loads(paths.validation_summary.read_text())
+    assert summary["passed"] is True and summary == gate.summary
 
 
 def test_unknown_label_fails_labels_in_set(tmp_path: Path) -> None:
