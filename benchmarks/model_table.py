@@ -8,9 +8,10 @@ exactly as `cxr pipeline` would run them, so a row is what a user gets.
 Each image size is ingested (and passed through the data-quality gate) once in a temporary project; every
 model and seed then rebalances and trains there. A seed sets `train.seed` and `rebalance.seed` (weights,
 batch order, augmentation, resampling); the split (`data.seed`) stays fixed so every run is scored on the same
-validation films. Validation metrics are the best-on-validation-AUC checkpoint's, accuracy at 0.5 (as in
-`pipeline.train`). Training time is the wall time of `train_stage`; on a shared machine it is only as good as
-the machine was idle, so the CPU share other processes took is measured (from /proc/stat) and reported.
+validation films. Validation metrics are the best-on-validation-AUC checkpoint's, accuracy at 0.5 (as training
+scores validation: Task.validation_scores in pipeline.tasks). Training time is the wall time of the train stage;
+on a shared machine it is only as good as the machine was idle, so the CPU share other processes took is
+measured (from /proc/stat) and reported.
 
 Run it from the repository root:
 

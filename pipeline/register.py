@@ -18,14 +18,8 @@ import numpy as np
 
 from pipeline.champion import CHALLENGER, current_champion, gate, move_champion
 from pipeline.config import Config
-from pipeline.documents import (
-    count_rows,
-    describe_operating_point,
-    describe_threshold,
-    headline_rows,
-    per_label_rows,
-    render,
-)
+from pipeline.documents import (count_rows, describe_operating_point, describe_threshold, headline_rows, per_label_rows,
+                                render)
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, read_json, sha256_of, write_json
 from pipeline.metrics import format_metric

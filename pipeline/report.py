@@ -19,14 +19,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.documents import (
-    count_rows,
-    describe_operating_point,
-    describe_threshold,
-    headline_rows,
-    per_label_rows,
-    render,
-)
+from pipeline.documents import (count_rows, describe_operating_point, describe_threshold, headline_rows, per_label_rows,
+                                render)
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, read_json
 from pipeline.metrics import format_metric

@@ -20,12 +20,7 @@ from pipeline.paths import ProjectPaths
 from pipeline.training.data import load_training_data, pick_device
 from pipeline.training.loop import fit
 from pipeline.training.run import tracked_run
-from pipeline.training.state import (
-    restore_trainer,
-    resume_state,
-    run_fingerprint,
-    train_state_path,
-)
+from pipeline.training.state import restore_trainer, resume_state, run_fingerprint, train_state_path
 from pipeline.training.trainer import build_trainer
 
 log = logging.getLogger(__name__)

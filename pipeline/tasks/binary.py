@@ -7,13 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipeline.tasks.base import (
-    ExampleFilms,
-    LabelBalance,
-    Scored,
-    Threshold,
-    threshold_on_validation,
-)
+from pipeline.tasks.base import ExampleFilms, LabelBalance, Scored, Threshold, threshold_on_validation
 from pipeline.tasks.one_label import OneLabelPerFilm
 
 if TYPE_CHECKING:

@@ -9,14 +9,7 @@ import pandas as pd
 
 from pipeline.errors import CxrError
 from pipeline.labels import UNLABELLED, join_labels, multi_hot, split_labels
-from pipeline.tasks.base import (
-    ExampleFilms,
-    Scored,
-    Task,
-    Threshold,
-    in_split_order,
-    threshold_on_validation,
-)
+from pipeline.tasks.base import ExampleFilms, Scored, Task, Threshold, in_split_order, threshold_on_validation
 
 if TYPE_CHECKING:
     from pipeline.config import EvaluateConfig, SourceSpec, TrainConfig

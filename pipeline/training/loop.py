@@ -17,12 +17,7 @@ from pipeline.config import Config
 from pipeline.files import atomic_path
 from pipeline.paths import ProjectPaths
 from pipeline.training.data import TrainingData
-from pipeline.training.state import (
-    global_rng_state,
-    save_checkpoint,
-    save_train_state,
-    train_state_path,
-)
+from pipeline.training.state import global_rng_state, save_checkpoint, save_train_state, train_state_path
 from pipeline.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
