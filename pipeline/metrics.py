@@ -59,28 +59,36 @@ INTERVAL_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv
 
 def bootstrap_intervals(
     y_true: np.ndarray, probability: np.ndarray, threshold: float, rounds: int = 1000, seed: int = 0, level: float = 0.95,
+    clusters: np.ndarray | None = None,
 ) -> dict[str, list[float] | None]:
-    """Percentile bootstrap intervals (resampling films with replacement) for each metric in INTERVAL_METRICS.
+    """Percentile bootstrap intervals (resampling films with replacement, or with `clusters` whole patients) for each
+    metric in INTERVAL_METRICS.
 
     A small test split gives wide intervals: that width is the honest answer to "how good is it".
     A metric undefined in too many resamples (e.g. AUC with one class) gets None.
     """
     y_true = np.asarray(y_true).astype(int)
     probability = np.asarray(probability, dtype=float)
-    return bootstrap(lambda pick: threshold_metrics(y_true[pick], probability[pick], threshold), len(y_true), rounds, seed, level)
+    return bootstrap(lambda pick: threshold_metrics(y_true[pick], probability[pick], threshold), len(y_true), rounds, seed,
+                     level, clusters)
 
 
 def bootstrap(
     score: Callable[[np.ndarray], dict[str, float | None]], n: int, rounds: int = 1000, seed: int = 0, level: float = 0.95,
+    clusters: np.ndarray | None = None,
 ) -> dict[str, list[float] | None]:
     """Percentile intervals of each score `score(pick)` returns, over `rounds` resamples `pick` of n films.
 
-    A score undefined (None) in more than half of the resamples gets None rather than a biased interval.
+    With `clusters` (one id per film, e.g. the patient pseudonym) the resample draws clusters with replacement and
+    takes every film of each drawn cluster, so films of one patient, which are correlated, stay together and the
+    interval is not too narrow; `pick` then varies in length. A score undefined (None) in more than half of the
+    resamples gets None rather than a biased interval.
     """
     rng = np.random.default_rng(seed)
+    draw = (lambda: rng.integers(0, n, n)) if clusters is None else _cluster_sampler(np.asarray(clusters), n, rng)
     samples: dict[str, list[float]] = {}
     for _ in range(rounds):
-        for name, value in score(rng.integers(0, n, n)).items():
+        for name, value in score(draw()).items():
             samples.setdefault(name, [])
             if value is not None:
                 samples[name].append(value)
@@ -89,6 +97,24 @@ def bootstrap(
         name: [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))] if len(values) >= rounds // 2 else None
         for name, values in samples.items()
     }
+
+
+def _cluster_sampler(clusters: np.ndarray, n: int, rng: np.random.Generator) -> Callable[[], np.ndarray]:
+    """A function drawing one cluster resample: as many clusters as there are, with replacement, all films of each."""
+    if len(clusters) != n:
+        raise ValueError(f"bootstrap: {len(clusters)} cluster ids for {n} films")
+    _, which = np.unique(clusters, return_inverse=True)
+    members = np.argsort(which, kind="stable")  # films grouped by cluster
+    sizes = np.bincount(which)
+    starts = np.cumsum(sizes) - sizes
+
+    def draw() -> np.ndarray:
+        chosen = rng.integers(0, len(sizes), len(sizes))
+        counts = sizes[chosen]
+        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        return members[np.repeat(starts[chosen], counts) + offsets]
+
+    return draw
 
 
 def threshold_metrics(y_true: np.ndarray, probability: np.ndarray, threshold: float) -> dict[str, float | None]:

@@ -228,3 +228,29 @@ def test_the_served_model_calls_positives_at_a_changed_stored_threshold(tmp_path
     files = expand_inputs([project.paths.root / "data" / "raw" / "demo" / "pneumonia"])[:8]
     for prediction in predict_files(load_model("models:/cxr-pneumonia@champion", project.paths), files):
         assert prediction.error or prediction.label == ("pneumonia" if prediction.probability >= median else "normal")
+
+
+def test_a_cluster_bootstrap_resamples_whole_patients_and_is_not_fooled_by_repeated_films():
+    """Five identical films per patient carry no more evidence than one: resampling films treats them as five
+    patients and gives a narrower interval than the data hold; resampling patients gives the interval of one film each."""
+    from pipeline.metrics import bootstrap
+
+    truth, probability = _scores(40, seed=1)
+    patients = np.repeat(np.arange(40), 5)
+    repeated_truth, repeated_probability = np.repeat(truth, 5), np.repeat(probability, 5)
+
+    picks = []
+    bootstrap(lambda pick: picks.append(pick) or {}, len(patients), rounds=100, clusters=patients)
+    for pick in picks:  # every drawn patient comes with all five of its films
+        drawn, counts = np.unique(patients[pick], return_counts=True)
+        assert (counts % 5 == 0).all() and np.isin(drawn, patients).all()
+    assert len({len(pick) for pick in picks}) == 1 and len(picks[0]) == 200  # as many patients as there are, with replacement
+
+    one_each = bootstrap_intervals(truth, probability, 0.5, rounds=1000)["auc"]
+    by_film = bootstrap_intervals(repeated_truth, repeated_probability, 0.5, rounds=1000)["auc"]
+    by_patient = bootstrap_intervals(repeated_truth, repeated_probability, 0.5, rounds=1000, clusters=patients)["auc"]
+    width = lambda interval: interval[1] - interval[0]  # noqa: E731
+    assert width(by_film) < 0.6 * width(one_each)  # films resampled: about 1/sqrt(5) as wide, falsely sure
+    assert width(by_patient) == pytest.approx(width(one_each), rel=0.25)
+    with pytest.raises(ValueError, match="cluster ids"):
+        bootstrap(lambda pick: {}, 10, clusters=np.arange(9))
