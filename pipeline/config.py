@@ -6,12 +6,13 @@ tracking URI, the de-identification key), so every other module gets its setting
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import CxrError
 
@@ -265,11 +266,13 @@ class EvaluateConfig(Section):
 
 class RegisterConfig(Section):
     model_name: str = Field("cxr-pneumonia", min_length=1)
-    # The challenger takes `champion` unless it is worse than the champion, scored on the same films, by more
-    # than `margin` on this metric; otherwise it gets the `challenger` alias.
-    gate_metric: Literal["test_auc", "test_accuracy", "test_sensitivity", "test_specificity", "test_f1",
-                         "val_auc", "val_accuracy"] = "test_auc"
+    # The challenger takes `champion` only when, on the test films of patients neither model trained or was
+    # validated on, it is not worse on this metric (difference >= 0) and the lower bound of the patient-clustered
+    # 95 % interval of the difference is above -margin (pipeline.champion); otherwise it gets `challenger`.
+    # Test films only: a validation metric would score the challenger on films it chose its checkpoint on.
+    gate_metric: Literal["test_auc", "test_accuracy", "test_sensitivity", "test_specificity", "test_f1"] = "test_auc"
     margin: float = Field(0.01, ge=0, le=1)
+    min_gate_films: int = Field(30, ge=1)  # fewer such films and the gate refuses to decide (a person promotes)
 
 
 class OrchestrationConfig(Section):
@@ -301,6 +304,22 @@ class Config(Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    # The params load_config was given on the command line (--set) whose value differs from the params file:
+    # `section.key` -> what the file says (or the default it leaves in place). Not a param: it travels with the config.
+    _command_line: dict[str, tuple[Any, bool]] = PrivateAttr(default_factory=dict)
+    _params_file: str = PrivateAttr("params.yaml")
+
+    def setting(self, key: str) -> str:
+        """A param as a decision should record it: `margin 0.01`, or, when a --set changed it from the params file,
+        `margin 1 (set on the command line; params.yaml says 0.01)`."""
+        value = self.as_flat_dict()[key]
+        shown = f"{key.rsplit('.', 1)[-1]} {value:g}" if isinstance(value, float) else f"{key.rsplit('.', 1)[-1]} {value}"
+        if key not in self._command_line:
+            return shown
+        in_file, written = self._command_line[key]
+        said = f"{self._params_file} says {_shown(in_file)}" if written else f"{self._params_file} leaves the default {_shown(in_file)}"
+        return f"{shown} (set on the command line; {said})"
+
     @model_validator(mode="after")
     def _model_fits_image_size(self) -> Config:
         if self.train.model == "vit" and self.data.image_size % 2:
@@ -330,6 +349,10 @@ class Config(Section):
     def as_flat_dict(self) -> dict[str, Any]:
         """`section.key -> value` pairs, the form MLflow params and `--set` use."""
         return _flatten(self.model_dump(mode="json", by_alias=True))
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -405,14 +428,26 @@ def load_config(params_path: Path, overrides: list[str] | tuple[str, ...] = ()) 
         if loaded is not None and not isinstance(loaded, dict):
             raise CxrError(f"{params_path}: expected a mapping of sections (data:, train:, ...)")
         raw = loaded or {}
+    in_file = _flatten(copy.deepcopy(raw))
+    overridden: list[str] = []
     for text in overrides:
         path, value = parse_override(text)
         apply_override(raw, path, value, text)
+        overridden.append(".".join(path))
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except ValidationError as exc:
         where = f"{params_path} with --set {' '.join(overrides)}" if overrides else str(params_path)
         raise CxrError(_describe(exc, where)) from None
+    config._params_file = params_path.name
+    if overridden:
+        defaults = Config().as_flat_dict()
+        for key, value in config.as_flat_dict().items():
+            written = key in in_file
+            before = in_file[key] if written else defaults.get(key)
+            if any(key == path or key.startswith(f"{path}.") for path in overridden) and value != before:
+                config._command_line[key] = (before, written)
+    return config
 
 
 def _describe(exc: ValidationError, where: str) -> str:

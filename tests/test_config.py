@@ -100,3 +100,21 @@ def test_three_labels_need_a_multiclass_or_multilabel_task(tmp_path):
 def test_params_folder_instead_of_file_is_a_clear_error(tmp_path):
     with pytest.raises(CxrError, match="is a folder"):
         load_config(tmp_path)
+
+
+def test_a_gate_setting_changed_on_the_command_line_says_so_and_what_the_params_file_says(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("register:\n  margin: 0.01\n")
+    config = load_config(params, ["register.margin=1", "register.gate_metric=test_accuracy", "register.min_gate_films=30"])
+    assert config.setting("register.margin") == "margin 1 (set on the command line; params.yaml says 0.01)"
+    assert config.setting("register.gate_metric") == ("gate_metric test_accuracy (set on the command line; params.yaml "
+                                                      "leaves the default test_auc)")
+    assert config.setting("register.min_gate_films") == "min_gate_films 30"  # the same value as before: nothing to say
+    assert load_config(params).setting("register.margin") == "margin 0.01"
+    whole = load_config(params, ["register={margin: 0.5}"])  # a whole section set at once
+    assert whole.setting("register.margin") == "margin 0.5 (set on the command line; params.yaml says 0.01)"
+
+
+def test_the_gate_compares_on_test_films_only(tmp_path):
+    with pytest.raises(CxrError, match="register.gate_metric"):
+        load_config(tmp_path / "params.yaml", ["register.gate_metric=val_auc"])
