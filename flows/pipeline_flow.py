@@ -24,7 +24,7 @@ from prefect.states import Failed, State  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.files import sha256_of, write_json  # noqa: E402
 from pipeline.documents import headline_rows, render  # noqa: E402
-from pipeline.errors import CxrError  # noqa: E402
+from pipeline.errors import CxrError, StoreUnavailable  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
 from pipeline.stages import STAGES, stage  # noqa: E402
 
@@ -33,9 +33,12 @@ USER_ERROR = "UserError"
 
 
 def _as_state(body: Callable[[], Any]) -> Any:
-    """Run a stage; a user error becomes a Failed state with its message instead of an exception."""
+    """Run a stage; a user error becomes a Failed state with its message instead of an exception. A store that did
+    not answer is no user error: it stays an exception, so the task's retries apply."""
     try:
         return body()
+    except StoreUnavailable:
+        raise
     except CxrError as exc:
         return Failed(message=str(exc), name=USER_ERROR)
 
