@@ -128,6 +128,17 @@ def decode_one(item: SourceItem, size: int) -> Decoded | Failure:
     return Decoded(stored, _decoded_fields(decoded.pixels, stored, decoded.format, header), decoded.patient_id, decoded.identifiers)
 
 
+def decode_at_size(item: SourceItem, size: int) -> Decoded | Failure:
+    """One listed film decoded exactly as ingest stores it, at any size: the champion gate feeds each model the
+    raw films at its own image size. Never raises, like decode_one."""
+    return decode_one(item, size) if item.file is not None else _cached_or_array(item, None, None, size)
+
+
+def image_id_of(item: SourceItem) -> str:
+    """The manifest's image_id of a listed film: a hash of where it is, so a manifest row leads back to its file."""
+    return hashlib.sha256(f"{item.source}/{item.path}".encode()).hexdigest()[:16]
+
+
 def _decoded_fields(original: np.ndarray, stored: np.ndarray, kind: str, header: dict) -> dict:
     """The manifest fields decoding yields (and the decode cache keeps): nothing that identifies a patient."""
     return {
@@ -199,7 +210,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     return result
 
 
-def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache, size: int) -> Decoded | Failure:
+def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache | None, size: int) -> Decoded | Failure:
     """A film from the decode cache (identity re-read from its header: never cached), or an array from a .npz."""
     if item.file is None:
         original = np.asarray(item.pixels, dtype=np.uint8)
@@ -224,7 +235,7 @@ def _manifest_row(item: SourceItem, decoded: Decoded, key: bytes) -> dict:
     # DICOM header PatientID wins over a table or file name; without any, the film is its own patient.
     patient = decoded.patient_id or item.patient_id or f"{item.source}/{item.path}"
     return {
-        "image_id": hashlib.sha256(f"{item.source}/{item.path}".encode()).hexdigest()[:16],
+        "image_id": image_id_of(item),
         "split": item.split,
         "label": item.label,
         "patient_hash": patient_hash(patient, key),
