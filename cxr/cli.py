@@ -188,11 +188,15 @@ def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
 
 @app.command()
 def register(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
-    """Log the model to MLflow (pyfunc with signature, input example, tags and a model card), register a new
-    version of register.model_name, and score the current champion on the same films: the new version takes
-    `champion` unless it is worse by more than register.margin on register.gate_metric, else `challenger`.
+    """Log the model to MLflow (pyfunc with signature, input example, tags, patient set and a model card), register a
+    new version of register.model_name, and run the champion gate: both models scored on the raw test films of
+    patients neither trained or was validated on, each at its own image size. The new version takes `champion` only
+    when it is not worse on register.gate_metric and the lower bound of the patient-clustered 95 % interval of the
+    difference is above -register.margin; else it gets `challenger`. Prints the decision.
     """
-    _stage(params, set_, "register")
+    result = _stage(params, set_, "register")
+    state = "is @champion" if result.is_champion else "is @challenger (champion unchanged)"
+    typer.echo(f"{result.model_name} version {result.version} {state}: {result.reason}")
 
 
 @app.command()
@@ -222,14 +226,15 @@ def pipeline(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
     _run(action)
 
 
-def _registry(params: Path):  # -> tuple[MlflowClient, str]
-    """The project's MLflow client and registered model name, for commands that move aliases by hand."""
+def _registry(params: Path):  # -> tuple[ProjectPaths, MlflowClient, str]
+    """The project's paths, MLflow client and registered model name, for commands that move aliases by hand."""
     from pipeline import tracking
     from pipeline.config import load_config
     from pipeline.paths import ProjectPaths
 
     config = load_config(params)
-    return tracking.client(ProjectPaths(params.resolve().parent)), config.registry.model_name
+    paths = ProjectPaths(params.resolve().parent)
+    return paths, tracking.client(paths), config.registry.model_name
 
 
 @app.command()
@@ -238,14 +243,15 @@ def promote(
     reason: Annotated[str, typer.Option(help="Why; recorded in the registry's champion history.")] = "no reason given",
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Give VERSION of register.model_name the `champion` alias by hand (a person's decision, logged)."""
+    """Give VERSION of register.model_name the `champion` alias by hand (a person's decision), appended to the champion
+    history with the time, the OS user, the reason and the gate's decision on that version."""
 
     def action() -> None:
         from pipeline.champion import promote as promote_version
 
-        client, name = _registry(params)
-        promote_version(client, name, version, reason)
-        typer.echo(f"{name} version {version} is @champion")
+        paths, client, name = _registry(params)
+        moved = promote_version(paths, client, name, version, reason)
+        typer.echo(f"{name} version {version} is @champion" + ("" if moved else " already; nothing moved"))
 
     _run(action)
 
@@ -255,13 +261,41 @@ def rollback(
     reason: Annotated[str, typer.Option(help="Why; recorded in the registry's champion history.")] = "no reason given",
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Move `champion` back to the version that held it before the current one (logged)."""
+    """Move `champion` back to the version the current one replaced: the champion history is a stack (v1, v2, v3
+    promoted, then rollback gives v2, and again v1). Refuses a version that no longer loads or whose task, labels or
+    image size differ from the current champion's. Logged like every move."""
 
     def action() -> None:
         from pipeline.champion import rollback as roll_back
 
-        client, name = _registry(params)
-        typer.echo(f"{name} version {roll_back(client, name, reason)} is @champion again")
+        paths, client, name = _registry(params)
+        typer.echo(f"{name} version {roll_back(paths, client, name, reason)} is @champion again")
+
+    _run(action)
+
+
+@app.command()
+def history(
+    params: ParamsOption = Path("params.yaml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the entries as a JSON list.")] = False,
+) -> None:
+    """Print every move of register.model_name's `champion` alias, oldest first: when (UTC), the version, the move
+    (automatic by the gate, promote or rollback by a person), who (OS user and host), why, and the gate's decision.
+    The log is kept as one MLflow run per move in the experiment <model name>-champion-history of the tracking store.
+    """
+
+    def action() -> None:
+        from pipeline.champion import champion_history
+
+        _, client, name = _registry(params)
+        entries = champion_history(client, name)
+        if as_json:
+            typer.echo(json.dumps(entries, indent=2))
+            return
+        if not entries:
+            typer.echo(f"{name}: no champion moves recorded")
+        for entry in entries:
+            typer.echo(f"{entry['at']}  v{entry['version']}  {entry['action']:<9}  {entry['user']}@{entry['host']}  {entry['reason']}")
 
     _run(action)
 

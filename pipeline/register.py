@@ -1,8 +1,9 @@
-"""Register: log the trained model to MLflow as a pyfunc, with its tags and model card, and run the champion gate.
+"""Register: log the trained model to MLflow as a pyfunc, with its tags, patient set and model card, and run the
+champion gate.
 
-The `champion` alias moves only when the new version is not worse than the champion, scored on the same
-films, by more than `register.margin` on `register.gate_metric` (pipeline.champion); otherwise the new
-version gets the `challenger` alias and the run says why. Aliases, not the deprecated stages.
+The `champion` alias moves only when the new version is not worse than the champion on `register.gate_metric` and
+non-inferior at `register.margin`, scored on test films neither model has seen (pipeline.champion); otherwise the
+new version gets the `challenger` alias and the decision says why. Aliases, not the deprecated stages.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.champion import CHALLENGER, current_champion, gate, move_champion
+from pipeline.champion import (CHALLENGER, CONTRACT_TAG, PATIENTS_ARTIFACT_TAG, PATIENTS_TAG, GateDecision, current_champion,
+                               first_decision, gate, move_champion, patient_record)
 from pipeline.config import Config
 from pipeline.documents import (count_rows, describe_operating_point, describe_threshold, headline_rows, per_label_rows,
                                 render)
@@ -38,18 +40,22 @@ class RegisterResult:
     version: int
     is_champion: bool
     gate_metric: str
-    value: float | None  # the new version's gate metric
+    value: float | None  # the new version's gate metric (on the gate's films when compared)
     previous_champion: int | None
     previous_value: float | None  # the previous champion's, on the same films
-    difference_ci95: list[float] | None
+    difference_ci95: list[float] | None  # of (new - champion): paired, patient-clustered bootstrap
     reason: str
+    margin: float | None = None
+    difference: float | None = None
+    n_films: int | None = None  # the films compared: test films of patients neither model trained or validated on
+    n_patients: int | None = None
 
 
 def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
     """Log checkpoint + signature + input example as a new registered version; move the alias if it earned it.
 
     Idempotent: the same checkpoint and threshold from the same run reuse the version already registered
-    (a rerun, or a Prefect retry after a dropped connection, does not add a copy).
+    (a rerun, or a Prefect retry after a dropped connection, does not add a copy), and run the gate again.
     """
     from pipeline import tracking
 
@@ -61,39 +67,69 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
     run_id = tracking.read_run_id(paths)
     client = tracking.client(paths)
     name, settings = config.registry.model_name, config.registry
+    patients = _patients_trained_on(paths, client, run_id)
 
     fingerprint = f"{sha256_of(paths.checkpoint)}@{json.dumps(metrics['threshold'], sort_keys=True)}@{metrics['temperature']}"
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}' and tags.fingerprint='{fingerprint}'")
     if existing:
         version = int(existing[0].version)
+        if not existing[0].tags.get(PATIENTS_TAG):  # a retry after a failure in between
+            _record_patients(client, name, version, run_id, patients)
     else:
         version = _log_model(paths, config, run_id)
         client.set_model_version_tag(name, str(version), "fingerprint", fingerprint)
+        _record_patients(client, name, version, run_id, patients)
         _describe_version(client, paths, config, name, version, run_id, metrics)
 
-    previous = current_champion(client, name)
+    previous = current_champion(client, name)  # fails closed: a store that does not answer stops here
     split, metric = settings.gate_metric.split("_", 1)
-    own_value = metrics[split].get(metric)
-    if previous is None:
-        decision_value, previous_value, interval, promote, reason = own_value, None, None, True, "no champion yet"
-    elif int(previous.version) == version:
-        decision_value, previous_value, interval, promote, reason = own_value, own_value, None, True, "already champion"
+    own = metrics[split].get(metric)
+    if previous is not None and int(previous.version) == version:
+        decision = GateDecision(True, settings.gate_metric, settings.margin, own, own, None, None, None, None, version,
+                                "already champion")
     else:
-        decision = gate(paths, settings.gate_metric, settings.margin, previous, config.evaluate.bootstrap_rounds, config.evaluate.seed)
-        decision_value, previous_value, interval = decision.challenger_value, decision.champion_value, decision.difference_ci95
-        promote, reason = decision.promote, decision.reason
-    if promote and (previous is None or int(previous.version) != version):
-        move_champion(client, name, version, reason)
-    elif not promote:
-        client.set_registered_model_alias(name, CHALLENGER, str(version))
-    client.set_model_version_tag(name, str(version), "decision", reason)
+        decision = gate(paths, config, client, previous, version, patients) if previous is not None else \
+            first_decision(config, own, metrics[split].get("n"))
+        if decision.promote:
+            move_champion(paths, client, name, version, "automatic", decision.reason, decision.as_dict(),
+                          int(previous.version) if previous else None)
+        else:
+            client.set_registered_model_alias(name, CHALLENGER, str(version))
+        client.set_model_version_tag(name, str(version), "gate", json.dumps(decision.as_dict(), sort_keys=True))
+    client.set_model_version_tag(name, str(version), "decision", decision.reason)
 
-    result = RegisterResult(name, version, promote, settings.gate_metric, decision_value,
-                            int(previous.version) if previous else None, previous_value, interval, reason)
+    promote, reason = decision.promote, decision.reason
+    result = RegisterResult(name, version, promote, settings.gate_metric, decision.challenger_value,
+                            int(previous.version) if previous else None, decision.champion_value, decision.difference_ci95,
+                            reason, decision.margin, decision.difference, decision.n_films, decision.n_patients)
     write_json(paths.registered, asdict(result))
     state = " is now @champion" if promote else " is @challenger, champion unchanged"
     log.info("register: %s version %d%s (%s)", name, version, state, reason)
     return result
+
+
+def _patients_trained_on(paths: ProjectPaths, client, run_id: str) -> dict:
+    """The train and val patients of the manifest the run trained on; a manifest changed since training is refused,
+    since the version would record patients it did not train on (or miss some it did)."""
+    trained_on = client.get_run(run_id).data.tags.get("data.manifest_sha256")
+    current = sha256_of(paths.manifest)
+    if trained_on and trained_on != current:
+        raise CxrError(f"{paths.manifest} changed since `cxr train` made run {run_id}: run `cxr train` and `cxr evaluate` again")
+    return patient_record(paths, current)
+
+
+def _record_patients(client, name: str, version: int, run_id: str, patients: dict) -> None:
+    """The version's patient set as an artifact of its run, and the file's sha256 as a tag: the gate of every later
+    challenger reads it to leave out the test films this version trained or was validated on."""
+    import hashlib
+
+    content = json.dumps(patients, sort_keys=True).encode()
+    folder = f"registry/v{version}"
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / "patients.json").write_bytes(content)
+        client.log_artifact(run_id, str(Path(scratch) / "patients.json"), artifact_path=folder)
+    client.set_model_version_tag(name, str(version), PATIENTS_ARTIFACT_TAG, f"{folder}/patients.json")
+    client.set_model_version_tag(name, str(version), PATIENTS_TAG, hashlib.sha256(content).hexdigest())
 
 
 def _describe_version(client, paths: ProjectPaths, config: Config, name: str, version: int, run_id: str, metrics: dict) -> None:
@@ -110,6 +146,7 @@ def _describe_version(client, paths: ProjectPaths, config: Config, name: str, ve
         "test_metrics": json.dumps({k: test.get(k) for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "n")
                                     if k in test}),
         "test_ci95": json.dumps(test.get("ci95", {})),
+        CONTRACT_TAG: json.dumps(_contract_of_checkpoint(paths)),  # what rollback checks a target against
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
@@ -118,6 +155,13 @@ def _describe_version(client, paths: ProjectPaths, config: Config, name: str, ve
     with atomic_path(paths.models / "model_card.md") as tmp:
         tmp.write_text(card)
     client.log_artifact(run_id, str(paths.models / "model_card.md"), artifact_path="model")
+
+
+def _contract_of_checkpoint(paths: ProjectPaths) -> dict:
+    from pipeline.models import load_checkpoint
+
+    _, state = load_checkpoint(paths.checkpoint)
+    return {"task": state["task"], "labels": list(state["labels"]), "image_size": int(state["image_size"])}
 
 
 def model_card(paths: ProjectPaths, config: Config, name: str, version: int, tags: dict, metrics: dict) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 CXR = str(Path(sys.executable).parent / "cxr")
-COMMANDS = ["demo-data", "ingest", "validate", "rebalance", "train", "evaluate", "register", "pipeline", "predict", "promote", "rollback", "summary"]
+COMMANDS = ["demo-data", "ingest", "validate", "rebalance", "train", "evaluate", "register", "pipeline", "predict", "promote", "rollback", "history", "summary"]
 
 
 def cxr(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -28,7 +28,7 @@ def test_every_command_has_an_explaining_help(command):
     out = cxr(command, "--help")
     assert out.returncode == 0
     assert len(out.stdout.split()) > 25, out.stdout
-    if command not in ("demo-data", "predict", "promote", "rollback", "summary"):
+    if command not in ("demo-data", "predict", "promote", "rollback", "history", "summary"):
         assert "--set" in out.stdout
 
 

@@ -316,7 +316,7 @@ def test_a_temperature_scaled_multiclass_version_goes_through_the_gate_and_is_se
     from pipeline.tasks import task_for
 
     project = run_all_stages(write_kermany_project(tmp_path))
-    config = load_config(project.params, ["evaluate.temperature_scaling=true"])
+    config = load_config(project.params, ["evaluate.temperature_scaling=true", "register.min_gate_films=5"])  # a tiny test split
     temperature = evaluate_stage(project.paths, config).metrics["temperature"]
     result = register_stage(project.paths, config)
     assert result.version == 2 and "vs champion v1" in result.reason  # compared on the same films by macro AUC
@@ -348,7 +348,7 @@ def test_multilabel_thresholds_reach_a_target_sensitivity_and_new_ones_make_a_ve
         assert result.metrics["val"]["per_label"][label]["sensitivity"] >= 0.9
 
     config = load_config(project.params, ["evaluate.threshold_method=fixed", "evaluate.threshold=0.5",
-                                          "register.gate_metric=test_accuracy"])
+                                          "register.gate_metric=test_accuracy", "register.min_gate_films=5"])
     thresholds = evaluate_stage(project.paths, config).metrics["threshold"]
     assert thresholds == {label: 0.5 for label in MULTILABEL_LABELS}
     registered = register_stage(project.paths, config)

@@ -15,7 +15,7 @@ from pipeline.augment import augment_batch
 from pipeline.config import AugmentConfig, load_config
 from pipeline.files import sha256_of
 from pipeline.metrics import calibration_table
-from pipeline.champion import rollback
+from pipeline.champion import champion_history, rollback
 from pipeline.register import register_stage
 from pipeline.predict import load_model
 from pipeline.tracking import client as tracking_client, read_run_id
@@ -96,18 +96,19 @@ def test_first_registered_version_is_champion_with_signature(tiny_project):
 @pytest.mark.slow
 def test_weaker_challenger_does_not_take_champion(tmp_path):
     """A model trained with a useless learning rate registers a version but leaves the alias where it was."""
-    project = run_all_stages(write_tiny_project(tmp_path, n=120), ["train.epochs=8"])
+    small_test_split = "register.min_gate_films=10"  # the gate's floor, for a tiny project
+    project = run_all_stages(write_tiny_project(tmp_path, n=120), ["train.epochs=8", small_test_split])
     client = tracking_client(project.paths)
     before = client.get_model_version_by_alias("cxr-pneumonia", "champion").version
 
-    weak = load_config(project.params, ["train.lr=1e-9", "augment.enabled=false"])
+    weak = load_config(project.params, ["train.lr=1e-9", "augment.enabled=false", small_test_split])
     train_stage(project.paths, weak)
     with pytest.raises(CxrError, match="run `cxr evaluate` first"):
         register_stage(project.paths, weak)  # its metrics still describe the champion's checkpoint
     evaluate_stage(project.paths, weak)
     result = register_stage(project.paths, weak)
 
-    assert not result.is_champion and "worse by more than" in result.reason
+    assert not result.is_champion and "worse at the point estimate" in result.reason
     assert result.value < result.previous_value
     assert client.get_model_version_by_alias("cxr-pneumonia", "champion").version == before
     assert int(client.get_model_version_by_alias("cxr-pneumonia", "challenger").version) == result.version
@@ -125,9 +126,10 @@ def test_weaker_challenger_does_not_take_champion(tmp_path):
     assert promoted.returncode == 0, promoted.stderr
     assert int(client.get_model_version_by_alias("cxr-pneumonia", "champion").version) == result.version
     assert "challenger" not in client.get_registered_model("cxr-pneumonia").aliases
-    assert rollback(client, "cxr-pneumonia", "reader study withdrawn") == int(before)
-    history = json.loads(client.get_registered_model("cxr-pneumonia").tags["champion_history"])
+    assert rollback(project.paths, client, "cxr-pneumonia", "reader study withdrawn") == int(before)
+    history = champion_history(client, "cxr-pneumonia")
     assert [entry["version"] for entry in history] == [int(before), result.version, int(before)]
+    assert [entry["action"] for entry in history] == ["automatic", "promote", "rollback"]
     assert "reader study" in history[1]["reason"]
 
 
