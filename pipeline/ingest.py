@@ -27,6 +27,7 @@ from pipeline.deid import load_key, patient_hash, redact
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, sha256_of
 from pipeline.imaging import UnreadableImage, check_usable, decode_file, pixel_sha256, read_identity, resize
+from pipeline.manifest import write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
 from pipeline.splits import carve_from_train, split_patients
@@ -177,8 +178,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
 
     with atomic_path(paths.images) as tmp, tmp.open("wb") as handle:
         np.save(handle, np.stack(images))
-    with atomic_path(paths.manifest) as tmp:
-        manifest.to_parquet(tmp, index=False)
+    write_manifest(paths.manifest, manifest, config.data.task, config.data.labels)
     with atomic_path(paths.quarantine) as tmp:
         quarantine.to_csv(tmp, index=False)
     with atomic_path(paths.dropped_duplicates) as tmp:

@@ -27,6 +27,7 @@ from pipeline.errors import CxrError
 from pipeline.files import write_json
 from pipeline.sources import UNLABELLED
 from pipeline.ingest import MANIFEST_COLUMNS
+from pipeline.manifest import read_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.phash import close_pairs, phash
 from pipeline.tasks import LabelBalance, task_for
@@ -76,7 +77,7 @@ def validate_stage(paths: ProjectPaths, config: Config) -> GateResult:
     for path in (paths.manifest, paths.images):
         if not path.exists():
             raise CxrError(f"{path} is missing: run ingest first")
-    manifest = pd.read_parquet(paths.manifest)
+    manifest = read_manifest(paths.manifest, config.data.task, config.data.labels)
     manifest = manifest[manifest["split"] != UNLABELLED]  # films kept for prediction only are not training data
     images = np.load(paths.images, mmap_mode="r")  # hashed a chunk at a time, never read whole
     dropped = pd.read_csv(paths.dropped_duplicates) if paths.dropped_duplicates.exists() else None

@@ -52,11 +52,14 @@ def check(gate: GateResult, name: str) -> CheckResult:
     return next(c for c in gate.checks if c.name == name)
 
 
-def write_manifest(root: Path, manifest: pd.DataFrame, images: np.ndarray | None = None) -> ProjectPaths:
-    """What ingest writes: the manifest and the image store."""
+def write_manifest(root: Path, manifest: pd.DataFrame, images: np.ndarray | None = None,
+                   task: str = "binary", labels: tuple[str, ...] = ("normal", "pneumonia")) -> ProjectPaths:
+    """What ingest writes: the manifest (for `task` and `labels`, the defaults' unless given) and the image store."""
+    from pipeline.manifest import write_manifest as write_for_task
+
     paths = ProjectPaths(root)
     paths.manifest.parent.mkdir(parents=True)
-    manifest.to_parquet(paths.manifest, index=False)
+    write_for_task(paths.manifest, manifest, task, list(labels))
     np.save(paths.images, clean_images() if images is None else images)
     return paths
 
