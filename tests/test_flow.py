@@ -10,7 +10,7 @@ from pipeline.errors import CxrError
 
 @pytest.fixture(scope="module")
 def prefect_engine():
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):  # a busy 2-core machine starts it slowly
         yield
 
 
