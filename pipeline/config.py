@@ -164,6 +164,7 @@ class Severities(Section):
     splits_complete: Severity = "blocking"
     cross_split_duplicates: Severity = "blocking"
     patient_leakage: Severity = "blocking"
+    split_registry: Severity = "blocking"
     class_ratio: Severity = "blocking"
     intensity: Severity = "warning"
     near_duplicates: Severity = "warning"

@@ -23,14 +23,14 @@ import pandas as pd
 
 from pipeline.config import Config, DedupeMode, SourceFilters
 from pipeline.decode_cache import DecodeCache, Decoded, Failure
-from pipeline.deid import load_key, patient_hash, redact
+from pipeline.deid import key_check, load_key, patient_hash, redact
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, sha256_of
 from pipeline.imaging import UnreadableImage, check_usable, decode_file, pixel_sha256, read_identity, resize
 from pipeline.manifest import write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
-from pipeline.splits import carve_from_train, split_patients
+from pipeline.splits import assign_splits, read_registry, write_registry
 from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class IngestResult:
     manifest_path: Path
     images_path: Path
     quarantine_path: Path
+    n_patients_recorded: int = 0  # patients in the split registry (data/splits.parquet), this run's new ones included
 
 
 @dataclass
@@ -65,11 +66,14 @@ class IngestPlan:
     todo: list[SourceItem]  # file items to decode, in the order decode_items returns their outcomes
 
 
-def ingest_stage(paths: ProjectPaths, config: Config) -> IngestResult:
-    """Read, decode (in parallel, through the cache), de-identify, split and store every source."""
+def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = False) -> IngestResult:
+    """Read, decode (in parallel, through the cache), de-identify, split and store every source.
+
+    `reassign_splits` reshuffles every patient's split deliberately (see pipeline.splits.assign_splits).
+    """
     plan = plan_ingest(paths, config)
     outcomes = decode_items(plan.todo, config.data.image_size, config.data.num_workers)
-    return finish_ingest(paths, config, plan, outcomes)
+    return finish_ingest(paths, config, plan, outcomes, reassign_splits)
 
 
 def plan_ingest(paths: ProjectPaths, config: Config) -> IngestPlan:
@@ -142,8 +146,10 @@ def _decoded_fields(original: np.ndarray, stored: np.ndarray, kind: str, header:
     }
 
 
-def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcomes: list[Decoded | Failure]) -> IngestResult:
-    """Cache the new decodes; build, split, de-duplicate and write the manifest, image store and quarantine list."""
+def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcomes: list[Decoded | Failure],
+                  reassign_splits: bool = False) -> IngestResult:
+    """Cache the new decodes; build, split, de-duplicate and write the manifest, image store and quarantine list,
+    recording each new patient's split in the split registry."""
     cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size)
     fresh = {id(item): outcome for item, outcome in zip(plan.todo, outcomes)}
     cache.add([(key, f"{item.source}/{item.path}", fresh[id(item)]) for item, key in zip(plan.items, plan.keys)
@@ -165,7 +171,10 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     if not rows:
         raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
 
-    manifest = _assign_splits(pd.DataFrame(rows), config)
+    manifest = pd.DataFrame(rows)
+    manifest["split"], registry = assign_splits(
+        manifest, read_registry(paths.split_registry), config.data.split, config.data.seed, key_check(key),
+        reassign=reassign_splits, where=paths.split_registry.relative_to(paths.root).as_posix())
     manifest["label_index"] = task_for(config.data.task, config.data.labels).label_index(manifest["label"])
     manifest["label"] = manifest["label"].fillna("")
     keep = _rows_to_keep(manifest, config.data.dedupe)
@@ -176,6 +185,8 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     manifest = manifest[MANIFEST_COLUMNS]
     quarantine = pd.DataFrame([r.__dict__ for r in rejected], columns=QUARANTINE_COLUMNS)
 
+    # The registry first: a patient recorded but not yet in a manifest is harmless, the reverse is not.
+    registry_written = write_registry(paths.split_registry, registry)
     with atomic_path(paths.images) as tmp, tmp.open("wb") as handle:
         np.save(handle, np.stack(images))
     write_manifest(paths.manifest, manifest, config.data.task, config.data.labels)
@@ -194,8 +205,14 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
         manifest_path=paths.manifest,
         images_path=paths.images,
         quarantine_path=paths.quarantine,
+        n_patients_recorded=len(registry),
     )
     _log_summary(result)
+    if reassign_splits:
+        log.warning("ingest: --reassign-splits: every patient's split was decided again and %s rewritten; training "
+                    "runs on it are tagged data.splits_reassigned", paths.split_registry)
+    elif registry_written:
+        log.info("ingest: %d patients in the split registry → %s", len(registry), paths.split_registry)
     return result
 
 
@@ -269,26 +286,6 @@ def _relative_message(exc: UnreadableImage, item: SourceItem) -> str:
     if item.file is not None:
         message = message.replace(str(item.file), f"{item.source}/{item.path}")
     return message
-
-
-def _assign_splits(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
-    """Patient-level split where a source has none; carve val or test from train where a source lacks them."""
-    manifest = manifest.copy()
-    unsplit = manifest["split"].isna()
-    if unsplit.any():
-        manifest.loc[unsplit, "split"] = split_patients(manifest[unsplit], config.data.split, config.data.seed)
-    for source, rows in manifest.groupby("source"):
-        if unsplit[rows.index].any() or "train" not in set(rows["split"]):
-            continue
-        for target in ("test", "val"):
-            rows = manifest.loc[rows.index]
-            if target in set(rows["split"]):
-                continue
-            fraction = getattr(config.data.split, target)
-            manifest.loc[rows.index, "split"] = carve_from_train(rows, target, fraction, config.data.seed)
-            log.info("ingest: %s has no %s split; carved %d images from its train split (stratified, seed %d)",
-                     source, target, int((manifest.loc[rows.index, "split"] == target).sum()), config.data.seed)
-    return manifest
 
 
 def _log_summary(result: IngestResult) -> None:

@@ -41,7 +41,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", ingest_stage, (
         "data/interim/manifest.parquet", "data/interim/images.npy", "data/interim/quarantine.csv",
-        "data/interim/dropped_duplicates.csv")),
+        "data/interim/dropped_duplicates.csv", "data/splits.parquet")),
     Stage("validate", validate_stage, (
         "reports/validation/results.json", "reports/validation/data_docs", "reports/validation/summary.json")),
     Stage("rebalance", rebalance_stage, ("data/processed/train_index.npy",)),
