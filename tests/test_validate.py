@@ -329,11 +329,13 @@ def test_validate_stage_needs_the_split_registry(tmp_path: Path) -> None:
 
 def test_a_manifest_that_disagrees_with_the_split_registry_fails_the_gate(tmp_path: Path) -> None:
     """A recorded test patient found in train (a manifest from elsewhere, a hand edit) blocks, as does an unrecorded one."""
+    from pipeline.manifest import write_manifest as write_labelled_manifest
+
     paths = write_manifest(tmp_path, clean_manifest())
     manifest = clean_manifest()
     manifest.loc[manifest["patient_hash"] == "patient16", "split"] = "train"  # every film of a test patient
     manifest.loc[manifest["patient_hash"] == "patient19", "patient_hash"] = "patient20"  # not in the registry
-    manifest.to_parquet(paths.manifest, index=False)
+    write_labelled_manifest(paths.manifest, manifest, "binary", ["normal", "pneumonia"])
 
     with pytest.raises(CxrError, match="split_registry") as failure:
         validate_stage(paths, load_config(tmp_path / "params.yaml"))
