@@ -85,6 +85,7 @@ def plan_ingest(paths: ProjectPaths, config: Config) -> IngestPlan:
     workers = config.data.num_workers or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib releases the GIL: threads hash in parallel
         keys = list(tqdm(pool.map(_file_key, items), total=len(items), desc="hashing", unit="file", disable=None, leave=False))
+    cache.drop_unreadable(keys)
     todo, queued = [], set()
     for item, key in zip(items, keys):  # byte-identical files are decoded once; the others come from the cache
         if item.file is not None and not cache.has(key) and key not in queued:
@@ -151,8 +152,12 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     rows: list[dict] = []
     images: list[np.ndarray] = []
     rejected = list(plan.rejected)
+    repaired: list[tuple[str, str, Decoded | Failure]] = []
     for item, file_key in zip(plan.items, plan.keys):
         outcome = fresh.get(id(item)) or _cached_or_array(item, file_key, cache, config.data.image_size)
+        if outcome is None:  # the cache held it damaged (it warned): decode it again
+            outcome = decode_one(item, config.data.image_size)
+            repaired.append((file_key, f"{item.source}/{item.path}", outcome))
         if isinstance(outcome, Decoded):
             outcome = _apply_filters(outcome, config.data.filters, f"{item.source}/{item.path}")
         if isinstance(outcome, Failure):
@@ -161,6 +166,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
             continue
         rows.append(_manifest_row(item, outcome, key))
         images.append(outcome.pixels)
+    cache.add(repaired)
     if not rows:
         raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
 
@@ -189,7 +195,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
         split_counts={split: int((manifest["split"] == split).sum()) for split in ("train", "val", "test", UNLABELLED)
                       if split != UNLABELLED or (manifest["split"] == split).any()},
         quarantine_reasons=dict(sorted(Counter(quarantine["reason"]).items())),
-        n_decoded=len(plan.todo),
+        n_decoded=len(plan.todo) + len(repaired),
         n_dropped_duplicates=len(dropped),
         manifest_path=paths.manifest,
         images_path=paths.images,
@@ -199,8 +205,9 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     return result
 
 
-def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache, size: int) -> Decoded | Failure:
-    """A film from the decode cache (identity re-read from its header: never cached), or an array from a .npz."""
+def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache, size: int) -> Decoded | Failure | None:
+    """A film from the decode cache (identity re-read from its header: never cached), or an array from a .npz;
+    None when the cache no longer holds an existing file's film."""
     if item.file is None:
         original = np.asarray(item.pixels, dtype=np.uint8)
         try:
@@ -213,7 +220,7 @@ def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache,
     name = f"{item.source}/{item.path}"
     cached = cache.get(file_key, name) if file_key else None
     if cached is None:
-        return Failure("missing_file", f"{name}: no such file")
+        return None if file_key and item.file.is_file() else Failure("missing_file", f"{name}: no such file")
     patient_id, identifiers = read_identity(item.file)
     if isinstance(cached, Failure):
         return Failure(cached.reason, cached.message, identifiers)
