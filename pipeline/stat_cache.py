@@ -99,8 +99,9 @@ class FileHashes:
             return
         entries = sorted(self._used.items())
         columns = {"path": [file for file, _ in entries]}
-        for position, name in enumerate(("size", "mtime_ns", "ctime_ns", "inode")):
-            columns[name] = pa.array([key[position] for _, (key, _) in entries], type=pa.int64())
+        for position, (name, kind) in enumerate((("size", pa.uint64()), ("mtime_ns", pa.int64()), ("ctime_ns", pa.int64()),
+                                                 ("inode", pa.uint64()))):  # inode numbers may use all 64 bits
+            columns[name] = pa.array([key[position] for _, (key, _) in entries], type=kind)
         columns["sha256"] = [sha for _, (_, sha) in entries]
         with atomic_path(self.path) as tmp:
             pq.write_table(pa.table(columns), tmp)
