@@ -465,3 +465,20 @@ def deid_key_from_env() -> bytes | None:
     """CXR_DEID_KEY, when set, is the key itself (for CI and clusters that inject secrets)."""
     value = os.environ.get("CXR_DEID_KEY")
     return value.encode() if value else None
+
+
+DEFAULT_LOCK_TIMEOUT_S = 600.0
+
+
+def lock_timeout() -> float:
+    """Seconds a run waits for another run's project lock before refusing (CXR_LOCK_TIMEOUT; default 600)."""
+    value = os.environ.get("CXR_LOCK_TIMEOUT")
+    if not value:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses nan
+        raise CxrError(f"CXR_LOCK_TIMEOUT must be a number of seconds (0 or more), not {value!r}")
+    return seconds

@@ -61,7 +61,16 @@ class CrossvalResult:
 
 
 def crossval_stage(paths: ProjectPaths, config: Config, folds: int = 5) -> CrossvalResult:
-    """Train `folds` times on train+val, each fold held out once; write reports/crossval.json."""
+    """Train `folds` times on train+val, each fold held out once; write reports/crossval.json.
+
+    Holds the project lock throughout (the fold projects inside it run their stages unlocked, under it)."""
+    from pipeline.lock import project_lock
+
+    with project_lock(paths.root):
+        return _crossval(paths, config, folds)
+
+
+def _crossval(paths: ProjectPaths, config: Config, folds: int) -> CrossvalResult:
     from pipeline.rebalance import rebalance_stage
     from pipeline.train import train_stage
 

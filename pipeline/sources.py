@@ -107,7 +107,9 @@ def _visible_files(folder: Path) -> list[Path]:
             continue
         if path.suffix.lower() in NOT_FILMS:
             continue
-        if path.is_file() and path.resolve().is_relative_to(top):
+        # rglob never descends into a linked folder, so only a link itself can lead outside (resolving every
+        # path would cost a system call per folder level of each file)
+        if path.is_file() and (not path.is_symlink() or path.resolve().is_relative_to(top)):
             files.append(path)
     return files
 

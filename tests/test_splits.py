@@ -152,8 +152,9 @@ def test_reassign_splits_through_the_cli_is_recorded_and_tagged_by_training(tmp_
 
     refused = _cxr(tmp_path, "ingest", "--set", "data.seed=1")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
-    assert refused.stderr.startswith("error: ingest: data.seed and data.split (seed=1 split=0.7/0.15/0.15) differ from "
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("error: ingest: data.seed and data.split (seed=1 split=0.7/0.15/0.15) differ from "
                                      "those data/splits.parquet split its patients with (seed=0 split=0.7/0.15/0.15)")
     assert "would move" in refused.stderr and "restore data.seed and data.split, or run `cxr ingest --reassign-splits`" \
         in refused.stderr
