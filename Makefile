@@ -33,4 +33,4 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:
-	rm -rf data/raw/demo data/interim/* data/processed/* models reports mlruns.db mlartifacts .dvc/cache .dvc/tmp
+	rm -rf data/raw/demo data/interim/* data/processed/* data/splits.parquet models reports mlruns.db mlartifacts .dvc/cache .dvc/tmp

@@ -6,7 +6,9 @@ decodes nothing it has seen. This benchmark checks both promises on realistic fi
 side, real codecs): that a second worker speeds up cold decoding, and that a cached re-ingest is much
 faster than a cold one. It runs the three steps of `pipeline.ingest.ingest_stage` and times the
 decoding step on its own as well as the whole ingest as a user pays for it: listing, hashing,
-process-pool start-up, decoding, caching, splitting and writing the outputs.
+process-pool start-up, decoding, caching, splitting and writing the outputs. The cached re-ingest is the
+nightly case: the same files, unchanged, so the stat fast path (pipeline/stat_cache.py) reads no film and
+keeps the outputs; what it costs is listing the source, a stat per file and checking the outputs.
 
 Run it from the repository root, on an otherwise idle machine:
 
@@ -18,7 +20,8 @@ DICOMs are lossless re-encodings of the uncompressed ones, or, with `--j2k real`
 2000 chest film from ../shared/data/samples) and prints a table with two speed-ups per kind: of the
 decoding step alone (`pipeline.ingest.decode_items`, pool start-up included: the work `data.num_workers`
 spreads) and of the whole ingest. Its last lines are `jpeg_decode_2_vs_1_workers=<x.xx>`,
-`jpeg_ingest_2_vs_1_workers=<x.xx>` (cold) and `cached_vs_cold_jpeg_1_worker=<x.xx>`. On a shared machine
+`jpeg_ingest_2_vs_1_workers=<x.xx>` (cold) and `cached_vs_cold_jpeg_1_worker=<x.xx>` (target: at least
+50). On a shared machine
 a second worker only helps if a core is free: the benchmark measures how much CPU other processes took
 while each row was timed (from /proc/stat) and flags rows where they took more than 10%.
 """
@@ -60,6 +63,7 @@ WORKER_COUNTS = (1, 2)
 IMAGE_SIZE = 64
 REAL_J2K = REPO.parent / "shared" / "data" / "samples" / "dicom" / "RG1_J2KI.dcm"
 TARGET_JPEG_SPEEDUP = 1.7
+TARGET_CACHED_VS_COLD = 50.0  # an unchanged archive re-ingested, against the same files cold (JPEG, 1 worker)
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,8 @@ def parse_args() -> argparse.Namespace:
             "decoded; 'cached' ingests the same files again and is served from the decode cache. Process-pool "
             "start-up, hashing and writing the outputs are part of each timing, as a user pays them. "
             "The decoding step is also timed on its own. "
-            f"Reports (does not assert) the target: 2 workers decode JPEG at least {TARGET_JPEG_SPEEDUP}x as fast as 1."
+            f"Reports (does not assert) the targets: 2 workers decode JPEG at least {TARGET_JPEG_SPEEDUP}x as fast as 1, "
+            f"and a cached re-ingest of unchanged JPEGs is at least {TARGET_CACHED_VS_COLD:.0f}x as fast as a cold one."
         ),
         epilog="Run on an otherwise idle machine; a full run takes about 3-5 minutes on 2 cores.",
     )
@@ -306,7 +311,8 @@ def print_table(results: list[Measurement]) -> None:
         speedup = f"{row.cold_rate / one.cold_rate:.2f}x" if row.workers == 2 else ""
         print(f"{KIND_NAMES[row.kind]:<20} {row.workers:>7} {row.decode_rate:>13.1f} {row.cold_rate:>11.1f} "
               f"{row.cached_rate:>13.1f} {decode_speedup:>13} {speedup:>11}")
-    print("decode: pipeline.ingest.decode_items alone (pool start-up included); cold and cached: the whole ingest")
+    print("decode: pipeline.ingest.decode_items alone (pool start-up included); cold and cached: the whole ingest "
+          "(cached: the same files unchanged, read by stat alone)")
     worst = max(results, key=lambda r: r.others_share)
     print(f"other processes took at most {worst.others_share:.0%} of the machine's CPU during a row's timings")
     for row in results:
@@ -340,8 +346,11 @@ def main() -> None:
     ingest_speedup = rate["jpeg", 2].cold_rate / rate["jpeg", 1].cold_rate
     cached_vs_cold = rate["jpeg", 1].cached_rate / rate["jpeg", 1].cold_rate
     verdict = "PASS" if decode_speedup >= TARGET_JPEG_SPEEDUP else "FAIL"
+    cached_verdict = "PASS" if cached_vs_cold >= TARGET_CACHED_VS_COLD else "FAIL"
     print()
     print(f"target: 2 workers decode JPEG >= {TARGET_JPEG_SPEEDUP:.2f}x as fast as 1: {decode_speedup:.2f}x  {verdict}")
+    print(f"target: cached re-ingest of unchanged JPEGs >= {TARGET_CACHED_VS_COLD:.0f}x as fast as cold (1 worker): "
+          f"{cached_vs_cold:.1f}x  {cached_verdict}")
     print(f"jpeg_decode_2_vs_1_workers={decode_speedup:.2f}")
     print(f"jpeg_ingest_2_vs_1_workers={ingest_speedup:.2f}")
     print(f"cached_vs_cold_jpeg_1_worker={cached_vs_cold:.2f}")

@@ -108,13 +108,23 @@ def demo_data(
 
 
 @app.command()
-def ingest(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
+def ingest(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = [],  # noqa: B006
+    reassign_splits: Annotated[bool, typer.Option(
+        "--reassign-splits",
+        help="Decide every patient's split again (as a first ingest does) and rewrite data/splits.parquet; "
+        "training runs on it are tagged data.splits_reassigned: their test scores do not compare with those of "
+        "models trained before.")] = False,
+) -> None:
     """Read data.sources (class folders, CSV tables, MedMNIST .npz), decode DICOM/PNG/JPEG, de-identify,
     split by patient and write data/interim/manifest.parquet, images.npy and quarantine.csv.
 
-    Files that cannot be used go to quarantine.csv with a reason; the run goes on.
+    A patient's split is decided once and recorded in data/splits.parquet: re-ingesting never moves a
+    recorded patient, and a change that would is refused. Files that cannot be used go to quarantine.csv
+    with a reason; the run goes on.
     """
-    _stage(params, set_, "ingest")
+    _stage(params, set_, "ingest", reassign_splits=reassign_splits)
 
 
 @app.command()

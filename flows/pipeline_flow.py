@@ -3,13 +3,18 @@
 Tasks pass file paths and small result objects, never the MLflow active run (it is thread-local):
 train writes the run id to models/run.json and later stages read it. A user error (CxrError) ends
 its task in a Failed state carrying the one-line message, so Prefect logs no traceback for it.
+Each flow holds the project lock (pipeline.lock) for its whole run, so no other run writes between two of
+its stages; the stages re-enter it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,7 @@ from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.files import sha256_of, write_json  # noqa: E402
 from pipeline.documents import headline_rows, render  # noqa: E402
 from pipeline.errors import CxrError, StoreUnavailable  # noqa: E402
+from pipeline.lock import project_lock  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
 from pipeline.stages import STAGES, stage  # noqa: E402
 
@@ -41,6 +47,31 @@ def _as_state(body: Callable[[], Any]) -> Any:
         raise
     except CxrError as exc:
         return Failed(message=str(exc), name=USER_ERROR)
+
+
+def _holding_the_project_lock(root_of: Callable[[dict], Path]):
+    """A flow that holds its project's lock for its whole run (`root_of` its bound arguments → the project root).
+
+    A run that cannot get the lock in time ends Failed with the lock's one-line message.
+    """
+
+    def decorate(function: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            arguments = signature.bind(*args, **kwargs)
+            arguments.apply_defaults()
+            with ExitStack() as held:
+                try:
+                    held.enter_context(project_lock(root_of(arguments.arguments)))
+                except CxrError as exc:
+                    return Failed(message=str(exc), name=USER_ERROR)
+                return function(*args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 def _is_transient(task, task_run, state: State) -> bool:
@@ -70,6 +101,7 @@ def finish_task(paths: ProjectPaths, config: Config, plan, outcomes: list):
 
 
 @flow(name="ingest", validate_parameters=False)  # internal objects, not user input
+@_holding_the_project_lock(lambda arguments: arguments["paths"].root)
 def ingest_flow(paths: ProjectPaths, config: Config):
     """Ingest fanned out: plan → decode (one task per shard of new files) → finish.
 
@@ -126,6 +158,7 @@ TRAINING_STARTS = "rebalance"
 
 
 @flow(name="cxr-pipeline")
+@_holding_the_project_lock(lambda arguments: Path(arguments["params_path"]).resolve().parent)
 def cxr_pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, skip_if_unchanged: bool = False) -> dict | State:
     """Every stage of pipeline.stages in order (ingest → validate → rebalance → train → evaluate → register →
     report), reading params.yaml plus overrides; ingest runs as its own fanned-out flow (ingest_flow).

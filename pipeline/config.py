@@ -165,6 +165,7 @@ class Severities(Section):
     splits_complete: Severity = "blocking"
     cross_split_duplicates: Severity = "blocking"
     patient_leakage: Severity = "blocking"
+    split_registry: Severity = "blocking"
     class_ratio: Severity = "blocking"
     intensity: Severity = "warning"
     near_duplicates: Severity = "warning"
@@ -499,3 +500,20 @@ def deid_key_from_env() -> bytes | None:
     """CXR_DEID_KEY, when set, is the key itself (for CI and clusters that inject secrets)."""
     value = os.environ.get("CXR_DEID_KEY")
     return value.encode() if value else None
+
+
+DEFAULT_LOCK_TIMEOUT_S = 600.0
+
+
+def lock_timeout() -> float:
+    """Seconds a run waits for another run's project lock before refusing (CXR_LOCK_TIMEOUT; default 600)."""
+    value = os.environ.get("CXR_LOCK_TIMEOUT")
+    if not value:
+        return DEFAULT_LOCK_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses nan
+        raise CxrError(f"CXR_LOCK_TIMEOUT must be a number of seconds (0 or more), not {value!r}")
+    return seconds

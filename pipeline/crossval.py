@@ -28,8 +28,9 @@ import pandas as pd
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.errors import CxrError
-from pipeline.files import atomic_path, write_json
+from pipeline.files import write_json
 from pipeline.labels import split_labels
+from pipeline.manifest import manifest_labels, read_manifest, write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.splits import patient_labels
 
@@ -60,7 +61,16 @@ class CrossvalResult:
 
 
 def crossval_stage(paths: ProjectPaths, config: Config, folds: int = 5) -> CrossvalResult:
-    """Train `folds` times on train+val, each fold held out once; write reports/crossval.json."""
+    """Train `folds` times on train+val, each fold held out once; write reports/crossval.json.
+
+    Holds the project lock throughout (the fold projects inside it run their stages unlocked, under it)."""
+    from pipeline.lock import project_lock
+
+    with project_lock(paths.root):
+        return _crossval(paths, config, folds)
+
+
+def _crossval(paths: ProjectPaths, config: Config, folds: int) -> CrossvalResult:
     from pipeline.rebalance import rebalance_stage
     from pipeline.train import train_stage
 
@@ -68,7 +78,7 @@ def crossval_stage(paths: ProjectPaths, config: Config, folds: int = 5) -> Cross
         raise CxrError(f"crossval: --folds must be at least 2, not {folds}")
     if not paths.manifest.exists() or not paths.images.exists():
         raise CxrError(f"{paths.manifest} or {paths.images} is missing: run `cxr ingest` first")
-    manifest = pd.read_parquet(paths.manifest)
+    manifest = read_manifest(paths.manifest, config.data.task, config.data.labels)
     pooled = manifest["split"].isin(["train", "val"])
     fold_of = assign_folds(manifest[pooled], folds, config.data.seed)
 
@@ -126,8 +136,7 @@ def _fold_project(paths: ProjectPaths, manifest: pd.DataFrame, pooled: pd.Series
     fold_paths.interim.mkdir(parents=True, exist_ok=True)
     fold_manifest = manifest.copy()
     fold_manifest.loc[pooled, "split"] = np.where(fold_of == fold, "val", "train")
-    with atomic_path(fold_paths.manifest) as tmp:
-        fold_manifest.to_parquet(tmp, index=False)
+    write_manifest(fold_paths.manifest, fold_manifest, *manifest_labels(paths.manifest))
     fold_paths.images.unlink(missing_ok=True)
     fold_paths.images.symlink_to(paths.images.resolve())
     return fold_paths

@@ -5,10 +5,18 @@ decoder version). Pixels live in a few large memory-mapped shard files (one per 
 something), never a file per image. Files that failed are remembered with their reason, so they are not
 retried until they change. Only technical fields are cached: patient identifiers are re-read from the
 headers each run, so the cache holds nothing identifying.
+
+A shard is named after its content and written atomically, so no two writers ever write the same name.
+Each film's index row carries a checksum of its file key, fields and pixels: a shard that is missing,
+truncated or unreadable, a film that does not match its checksum, or an index that cannot be read is
+logged as a warning and decoded again; the cache never serves another film's pixels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +25,11 @@ import pandas as pd
 
 from pipeline.files import atomic_path
 
-CACHE_VERSION = 1  # bump when decoding changes what a film's stored pixels are
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2  # bump when decoding changes what a film's stored pixels are (2: content-named shards, checksums)
+INDEX_COLUMNS = ("file_key", "shard", "row", "checksum")
+FAILURE_COLUMNS = ("file_key", "reason", "message")
 
 
 @dataclass(frozen=True)
@@ -48,13 +60,19 @@ FILE = "{file}"  # stands for the film's name in a cached failure message
 @dataclass
 class DecodeCache:
     folder: Path
-    index: pd.DataFrame = field(init=False)  # decoded films: file_key → shard, row and manifest fields
+    index: pd.DataFrame = field(init=False)  # decoded films: file_key → shard, row, checksum and manifest fields
     failures: pd.DataFrame = field(init=False)  # failed files: file_key → reason, message
 
     def __post_init__(self) -> None:
-        self.index = _read_table(self.folder / "index.parquet")
-        self.failures = _read_table(self.folder / "failures.parquet")
-        self._shards: dict[str, np.ndarray] = {}
+        self._shards: dict[str, np.ndarray | None] = {}  # None: unreadable
+        self.index = _read_table(self.folder / "index.parquet", INDEX_COLUMNS)
+        if self.index is None:  # its shards cannot be found without it: start over
+            for shard in self.folder.glob("shard-*.npy"):
+                shard.unlink()
+            self.index = pd.DataFrame()
+        self.failures = _read_table(self.folder / "failures.parquet", FAILURE_COLUMNS)
+        if self.failures is None:
+            self.failures = pd.DataFrame()
 
     @classmethod
     def for_size(cls, cache_root: Path, image_size: int) -> DecodeCache:
@@ -63,19 +81,35 @@ class DecodeCache:
     def has(self, file_key: str | None) -> bool:
         return file_key is not None and (file_key in self.index.index or file_key in self.failures.index)
 
+    def drop_unreadable(self, file_keys: list[str | None]) -> None:
+        """Forget the films of these keys whose shard is missing, truncated or unreadable, so they are decoded again."""
+        if self.index.empty:
+            return
+        wanted = self.index[self.index.index.isin([key for key in file_keys if key is not None])]
+        bad = [shard for shard in wanted["shard"].unique() if self._shard(shard) is None]
+        if bad:
+            self._forget(self.index["shard"].isin(bad))
+            for shard in bad:
+                (self.folder / shard).unlink(missing_ok=True)
+
     def get(self, file_key: str, name: str) -> Decoded | Failure | None:
-        """The cached outcome for a file's bytes; `name` goes into a failure's message."""
+        """The cached outcome for a file's bytes; `name` goes into a failure's message. None when the cache does
+        not hold it, or holds it damaged (then it is forgotten, with a warning)."""
         if file_key in self.failures.index:
             entry = self.failures.loc[[file_key]].iloc[0]
             return Failure(entry["reason"], entry["message"].replace(FILE, name))
         if file_key not in self.index.index:
             return None
         entry = self.index.loc[[file_key]].iloc[0]  # [[key]]: one row even if an old cache holds a key twice
-        shard = self._shards.get(entry["shard"])
-        if shard is None:
-            shard = self._shards[entry["shard"]] = np.load(self.folder / entry["shard"], mmap_mode="r")
-        fields = {column: _plain(value) for column, value in entry.items() if column not in ("shard", "row")}
-        return Decoded(pixels=np.asarray(shard[int(entry["row"])]), fields=fields)
+        shard = self._shard(entry["shard"])
+        fields = {column: _plain(value) for column, value in entry.items() if column not in INDEX_COLUMNS}
+        pixels = None if shard is None else np.array(shard[int(entry["row"])])
+        if pixels is None or _checksum(file_key, fields, pixels) != entry["checksum"]:
+            if shard is not None:
+                log.warning("decode cache: %s does not match its checksum in %s; decoding it again", name, entry["shard"])
+            self._forget(self.index.index == file_key)
+            return None
+        return Decoded(pixels=pixels, fields=fields)
 
     def add(self, entries: list[tuple[str, str, Decoded | Failure]]) -> None:
         """Remember (file key, film name, outcome) triples: one new shard for the pixels, then the tables (all atomic)."""
@@ -89,19 +123,65 @@ class DecodeCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         decoded = [(key, outcome) for key, _, outcome in entries if isinstance(outcome, Decoded)]
         if decoded:
-            shard_name = f"shard-{len(list(self.folder.glob('shard-*.npy'))):05d}.npy"
+            pixels = np.stack([outcome.pixels for _, outcome in decoded])
+            shard_name = f"shard-{hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()}.npy"
             with atomic_path(self.folder / shard_name) as tmp, tmp.open("wb") as handle:
-                np.save(handle, np.stack([outcome.pixels for _, outcome in decoded]))
-            rows = [{"file_key": key, "shard": shard_name, "row": row, **outcome.fields} for row, (key, outcome) in enumerate(decoded)]
+                np.save(handle, pixels)
+            rows = [{"file_key": key, "shard": shard_name, "row": row,
+                     "checksum": _checksum(key, outcome.fields, outcome.pixels), **outcome.fields}
+                    for row, (key, outcome) in enumerate(decoded)]
             self.index = _append(self.index, rows, self.folder / "index.parquet")
         failed = [{"file_key": key, "reason": outcome.reason, "message": outcome.message.replace(name, FILE)}
                   for key, name, outcome in entries if isinstance(outcome, Failure)]
         if failed:
             self.failures = _append(self.failures, failed, self.folder / "failures.parquet")
 
+    def _shard(self, name: str) -> np.ndarray | None:
+        """A shard, memory-mapped, or None (with a warning, once) when it is missing, truncated or unreadable."""
+        if name not in self._shards:
+            rows = self.index.loc[self.index["shard"] == name, "row"]
+            try:
+                shard = np.load(self.folder / name, mmap_mode="r")
+                if shard.ndim != 3 or len(shard) <= rows.max():
+                    raise ValueError(f"{len(shard)} films of shape {shard.shape[1:]}, the index expects {rows.max() + 1}")
+            except (OSError, ValueError, EOFError) as exc:
+                log.warning("decode cache: shard %s is missing, truncated or unreadable (%s); its %d films are decoded again",
+                            name, exc, len(rows))
+                shard = None
+            self._shards[name] = shard
+        return self._shards[name]
 
-def _read_table(path: Path) -> pd.DataFrame:
-    return pd.read_parquet(path).set_index("file_key") if path.exists() else pd.DataFrame()
+    def _forget(self, rows: np.ndarray | pd.Series) -> None:
+        self.index = self.index[~np.asarray(rows)]
+        with atomic_path(self.folder / "index.parquet") as tmp:
+            self.index.reset_index().to_parquet(tmp, index=False)
+
+
+def _checksum(file_key: str, fields: dict, pixels: np.ndarray) -> str:
+    """Ties a film's pixels and fields to its file key: a row served for another key, or damaged, cannot match."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(file_key.encode())
+    digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    digest.update(f"{pixels.dtype.str}{pixels.shape}".encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    return digest.hexdigest()
+
+
+def _read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame | None:
+    """The table by file_key; empty when it does not exist, None (with a warning) when it cannot be read."""
+    if not path.exists():
+        return pd.DataFrame()
+    try:
+        table = pd.read_parquet(path)
+        missing = set(columns) - set(table.columns)
+        if missing:
+            raise ValueError(f"no column {', '.join(sorted(missing))}")
+        return table.set_index("file_key")
+    except Exception as exc:  # any damage (pyarrow raises several types): rebuild rather than stop the run
+        log.warning("decode cache: %s is unreadable (%s: %s); rebuilding it, so its films are decoded again",
+                    path, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        path.unlink(missing_ok=True)
+        return None
 
 
 def _append(table: pd.DataFrame, rows: list[dict], path: Path) -> pd.DataFrame:

@@ -20,6 +20,7 @@ from pipeline.config import Config
 from pipeline.documents import describe_threshold
 from pipeline.errors import CxrError
 from pipeline.files import sha256_of, write_json
+from pipeline.manifest import read_manifest
 from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
 from pipeline.tasks import Scored, Task, Threshold
@@ -47,9 +48,9 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
 
     model, state = load_checkpoint(paths.checkpoint)
     task = task_for(state["task"], state["labels"])
-    if not paths.manifest.exists():
-        raise CxrError(f"{paths.manifest} is missing: run `cxr ingest` first")
-    manifest = pd.read_parquet(paths.manifest, columns=["store_index", "image_id", "split", "label", "label_index", *SUBGROUP_COLUMNS])
+    manifest = read_manifest(paths.manifest, task.name, task.labels,
+                             ["store_index", "image_id", "split", "label", "label_index", *SUBGROUP_COLUMNS],
+                             expected_by=f"the model in {paths.checkpoint}")
     images = np.load(paths.images, mmap_mode="r")
     settings = config.evaluate
     rows = {split: _split_rows(manifest, split) for split in ("val", "test")}

@@ -11,6 +11,8 @@ file that could not be used, with a reason code and a message a person understan
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -22,14 +24,16 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config, DedupeMode, SourceFilters
-from pipeline.decode_cache import DecodeCache, Decoded, Failure
-from pipeline.deid import load_key, patient_hash, redact
+from pipeline.decode_cache import CACHE_VERSION, DecodeCache, Decoded, Failure
+from pipeline.deid import key_check, load_key, patient_hash, redact
 from pipeline.errors import CxrError
-from pipeline.files import atomic_path, sha256_of
+from pipeline.files import atomic_path
 from pipeline.imaging import UnreadableImage, check_usable, decode_file, pixel_sha256, read_identity, resize
+from pipeline.manifest import write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
-from pipeline.splits import carve_from_train, split_patients
+from pipeline.splits import assign_splits, read_registry, write_registry
+from pipeline.stat_cache import FileHashes, code_fingerprint, record_ingest, unchanged_ingest
 from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class IngestResult:
     manifest_path: Path
     images_path: Path
     quarantine_path: Path
+    n_patients_recorded: int = 0  # patients in the split registry (data/splits.parquet), this run's new ones included
 
 
 @dataclass
@@ -62,17 +67,28 @@ class IngestPlan:
     rejected: list[Rejected]
     keys: list[str | None]  # sha256 of each file item's bytes (None for array items and missing files)
     todo: list[SourceItem]  # file items to decode, in the order decode_items returns their outcomes
+    fingerprint: str = ""  # of everything the outputs are made from (pipeline.stat_cache)
+    unchanged: IngestResult | None = None  # the last ingest's result, when its outputs are this plan's: nothing to do
 
 
-def ingest_stage(paths: ProjectPaths, config: Config) -> IngestResult:
-    """Read, decode (in parallel, through the cache), de-identify, split and store every source."""
-    plan = plan_ingest(paths, config)
+def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = False) -> IngestResult:
+    """Read, decode (in parallel, through the cache), de-identify, split and store every source.
+
+    `reassign_splits` reshuffles every patient's split deliberately (see pipeline.splits.assign_splits), so the
+    outputs are written again even when nothing else changed.
+    """
+    plan = plan_ingest(paths, config, keep_unchanged=not reassign_splits)
     outcomes = decode_items(plan.todo, config.data.image_size, config.data.num_workers)
-    return finish_ingest(paths, config, plan, outcomes)
+    return finish_ingest(paths, config, plan, outcomes, reassign_splits)
 
 
-def plan_ingest(paths: ProjectPaths, config: Config) -> IngestPlan:
-    """List every source and find which files the decode cache does not hold yet."""
+def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True) -> IngestPlan:
+    """List every source and find which files the decode cache does not hold yet.
+
+    Files whose stat is unchanged are not read (their hash is remembered), and when nothing ingest reads has
+    changed since the last ingest and its outputs are intact (and `keep_unchanged`), the plan says so and
+    nothing is decoded or written.
+    """
     from tqdm import tqdm
 
     items: list[SourceItem] = []
@@ -81,27 +97,68 @@ def plan_ingest(paths: ProjectPaths, config: Config) -> IngestPlan:
         source_items, source_rejected = read_source(spec, paths.root, config.data)
         items += source_items
         rejected += source_rejected
+    hashes = FileHashes.load(paths.decode_cache / "file_hashes.parquet")
+    files = [item.file for item in items]
+    keys = [hashes.remembered(file) if file is not None else None for file in files]  # unchanged stat: not read
+    unknown = [i for i, (file, key) in enumerate(zip(files, keys)) if file is not None and key is None]
+    if unknown:
+        workers = config.data.num_workers or os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib releases the GIL: threads hash in parallel
+            hashed = tqdm(pool.map(hashes.sha256, [files[i] for i in unknown]), total=len(unknown), desc="hashing",
+                          unit="file", disable=None, leave=False)
+            for i, key in zip(unknown, hashed):
+                keys[i] = key
+    hashes.save()
+    log.info("ingest: hashed %d of %d files; the others are unchanged since they were hashed", hashes.n_hashed,
+             len(files) - files.count(None))
+    fingerprint = _fingerprint(config, items, rejected, keys)
+    previous = unchanged_ingest(paths.decode_cache / "last_ingest.json", fingerprint, _outputs(paths)) if keep_unchanged else None
+    if previous is not None:
+        result = IngestResult(**{**previous, "split_counts": dict(previous["split_counts"])}, n_decoded=0,
+                              manifest_path=paths.manifest, images_path=paths.images, quarantine_path=paths.quarantine)
+        return IngestPlan(items, rejected, keys, [], fingerprint, result)
     cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size)
-    workers = config.data.num_workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib releases the GIL: threads hash in parallel
-        keys = list(tqdm(pool.map(_file_key, items), total=len(items), desc="hashing", unit="file", disable=None, leave=False))
+    cache.drop_unreadable(keys)
     todo, queued = [], set()
     for item, key in zip(items, keys):  # byte-identical files are decoded once; the others come from the cache
         if item.file is not None and not cache.has(key) and key not in queued:
             todo.append(item)
             if key is not None:
                 queued.add(key)
-    return IngestPlan(items, rejected, keys, todo)
+    return IngestPlan(items, rejected, keys, todo, fingerprint)
 
 
-def _file_key(item: SourceItem) -> str | None:
-    return sha256_of(item.file) if item.file is not None and item.file.is_file() else None
+def _outputs(paths: ProjectPaths) -> list[Path]:
+    """Every file finish_ingest writes (the stage table's ingest outputs; a test checks they agree)."""
+    return [paths.manifest, paths.images, paths.quarantine, paths.dropped_duplicates, paths.split_registry]
+
+
+def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejected], keys: list[str | None]) -> str:
+    """sha256 of everything ingest's outputs are made from: the data params, the code, the de-identification key
+    (through a keyed hash: the key itself is never written) and each listed film's place, label and bytes."""
+    digest = hashlib.sha256()
+
+    def add(value) -> None:
+        digest.update(json.dumps(value, sort_keys=True, default=str).encode() + b"\n")
+
+    add(config.data.model_dump(mode="json", exclude={"num_workers"}))  # workers change speed, never outputs
+    add([CACHE_VERSION, code_fingerprint(), hmac.new(load_key(), b"cxr ingest fingerprint", hashlib.sha256).hexdigest()])
+    for item, key in zip(items, keys):
+        pixels = None
+        if item.pixels is not None:
+            array = np.ascontiguousarray(item.pixels)
+            pixels = [array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest()]
+        add([item.source, item.path, item.label, item.split, item.patient_id, item.subtype, item.file, key, pixels])
+    add([rejected_item.__dict__ for rejected_item in rejected])
+    return digest.hexdigest()
 
 
 def decode_items(items: list[SourceItem], size: int, workers: int = 0) -> list[Decoded | Failure]:
     """Decode films over `workers` processes (0: one per core) with a progress bar; outcomes keep input order."""
     from tqdm import tqdm
 
+    if not items:
+        return []
     workers = min(workers or os.cpu_count() or 1, max(len(items), 1))
     if workers <= 1 or len(items) < 8:
         return [decode_one(item, size) for item in tqdm(items, desc="decoding", unit="img", disable=None)]
@@ -152,8 +209,15 @@ def _decoded_fields(original: np.ndarray, stored: np.ndarray, kind: str, header:
     }
 
 
-def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcomes: list[Decoded | Failure]) -> IngestResult:
-    """Cache the new decodes; build, split, de-duplicate and write the manifest, image store and quarantine list."""
+def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcomes: list[Decoded | Failure],
+                  reassign_splits: bool = False) -> IngestResult:
+    """Cache the new decodes; build, split, de-duplicate and write the manifest, image store and quarantine list,
+    recording each new patient's split in the split registry."""
+    if plan.unchanged is not None and not reassign_splits:
+        log.info("ingest: the %d listed files and the data params are as at the last ingest, whose outputs are "
+                 "intact: kept them as they are", len(plan.items))
+        _log_summary(plan.unchanged)
+        return plan.unchanged
     cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size)
     fresh = {id(item): outcome for item, outcome in zip(plan.todo, outcomes)}
     cache.add([(key, f"{item.source}/{item.path}", fresh[id(item)]) for item, key in zip(plan.items, plan.keys)
@@ -162,8 +226,12 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     rows: list[dict] = []
     images: list[np.ndarray] = []
     rejected = list(plan.rejected)
+    repaired: list[tuple[str, str, Decoded | Failure]] = []
     for item, file_key in zip(plan.items, plan.keys):
         outcome = fresh.get(id(item)) or _cached_or_array(item, file_key, cache, config.data.image_size)
+        if outcome is None:  # the cache held it damaged (it warned): decode it again
+            outcome = decode_one(item, config.data.image_size)
+            repaired.append((file_key, f"{item.source}/{item.path}", outcome))
         if isinstance(outcome, Decoded):
             outcome = _apply_filters(outcome, config.data.filters, f"{item.source}/{item.path}")
         if isinstance(outcome, Failure):
@@ -172,10 +240,14 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
             continue
         rows.append(_manifest_row(item, outcome, key))
         images.append(outcome.pixels)
+    cache.add(repaired)
     if not rows:
         raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
 
-    manifest = _assign_splits(pd.DataFrame(rows), config)
+    manifest = pd.DataFrame(rows)
+    manifest["split"], registry = assign_splits(
+        manifest, read_registry(paths.split_registry), config.data.split, config.data.seed, key_check(key),
+        reassign=reassign_splits, where=paths.split_registry.relative_to(paths.root).as_posix())
     manifest["label_index"] = task_for(config.data.task, config.data.labels).label_index(manifest["label"])
     manifest["label"] = manifest["label"].fillna("")
     keep = _rows_to_keep(manifest, config.data.dedupe)
@@ -186,10 +258,11 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     manifest = manifest[MANIFEST_COLUMNS]
     quarantine = pd.DataFrame([r.__dict__ for r in rejected], columns=QUARANTINE_COLUMNS)
 
+    # The registry first: a patient recorded but not yet in a manifest is harmless, the reverse is not.
+    registry_written = write_registry(paths.split_registry, registry)
     with atomic_path(paths.images) as tmp, tmp.open("wb") as handle:
         np.save(handle, np.stack(images))
-    with atomic_path(paths.manifest) as tmp:
-        manifest.to_parquet(tmp, index=False)
+    write_manifest(paths.manifest, manifest, config.data.task, config.data.labels)
     with atomic_path(paths.quarantine) as tmp:
         quarantine.to_csv(tmp, index=False)
     with atomic_path(paths.dropped_duplicates) as tmp:
@@ -200,18 +273,30 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
         split_counts={split: int((manifest["split"] == split).sum()) for split in ("train", "val", "test", UNLABELLED)
                       if split != UNLABELLED or (manifest["split"] == split).any()},
         quarantine_reasons=dict(sorted(Counter(quarantine["reason"]).items())),
-        n_decoded=len(plan.todo),
+        n_decoded=len(plan.todo) + len(repaired),
         n_dropped_duplicates=len(dropped),
         manifest_path=paths.manifest,
         images_path=paths.images,
         quarantine_path=paths.quarantine,
+        n_patients_recorded=len(registry),
     )
+    if plan.fingerprint:
+        recorded = {"n_images": result.n_images, "split_counts": list(result.split_counts.items()),  # pairs keep their order
+                    "quarantine_reasons": result.quarantine_reasons, "n_dropped_duplicates": result.n_dropped_duplicates,
+                    "n_patients_recorded": result.n_patients_recorded}
+        record_ingest(paths.decode_cache / "last_ingest.json", plan.fingerprint, _outputs(paths), recorded)
     _log_summary(result)
+    if reassign_splits:
+        log.warning("ingest: --reassign-splits: every patient's split was decided again and %s rewritten; training "
+                    "runs on it are tagged data.splits_reassigned", paths.split_registry)
+    elif registry_written:
+        log.info("ingest: %d patients in the split registry → %s", len(registry), paths.split_registry)
     return result
 
 
-def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache | None, size: int) -> Decoded | Failure:
-    """A film from the decode cache (identity re-read from its header: never cached), or an array from a .npz."""
+def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache | None, size: int) -> Decoded | Failure | None:
+    """A film from the decode cache (a DICOM's identity re-read from its header: never cached), or an array from a
+    .npz (no cache needed); None when the cache no longer holds an existing file's film."""
     if item.file is None:
         original = np.asarray(item.pixels, dtype=np.uint8)
         try:
@@ -224,7 +309,9 @@ def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache 
     name = f"{item.source}/{item.path}"
     cached = cache.get(file_key, name) if file_key else None
     if cached is None:
-        return Failure("missing_file", f"{name}: no such file")
+        return None if file_key and item.file.is_file() else Failure("missing_file", f"{name}: no such file")
+    if isinstance(cached, Decoded) and cached.fields["format"] != "dicom":
+        return cached  # PNG and JPEG carry no identity: not opened again
     patient_id, identifiers = read_identity(item.file)
     if isinstance(cached, Failure):
         return Failure(cached.reason, cached.message, identifiers)
@@ -280,26 +367,6 @@ def _relative_message(exc: UnreadableImage, item: SourceItem) -> str:
     if item.file is not None:
         message = message.replace(str(item.file), f"{item.source}/{item.path}")
     return message
-
-
-def _assign_splits(manifest: pd.DataFrame, config: Config) -> pd.DataFrame:
-    """Patient-level split where a source has none; carve val or test from train where a source lacks them."""
-    manifest = manifest.copy()
-    unsplit = manifest["split"].isna()
-    if unsplit.any():
-        manifest.loc[unsplit, "split"] = split_patients(manifest[unsplit], config.data.split, config.data.seed)
-    for source, rows in manifest.groupby("source"):
-        if unsplit[rows.index].any() or "train" not in set(rows["split"]):
-            continue
-        for target in ("test", "val"):
-            rows = manifest.loc[rows.index]
-            if target in set(rows["split"]):
-                continue
-            fraction = getattr(config.data.split, target)
-            manifest.loc[rows.index, "split"] = carve_from_train(rows, target, fraction, config.data.seed)
-            log.info("ingest: %s has no %s split; carved %d images from its train split (stratified, seed %d)",
-                     source, target, int((manifest.loc[rows.index, "split"] == target).sum()), config.data.seed)
-    return manifest
 
 
 def _log_summary(result: IngestResult) -> None:

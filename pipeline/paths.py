@@ -42,6 +42,11 @@ class ProjectPaths:
         return self.interim / "dropped_duplicates.csv"
 
     @property
+    def split_registry(self) -> Path:
+        """Every patient ever ingested with the split decided for them once (pipeline.splits): ingest reads and extends it."""
+        return self.root / "data" / "splits.parquet"
+
+    @property
     def decode_cache(self) -> Path:
         """Decoded films by file content: a local speed-up, not versioned (ingest rebuilds it as needed)."""
         return self.root / "data" / "cache"

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from pipeline.config import Config, RebalanceConfig
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path
+from pipeline.manifest import read_manifest
 from pipeline.paths import ProjectPaths
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def rebalance_stage(paths: ProjectPaths, config: Config) -> RebalanceResult:
     settings = config.rebalance
     if not paths.manifest.exists():
         raise CxrError(f"{paths.manifest} is missing: run `cxr ingest` first")
-    manifest = pd.read_parquet(paths.manifest, columns=["store_index", "split", "label"])
+    manifest = read_manifest(paths.manifest, config.data.task, config.data.labels, ["store_index", "split", "label"])
     train = manifest[manifest["split"] == "train"]
     if train["label"].nunique() < 2:
         raise CxrError("rebalance: every film of the training split has the same label (or label set); "

@@ -24,6 +24,7 @@ from pipeline.documents import (count_rows, describe_operating_point, describe_t
                                 render)
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, read_json, sha256_of, write_json
+from pipeline.manifest import check_labels, read_manifest
 from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
 
@@ -64,6 +65,7 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
     metrics = read_json(paths.metrics, "`cxr evaluate`")
     if metrics.get("checkpoint_sha256") != sha256_of(paths.checkpoint):
         raise CxrError(f"{paths.metrics} describes another checkpoint than {paths.checkpoint}: run `cxr evaluate` first")
+    check_labels(paths.manifest, metrics["task"], metrics["labels"], "metrics.json's model")  # before anything is registered
     run_id = tracking.read_run_id(paths)
     client = tracking.client(paths)
     name, settings = config.registry.model_name, config.registry
@@ -171,12 +173,11 @@ def model_card(paths: ProjectPaths, config: Config, name: str, version: int, tag
 
 def model_card_context(paths: ProjectPaths, config: Config, name: str, version: int, tags: dict, metrics: dict) -> dict:
     """What the model card says, as plain data (model_card.md.j2 lays it out)."""
-    import pandas as pd
 
     from pipeline.tasks import task_for
 
     task = task_for(metrics["task"], metrics["labels"])
-    manifest = pd.read_parquet(paths.manifest, columns=["split", "label", "format"])
+    manifest = read_manifest(paths.manifest, task.name, task.labels, ["split", "label", "format"], "metrics.json's model")
     count_labels, counts = count_rows(task.label_counts(manifest))
     per_label_header, per_label = per_label_rows(metrics)
     return {

@@ -23,6 +23,7 @@ from pipeline.documents import (count_rows, describe_operating_point, describe_t
                                 render)
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, read_json
+from pipeline.manifest import read_manifest
 from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
 from pipeline.tasks import Task
@@ -68,7 +69,7 @@ def report_context(paths: ProjectPaths, config: Config) -> dict:
 def _data(paths: ProjectPaths, task: Task, gate: dict) -> dict:
     from pipeline.labels import UNLABELLED
 
-    manifest = pd.read_parquet(paths.manifest, columns=["split", "label"])
+    manifest = read_manifest(paths.manifest, task.name, task.labels, ["split", "label"], "metrics.json's model")
     counts = task.label_counts(manifest)
     quarantine = pd.read_csv(paths.quarantine) if paths.quarantine.exists() else pd.DataFrame(columns=["reason"])
     reasons = Counter(quarantine["reason"])

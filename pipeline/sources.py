@@ -107,7 +107,9 @@ def _visible_files(folder: Path) -> list[Path]:
             continue
         if path.suffix.lower() in NOT_FILMS:
             continue
-        if path.is_file() and path.resolve().is_relative_to(top):
+        # rglob never descends into a linked folder, so only a link itself can lead outside (resolving every
+        # path would cost a system call per folder level of each file)
+        if path.is_file() and (not path.is_symlink() or path.resolve().is_relative_to(top)):
             files.append(path)
     return files
 
@@ -262,8 +264,9 @@ def _index_by_sop_instance_uid(files: list[Path]) -> dict[str, Path]:
 
 
 def _read_npz(spec: SourceSpec, archive: Path, data: DataConfig) -> list[SourceItem]:
-    """MedMNIST layout: {split}_images (N,H,W[,C]) uint8 and {split}_labels (N,1) class indices, or for a
-    multilabel task (N,K) 0/1 columns in data.labels order (ChestMNIST)."""
+    """MedMNIST layout: {split}_images (N,H,W[,C]) and {split}_labels: class indices (N,) or (N,1), one-hot (N,K),
+    or for a multilabel task (N,K) 0/1 columns in data.labels order (ChestMNIST); the task reads them
+    (Task.labels_from_npz). Pixels of any numeric type become 8-bit grey by the archive's own range (_to_grey8)."""
     task = task_for(data.task, data.labels)
     try:
         arrays = np.load(archive)
@@ -274,15 +277,40 @@ def _read_npz(spec: SourceSpec, archive: Path, data: DataConfig) -> list[SourceI
         present = [split for split in SPLITS if f"{split}_images" in arrays.files]
         if not present:
             raise CxrError(f"{spec.path}: expected arrays named train_images/train_labels (and val_, test_), found {arrays.files}")
-        for split in present:
-            images = arrays[f"{split}_images"]
+        stacks = {split: arrays[f"{split}_images"] for split in present}
+        to_grey8 = _to_grey8(list(stacks.values()), spec.path)
+        for split, images in stacks.items():
             if spec.labelled and f"{split}_labels" not in arrays.files:
                 raise CxrError(f"{spec.path}: has {split}_images but no {split}_labels")
             labels = (task.labels_from_npz(arrays[f"{split}_labels"].reshape(len(images), -1), f"{spec.path}: {split}_labels")
                       if spec.labelled else [None] * len(images))
             for index, (pixels, label) in enumerate(zip(images, labels)):
-                if pixels.ndim == 3:
-                    pixels = pixels.mean(axis=-1).astype(np.uint8)
                 items.append(SourceItem(source=spec.path, path=f"{split}/{index}", label=label,
-                                        split=split if label is not None else UNLABELLED, pixels=pixels))
+                                        split=split if label is not None else UNLABELLED, pixels=to_grey8(pixels)))
     return items
+
+
+def _to_grey8(stacks: list[np.ndarray], where: str):  # -> Callable[[np.ndarray], np.ndarray]
+    """How one archive's films become 8-bit grey, never wrapped: uint8 as stored; other non-negative integers by the
+    bit depth the archive's largest value needs (12-bit 0..4095 → 0..255); floats, and integers with negative
+    values, from the archive's minimum to its maximum (one range for the whole archive, so films keep their
+    brightness relative to each other). Colour channels (a last axis of 3 or 4) are averaged first."""
+    dtype = stacks[0].dtype
+    if dtype == np.uint8:
+        return lambda pixels: pixels.mean(axis=-1).astype(np.uint8) if pixels.ndim == 3 else pixels
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise CxrError(f"{where}: images of type {dtype} cannot be read as pixel values")
+    for stack in stacks:
+        if np.issubdtype(dtype, np.floating) and not np.isfinite(stack).all():
+            raise CxrError(f"{where}: images hold NaN or infinite pixel values")
+    low = min(float(stack.min()) for stack in stacks if stack.size)
+    high = max(float(stack.max()) for stack in stacks if stack.size)
+    if np.issubdtype(dtype, np.integer) and low >= 0:
+        low, high = 0.0, float(2 ** max(8, int(high).bit_length()) - 1)
+    scale = 255.0 / (high - low) if high > low else 0.0
+
+    def convert(pixels: np.ndarray) -> np.ndarray:
+        grey = pixels.mean(axis=-1) if pixels.ndim == 3 else pixels.astype(np.float64)
+        return np.clip(np.round((grey - low) * scale), 0, 255).astype(np.uint8)
+
+    return convert

@@ -1,15 +1,38 @@
-"""Patient-level, label-stratified train/val/test splits.
+"""Patient-level train/val/test splits, decided once per patient and kept in a registry.
 
 Images of one patient never straddle splits: that leak is what inflates many published chest
-X-ray results. Sources that bring their own split keep it.
+X-ray results. A patient's split is decided the first time ingest sees them and recorded in
+data/splits.parquet; later ingests never move a recorded patient (new data must not pull former
+test patients into training), they only add the new ones. Sources that bring their own split keep it.
 """
 
 from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config import SplitFractions
+from pipeline.errors import CxrError
+from pipeline.files import atomic_path
+from pipeline.labels import UNLABELLED
+
+log = logging.getLogger(__name__)
+
+# One row per patient ever seen (pseudonyms only). method: how the split was decided: `stratified` (a project's
+# first ingest, or a reshuffle), `hash_bucket` (a patient new to an existing registry), `source` (the source's own
+# split), `carved` (val/test carved from a source's train). split_params: data.seed and data.split then.
+# key_check: which de-identification key made the pseudonyms. reassigned_at: set on the rows a deliberate
+# reshuffle (`cxr ingest --reassign-splits`) decided, empty otherwise.
+REGISTRY_COLUMNS = ["patient_hash", "split", "source", "method", "split_params", "key_check", "assigned_at",
+                    "reassigned_at"]
+PARAM_METHODS = ("stratified", "hash_bucket", "carved")  # the methods data.seed and data.split decide
+HELD_OUT_FIRST = ("test", "val", "train")  # a patient a source puts in several splits is recorded in the first
+REASSIGN_FIX = "run `cxr ingest --reassign-splits` to reshuffle every patient deliberately (recorded in MLflow)"
 
 
 def split_patients(frame: pd.DataFrame, fractions: SplitFractions, seed: int) -> pd.Series:
@@ -44,6 +67,19 @@ def carve_from_train(frame: pd.DataFrame, target: str, fraction: float, seed: in
     return splits
 
 
+def hash_bucket(patient_hash: str, fractions: SplitFractions, seed: int) -> str:
+    """The split of a patient new to an existing registry: sha256 of the seeded pseudonym as a number in [0, 1).
+
+    Each patient is decided alone, so adding patients never changes another's split; the label is not
+    looked at, so the split fractions hold per label only on average (stratification is approximate).
+    """
+    digest = hashlib.sha256(f"{seed}:{patient_hash}".encode()).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64
+    if position < fractions.train:
+        return "train"
+    return "val" if position < fractions.train + fractions.val else "test"
+
+
 def patient_labels(frame: pd.DataFrame) -> pd.Series:
     """Each patient's most common label, patients in order of first appearance.
 
@@ -62,3 +98,199 @@ def _split_names(n: int, fractions: SplitFractions) -> list[str]:
         n_val, n_test = max(n_val, 1), max(n_test, 1)
     n_train = max(n - n_val - n_test, 0)
     return ["train"] * n_train + ["val"] * n_val + ["test"] * (n - n_train - n_val)
+
+
+# --- the split registry ------------------------------------------------------------------------
+
+
+def empty_registry() -> pd.DataFrame:
+    return pd.DataFrame({column: pd.Series([], dtype=object) for column in REGISTRY_COLUMNS})
+
+
+def read_registry(path: Path) -> pd.DataFrame | None:
+    """The split registry ingest wrote, or None when there is none yet."""
+    if not path.exists():
+        return None
+    try:
+        registry = pd.read_parquet(path)
+    except Exception as exc:  # a truncated or foreign file: say which, never a traceback
+        raise CxrError(f"{path}: not a readable split registry ({type(exc).__name__}); restore it with "
+                       f"`dvc checkout`, or {REASSIGN_FIX}") from None
+    missing = [column for column in REGISTRY_COLUMNS if column not in registry.columns]
+    if missing:
+        raise CxrError(f"{path}: the split registry lacks column(s) {', '.join(missing)}; restore it with "
+                       f"`dvc checkout`, or {REASSIGN_FIX}")
+    twice = registry["patient_hash"][registry["patient_hash"].duplicated()]
+    if len(twice):
+        raise CxrError(f"{path}: {len(twice)} patient(s) recorded twice (e.g. {twice.iloc[0]}); restore it with "
+                       f"`dvc checkout`, or {REASSIGN_FIX}")
+    return registry[REGISTRY_COLUMNS].astype(object)
+
+
+def write_registry(path: Path, registry: pd.DataFrame) -> bool:
+    """Write the registry atomically, only when its bytes change (an unchanged ingest leaves the file alone,
+    so `dvc repro` stays a no-op); True when it wrote."""
+    import io
+
+    buffer = io.BytesIO()
+    registry[REGISTRY_COLUMNS].astype(object).reset_index(drop=True).to_parquet(buffer, index=False)
+    if path.exists() and path.read_bytes() == buffer.getvalue():
+        return False
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+    return True
+
+
+def split_params(fractions: SplitFractions, seed: int) -> str:
+    """data.seed and data.split as the registry records them, e.g. 'seed=0 split=0.7/0.15/0.15'."""
+    return f"seed={seed} split={fractions.train:g}/{fractions.val:g}/{fractions.test:g}"
+
+
+def assign_splits(
+    frame: pd.DataFrame, registry: pd.DataFrame | None, fractions: SplitFractions, seed: int, key_check: str,
+    *, reassign: bool = False, now: str | None = None, where: str = "data/splits.parquet",
+) -> tuple[pd.Series, pd.DataFrame]:
+    """Every row's split, and the registry with the patients seen for the first time appended.
+
+    `frame` has one row per film: patient_hash, label, source and split (the source's own: train, val, test,
+    unlabelled, or None where the source has none). Recorded patients keep their split. With no registry
+    (or an empty one, or `reassign`) new patients are split as a project's first ingest always was (stratified,
+    seeded: small val and test splits still hold every label), else each by `hash_bucket`. A change that would
+    move a recorded patient raises CxrError naming them; `reassign` rebuilds the registry from `frame` instead
+    (patients no longer in the data leave it) and stamps the rows it decided with `now`.
+    """
+    now = now or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    registry = empty_registry() if registry is None or reassign else registry
+    _refuse_another_key(registry, key_check, where)
+    params = split_params(fractions, seed)
+    if not registry.empty:
+        _refuse_changed_params(frame, registry, fractions, seed, params, where)
+    recorded = dict(zip(registry["patient_hash"], registry["split"]))
+    splits, methods = _decide(frame, recorded, fractions, seed)
+    moved = moved_patients(frame.assign(split=splits), registry)
+    if len(moved):
+        raise CxrError(f"ingest: {_name_patients(moved)} would move to another split, but {where} fixes a patient's "
+                       f"split once; put their films back in the recorded split, or {REASSIGN_FIX}")
+    new = _new_rows(frame.assign(split=splits, method=methods), recorded)
+    new = new.assign(split_params=params, key_check=key_check, assigned_at=now, reassigned_at=now if reassign else "")
+    appended = pd.concat([registry, new[REGISTRY_COLUMNS]], ignore_index=True) if len(new) else registry
+    return splits, appended.astype(object)
+
+
+def moved_patients(frame: pd.DataFrame, registry: pd.DataFrame) -> pd.DataFrame:
+    """Recorded patients none of whose labelled films in `frame` is in their recorded split, in data order.
+
+    Columns patient_hash, recorded, found (the splits their films are in now). A patient a source puts in
+    several splits is the patient_leakage check's business; here they count as moved only when none of
+    those splits is the recorded one.
+    """
+    labelled = frame[frame["split"] != UNLABELLED]
+    found = labelled.groupby("patient_hash", sort=False)["split"].agg(lambda splits: "/".join(sorted(set(splits))))
+    recorded = registry.set_index("patient_hash")["split"]
+    both = found.index[found.index.isin(recorded.index)]
+    rows = pd.DataFrame({"patient_hash": both, "recorded": recorded.reindex(both).to_numpy(),
+                         "found": found.reindex(both).to_numpy()})
+    moved = [r not in f.split("/") for r, f in zip(rows["recorded"], rows["found"])]
+    return rows[moved].reset_index(drop=True)
+
+
+def reassignment(registry: pd.DataFrame) -> tuple[str, int] | None:
+    """When the last deliberate reshuffle happened and how many patients it decided; None if never."""
+    stamps = registry["reassigned_at"][registry["reassigned_at"].astype(str) != ""]
+    if stamps.empty:
+        return None
+    last = max(stamps)
+    return last, int((stamps == last).sum())
+
+
+def _decide(frame: pd.DataFrame, recorded: dict[str, str], fractions: SplitFractions, seed: int,
+            announce: bool = True) -> tuple[pd.Series, pd.Series]:
+    """Each row's split and how it was decided, before any check. No recorded patients: stratified as always."""
+    splits = frame["split"].copy()
+    methods = pd.Series("source", index=frame.index, dtype=object)
+    known = frame["patient_hash"].map(recorded)
+    unsplit = splits.isna()
+    take = unsplit & known.notna()
+    splits[take], methods[take] = known[take], "recorded"
+    new = unsplit & known.isna()
+    if new.any() and not recorded:
+        splits[new], methods[new] = split_patients(frame[new], fractions, seed), "stratified"
+    elif new.any():
+        splits[new] = [hash_bucket(patient, fractions, seed) for patient in frame.loc[new, "patient_hash"]]
+        methods[new] = "hash_bucket"
+    for source, rows in frame.groupby("source", sort=False):
+        given = set(frame.loc[rows.index, "split"].dropna())
+        if unsplit[rows.index].any() or "train" not in given:
+            continue
+        targets = [target for target in ("test", "val") if target not in given]
+        train = rows.index[frame.loc[rows.index, "split"] == "train"]
+        carved_before = known[train].isin(targets)  # decided once: a recorded carve holds
+        splits[carved_before.index[carved_before]] = known[train][carved_before]
+        methods[carved_before.index[carved_before]] = "recorded"
+        fresh = known[train].isna()
+        fresh = fresh.index[fresh]
+        if not targets or fresh.empty:
+            continue
+        if not recorded:
+            carved = _carve(frame.loc[rows.index].assign(split=splits[rows.index]), targets, fractions, seed,
+                            source if announce else None)
+        else:
+            buckets = pd.Series([hash_bucket(patient, fractions, seed) for patient in frame.loc[fresh, "patient_hash"]],
+                                index=fresh)
+            carved = buckets.where(buckets.isin(targets), "train").reindex(rows.index).fillna(splits[rows.index])
+        changed = carved != splits[rows.index]
+        splits[changed.index[changed]], methods[changed.index[changed]] = carved[changed], "carved"
+    return splits, methods
+
+
+def _carve(rows: pd.DataFrame, targets: list[str], fractions: SplitFractions, seed: int, source: str | None) -> pd.Series:
+    """A source's val and/or test carved from its train patients (stratified, seeded), as a first ingest does;
+    logged under the source's name unless that is None."""
+    for target in targets:
+        rows = rows.assign(split=carve_from_train(rows, target, getattr(fractions, target), seed))
+        if source is not None:
+            log.info("ingest: %s has no %s split; carved %d images from its train split (stratified, seed %d)",
+                     source, target, int((rows["split"] == target).sum()), seed)
+    return rows["split"]
+
+
+def _new_rows(frame: pd.DataFrame, recorded: dict[str, str]) -> pd.DataFrame:
+    """One row per labelled patient not recorded yet, in pseudonym order: the split of their most held-out film."""
+    labelled = frame[(frame["split"] != UNLABELLED) & ~frame["patient_hash"].isin(list(recorded))]
+    rank = labelled["split"].map({split: i for i, split in enumerate(HELD_OUT_FIRST)})
+    first = labelled.assign(_rank=rank).sort_values(["patient_hash", "_rank"], kind="stable")
+    return first.drop_duplicates("patient_hash")[["patient_hash", "split", "source", "method"]].reset_index(drop=True)
+
+
+def _refuse_another_key(registry: pd.DataFrame, key_check: str, where: str) -> None:
+    """Pseudonyms made with another de-identification key match no recorded patient: every patient would look
+    new and be decided again, test patients into train among them. Refuse rather than guess."""
+    if (registry["key_check"] != key_check).any():
+        raise CxrError(f"ingest: {where} was written with another de-identification key (CXR_DEID_KEY, or the key "
+                       f"file: ~/.config/cxr/deid.key unless CXR_DEID_KEY_FILE moves it), so none of its "
+                       f"{len(registry)} patients can be recognised; use that key again, or {REASSIGN_FIX}")
+
+
+def _refuse_changed_params(frame: pd.DataFrame, registry: pd.DataFrame, fractions: SplitFractions, seed: int,
+                           params: str, where: str) -> None:
+    """data.seed or data.split changed since the patients in the data were split: recorded patients would keep
+    their split, so the change would quietly do nothing for them. Refuse when a reshuffle would move any."""
+    present = registry["patient_hash"].isin(set(frame["patient_hash"]))
+    decided = registry[present & registry["method"].isin(PARAM_METHODS)]
+    older = sorted(set(decided["split_params"]) - {params})
+    if not older:
+        return
+    reshuffled, _ = _decide(frame, {}, fractions, seed, announce=False)
+    moved = moved_patients(frame.assign(split=reshuffled), registry)
+    if len(moved):
+        raise CxrError(f"ingest: data.seed and data.split ({params}) differ from those {where} split its patients "
+                       f"with ({', '.join(older)}); splitting again would move {_name_patients(moved)}; restore "
+                       f"data.seed and data.split, or {REASSIGN_FIX}")
+
+
+def _name_patients(moved: pd.DataFrame, first: int = 3) -> str:
+    """'2 recorded patients (3f9a… test → train, …)': the first few pseudonyms and where they would go."""
+    named = ", ".join(f"{p} {r} → {f}" for p, r, f in moved.head(first).itertuples(index=False))
+    more = f" and {len(moved) - first} more" if len(moved) > first else ""
+    noun = "patient" if len(moved) == 1 else "patients"
+    return f"{len(moved)} recorded {noun} ({named}{more})"

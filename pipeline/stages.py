@@ -3,10 +3,14 @@
 `cxr <stage>`, the Prefect flow (`cxr pipeline`), the tests and the benchmarks read this table; dvc.yaml
 spells the same stages out for DVC, and a test checks that it agrees with this table (order, command and
 outputs). Every stage function takes the project's paths and its config and returns a small result object.
+
+`Stage.run` holds the project lock (pipeline.lock) while the stage runs, so every way of running a stage
+(`cxr <stage>`, `dvc repro`, the flow, `run_stages`) waits for another run writing the same project.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +19,7 @@ from pipeline.config import Config
 from pipeline.errors import CxrError
 from pipeline.evaluate import evaluate_stage
 from pipeline.ingest import ingest_stage
+from pipeline.lock import project_lock
 from pipeline.paths import ProjectPaths
 from pipeline.rebalance import rebalance_stage
 from pipeline.register import register_stage
@@ -33,15 +38,29 @@ class Stage:
     retries: int = 0  # reruns the flow allows after a fault that is not the user's (a dropped tracking server)
     resumes: bool = False  # a rerun continues where the failed run stopped (run(..., resume=True))
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run", _holding_the_project_lock(self.run))
+
     @property
     def command(self) -> str:
         return f"cxr {self.name}"
 
 
+def _holding_the_project_lock(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The stage function, run while holding its project's lock (the same function to callers: name, module, docs)."""
+
+    @functools.wraps(function)
+    def run(paths: ProjectPaths, config: Config, **options: Any) -> Any:
+        with project_lock(paths.root):
+            return function(paths, config, **options)
+
+    return run
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", ingest_stage, (
         "data/interim/manifest.parquet", "data/interim/images.npy", "data/interim/quarantine.csv",
-        "data/interim/dropped_duplicates.csv")),
+        "data/interim/dropped_duplicates.csv", "data/splits.parquet")),
     Stage("validate", validate_stage, (
         "reports/validation/results.json", "reports/validation/data_docs", "reports/validation/summary.json")),
     Stage("rebalance", rebalance_stage, ("data/processed/train_index.npy",)),
@@ -69,8 +88,9 @@ def run_stages(paths: ProjectPaths, config: Config, until: str | None = None) ->
     """Run the stages in order in this process (through `until`, or all of them); each stage's result by name."""
     last = stage(until).name if until else STAGES[-1].name
     results: dict[str, Any] = {}
-    for each in STAGES:
-        results[each.name] = each.run(paths, config)
-        if each.name == last:
-            break
+    with project_lock(paths.root):  # no other run writes between two of these stages
+        for each in STAGES:
+            results[each.name] = each.run(paths, config)
+            if each.name == last:
+                break
     return results

@@ -27,8 +27,10 @@ from pipeline.errors import CxrError
 from pipeline.files import write_json
 from pipeline.sources import UNLABELLED
 from pipeline.ingest import MANIFEST_COLUMNS
+from pipeline.manifest import read_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.phash import close_pairs, phash
+from pipeline.splits import moved_patients, read_registry
 from pipeline.tasks import LabelBalance, task_for
 
 if TYPE_CHECKING:
@@ -76,11 +78,14 @@ def validate_stage(paths: ProjectPaths, config: Config) -> GateResult:
     for path in (paths.manifest, paths.images):
         if not path.exists():
             raise CxrError(f"{path} is missing: run ingest first")
-    manifest = pd.read_parquet(paths.manifest)
+    manifest = read_manifest(paths.manifest, config.data.task, config.data.labels)
     manifest = manifest[manifest["split"] != UNLABELLED]  # films kept for prediction only are not training data
     images = np.load(paths.images, mmap_mode="r")  # hashed a chunk at a time, never read whole
     dropped = pd.read_csv(paths.dropped_duplicates) if paths.dropped_duplicates.exists() else None
-    gate = run_validation(manifest, images, config.data, config.validation, paths.validation_dir, dropped)
+    registry = read_registry(paths.split_registry)
+    if registry is None:
+        raise CxrError(f"{paths.split_registry} is missing: run ingest first")
+    gate = run_validation(manifest, images, config.data, config.validation, paths.validation_dir, dropped, registry)
     if not gate.passed:
         failed = [f"{c.name} ({c.details})" for c in gate.checks if c.severity == "blocking" and not c.success]
         raise CxrError(f"data validation failed: {'; '.join(failed)}. Details: {gate.results_path}")
@@ -89,13 +94,14 @@ def validate_stage(paths: ProjectPaths, config: Config) -> GateResult:
 
 def run_validation(
     manifest: pd.DataFrame, images: np.ndarray, data: DataConfig, validation: ValidationConfig, out_dir: Path,
-    dropped: pd.DataFrame | None = None,
+    dropped: pd.DataFrame | None = None, registry: pd.DataFrame | None = None,
 ) -> GateResult:
     """Run every non-ignored check through GX; write results.json, summary.json and data_docs/ to out_dir.
 
     `images` is the image store (N, S, S) uint8; manifest.store_index says which row is which film.
     `dropped` lists the identical copies ingest removed (data.dedupe=drop): the checks see the data as it
-    will be trained on, while summary.json counts the exact duplicates as they were found.
+    will be trained on, while summary.json counts the exact duplicates as they were found. `registry` is the
+    split registry (pipeline.splits); without one the split_registry check is not run.
     """
     missing = [column for column in REQUIRED_COLUMNS if column not in manifest.columns]
     if missing:
@@ -106,7 +112,7 @@ def run_validation(
                        "rerun ingest")
     severities = validation.severity.model_dump()
     near_pairs = _near_duplicate_pairs(manifest, images, validation.near_duplicate_distance)
-    all_plans = _plan_checks(manifest, near_pairs, data, validation)
+    all_plans = _plan_checks(manifest, near_pairs, data, validation, registry)
     plans = {name: plan for name, plan in all_plans.items() if severities[name] != "ignore"}
     docs_dir = out_dir / "data_docs"
     gx_results = _run_gx(plans, docs_dir)
@@ -139,6 +145,7 @@ def _stable(tree):
 
 def _plan_checks(
     manifest: pd.DataFrame, near_pairs: pd.DataFrame, data: DataConfig, validation: ValidationConfig,
+    registry: pd.DataFrame | None = None,
 ) -> dict[str, _CheckPlan]:
     """Every check, keyed by its name in config.Severities; building them is cheap, GX runs only the kept ones.
 
@@ -150,6 +157,17 @@ def _plan_checks(
     mean, min_std = validation.intensity_mean, validation.min_intensity_std
     distance, min_side, size = validation.near_duplicate_distance, validation.min_original_side, data.image_size
     modalities, views = ", ".join(validation.allowed_modalities), ", ".join(validation.allowed_views)
+    registry_check = {} if registry is None else {
+        "split_registry": _CheckPlan(_registry_agreement(manifest, registry), "patient_hash", "patients", [
+            gxe.ExpectColumnValuesToBeBetween(
+                column="recorded", min_value=1,
+                meta={"failure": "{n} patient(s) missing from data/splits.parquet: rerun ingest"}),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="moved", max_value=0,
+                meta={"failure": "{n} patient(s) in a split other than data/splits.parquet records: the manifest "
+                                 "and the registry disagree; rerun ingest (README: Splits that never move)"}),
+        ]),
+    }
     return {
         "required_columns_present": _CheckPlan(manifest, "image_id", "images", [
             # Missing columns already raised in run_validation; this keeps the schema in results.json.
@@ -175,6 +193,7 @@ def _plan_checks(
                 column="n_splits", max_value=1,
                 meta={"failure": "{n} patient(s) have images in more than one split"}),
         ]),
+        **registry_check,
         "splits_complete": _CheckPlan(_split_completeness(task.label_rows(manifest), data.labels), "split", "splits", [
             gxe.ExpectColumnValuesToBeBetween(
                 column="n_labels", min_value=len(data.labels),
@@ -311,6 +330,17 @@ def _splits_per_value(manifest: pd.DataFrame, column: str) -> pd.DataFrame:
     """How many distinct splits each value of `column` (sha256, patient_hash) appears in."""
     counts = manifest.groupby(column)["split"].nunique()
     return pd.DataFrame({column: counts.index.astype(str), "n_splits": counts.to_numpy()})
+
+
+def _registry_agreement(manifest: pd.DataFrame, registry: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient: recorded (1 when the split registry knows them) and moved (1 when none of their films
+    is in the split it records; films straddling splits are patient_leakage's to report)."""
+    patients = pd.unique(manifest["patient_hash"])
+    moved = set(moved_patients(manifest, registry)["patient_hash"])
+    known = set(registry["patient_hash"])
+    return pd.DataFrame({"patient_hash": patients.astype(str),
+                         "recorded": [int(p in known) for p in patients],
+                         "moved": [int(p in moved) for p in patients]})
 
 
 def _split_completeness(label_rows: pd.DataFrame, labels: list[str]) -> pd.DataFrame:

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.documents import headline_rows, render
+from pipeline.manifest import write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.register import model_card, model_card_context
 from pipeline.report import report_context, report_stage
@@ -40,6 +41,8 @@ def hostile(tiny_project, tmp_path_factory):
         **{f"probability_{HOSTILE}": other["probability"], "probability_pneumonia": predictions["probability"]},
         **{f"threshold_{label}": value for label, value in metrics["threshold"].items()}})
     predictions.to_csv(paths.predictions, index=False)
+    manifest = pd.read_parquet(paths.manifest)  # ingested for that model's labels, as `cxr ingest` would write it
+    write_manifest(paths.manifest, manifest, "multilabel", labels)
     registered = json.loads(paths.registered.read_text()) | {"reason": HOSTILE}
     paths.registered.write_text(json.dumps(registered))
     return paths, config, metrics

@@ -133,6 +133,30 @@ def test_cxr_pipeline_and_dvc_repro_produce_the_same_artefacts(prefect_project, 
     assert len(files - run_specific) >= 12
 
 
+def test_dvc_repro_after_adding_patients_keeps_every_recorded_split(dvc_project, tmp_path):
+    """data/splits.parquet is a persisted output (DVC would otherwise delete it before rerunning ingest, and every
+    patient would be split afresh). On a copy of the DVC project, with 15 new patients as a second source."""
+    import yaml
+
+    from tests.test_splits import add_new_patients
+
+    root = tmp_path / "copy"
+    shutil.copytree(dvc_project[0], root, symlinks=True, ignore=shutil.ignore_patterns("mlruns.db", "mlartifacts"))
+    before = pd.read_parquet(root / "data" / "splits.parquet")
+    add_new_patients(root / "data" / "raw" / "extra", tmp_path)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["sources"] = ["data/raw/demo", "data/raw/extra"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    run = _run([str(BIN / "dvc"), "repro", "ingest"], root, _env(root))
+
+    assert "Running stage 'ingest'" in run.stdout
+    after = pd.read_parquet(root / "data" / "splits.parquet")
+    assert len(after) == len(before) + 15
+    assert after.head(len(before)).equals(before)  # every recorded patient, split and time as they were
+    assert set(after.tail(15)["method"]) == {"hash_bucket"}
+
+
 def _experiments(tree) -> list[dict]:
     """Every entry of `dvc exp show --json` (baseline and experiments) that carries data."""
     found = []

@@ -10,7 +10,7 @@ from pipeline.errors import CxrError
 
 @pytest.fixture(scope="module")
 def prefect_engine():
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):  # a busy 2-core machine starts it slowly
         yield
 
 
@@ -72,3 +72,19 @@ def test_ingest_on_a_local_dask_cluster_gives_the_same_outputs(prefect_engine, t
     assert state.is_completed(), state.message
     assert state.result().n_decoded == 43  # 40 films and the 3 broken ones, in 6 shards
     assert [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine)] == expected
+
+
+def test_a_flow_run_waits_for_the_project_lock_and_fails_in_one_line_when_time_runs_out(prefect_engine, tmp_path, monkeypatch):
+    """The flow holds the lock for its whole run (ingest's tasks do not go through the stage table's lock)."""
+    from tests.test_lock import Holder
+
+    params = tmp_path / "project" / "params.yaml"
+    params.parent.mkdir()
+    params.write_text("data:\n  image_size: 32\n")
+    monkeypatch.setenv("CXR_LOCK_TIMEOUT", "1")
+    holder = Holder(params.parent, tmp_path)
+    try:
+        with pytest.raises(CxrError, match=r"^another run holds .*\.cxr\.lock \(pid \d+, started at .*did not finish within 1 s"):
+            run_pipeline(params, [])
+    finally:
+        holder.release()

@@ -141,13 +141,16 @@ def test_ingest_never_modifies_the_raw_files(tiny_project, tmp_path):
     assert paths.manifest.is_file() and not paths.manifest.is_relative_to(raw)
 
 
-def test_split_depends_on_data_and_seed_not_on_the_deid_key(tmp_path, monkeypatch):
+def test_first_split_depends_on_data_and_seed_not_on_the_deid_key(tmp_path, monkeypatch):
+    """Two sites with the same files and different keys: each project's first ingest splits them alike."""
+    films = tmp_path / "films"
     for i in range(30):
-        _write_png(tmp_path / "films" / ("pneumonia" if i % 4 else "normal") / f"p{i // 2}_{i}.png", i)
-    paths, config = _project(tmp_path, "[films]")
+        _write_png(films / ("pneumonia" if i % 4 else "normal") / f"p{i // 2}_{i}.png", i)
     splits = []
     for key in ("site-a-key", "site-b-key"):
         monkeypatch.setenv("CXR_DEID_KEY", key)
+        (tmp_path / key).mkdir()
+        paths, config = _project(tmp_path / key, f"[{films.as_posix()}]")
         ingest_stage(paths, config)
         manifest = pd.read_parquet(paths.manifest)
         splits.append(dict(zip(manifest["path"], manifest["split"])))

@@ -97,3 +97,103 @@ def test_byte_identical_files_are_decoded_once_and_reingest_works(tmp_path):
 
     assert first.n_decoded == 33  # 30 films and 3 broken files; the byte copy of one film is not decoded again
     assert second.n_decoded == 0 and second.n_images == first.n_images == 31
+
+
+def _cold_and_cached(tmp_path):
+    """A project ingested cold; its outputs' bytes; and the decode cache folder."""
+    write_demo_data(tmp_path / "data" / "raw" / "demo", n=30, seed=8, size=64)
+    paths, config = _project(tmp_path, "data.sources=[data/raw/demo]", "data.num_workers=1")
+    cold = ingest_stage(paths, config)
+    folder = next(paths.decode_cache.glob("decoded-*"))
+    return paths, config, cold, _outputs(paths), folder
+
+
+def _reingest_from_the_cache(paths, config):
+    """Re-ingest with the outputs gone, so that every film is served by the decode cache (or decoded again)."""
+    for output in (paths.manifest, paths.images, paths.quarantine):
+        output.unlink()
+    return ingest_stage(paths, config)
+
+
+def _warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+
+
+def test_a_truncated_shard_is_decoded_again_with_a_warning(tmp_path, caplog):
+    paths, config, cold, written, folder = _cold_and_cached(tmp_path)
+    (shard,) = folder.glob("shard-*.npy")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    again = _reingest_from_the_cache(paths, config)
+
+    assert _outputs(paths) == written
+    assert again.n_decoded == cold.n_images  # the shard's films; the quarantined files' failures were still cached
+    assert any(f"shard {shard.name} is missing, truncated or unreadable" in message for message in _warnings(caplog))
+    caplog.clear()
+    healed = _reingest_from_the_cache(paths, config)
+    assert healed.n_decoded == 0 and _outputs(paths) == written and not _warnings(caplog)
+
+
+def test_a_garbled_index_is_rebuilt_with_a_warning(tmp_path, caplog):
+    paths, config, cold, written, folder = _cold_and_cached(tmp_path)
+    index = folder / "index.parquet"
+    garbled = bytearray(index.read_bytes())
+    garbled[len(garbled) // 3 : len(garbled) // 3 + 64] = b"\xff" * 64
+    index.write_bytes(bytes(garbled))
+
+    again = _reingest_from_the_cache(paths, config)
+
+    assert _outputs(paths) == written
+    assert again.n_decoded == cold.n_images
+    assert any("index.parquet is unreadable" in message for message in _warnings(caplog))
+    assert len(list(folder.glob("shard-*.npy"))) == 1  # the old shard went with its index
+
+
+def test_a_damaged_film_in_a_shard_is_never_served(tmp_path, caplog):
+    """Bytes changed inside a shard (same size, loads fine): the film's checksum catches it and it is decoded again."""
+    paths, config, cold, written, folder = _cold_and_cached(tmp_path)
+    (shard,) = folder.glob("shard-*.npy")
+    damaged = bytearray(shard.read_bytes())
+    damaged[-100:] = bytes(255 - b for b in damaged[-100:])  # the last film's last pixels
+    shard.write_bytes(bytes(damaged))
+
+    again = _reingest_from_the_cache(paths, config)
+
+    assert _outputs(paths) == written
+    assert again.n_decoded == 1
+    assert any("does not match its checksum" in message for message in _warnings(caplog))
+
+
+def test_two_writers_never_write_the_same_shard(tmp_path):
+    """Two writers that read the cache before either wrote (the project lock bypassed): each keeps its own films."""
+    from pipeline.decode_cache import DecodeCache, Decoded
+
+    def film(value: int) -> Decoded:
+        return Decoded(np.full((4, 4), value, dtype=np.uint8), {"format": "png", "sha256": str(value)})
+
+    first, second = DecodeCache(tmp_path), DecodeCache(tmp_path)
+    first.add([("key-a", "a.png", film(1))])
+    second.add([("key-b", "b.png", film(2))])
+
+    assert len(list(tmp_path.glob("shard-*.npy"))) == 2
+    assert (first.get("key-a", "a.png").pixels == 1).all()
+    assert (second.get("key-b", "b.png").pixels == 2).all()
+
+
+def test_a_new_shard_never_takes_the_name_of_an_existing_one(tmp_path):
+    """Named after their count, a shard written after another went missing took the name of a live one."""
+    from pipeline.decode_cache import DecodeCache, Decoded
+
+    def film(value: int) -> Decoded:
+        return Decoded(np.full((4, 4), value, dtype=np.uint8), {"format": "png", "sha256": str(value)})
+
+    cache = DecodeCache(tmp_path)
+    cache.add([("key-a", "a.png", film(1))])
+    (first_shard,) = tmp_path.glob("shard-*.npy")
+    cache.add([("key-b", "b.png", film(2))])
+    first_shard.unlink()
+    cache.add([("key-c", "c.png", film(3))])
+
+    reopened = DecodeCache(tmp_path)
+    assert (reopened.get("key-b", "b.png").pixels == 2).all()
+    assert (reopened.get("key-c", "c.png").pixels == 3).all()

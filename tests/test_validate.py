@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import DataConfig, Severities, ValidationConfig, load_config
+from pipeline.config import DataConfig, Severities, SplitFractions, ValidationConfig, load_config
 from pipeline.errors import CxrError
 from pipeline.paths import ProjectPaths
+from pipeline.splits import assign_splits, write_registry
 from pipeline.validate import CheckResult, GateResult, run_validation, validate_stage
 
 SUMMARY_KEYS = {"passed", "n_images", "per_split", "duplicates", "patient_leakage", "checks"}
@@ -43,21 +44,32 @@ def clean_images() -> np.ndarray:
     return np.kron(cells, np.ones((8, 8), dtype=np.uint8))
 
 
+def registry_of(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The split registry ingest records for a manifest whose splits came from its source."""
+    return assign_splits(manifest.dropna(subset=["patient_hash"]), None, SplitFractions(), 0, "key")[1]
+
+
 def validate(manifest: pd.DataFrame, out_dir: Path, images: np.ndarray | None = None, **severity: str) -> GateResult:
     images = clean_images() if images is None else images
-    return run_validation(manifest, images, DataConfig(), ValidationConfig(severity=Severities(**severity)), out_dir)
+    return run_validation(manifest, images, DataConfig(), ValidationConfig(severity=Severities(**severity)), out_dir,
+                          registry=registry_of(manifest))
 
 
 def check(gate: GateResult, name: str) -> CheckResult:
     return next(c for c in gate.checks if c.name == name)
 
 
-def write_manifest(root: Path, manifest: pd.DataFrame, images: np.ndarray | None = None) -> ProjectPaths:
-    """What ingest writes: the manifest and the image store."""
+def write_manifest(root: Path, manifest: pd.DataFrame, images: np.ndarray | None = None,
+                   task: str = "binary", labels: tuple[str, ...] = ("normal", "pneumonia")) -> ProjectPaths:
+    """What ingest writes: the manifest (for `task` and `labels`, the defaults' unless given), the image store and
+    the split registry."""
+    from pipeline.manifest import write_manifest as write_for_task
+
     paths = ProjectPaths(root)
     paths.manifest.parent.mkdir(parents=True)
-    manifest.to_parquet(paths.manifest, index=False)
+    write_for_task(paths.manifest, manifest, task, list(labels))
     np.save(paths.images, clean_images() if images is None else images)
+    write_registry(paths.split_registry, registry_of(manifest))
     return paths
 
 
@@ -305,6 +317,39 @@ def test_validate_stage_needs_the_image_store(tmp_path: Path) -> None:
 
     with pytest.raises(CxrError, match="images.npy is missing: run ingest first"):
         validate_stage(paths, load_config(tmp_path / "params.yaml"))
+
+
+def test_validate_stage_needs_the_split_registry(tmp_path: Path) -> None:
+    paths = write_manifest(tmp_path, clean_manifest())
+    paths.split_registry.unlink()
+
+    with pytest.raises(CxrError, match="splits.parquet is missing: run ingest first"):
+        validate_stage(paths, load_config(tmp_path / "params.yaml"))
+
+
+def test_a_manifest_that_disagrees_with_the_split_registry_fails_the_gate(tmp_path: Path) -> None:
+    """A recorded test patient found in train (a manifest from elsewhere, a hand edit) blocks, as does an unrecorded one."""
+    from pipeline.manifest import write_manifest as write_labelled_manifest
+
+    paths = write_manifest(tmp_path, clean_manifest())
+    manifest = clean_manifest()
+    manifest.loc[manifest["patient_hash"] == "patient16", "split"] = "train"  # every film of a test patient
+    manifest.loc[manifest["patient_hash"] == "patient19", "patient_hash"] = "patient20"  # not in the registry
+    write_labelled_manifest(paths.manifest, manifest, "binary", ["normal", "pneumonia"])
+
+    with pytest.raises(CxrError, match="split_registry") as failure:
+        validate_stage(paths, load_config(tmp_path / "params.yaml"))
+
+    assert "\n" not in str(failure.value)
+    results = json.loads(paths.validation_results.read_text())
+    assert results["split_registry"]["severity"] == "blocking"
+    assert results["split_registry"]["details"] == (
+        "1 patient(s) in a split other than data/splits.parquet records: the manifest and the registry disagree; "
+        "rerun ingest (README: Splits that never move); 1 patient(s) missing from data/splits.parquet: rerun ingest")
+    named = {row["patient_hash"] for outcome in results["split_registry"]["result"]["results"]
+             for row in outcome["result"]["partial_unexpected_index_list"]}
+    assert named == {"patient16", "patient20"}
+    assert results["patient_leakage"]["result"]["success"] is True  # one split per patient: only the registry knows
 
 
 def test_image_store_shorter_than_the_manifest_is_an_error(tmp_path: Path) -> None:

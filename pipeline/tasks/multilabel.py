@@ -31,10 +31,14 @@ class Multilabel(Task):
         return join_labels({spec.label_map.get(part, part.lower()) for part in parts}, self.labels)
 
     def labels_from_npz(self, columns: np.ndarray, where: str) -> list[str]:
-        """(N, K) 0/1 columns in labels order (ChestMNIST)."""
+        """(N, K) 0/1 columns in labels order (ChestMNIST); another width, or a value other than 0 and 1 (a missing
+        one included), is refused naming the first row."""
         if columns.shape[1] != len(self.labels):
             raise CxrError(f"{where} has {columns.shape[1]} columns; a multilabel task needs one per label of "
                            f"data.labels {self.labels}")
+        bad = np.flatnonzero(~np.isin(np.asarray(columns, dtype=float), (0, 1)).all(axis=1))
+        if len(bad):
+            raise CxrError(f"{where}[{bad[0]}] = {columns[bad[0]].tolist()}: each label's column holds 0 or 1")
         return [join_labels((label for label, on in zip(self.labels, row) if on), self.labels) for row in columns]
 
     def label_index(self, labels: pd.Series) -> pd.Series:

@@ -32,10 +32,28 @@ class OneLabelPerFilm(Task):
         return mapped.pop() if len(mapped) == 1 else None
 
     def labels_from_npz(self, columns: np.ndarray, where: str) -> list[str]:
-        outside = np.flatnonzero((columns[:, 0] < 0) | (columns[:, 0] >= len(self.labels)))
-        if len(outside):
-            raise CxrError(f"{where}[{outside[0]}] = {columns[outside[0], 0]} is outside data.labels {self.labels}")
-        return [self.labels[int(index)] for index in columns[:, 0]]
+        """One class index per film ((N,) or (N, 1)), or one-hot rows with one column per label (argmax where each
+        row holds exactly one 1); anything else, a missing, fractional or out-of-range index included, is refused
+        naming the first row."""
+        if columns.shape[1] == 1:
+            index = columns[:, 0]
+        elif columns.shape[1] == len(self.labels):
+            hot = np.asarray(columns, dtype=float)
+            not_one_hot = np.flatnonzero(~(np.isin(hot, (0, 1)).all(axis=1) & (hot.sum(axis=1) == 1)))
+            if len(not_one_hot):
+                row = not_one_hot[0]
+                raise CxrError(f"{where}[{row}] = {columns[row].tolist()}: a one-hot row needs exactly one 1 among "
+                               f"{len(self.labels)} columns (data.labels {self.labels})")
+            index = hot.argmax(axis=1)
+        else:
+            raise CxrError(f"{where} has {columns.shape[1]} columns: expected one class index per film, or one-hot rows "
+                           f"with one column per label of data.labels {self.labels}")
+        values = np.asarray(index, dtype=float)
+        bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)) | (values < 0) | (values >= len(self.labels)))
+        if len(bad):
+            raise CxrError(f"{where}[{bad[0]}] = {index[bad[0]]} is not a class index of data.labels {self.labels} "
+                           f"(0 to {len(self.labels) - 1})")
+        return [self.labels[int(value)] for value in values]
 
     def label_index(self, labels: pd.Series) -> pd.Series:
         return labels.map({label: i for i, label in enumerate(self.labels)}).fillna(-1).astype(int)

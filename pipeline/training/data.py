@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from pipeline.config import DataConfig
 from pipeline.errors import CxrError
+from pipeline.manifest import read_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.tasks import Task, task_for
 
@@ -31,7 +31,7 @@ def load_training_data(paths: ProjectPaths, data: DataConfig) -> TrainingData:
     for needed, stage in ((paths.manifest, "cxr ingest"), (paths.images, "cxr ingest"), (paths.train_index, "cxr rebalance")):
         if not needed.exists():
             raise CxrError(f"{needed} is missing: run `{stage}` first")
-    manifest = pd.read_parquet(paths.manifest, columns=["store_index", "split", "label", "label_index"])
+    manifest = read_manifest(paths.manifest, data.task, data.labels, ["store_index", "split", "label", "label_index"])
     images = np.load(paths.images, mmap_mode="r")
     train_index = np.load(paths.train_index)
     target_of = task.targets(manifest.set_index("store_index").loc[train_index])

@@ -47,6 +47,7 @@ def tracked_run(paths: ProjectPaths, config: Config, state: dict | None, device,
             _log_gate_summary(client, run_id, paths)
             client.log_batch(run_id, tags=[RunTag(key, value) for key, value in {
                 **tracking.data_version_tags(paths, [spec.path for spec in config.data.sources]),
+                **_split_registry_tags(paths),
                 "git.commit": tracking.git_commit(paths.root) or "unknown",
                 "device": str(device),
                 "world_size": str(world.size),  # processes trained together under torchrun
@@ -82,6 +83,23 @@ def _log_gate_summary(client, run_id: str, paths: ProjectPaths) -> None:
     counts["gate.patient_leakage"] = summary.get("patient_leakage", 0)
     tracking.log_metrics(client, run_id, counts)
     client.log_artifact(run_id, str(paths.validation_summary), artifact_path="validation")
+
+
+def _split_registry_tags(paths: ProjectPaths) -> dict[str, str]:
+    """The split registry the run trained under (its sha256) and, when `cxr ingest --reassign-splits` has
+    reshuffled it, when and how many patients: test scores of runs on either side of a reshuffle do not compare."""
+    from pipeline.files import sha256_of
+    from pipeline.splits import read_registry, reassignment
+
+    registry = read_registry(paths.split_registry)
+    if registry is None:
+        return {}
+    tags = {"data.splits_sha256": sha256_of(paths.split_registry)}
+    reshuffle = reassignment(registry)
+    if reshuffle is not None:
+        when, n_patients = reshuffle
+        tags["data.splits_reassigned"] = f"{when} ({n_patients} patients)"
+    return tags
 
 
 def _log_params(client, run_id: str, config: Config) -> None:

@@ -1,0 +1,270 @@
+"""Splits that never move: the split registry (data/splits.parquet) through real ingests of the demo set."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.config import SplitFractions, load_config
+from pipeline.deid import key_check
+from pipeline.demo_data import write_demo_data
+from pipeline.errors import CxrError
+from pipeline.files import sha256_of
+from pipeline.ingest import ingest_stage
+from pipeline.paths import ProjectPaths
+from pipeline.splits import REGISTRY_COLUMNS, hash_bucket, read_registry
+from tests.conftest import write_tiny_project
+
+CXR = str(Path(sys.executable).parent / "cxr")
+
+
+def _demo_project(root: Path, n: int = 600) -> tuple[ProjectPaths, object]:
+    """The demo set (600 films of 191 patients by default; small films, stored at 32 px) in a project of its own."""
+    (root / "params.yaml").write_text("data:\n  image_size: 32\n")
+    write_demo_data(root / "data" / "raw" / "demo", n=n, seed=0, size=64)
+    return ProjectPaths(root), load_config(root / "params.yaml")
+
+
+def add_new_patients(source: Path, scratch: Path, count: int = 15) -> int:
+    """Films of `count` more patients (another demo set's first patients) put into `source`'s label folders.
+
+    Their file names get an `N` prefix (P0003_1.png → NP0003_1.png), so the patient ids taken from PNG/JPEG
+    names (NP0003) differ from the demo's (P0003); DICOM films carry their own random MRNs. Returns the films added.
+    """
+    extra = scratch / "extra-demo"
+    write_demo_data(extra, n=80, seed=7, size=64)
+    films = sorted(p for p in extra.rglob("P*_*") if p.is_file())
+    chosen = sorted({film.name.split("_")[0] for film in films})[:count]
+    added = 0
+    for film in films:
+        if film.name.split("_")[0] in chosen:
+            target = source / film.parent.name / "new" / f"N{film.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(film, target)
+            added += 1
+    return added
+
+
+def patient_splits(paths: ProjectPaths) -> pd.Series:
+    """Each patient's split in the manifest (one per patient: the gate checks that)."""
+    manifest = pd.read_parquet(paths.manifest)
+    assert manifest.groupby("patient_hash")["split"].nunique().max() == 1
+    return manifest.groupby("patient_hash")["split"].first()
+
+
+def test_adding_15_patients_to_the_demo_moves_no_recorded_patient(tmp_path):
+    paths, config = _demo_project(tmp_path)
+    ingest_stage(paths, config)
+    before, first = patient_splits(paths), read_registry(paths.split_registry)
+    assert len(before) == len(first) == 191
+    assert set(first["method"]) == {"stratified"}  # a project's first ingest splits as it always did
+
+    assert add_new_patients(paths.root / "data" / "raw" / "demo", tmp_path) > 15
+    result = ingest_stage(paths, config)
+
+    after, registry = patient_splits(paths), read_registry(paths.split_registry)
+    new = after.index.difference(before.index)
+    assert len(new) == 15 and set(before.index) <= set(after.index)  # new ids: none merged with a demo patient
+    assert after[before.index].equals(before)  # nobody moved
+    assert len(registry) == result.n_patients_recorded == 206
+    assert registry.head(191).equals(first)  # appended: the recorded rows are untouched
+    added = registry.tail(15).set_index("patient_hash")
+    assert set(added.index) == set(new) and set(added["method"]) == {"hash_bucket"}
+    assert (added["split"] == after[added.index]).all()
+    assert all(added.loc[p, "split"] == hash_bucket(p, config.data.split, config.data.seed) for p in new)
+
+
+def test_ingest_twice_without_changes_leaves_the_registry_byte_identical(tmp_path):
+    paths, config = _demo_project(tmp_path, n=80)
+    ingest_stage(paths, config)
+    written, stat = paths.split_registry.read_bytes(), paths.split_registry.stat()
+    ingest_stage(paths, config)
+    assert paths.split_registry.read_bytes() == written
+    assert paths.split_registry.stat().st_mtime_ns == stat.st_mtime_ns  # not even rewritten: `dvc repro` stays a no-op
+    assert list(read_registry(paths.split_registry).columns) == REGISTRY_COLUMNS
+
+
+def _film(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(value).integers(0, 255, (48, 48), dtype=np.uint8)).save(path)
+
+
+def test_a_recorded_test_patient_that_a_source_puts_in_train_is_refused_naming_them(tmp_path):
+    root = tmp_path / "data" / "raw" / "kermany"
+    for offset, split in enumerate(("train", "val", "test")):
+        for k in range(3):
+            _film(root / split / "NORMAL" / f"normal{split}{k}_1.png", 100 * offset + 2 * k)
+            _film(root / split / "PNEUMONIA" / f"person{split}{k}_bacteria_1.png", 100 * offset + 2 * k + 1)
+    (tmp_path / "params.yaml").write_text("data:\n  image_size: 32\n  sources: [data/raw/kermany]\n")
+    paths, config = ProjectPaths(tmp_path), load_config(tmp_path / "params.yaml")
+    ingest_stage(paths, config)
+    registry = read_registry(paths.split_registry)
+    assert set(registry["method"]) == {"source"} and len(registry) == 18  # a source's own split is recorded too
+    manifest = pd.read_parquet(paths.manifest)
+    moved = manifest.loc[manifest["path"] == "test/PNEUMONIA/persontest1_bacteria_1.png", "patient_hash"].item()
+    outputs = paths.manifest.read_bytes(), paths.split_registry.read_bytes()
+
+    (root / "train" / "PNEUMONIA" / "persontest1_bacteria_1.png").write_bytes(
+        (root / "test" / "PNEUMONIA" / "persontest1_bacteria_1.png").read_bytes())
+    (root / "test" / "PNEUMONIA" / "persontest1_bacteria_1.png").unlink()
+    with pytest.raises(CxrError) as refused:
+        ingest_stage(paths, config)
+
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"1 recorded patient ({moved} test → train)" in message
+    assert "data/splits.parquet fixes a patient's split once" in message and "--reassign-splits" in message
+    assert (paths.manifest.read_bytes(), paths.split_registry.read_bytes()) == outputs  # nothing was written
+
+
+def test_an_unreadable_registry_is_a_one_line_error_not_a_fresh_split(tmp_path):
+    for i in range(12):
+        _film(tmp_path / "films" / ("normal" if i % 3 else "pneumonia") / f"p{i}_1.png", i)
+    (tmp_path / "params.yaml").write_text("data:\n  image_size: 32\n  sources: [films]\n")
+    paths, config = ProjectPaths(tmp_path), load_config(tmp_path / "params.yaml")
+    ingest_stage(paths, config)
+    paths.split_registry.write_bytes(paths.split_registry.read_bytes()[:100])  # truncated
+
+    with pytest.raises(CxrError, match="splits.parquet: not a readable split registry .*`dvc checkout`.*--reassign-splits"):
+        ingest_stage(paths, config)
+
+
+def _cxr(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CXR, *args], cwd=root, capture_output=True, text=True, timeout=600)
+
+
+def test_reassign_splits_through_the_cli_is_recorded_and_tagged_by_training(tmp_path):
+    from pipeline.rebalance import rebalance_stage
+    from pipeline.tracking import client
+    from pipeline.train import train_stage
+
+    params = write_tiny_project(tmp_path, n=64)
+    assert _cxr(tmp_path, "ingest").returncode == 0
+    paths = ProjectPaths(tmp_path)
+    first = read_registry(paths.split_registry)
+
+    refused = _cxr(tmp_path, "ingest", "--set", "data.seed=1")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("error: ingest: data.seed and data.split (seed=1 split=0.7/0.15/0.15) differ from "
+                                     "those data/splits.parquet split its patients with (seed=0 split=0.7/0.15/0.15)")
+    assert "would move" in refused.stderr and "restore data.seed and data.split, or run `cxr ingest --reassign-splits`" \
+        in refused.stderr
+    assert read_registry(paths.split_registry).equals(first)
+
+    done = _cxr(tmp_path, "ingest", "--set", "data.seed=1", "--reassign-splits")
+    assert done.returncode == 0, done.stderr
+    registry = read_registry(paths.split_registry)
+    assert set(registry["split_params"]) == {"seed=1 split=0.7/0.15/0.15"} and set(registry["method"]) == {"stratified"}
+    assert (registry["reassigned_at"] != "").all() and len(set(registry["reassigned_at"])) == 1
+    assert not registry[["patient_hash", "split"]].equals(first[["patient_hash", "split"]])
+    assert (patient_splits(paths)[registry["patient_hash"]].to_numpy() == registry["split"].to_numpy()).all()
+    assert _cxr(tmp_path, "ingest", "--set", "data.seed=1").returncode == 0  # the new seed now stands
+
+    config = load_config(params, ["data.seed=1"])
+    rebalance_stage(paths, config)
+    train_stage(paths, config)
+    run_id = pd.read_json(paths.run_info, typ="series")["run_id"]
+    tags = client(paths).get_run(run_id).data.tags
+    assert tags["data.splits_reassigned"] == f"{registry['reassigned_at'].iloc[0]} ({len(registry)} patients)"
+    assert tags["data.splits_sha256"] == sha256_of(paths.split_registry)
+
+
+def test_a_run_on_a_registry_never_reshuffled_is_not_tagged_reassigned(tiny_project):
+    from pipeline.tracking import client
+
+    paths = tiny_project.paths
+    tags = client(paths).get_run(pd.read_json(paths.run_info, typ="series")["run_id"]).data.tags
+    assert tags["data.splits_sha256"] == sha256_of(paths.split_registry)
+    assert "data.splits_reassigned" not in tags
+
+
+def test_a_patient_removed_then_added_back_keeps_their_split(tmp_path):
+    paths, config = _demo_project(tmp_path, n=80)
+    source = paths.root / "data" / "raw" / "demo"
+    ingest_stage(paths, config)
+    manifest = pd.read_parquet(paths.manifest)
+    patient = manifest.loc[manifest["split"] == "test", "patient_hash"].iloc[0]
+    films = [source / path for path in manifest.loc[manifest["patient_hash"] == patient, "path"]]
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for film in films:
+        shutil.move(film, aside / film.name)
+
+    add_new_patients(source, tmp_path)
+    ingest_stage(paths, config)  # the patient is gone from the data, 15 others are new
+    assert patient not in set(pd.read_parquet(paths.manifest)["patient_hash"])
+    kept = read_registry(paths.split_registry).set_index("patient_hash")
+    assert kept.loc[patient, "split"] == "test"  # never forgotten
+
+    for film in films:
+        shutil.move(aside / film.name, film)
+    ingest_stage(paths, config)
+    assert patient_splits(paths)[patient] == "test"
+    assert read_registry(paths.split_registry).set_index("patient_hash").loc[patient].equals(kept.loc[patient])
+
+
+def test_another_deid_key_is_refused_until_splits_are_reassigned(tmp_path, monkeypatch):
+    """The registry holds pseudonyms: under a new key every patient looks new, so ingest refuses rather than
+    deal them out again (test patients into train among them)."""
+    paths, config = _demo_project(tmp_path, n=80)
+    monkeypatch.setenv("CXR_DEID_KEY", "site-key-1")
+    ingest_stage(paths, config)
+    written = paths.split_registry.read_bytes()
+
+    monkeypatch.setenv("CXR_DEID_KEY", "site-key-2")
+    with pytest.raises(CxrError, match="data/splits.parquet was written with another de-identification key") as refused:
+        ingest_stage(paths, config)
+    assert "\n" not in str(refused.value) and "--reassign-splits" in str(refused.value)
+    assert paths.split_registry.read_bytes() == written
+
+    ingest_stage(paths, config, reassign_splits=True)
+    registry = read_registry(paths.split_registry)
+    assert set(registry["key_check"]) == {key_check(b"site-key-2")}
+    assert set(registry["patient_hash"]) == set(pd.read_parquet(paths.manifest)["patient_hash"])  # old pseudonyms gone
+    assert (registry["reassigned_at"] != "").all()
+
+
+def _train_only_npz(path: Path, n: int) -> None:
+    """n train films of as many patients (a MedMNIST-style archive without val or test); the first films of
+    a larger archive are those of a smaller one."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (200, 28, 28), dtype=np.uint8)[:n]
+    np.savez(path, train_images=images, train_labels=(np.arange(n) % 3 != 0).astype(np.uint8).reshape(-1, 1))
+
+
+def test_val_and_test_carved_from_train_are_decided_once(tmp_path):
+    _train_only_npz(tmp_path / "train_only.npz", 60)
+    (tmp_path / "params.yaml").write_text("data:\n  image_size: 28\n  sources: [train_only.npz]\n")
+    paths, config = ProjectPaths(tmp_path), load_config(tmp_path / "params.yaml")
+    ingest_stage(paths, config)
+    before = patient_splits(paths)
+    assert set(read_registry(paths.split_registry)["method"]) == {"source", "carved"}
+
+    _train_only_npz(tmp_path / "train_only.npz", 100)
+    ingest_stage(paths, config)
+
+    after, registry = patient_splits(paths), read_registry(paths.split_registry)
+    assert after[before.index].equals(before)
+    assert len(registry) == 100
+    new = registry.tail(40)
+    assert set(new["split"]) == {"train", "val", "test"}  # the new patients are carved too, by hash bucket
+    assert set(new.loc[new["split"] != "train", "method"]) == {"carved"}
+
+
+def test_hash_buckets_follow_the_split_fractions_and_the_seed():
+    fractions = SplitFractions(train=0.6, val=0.1, test=0.3)
+    pseudonyms = [f"{i:020x}" for i in range(20000)]
+    buckets = pd.Series([hash_bucket(p, fractions, 0) for p in pseudonyms])
+    shares = buckets.value_counts(normalize=True)
+    assert abs(shares["train"] - 0.6) < 0.02 and abs(shares["val"] - 0.1) < 0.02 and abs(shares["test"] - 0.3) < 0.02
+    assert [hash_bucket(p, fractions, 0) for p in pseudonyms[:50]] == buckets[:50].tolist()  # a patient alone decides
+    assert [hash_bucket(p, fractions, 1) for p in pseudonyms[:200]] != buckets[:200].tolist()
