@@ -18,6 +18,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.documents import describe_threshold
+from pipeline.dvc_watch import check_sources_watched
 from pipeline.errors import CxrError
 from pipeline.files import sha256_of, write_json
 from pipeline.manifest import read_manifest
@@ -73,6 +74,7 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     calibration, metrics["test"]["ece"] = calibration_table(*task.calibration_inputs(test), settings.calibration_bins)
     metrics["test"]["subgroups"] = _subgroup_metrics(rows["test"], task, test, threshold)
     if settings.external:
+        check_sources_watched(paths.root, [spec.path for spec in settings.external], "evaluate.external")
         metrics["external"] = {spec.path: _external_metrics(paths, config, spec, model, task, int(state["image_size"]),
                                                           metrics["test"], threshold, temperature)
                                for spec in settings.external}

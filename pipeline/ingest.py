@@ -26,6 +26,7 @@ import pandas as pd
 from pipeline.config import Config, DedupeMode, SourceFilters
 from pipeline.decode_cache import CACHE_VERSION, DecodeCache, Decoded, Failure
 from pipeline.deid import key_check, load_key, patient_hash, redact
+from pipeline.dvc_watch import check_sources_watched
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path
 from pipeline.imaging import UnreadableImage, check_usable, decode_file, pixel_sha256, read_identity, resize
@@ -91,6 +92,7 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
     """
     from tqdm import tqdm
 
+    check_sources_watched(paths.root, [spec.path for spec in config.data.sources], "data.sources")
     items: list[SourceItem] = []
     rejected: list[Rejected] = []
     for spec in config.data.sources:

@@ -1,10 +1,14 @@
 """The stage table is the one list of stages: dvc.yaml must agree with it, and each stage writes what it declares."""
 
 import ast
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
+from pipeline.config import Config, Section
+from pipeline.paths import ProjectPaths
 from pipeline.stages import STAGES, stage
 from tests.conftest import REPO
 
@@ -99,3 +103,90 @@ def test_an_unknown_stage_name_is_a_one_line_error():
 
     with pytest.raises(CxrError, match="no stage named 'trian'; the stages are ingest, validate"):
         stage("trian")
+
+
+# Params that change how fast a stage runs or where it reports, never what it writes: no stage depends on them.
+NOT_SHAPING = ("data.num_workers", "orchestration")
+
+
+@contextmanager
+def _params_read(config: Config) -> Iterator[set[str]]:
+    """Every param (`section.key`, as params.yaml spells it) read from `config` while inside: each read of a field
+    of one of its sections is recorded, and a section dumped whole (model_dump) counts as all of its keys."""
+    where: dict[int, str] = {}
+
+    def walk(node: Section, key: str) -> None:
+        where[id(node)] = key
+        for name, info in type(node).model_fields.items():
+            child_key = f"{key}.{info.alias or name}" if key else (info.alias or name)
+            value = object.__getattribute__(node, name)
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(item, Section):
+                    walk(item, child_key)
+
+    walk(config, "")
+    read: set[str] = set()
+
+    def recording(self, name: str):
+        value = object.__getattribute__(self, name)
+        key = where.get(id(self))
+        fields = type(self).model_fields
+        if key is not None and name in fields and not isinstance(value, Section):
+            alias = fields[name].alias or name
+            read.add(f"{key}.{alias}" if key else alias)
+        return value
+
+    dump = Section.model_dump
+
+    def dumping(self, *args, **kwargs):
+        key = where.get(id(self))
+        if key:  # (the whole config dumped is every param logged for the record: MLflow, the params hash)
+            fields = type(self).model_fields
+            read.update(f"{key}.{fields[name].alias or name}" for name in fields if name not in kwargs.get("exclude", ()))
+        return dump(self, *args, **kwargs)
+
+    Section.__getattribute__ = recording
+    Section.model_dump = dumping
+    try:
+        yield read
+    finally:
+        del Section.__getattribute__
+        del Section.model_dump
+
+
+def _covered(key: str, declared: list[str]) -> bool:
+    return any(key == entry or key.startswith(entry + ".") for entry in [*declared, *NOT_SHAPING])
+
+
+# Files a stage may read without declaring them: caches that change how fast it runs, never what it writes, the
+# MLflow store (the tracking server's, outside DVC), the project lock, and params.yaml (declared key by key).
+UNDECLARED_READS = ("data/cache", "mlruns.db", "mlruns", "mlartifacts", ".cxr.lock", ".cxr.lock.owner", "params.yaml")
+
+
+def _declares(path: Path, entries: list[str]) -> bool:
+    return any(path == Path(entry) or Path(entry) in path.parents for entry in entries)
+
+
+def test_each_dvc_stage_declares_every_param_and_file_it_reads(tmp_path):
+    """Each stage run for real on a tiny project, every param it reads and every project file it opens recorded:
+    dvc.yaml must list each param (or its section) and each file (or a folder above it), or a change would leave
+    the stage's outputs stale under `dvc repro`. A file the stage also writes counts as declared (DVC's
+    `persist: true`, or rewritten from scratch)."""
+    from pipeline.config import load_config
+    from tests.conftest import write_tiny_project
+    from tests.file_access import files_opened
+
+    params = write_tiny_project(tmp_path, n=60)
+    config, paths, dvc = load_config(params), ProjectPaths(tmp_path), _dvc_stages()
+    gaps = {}
+    for each in STAGES:
+        with _params_read(config) as read, files_opened(tmp_path) as opened:
+            each.run(paths, config)
+        assert read and opened, f"recorded nothing read by {each.name}: the recording is broken"
+        declared = dvc[each.name]
+        missing = sorted(key for key in read if not _covered(key, declared.get("params", [])))
+        inputs = [*declared["deps"], *each.outputs, *UNDECLARED_READS]
+        missing += sorted({str(path) for path, reading in opened if reading and not _declares(path, inputs)})
+        if missing:
+            gaps[each.name] = missing
+    assert not gaps, f"dvc.yaml stages miss the params and files they read: {gaps}"

@@ -1,13 +1,13 @@
 """The stat fast path: an unchanged archive re-ingests without reading a file, and every change is still seen.
 
-"Not read" is checked with Python's audit hooks: every `open` of a source file, by any library, is recorded.
+"Not read" is checked with Python's audit hooks (tests/file_access.py): every `open` of a source file, by any
+library, is recorded.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -23,28 +23,7 @@ from pipeline.ingest import _outputs, ingest_stage
 from pipeline.paths import ProjectPaths
 from pipeline.stages import stage
 from pipeline.stat_cache import FileHashes
-
-_opened: list[str] | None = None  # paths opened while recording
-
-
-def _audit(event: str, args: tuple) -> None:
-    if _opened is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
-        _opened.append(os.fsdecode(args[0]))
-
-
-sys.addaudithook(_audit)  # audit hooks cannot be removed; this one records only inside `opened_during`
-
-
-def opened_during(action, under: Path) -> tuple[object, list[str]]:
-    """What `action()` returns, and the files under `under` that it opened."""
-    global _opened
-    _opened = []
-    try:
-        result = action()
-    finally:
-        opened, _opened = _opened, None
-    prefix = str(under.resolve())
-    return result, sorted({path for path in opened if str(Path(path).resolve()).startswith(prefix)})
+from tests.file_access import opened_during
 
 
 def _project(root: Path, n: int = 30) -> tuple[ProjectPaths, object, Path]:
