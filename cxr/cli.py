@@ -197,14 +197,27 @@ def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
 
 
 @app.command()
-def register(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
+def register(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = [],  # noqa: B006
+    from_run: Annotated[bool, typer.Option(
+        "--from-run",
+        help="Register the model although params.yaml's training params (data.task, data.labels, data.image_size, "
+        "augment, train) differ from those its training run logged; the documents describe the run either way, and "
+        "the version is tagged registered_with: from-run.")] = False,
+    allow_dirty: Annotated[bool, typer.Option(
+        "--allow-dirty",
+        help="Register a model trained from a work tree with uncommitted changes to tracked files (its run's git.dirty "
+        "tag); the version is tagged registered_with: allow-dirty and its model card says so.")] = False,
+) -> None:
     """Log the model to MLflow (pyfunc with signature, input example, tags, patient set and a model card), register a
     new version of register.model_name, and run the champion gate: both models scored on the raw test films of
     patients neither trained or was validated on, each at its own image size. The new version takes `champion` only
     when it is not worse on register.gate_metric and the lower bound of the patient-clustered 95 % interval of the
-    difference is above -register.margin; else it gets `challenger`. Prints the decision.
+    difference is above -register.margin; else it gets `challenger`. Prints the decision. The tags and the model card
+    describe the checkpoint and its training run, never today's params.yaml.
     """
-    result = _stage(params, set_, "register")
+    result = _stage(params, set_, "register", from_run=from_run, allow_dirty=allow_dirty)
     state = "is @champion" if result.is_champion else "is @challenger (champion unchanged)"
     typer.echo(f"{result.model_name} version {result.version} {state}: {result.reason}")
 

@@ -310,6 +310,11 @@ class Config(Section):
     _command_line: dict[str, tuple[Any, bool]] = PrivateAttr(default_factory=dict)
     _params_file: str = PrivateAttr("params.yaml")
 
+    @property
+    def params_file(self) -> str:
+        """The name of the params file this config was loaded from, for messages ("params.yaml")."""
+        return self._params_file
+
     def setting(self, key: str) -> str:
         """A param as a decision should record it: `margin 0.01`, or, when a --set changed it from the params file,
         `margin 1 (set on the command line; params.yaml says 0.01)`."""

@@ -4,6 +4,10 @@ champion gate.
 The `champion` alias moves only when the new version is not worse than the champion on `register.gate_metric` and
 non-inferior at `register.margin`, scored on test films neither model has seen (pipeline.champion); otherwise the
 new version gets the `challenger` alias and the decision says why. Aliases, not the deprecated stages.
+
+What the version says about itself (tags, model card) comes from the checkpoint and its training run
+(pipeline.provenance), never from today's params.yaml; a params.yaml that differs from the run, or a run trained from
+a dirty work tree, is refused unless `--from-run` or `--allow-dirty` says otherwise (and the version records it).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pipeline.files import atomic_path, read_json, sha256_of, write_json
 from pipeline.manifest import check_labels, read_manifest
 from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
+from pipeline.provenance import TrainedModel, check_registrable, trained_model
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +57,13 @@ class RegisterResult:
     n_patients: int | None = None
 
 
-def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
+def register_stage(paths: ProjectPaths, config: Config, from_run: bool = False, allow_dirty: bool = False) -> RegisterResult:
     """Log checkpoint + signature + input example as a new registered version; move the alias if it earned it.
 
     Idempotent: the same checkpoint and threshold from the same run reuse the version already registered
     (a rerun, or a Prefect retry after a dropped connection, does not add a copy), and run the gate again.
+    from_run registers a model whose training params differ from params.yaml, allow_dirty one trained from a dirty
+    work tree (pipeline.provenance.check_registrable); either is recorded on the version and in its model card.
     """
     from pipeline import tracking
 
@@ -69,6 +76,8 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
     run_id = tracking.read_run_id(paths)
     client = tracking.client(paths)
     name, settings = config.registry.model_name, config.registry
+    trained = trained_model(paths, client)
+    registered_with = check_registrable(config, trained, from_run, allow_dirty)  # before anything is registered
     patients = _patients_trained_on(paths, client, run_id)
 
     fingerprint = f"{sha256_of(paths.checkpoint)}@{json.dumps(metrics['threshold'], sort_keys=True)}@{metrics['temperature']}"
@@ -81,7 +90,7 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
         version = _log_model(paths, config, run_id)
         client.set_model_version_tag(name, str(version), "fingerprint", fingerprint)
         _record_patients(client, name, version, run_id, patients)
-        _describe_version(client, paths, config, name, version, run_id, metrics)
+        _describe_version(client, paths, trained, name, version, metrics, registered_with)
 
     previous = current_champion(client, name)  # fails closed: a store that does not answer stops here
     split, metric = settings.gate_metric.split("_", 1)
@@ -112,12 +121,13 @@ def register_stage(paths: ProjectPaths, config: Config) -> RegisterResult:
 
 def _patients_trained_on(paths: ProjectPaths, client, run_id: str) -> dict:
     """The train and val patients of the manifest the run trained on; a manifest changed since training is refused,
-    since the version would record patients it did not train on (or miss some it did)."""
-    trained_on = client.get_run(run_id).data.tags.get("data.manifest_sha256")
-    current = sha256_of(paths.manifest)
-    if trained_on and trained_on != current:
-        raise CxrError(f"{paths.manifest} changed since `cxr train` made run {run_id}: run `cxr train` and `cxr evaluate` again")
-    return patient_record(paths, current)
+    since the version would record patients it did not train on (or miss some it did). So is a changed train index:
+    the data and rebalance params reach the weights through these two files (pipeline.provenance)."""
+    tags = client.get_run(run_id).data.tags
+    for path, tag in ((paths.manifest, "data.manifest_sha256"), (paths.train_index, "data.train_index_sha256")):
+        if tags.get(tag) and (not path.exists() or tags[tag] != sha256_of(path)):
+            raise CxrError(f"{path} changed since `cxr train` made run {run_id}: run `cxr train` and `cxr evaluate` again")
+    return patient_record(paths, sha256_of(paths.manifest))
 
 
 def _record_patients(client, name: str, version: int, run_id: str, patients: dict) -> None:
@@ -134,45 +144,44 @@ def _record_patients(client, name: str, version: int, run_id: str, patients: dic
     client.set_model_version_tag(name, str(version), PATIENTS_TAG, hashlib.sha256(content).hexdigest())
 
 
-def _describe_version(client, paths: ProjectPaths, config: Config, name: str, version: int, run_id: str, metrics: dict) -> None:
-    """Tags an auditor filters on, and a model card (markdown) as the version's description and a run artifact."""
-    run = client.get_run(run_id)
-    params_hash = config.params_hash()
+def _describe_version(client, paths: ProjectPaths, trained: TrainedModel, name: str, version: int, metrics: dict,
+                      registered_with: dict[str, str]) -> None:
+    """Tags an auditor filters on, and a model card (markdown) as the version's description and a run artifact:
+    all from the training run and the checkpoint (and what register let through), none from today's params.yaml."""
+    run = client.get_run(trained.run_id)
     test = metrics["test"]
     tags = {
         "data.manifest_sha256": run.data.tags.get("data.manifest_sha256", "unknown"),
-        "git.commit": run.data.tags.get("git.commit", "unknown"),
-        "params_sha256": params_hash,
+        "git.commit": trained.git_commit,
+        "git.dirty": trained.git_dirty,
+        "params_sha256": trained.params_hash,
+        "requirements_lock_sha256": run.data.tags.get("requirements_lock_sha256", "unknown"),
         "threshold": json.dumps(metrics["threshold"]),  # a number; {label: number} for multilabel; null for multiclass
         "threshold_method": describe_threshold(metrics),
         "test_metrics": json.dumps({k: test.get(k) for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "n")
                                     if k in test}),
         "test_ci95": json.dumps(test.get("ci95", {})),
-        CONTRACT_TAG: json.dumps(_contract_of_checkpoint(paths)),  # what rollback checks a target against
+        # what rollback checks a target against
+        CONTRACT_TAG: json.dumps({"task": trained.task, "labels": trained.labels, "image_size": trained.image_size}),
+        **registered_with,
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
-    card = model_card(paths, config, name, version, tags, metrics)
+    card = model_card(paths, trained, name, version, tags, metrics)
     client.update_model_version(name, str(version), description=card)
     with atomic_path(paths.models / "model_card.md") as tmp:
         tmp.write_text(card)
-    client.log_artifact(run_id, str(paths.models / "model_card.md"), artifact_path="model")
+    client.log_artifact(trained.run_id, str(paths.models / "model_card.md"), artifact_path="model")
 
 
-def _contract_of_checkpoint(paths: ProjectPaths) -> dict:
-    from pipeline.models import load_checkpoint
-
-    _, state = load_checkpoint(paths.checkpoint)
-    return {"task": state["task"], "labels": list(state["labels"]), "image_size": int(state["image_size"])}
-
-
-def model_card(paths: ProjectPaths, config: Config, name: str, version: int, tags: dict, metrics: dict) -> str:
+def model_card(paths: ProjectPaths, trained: TrainedModel, name: str, version: int, tags: dict, metrics: dict) -> str:
     """A short, honest model card: what the model is for, what it saw, how good it is, and its limits."""
-    return render("model_card.md.j2", **model_card_context(paths, config, name, version, tags, metrics))
+    return render("model_card.md.j2", **model_card_context(paths, trained, name, version, tags, metrics))
 
 
-def model_card_context(paths: ProjectPaths, config: Config, name: str, version: int, tags: dict, metrics: dict) -> dict:
-    """What the model card says, as plain data (model_card.md.j2 lays it out)."""
+def model_card_context(paths: ProjectPaths, trained: TrainedModel, name: str, version: int, tags: dict, metrics: dict) -> dict:
+    """What the model card says, as plain data (model_card.md.j2 lays it out): the model and its training data as
+    the checkpoint and its training run say, `tags` as the version carries them."""
 
     from pipeline.tasks import task_for
 
@@ -184,15 +193,20 @@ def model_card_context(paths: ProjectPaths, config: Config, name: str, version: 
         "name": name,
         "version": version,
         "intended_use": task.intended_use(),
-        "model": config.train.model,
-        "image_size": config.data.image_size,
+        "model": trained.model,
+        "image_size": trained.image_size,
+        "run_id": trained.run_id,
         "operating_point_sentence": task.decision_rule(describe_operating_point(metrics), describe_threshold(metrics)),
         "git_commit": tags["git.commit"],
+        "git_dirty": tags.get("git.dirty", "unknown"),
         "params_hash": tags["params_sha256"],
+        "lock_hash": tags.get("requirements_lock_sha256", "unknown"),
+        "registered_with": tags.get("registered_with", ""),
+        "params_differ": tags.get("params_differ_from_run", ""),
         "data_version": tags["data.manifest_sha256"],
-        "sources": [source.path for source in config.data.sources],
+        "sources": trained.sources,
         "formats": sorted(set(manifest["format"])),
-        "dedupe": config.data.dedupe,
+        "dedupe": trained.dedupe,
         "count_labels": count_labels,
         "counts": counts,
         "operating_point": describe_operating_point(metrics),

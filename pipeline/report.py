@@ -3,7 +3,8 @@
 Everything is inside the file (images as data URIs, CSS inline, no script, no link to a server or the web):
 the data summary and gate results, the metrics with their intervals, the plots, the registry decision, and
 Grad-CAM overlays for a few true and false positives and negatives of the test split. This module gathers
-them as plain data; pipeline/templates/report.html.j2 lays them out.
+them as plain data; pipeline/templates/report.html.j2 lays them out. The model and its training data are described
+as the checkpoint and its training run say (pipeline.provenance), not as today's params.yaml does.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pipeline.files import atomic_path, read_json
 from pipeline.manifest import read_manifest
 from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
+from pipeline.provenance import TrainedModel
 from pipeline.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,11 @@ EXAMPLES = 8  # Grad-CAM examples, spread over the task's groups (binary: 2 each
 
 
 def report_stage(paths: ProjectPaths, config: Config) -> Path:
-    """Write reports/report.html from the files the earlier stages left; returns its path."""
-    page = render("report.html.j2", **report_context(paths, config))
+    """Write reports/report.html from the files the earlier stages left and the training run; returns its path."""
+    from pipeline import tracking
+    from pipeline.provenance import trained_model
+
+    page = render("report.html.j2", **report_context(paths, config, trained_model(paths, tracking.client(paths))))
     report = paths.reports / "report.html"
     with atomic_path(report) as tmp:
         tmp.write_text(page)
@@ -44,17 +49,19 @@ def report_stage(paths: ProjectPaths, config: Config) -> Path:
     return report
 
 
-def report_context(paths: ProjectPaths, config: Config) -> dict:
+def report_context(paths: ProjectPaths, config: Config, trained: TrainedModel) -> dict:
     """What the report shows, as plain data (report.html.j2 lays it out): tables as lists of rows, figures as
-    (data URI, caption) pairs, explanations None when there are no predictions to explain."""
+    (data URI, caption) pairs, explanations None when there are no predictions to explain. The model, its sources
+    and its provenance come from `trained`; config gives only the registered model's name."""
     from pipeline.tasks import task_for
 
     metrics = read_json(paths.metrics, "`cxr evaluate`")
     gate = read_json(paths.validation_summary, "`cxr validate`")
     task = task_for(metrics["task"], metrics["labels"])  # the evaluated model's, not today's params
     return {
-        "title": f"{config.registry.model_name}: {config.train.model} at {config.data.image_size} px",
-        "sources": [source.path for source in config.data.sources],
+        "title": f"{config.registry.model_name}: {trained.model} at {trained.image_size} px",
+        "sources": trained.sources,
+        "params_hash": trained.params_hash,  # run ids and commits stay out: the same inputs give the same page
         "data": _data(paths, task, gate),
         "gate": {"passed": bool(gate.get("passed")),
                  "checks": [{"name": name, "severity": result["severity"], "success": bool(result["success"])}

@@ -128,3 +128,25 @@ def git_commit(root: Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# What a run writes or records on its own, so never makes the work tree dirty: params.yaml (the run logs every param
+# and register compares them), dvc.lock and the outputs (DVC versions them, the run tags their md5s).
+NOT_CODE = ("params.yaml", "dvc.lock", "data", "models", "reports")
+
+
+def git_dirty(root: Path) -> bool | None:
+    """Whether a tracked file differs from git.commit, so the commit alone does not give back the code that ran
+    (None outside git).
+
+    Only tracked files count (`git status --porcelain --untracked-files=no`): `dvc repro` leaves untracked outputs
+    in a clean clone. Tracked params.yaml, dvc.lock and outputs under data/, models/ and reports/ (committed in a
+    fork to record a result) do not count either: a run rewrites them, and records them by other means.
+    """
+    excluded = [f":(exclude){path}" for path in NOT_CODE]
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *excluded],
+                             cwd=root, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None

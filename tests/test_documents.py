@@ -11,8 +11,9 @@ from pipeline.config import load_config
 from pipeline.documents import headline_rows, render
 from pipeline.manifest import write_manifest
 from pipeline.paths import ProjectPaths
+from pipeline.provenance import TrainedModel
 from pipeline.register import model_card, model_card_context
-from pipeline.report import report_context, report_stage
+from pipeline.report import report_context
 
 HOSTILE = "<script>alert(1)</script> & co"
 ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co"
@@ -20,11 +21,15 @@ ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co"
 
 @pytest.fixture(scope="module")
 def hostile(tiny_project, tmp_path_factory):
-    """A copy of the tiny project's outputs whose source, a label and the registry's reason are written as markup."""
+    """A copy of the tiny project's outputs whose source, a label and the registry's reason are written as markup
+    (the source as its training run would have logged it)."""
     root = tmp_path_factory.mktemp("hostile") / "project"
     shutil.copytree(tiny_project.paths.root, root, ignore=shutil.ignore_patterns("raw", "mlruns*", "mlartifacts"))
     paths = ProjectPaths(root)
-    config = load_config(root / "params.yaml", [f"data.sources=['data/raw/{HOSTILE}']"])
+    config = load_config(root / "params.yaml")
+    trained = TrainedModel(run_id="r", model="cnn_gru", image_size=32, task="multilabel", labels=[HOSTILE, "pneumonia"],
+                           sources=[f"data/raw/{HOSTILE}"], dedupe="drop", params_hash="p", git_commit=HOSTILE,
+                           git_dirty="unknown", params={})
 
     metrics = json.loads(paths.metrics.read_text())  # a multilabel operating point, so labels reach every table
     labels = [HOSTILE, "pneumonia"]
@@ -45,18 +50,18 @@ def hostile(tiny_project, tmp_path_factory):
     write_manifest(paths.manifest, manifest, "multilabel", labels)
     registered = json.loads(paths.registered.read_text()) | {"reason": HOSTILE}
     paths.registered.write_text(json.dumps(registered))
-    return paths, config, metrics
+    return paths, config, metrics, trained
 
 
 def _card(hostile) -> str:
-    paths, config, metrics = hostile
+    paths, _, metrics, trained = hostile
     tags = {"git.commit": HOSTILE, "params_sha256": "p", "data.manifest_sha256": "m"}
-    return model_card(paths, config, "cxr-pneumonia", 1, tags, metrics)
+    return model_card(paths, trained, "cxr-pneumonia", 1, tags, metrics)
 
 
 def test_report_escapes_source_label_and_reason_names(hostile):
-    paths, config, _ = hostile
-    page = report_stage(paths, config).read_text()
+    paths, config, _, trained = hostile
+    page = render("report.html.j2", **report_context(paths, config, trained))
     assert "<script" not in page and "alert(1)</script>" not in page
     assert f"Sources: data/raw/{ESCAPED}." in page
     assert f"<td>{ESCAPED}</td>" in page  # the per-label and subgroup tables
@@ -74,20 +79,20 @@ def test_model_card_shows_names_as_written(hostile):
 
 
 def test_model_card_and_flow_summary_share_one_metrics_table(hostile):
-    _, _, metrics = hostile
+    metrics = hostile[2]
     table = render("metrics_table.md.j2", headline=headline_rows(metrics))
     assert table.startswith("| metric | value | 95 % CI |\n|---|---|---|\n| macro AUC |")
     assert table in _card(hostile)
 
 
 def test_a_missing_value_raises_instead_of_rendering_blank(hostile):
-    paths, config, metrics = hostile
-    context = report_context(paths, config)
+    paths, config, metrics, trained = hostile
+    context = report_context(paths, config, trained)
     for broken in ({k: v for k, v in context.items() if k != "registry"},
                    context | {"metrics": {k: v for k, v in context["metrics"].items() if k != "val_auc"}}):
         with pytest.raises(jinja2.UndefinedError):
             render("report.html.j2", **broken)
-    card = model_card_context(paths, config, "cxr-pneumonia", 1, {"git.commit": "c", "params_sha256": "p",
+    card = model_card_context(paths, trained, "cxr-pneumonia", 1, {"git.commit": "c", "params_sha256": "p",
                                                                    "data.manifest_sha256": "m"}, metrics)
     del card["ece"]
     with pytest.raises(jinja2.UndefinedError, match="ece"):

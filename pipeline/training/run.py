@@ -45,10 +45,11 @@ def tracked_run(paths: ProjectPaths, config: Config, state: dict | None, device,
         if state is None:
             _log_params(client, run_id, config)
             _log_gate_summary(client, run_id, paths)
+            _log_environment(client, run_id)
             client.log_batch(run_id, tags=[RunTag(key, value) for key, value in {
                 **tracking.data_version_tags(paths, [spec.path for spec in config.data.sources]),
                 **_split_registry_tags(paths),
-                "git.commit": tracking.git_commit(paths.root) or "unknown",
+                **_provenance_tags(paths, config),
                 "device": str(device),
                 "world_size": str(world.size),  # processes trained together under torchrun
             }.items()])
@@ -103,7 +104,38 @@ def _split_registry_tags(paths: ProjectPaths) -> dict[str, str]:
 
 
 def _log_params(client, run_id: str, config: Config) -> None:
-    """Every param of the run, as text (MLflow stores at most 6000 characters of a param; none comes close)."""
+    """Every param of the run, as text: register compares them with params.yaml and the documents show them."""
     from mlflow.entities import Param
 
-    client.log_batch(run_id, params=[Param(key, str(value)[:500]) for key, value in config.as_flat_dict().items()])
+    from pipeline.provenance import logged_params
+
+    client.log_batch(run_id, params=[Param(key, value) for key, value in logged_params(config).items()])
+
+
+def _provenance_tags(paths: ProjectPaths, config: Config) -> dict[str, str]:
+    """What the run was made from, taken now rather than at register time: the code's commit and whether tracked
+    files differed from it, the params hash, the lock file the environment was installed from, the train index."""
+    from pipeline import tracking
+    from pipeline.files import sha256_of
+    from pipeline.provenance import lock_sha256
+
+    dirty = tracking.git_dirty(paths.root)
+    return {
+        "git.commit": tracking.git_commit(paths.root) or "unknown",
+        "git.dirty": "unknown" if dirty is None else str(dirty).lower(),
+        "params_sha256": config.params_hash(),
+        "requirements_lock_sha256": lock_sha256(),
+        "data.train_index_sha256": sha256_of(paths.train_index),
+    }
+
+
+def _log_environment(client, run_id: str) -> None:
+    """Every installed distribution and its version (the `pip freeze` form) as environment/pip-freeze.txt."""
+    import tempfile
+
+    from pipeline.provenance import installed_distributions
+
+    with tempfile.TemporaryDirectory() as scratch:
+        frozen = Path(scratch) / "pip-freeze.txt"
+        frozen.write_text(installed_distributions())
+        client.log_artifact(run_id, str(frozen), artifact_path="environment")
