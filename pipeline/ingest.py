@@ -319,14 +319,18 @@ def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache 
     return Decoded(cached.pixels, cached.fields, patient_id, identifiers)
 
 
+def patient_of(item: SourceItem, header_id: str | None) -> str:
+    """A film's raw patient ID, in memory only: the DICOM header's PatientID (`header_id`) wins over a table or
+    file name; without any, the film is its own patient. Splits and every bootstrap group films by it."""
+    return header_id or item.patient_id or f"{item.source}/{item.path}"
+
+
 def _manifest_row(item: SourceItem, decoded: Decoded, key: bytes) -> dict:
-    # DICOM header PatientID wins over a table or file name; without any, the film is its own patient.
-    patient = decoded.patient_id or item.patient_id or f"{item.source}/{item.path}"
     return {
         "image_id": image_id_of(item),
         "split": item.split,
         "label": item.label,
-        "patient_hash": patient_hash(patient, key),
+        "patient_hash": patient_hash(patient_of(item, decoded.patient_id), key),
         "source": item.source,
         "path": redact(item.path, decoded.identifiers, key),
         "subtype": item.subtype,
