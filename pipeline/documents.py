@@ -87,11 +87,15 @@ def subgroup_tables(metrics: dict) -> list[dict]:
             if group.get("note") == TOO_SMALL:
                 rows.append([*counts, TOO_SMALL, *[""] * (len(shown) - 1)])
             else:
-                rows.append([*counts, *(f"{format_metric(group.get(name), 3)} ({_interval(group['ci95'].get(name))})"
-                                        for name in shown)])
+                rows.append([*counts, *(_with_interval(group.get(name), group["ci95"].get(name)) for name in shown)])
         tables.append({"column": column, "header": [column, "films", "patients", *map(task.metric_title, shown)],
                        "rows": rows})
     return tables
+
+
+def _with_interval(value: float | None, bounds: list[float] | None) -> str:
+    """'0.812 (0.701 to 0.903)', or 'n/a' where the metric is undefined (e.g. AUC of one class)."""
+    return "n/a" if value is None else f"{format_metric(value, 3)} ({_interval(bounds)})"
 
 
 def _interval(bounds: list[float] | None) -> str:
