@@ -255,8 +255,11 @@ class EvaluateConfig(Section):
     # reported beside the internal test split with the shift between them.
     external: list[SourceSpec] = Field(default_factory=list)
     temperature_scaling: bool = False  # recalibrate probabilities with a temperature fitted on val (kept with the model)
-    bootstrap_rounds: int = Field(1000, ge=100)  # resamples behind the 95 % confidence intervals
+    bootstrap_rounds: int = Field(1000, ge=100)  # resamples (of patients) behind the 95 % confidence intervals
     calibration_bins: int = Field(10, ge=2)
+    # A subgroup (sex, age band, view, ...) of fewer test patients shows "n too small" instead of numbers: the
+    # intervals resample patients, and a percentile interval over a handful of them is no interval at all.
+    min_subgroup_patients: int = Field(10, ge=1)
     seed: int = 0
 
     @field_validator("external", mode="before")

@@ -3,8 +3,8 @@
 Keyed by the sha256 of each file's bytes, inside a folder named after the preprocessing (image size and
 decoder version). Pixels live in a few large memory-mapped shard files (one per ingest run that decoded
 something), never a file per image. Files that failed are remembered with their reason, so they are not
-retried until they change. Only technical fields are cached: patient identifiers are re-read from the
-headers each run, so the cache holds nothing identifying.
+retried until they change. Only technical fields, sex and the age band are cached: patient identifiers are
+re-read from the headers each run, so the cache holds nothing identifying (never an age or a birth date).
 
 A shard is named after its content and written atomically, so no two writers ever write the same name.
 Each film's index row carries a checksum of its file key, fields and pixels: a shard that is missing,
@@ -27,7 +27,9 @@ from pipeline.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when decoding changes what a film's stored pixels are (2: content-named shards, checksums)
+# Bump when decoding changes a film's stored pixels or fields (2: content-named shards, checksums; 3: sex and
+# age_band). A new version is a new folder, and ingest's fingerprint holds it, so every film decodes once again.
+CACHE_VERSION = 3
 INDEX_COLUMNS = ("file_key", "shard", "row", "checksum")
 FAILURE_COLUMNS = ("file_key", "reason", "message")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-from pipeline.metrics import format_metric
+from pipeline.metrics import SUBGROUP_METRICS, TOO_SMALL, format_metric
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -58,9 +58,49 @@ def headline_rows(metrics: dict) -> list[list[str]]:
     test, intervals = metrics["test"], metrics["test"].get("ci95", {})
     rows = []
     for name in task.table_metrics:
-        low, high = intervals.get(name) or [None, None]
-        rows.append([task.metric_title(name), format_metric(test.get(name), 3), f"{format_metric(low, 3)} to {format_metric(high, 3)}"])
+        rows.append([task.metric_title(name), format_metric(test.get(name), 3), _interval(intervals.get(name))])
     return rows
+
+
+def describe_intervals(metrics: dict) -> str:
+    """What the test metrics rest on and how their intervals were made, in a sentence."""
+    test = metrics["test"]
+    return f"{test['n']} test films of {test['n_patients']} patients; 95 % intervals: {test['ci_method']}"
+
+
+def describe_ece(metrics: dict) -> str:
+    """The expected calibration error with its patient-clustered interval: '0.052 (95 % CI 0.031 to 0.080)'."""
+    test = metrics["test"]
+    return f"{format_metric(test['ece'], 3)} (95 % CI {_interval(test['ci95'].get('ece'))})"
+
+
+def subgroup_tables(metrics: dict) -> list[dict]:
+    """Per subgroup column (source, view, sex, age_band, ...): a header and a row per value with its films,
+    patients and each metric with its patient-clustered 95 % interval, or "n too small" and blanks."""
+    task = _task(metrics)
+    shown = [name for name in SUBGROUP_METRICS if name in task.table_metrics]
+    tables = []
+    for column, groups in metrics["test"].get("subgroups", {}).items():
+        rows = []
+        for value, group in groups.items():
+            counts = [value, str(group["n"]), str(group["n_patients"])]
+            if group.get("note") == TOO_SMALL:
+                rows.append([*counts, TOO_SMALL, *[""] * (len(shown) - 1)])
+            else:
+                rows.append([*counts, *(_with_interval(group.get(name), group["ci95"].get(name)) for name in shown)])
+        tables.append({"column": column, "header": [column, "films", "patients", *map(task.metric_title, shown)],
+                       "rows": rows})
+    return tables
+
+
+def _with_interval(value: float | None, bounds: list[float] | None) -> str:
+    """'0.812 (0.701 to 0.903)', or 'n/a' where the metric is undefined (e.g. AUC of one class)."""
+    return "n/a" if value is None else f"{format_metric(value, 3)} ({_interval(bounds)})"
+
+
+def _interval(bounds: list[float] | None) -> str:
+    low, high = bounds or [None, None]
+    return f"{format_metric(low, 3)} to {format_metric(high, 3)}"
 
 
 def count_rows(counts) -> tuple[list[str], list[list]]:
@@ -78,9 +118,8 @@ def per_label_rows(metrics: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for label in metrics.get("labels", []) if "per_label" in test else []:
         scores = test["per_label"][label]
-        low, high = intervals.get(label) or [None, None]
         rows.append([label, str(scores["tp"] + scores["fn"]), format_metric(scores["auc"], 3),
-                     f"{format_metric(low, 3)} to {format_metric(high, 3)}", format_metric(scores["sensitivity"], 3),
+                     _interval(intervals.get(label)), format_metric(scores["sensitivity"], 3),
                      format_metric(scores["specificity"], 3), *([f"{scores['threshold']:.4f}"] if with_thresholds else [])])
     return header, rows
 

@@ -16,20 +16,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config
+from pipeline.config import Config, EvaluateConfig
 from pipeline.documents import describe_threshold
 from pipeline.dvc_watch import check_sources_watched
 from pipeline.errors import CxrError
 from pipeline.files import sha256_of, write_json
 from pipeline.manifest import read_manifest
-from pipeline.metrics import format_metric
+from pipeline.metrics import SUBGROUP_METRICS, TOO_SMALL, format_metric
 from pipeline.paths import ProjectPaths
 from pipeline.tasks import Scored, Task, Threshold
 
 log = logging.getLogger(__name__)
 
 
-SUBGROUP_COLUMNS = ("source", "view", "modality", "format")  # manifest columns a model may do better or worse on
+# Manifest columns a model may do better or worse on (sex and age_band from DICOM headers, pipeline.imaging).
+SUBGROUP_COLUMNS = ("source", "view", "modality", "format", "sex", "age_band")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class EvaluateResult:
 
 def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     """The operating point chosen on validation, test and validation metrics at it, plots, and their MLflow logging."""
-    from pipeline.metrics import calibration_table
+    from pipeline.metrics import calibration_table, describe_bootstrap
     from pipeline.models import load_checkpoint
     from pipeline.plots import write_evaluation_plots
     from pipeline.predictions import prediction_rows, write_predictions
@@ -50,7 +51,8 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     model, state = load_checkpoint(paths.checkpoint)
     task = task_for(state["task"], state["labels"])
     manifest = read_manifest(paths.manifest, task.name, task.labels,
-                             ["store_index", "image_id", "split", "label", "label_index", *SUBGROUP_COLUMNS],
+                             ["store_index", "image_id", "split", "label", "label_index", "patient_hash",
+                              *SUBGROUP_COLUMNS],
                              expected_by=f"the model in {paths.checkpoint}")
     images = np.load(paths.images, mmap_mode="r")
     settings = config.evaluate
@@ -69,10 +71,13 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
                 "checkpoint_sha256": sha256_of(paths.checkpoint)}
     for split in ("val", "test"):
         metrics[split] = task.metrics(scored[split], threshold)
-    test = scored["test"]
-    metrics["test"]["ci95"] = task.intervals(test, threshold, settings.bootstrap_rounds, settings.seed)
+    test, patients = scored["test"], rows["test"]["patient_hash"].to_numpy()
+    metrics["test"] |= {"n_patients": _count_patients(patients), "ci_method": describe_bootstrap(settings.bootstrap_rounds),
+                        "ci95": task.intervals(test, threshold, settings.bootstrap_rounds, settings.seed, patients)}
     calibration, metrics["test"]["ece"] = calibration_table(*task.calibration_inputs(test), settings.calibration_bins)
-    metrics["test"]["subgroups"] = _subgroup_metrics(rows["test"], task, test, threshold)
+    metrics["test"]["ci95"]["ece"] = _calibration_interval(task, test, patients, settings)
+    metrics["test"]["min_subgroup_patients"] = settings.min_subgroup_patients
+    metrics["test"]["subgroups"] = subgroup_metrics(rows["test"], task, test, threshold, settings)
     if settings.external:
         check_sources_watched(paths.root, [spec.path for spec in settings.external], "evaluate.external")
         metrics["external"] = {spec.path: _external_metrics(paths, config, spec, model, task, int(state["image_size"]),
@@ -102,19 +107,46 @@ def score_films(model, task: Task, rows: pd.DataFrame, images: np.ndarray) -> Sc
     return task.scored(rows, predict_proba(model, images, torch.device("cpu"), task.activation))
 
 
-def _subgroup_metrics(test_rows: pd.DataFrame, task: Task, test: Scored, threshold: Threshold) -> dict:
-    """Test metrics per value of each subgroup column that holds two or more values (e.g. PA vs AP films)."""
+def _count_patients(patients: np.ndarray) -> int:
+    return int(len(np.unique(patients)))
+
+
+def _calibration_interval(task: Task, test: Scored, patients: np.ndarray, settings: EvaluateConfig) -> list[float] | None:
+    """The patient-clustered 95 % interval of the expected calibration error. One number, as the documents show
+    ECE as one number; the reliability curve's bins stay points (calibration.csv gives each bin's count)."""
+    from pipeline.metrics import bootstrap, calibration_table
+
+    def score(pick: np.ndarray) -> dict[str, float | None]:
+        return {"ece": calibration_table(*task.calibration_inputs(test.subset(pick)), settings.calibration_bins)[1]}
+
+    return bootstrap(score, len(patients), settings.bootstrap_rounds, settings.seed, clusters=patients)["ece"]
+
+
+def subgroup_metrics(test_rows: pd.DataFrame, task: Task, test: Scored, threshold: Threshold,
+                      settings: EvaluateConfig) -> dict:
+    """Test metrics per value of each subgroup column that holds two or more values (e.g. PA vs AP films, F vs M)."""
+    patients = test_rows["patient_hash"].to_numpy()
     groups: dict = {}
     for column in SUBGROUP_COLUMNS:
         values = test_rows[column].fillna("").astype(str).to_numpy()
         kinds = sorted(set(values) - {""})
         if len(kinds) < 2:
             continue
-        groups[column] = {}
-        for kind in kinds:
-            scores = task.metrics(test.subset(values == kind), threshold)
-            groups[column][kind] = {k: scores[k] for k in ("n", "auc", "accuracy", "sensitivity", "specificity") if k in scores}
+        groups[column] = {kind: _subgroup(task, test.subset(values == kind), patients[values == kind], threshold, settings)
+                          for kind in kinds}
     return groups
+
+
+def _subgroup(task: Task, scored: Scored, patients: np.ndarray, threshold: Threshold, settings: EvaluateConfig) -> dict:
+    """One subgroup's films and patients, and its metrics with patient-clustered 95 % intervals; under
+    evaluate.min_subgroup_patients only the counts and "n too small": a number there would read as a finding."""
+    counts = {"n": int(len(patients)), "n_patients": _count_patients(patients)}
+    if counts["n_patients"] < settings.min_subgroup_patients:
+        return counts | {"note": TOO_SMALL}
+    scores = task.metrics(scored, threshold)
+    shown = [name for name in SUBGROUP_METRICS if name in scores]
+    intervals = task.intervals(scored, threshold, settings.bootstrap_rounds, settings.seed, patients)
+    return counts | {name: scores[name] for name in shown} | {"ci95": {name: intervals.get(name) for name in shown}}
 
 
 def _log_to_mlflow(paths: ProjectPaths, task: Task, metrics: dict, plot_paths: list[Path]) -> None:
@@ -156,8 +188,8 @@ def _log_summary(task: Task, metrics: dict, where: Path) -> None:
     headline = (f"test {task.metric_title('auc')} {format_metric(test['auc'])} "
                 f"(95% CI {format_metric(auc_ci[0], 3)} to {format_metric(auc_ci[1], 3)})")
     headline += "".join(f", {task.metric_title(name)} {format_metric(test[name], 3)}" for name in task.headline[1:])
-    log.info("evaluate: operating point %s (%s); %s (n=%d) → %s", task.describe_point(metrics["threshold"]),
-             describe_threshold(metrics), headline, test["n"], where)
+    log.info("evaluate: operating point %s (%s); %s (n=%d films of %d patients) → %s", task.describe_point(metrics["threshold"]),
+             describe_threshold(metrics), headline, test["n"], test["n_patients"], where)
 
 
 def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Task, size: int, internal: dict,
@@ -166,14 +198,15 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Ta
     (threshold and temperature from validation), and its shift from the internal test."""
     from pipeline.decode_cache import Decoded
     from pipeline.imaging import resize
-    from pipeline.ingest import decode_items
+    from pipeline.ingest import decode_items, patient_of
+    from pipeline.metrics import describe_bootstrap
     from pipeline.sources import read_source
 
     items, rejected = read_source(spec, paths.root, config.data)
     labelled = [item for item in items if item.label is not None]
     files = [item for item in labelled if item.file is not None]
     decoded = dict(zip(map(id, files), decode_items(files, size, config.data.num_workers)))
-    images, read = [], []
+    images, read, patients = [], [], []
     for item in labelled:
         outcome = decoded.get(id(item))
         if item.file is None:
@@ -183,6 +216,8 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Ta
         else:
             continue
         read.append(item.label)
+        # Raw IDs, in memory only: they group films for the bootstrap, nothing more.
+        patients.append(patient_of(item, outcome.patient_id if isinstance(outcome, Decoded) else None))
     if not images:
         raise CxrError(f"evaluate.external: none of the films in '{spec.path}' could be read")
     rows = pd.DataFrame({"label": read})
@@ -190,7 +225,9 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Ta
     raw = score_films(model, task, rows, np.stack(images))
     scored = Scored(raw.truth, task.apply_temperature(raw.probability, temperature))
     scores = task.metrics(scored, threshold)
-    scores["ci95"] = task.intervals(scored, threshold, config.evaluate.bootstrap_rounds, config.evaluate.seed)
+    rounds, clusters = config.evaluate.bootstrap_rounds, np.asarray(patients)
+    scores |= {"n_patients": _count_patients(clusters), "ci_method": describe_bootstrap(rounds),
+               "ci95": task.intervals(scored, threshold, rounds, config.evaluate.seed, clusters)}
     scores["unreadable"] = len(labelled) - len(images) + len(rejected)
     scores["shift_from_internal_test"] = {
         name: (scores[name] - internal[name]) if scores[name] is not None and internal.get(name) is not None else None

@@ -51,6 +51,8 @@ class DecodedImage:
     photometric: str = ""
     view: str = ""
     body_part: str = ""
+    sex: str = ""  # M, F, O or "" (unknown)
+    age_band: str = ""  # one of AGE_BANDS or "" (unknown); the age itself is never kept
     bits_stored: int = 8
     patient_id: str | None = None
     identifiers: tuple[str, ...] = ()
@@ -237,10 +239,33 @@ def _header_fields(dataset) -> dict:  # dataset: pydicom.Dataset
         "photometric": str(dataset.get("PhotometricInterpretation", "") or "").upper(),
         "view": str(dataset.get("ViewPosition", "") or "").upper(),
         "body_part": str(dataset.get("BodyPartExamined", "") or "").upper(),
+        "sex": patient_sex(dataset.get("PatientSex", "")),
+        "age_band": age_band(dataset.get("PatientAge", "")),
         "bits_stored": int(dataset.get("BitsStored", 8) or 8),
         "patient_id": patient_id or None,
         "identifiers": identifiers,
     }
+
+
+AGE_BANDS = ((0, "0-17"), (18, "18-39"), (40, "40-64"), (65, "65-89"), (90, "90+"))  # (lowest age in years, band)
+AGE_UNITS = {"D": 365.25, "W": 365.25 / 7, "M": 12.0, "Y": 1.0}  # DICOM AS units per year
+
+
+def patient_sex(value) -> str:
+    """DICOM PatientSex as M, F or O; anything else (absent, empty, odd) is unknown ("")."""
+    text = str(value or "").strip().upper()
+    return text if text in ("M", "F", "O") else ""
+
+
+def age_band(value) -> str:
+    """DICOM PatientAge ("045Y", "006M", "010D", "002W": three digits and a unit) as its band, "" when absent or
+    malformed. Only the band leaves this function: an exact age is identifying, a band of decades is not, and
+    ages of 90 and over are one band (as HIPAA's Safe Harbor asks). Never derived from PatientBirthDate."""
+    text = str(value or "").strip().upper()
+    if len(text) != 4 or not (text[:3].isascii() and text[:3].isdigit()) or text[3] not in AGE_UNITS:
+        return ""
+    years = int(text[:3]) / AGE_UNITS[text[3]]
+    return [band for lowest, band in AGE_BANDS if years >= lowest][-1]
 
 
 def _dicom_to_grey(dataset, photometric: str) -> np.ndarray:  # dataset: pydicom.Dataset

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = [
     "store_index", "image_id", "split", "label", "label_index", "patient_hash", "sha256", "format",
     "source", "path", "subtype", "width", "height", "bits_stored", "modality", "photometric", "view", "body_part",
-    "mean_intensity", "std_intensity",
+    "sex", "age_band", "mean_intensity", "std_intensity",
 ]
 QUARANTINE_COLUMNS = ["source", "path", "reason", "message"]
 
@@ -183,7 +183,7 @@ def decode_one(item: SourceItem, size: int) -> Decoded | Failure:
         return Failure("decode_failed", f"{item.source}/{item.path}: unexpected {type(exc).__name__} while decoding")
     stored = resize(decoded.pixels, size)
     header = {"bits_stored": decoded.bits_stored, "modality": decoded.modality, "photometric": decoded.photometric,
-              "view": decoded.view, "body_part": decoded.body_part}
+              "view": decoded.view, "body_part": decoded.body_part, "sex": decoded.sex, "age_band": decoded.age_band}
     return Decoded(stored, _decoded_fields(decoded.pixels, stored, decoded.format, header), decoded.patient_id, decoded.identifiers)
 
 
@@ -199,7 +199,8 @@ def image_id_of(item: SourceItem) -> str:
 
 
 def _decoded_fields(original: np.ndarray, stored: np.ndarray, kind: str, header: dict) -> dict:
-    """The manifest fields decoding yields (and the decode cache keeps): nothing that identifies a patient."""
+    """The manifest fields decoding yields (and the decode cache keeps): nothing that identifies a patient (sex
+    and an age band are kept; the age, like the birth date, never is)."""
     return {
         "sha256": pixel_sha256(original),
         "format": kind,
@@ -306,7 +307,7 @@ def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache 
         except UnreadableImage as exc:
             return Failure(exc.reason, str(exc))
         stored = resize(original, size)
-        no_header = {"bits_stored": 8, "modality": "", "photometric": "", "view": "", "body_part": ""}
+        no_header = {"bits_stored": 8, "modality": "", "photometric": "", "view": "", "body_part": "", "sex": "", "age_band": ""}
         return Decoded(stored, _decoded_fields(original, stored, "npz", no_header))
     name = f"{item.source}/{item.path}"
     cached = cache.get(file_key, name) if file_key else None
@@ -320,14 +321,18 @@ def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache 
     return Decoded(cached.pixels, cached.fields, patient_id, identifiers)
 
 
+def patient_of(item: SourceItem, header_id: str | None) -> str:
+    """A film's raw patient ID, in memory only: the DICOM header's PatientID (`header_id`) wins over a table or
+    file name; without any, the film is its own patient. Splits and every bootstrap group films by it."""
+    return header_id or item.patient_id or f"{item.source}/{item.path}"
+
+
 def _manifest_row(item: SourceItem, decoded: Decoded, key: bytes) -> dict:
-    # DICOM header PatientID wins over a table or file name; without any, the film is its own patient.
-    patient = decoded.patient_id or item.patient_id or f"{item.source}/{item.path}"
     return {
         "image_id": image_id_of(item),
         "split": item.split,
         "label": item.label,
-        "patient_hash": patient_hash(patient, key),
+        "patient_hash": patient_hash(patient_of(item, decoded.patient_id), key),
         "source": item.source,
         "path": redact(item.path, decoded.identifiers, key),
         "subtype": item.subtype,

@@ -55,14 +55,21 @@ def decision_metrics(y_true: np.ndarray, predicted: np.ndarray) -> dict[str, flo
 
 
 INTERVAL_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
+SUBGROUP_METRICS = ("auc", "accuracy", "sensitivity", "specificity")  # per subgroup, those a task reports
+TOO_SMALL = "n too small"  # a subgroup's note in place of its metrics, under evaluate.min_subgroup_patients
+
+
+def describe_bootstrap(rounds: int) -> str:
+    """How every interval in metrics.json was made, for the file itself and the documents that show it."""
+    return f"patient-clustered percentile bootstrap, {rounds} rounds"
 
 
 def bootstrap_intervals(
     y_true: np.ndarray, probability: np.ndarray, threshold: float, rounds: int = 1000, seed: int = 0, level: float = 0.95,
-    clusters: np.ndarray | None = None,
+    *, clusters: np.ndarray,
 ) -> dict[str, list[float] | None]:
-    """Percentile bootstrap intervals (resampling films with replacement, or with `clusters` whole patients) for each
-    metric in INTERVAL_METRICS.
+    """Percentile bootstrap intervals, resampling whole patients (`clusters`: one id per film), for each metric in
+    INTERVAL_METRICS.
 
     A small test split gives wide intervals: that width is the honest answer to "how good is it".
     A metric undefined in too many resamples (e.g. AUC with one class) gets None.
@@ -70,22 +77,23 @@ def bootstrap_intervals(
     y_true = np.asarray(y_true).astype(int)
     probability = np.asarray(probability, dtype=float)
     return bootstrap(lambda pick: threshold_metrics(y_true[pick], probability[pick], threshold), len(y_true), rounds, seed,
-                     level, clusters)
+                     level, clusters=clusters)
 
 
 def bootstrap(
     score: Callable[[np.ndarray], dict[str, float | None]], n: int, rounds: int = 1000, seed: int = 0, level: float = 0.95,
-    clusters: np.ndarray | None = None,
+    *, clusters: np.ndarray,
 ) -> dict[str, list[float] | None]:
     """Percentile intervals of each score `score(pick)` returns, over `rounds` resamples `pick` of n films.
 
-    With `clusters` (one id per film, e.g. the patient pseudonym) the resample draws clusters with replacement and
-    takes every film of each drawn cluster, so films of one patient, which are correlated, stay together and the
-    interval is not too narrow; `pick` then varies in length. A score undefined (None) in more than half of the
-    resamples gets None rather than a biased interval.
+    `clusters` (one id per film: the patient pseudonym, or a film's own id where nothing links films) is
+    required: the resample draws clusters with replacement and takes every film of each drawn cluster, so films
+    of one patient, which are correlated, stay together and the interval is not too narrow; `pick` then varies
+    in length. There is no film-level resample: with one film per cluster this is that resample. A score
+    undefined (None) in more than half of the resamples gets None rather than a biased interval.
     """
     rng = np.random.default_rng(seed)
-    draw = (lambda: rng.integers(0, n, n)) if clusters is None else _cluster_sampler(np.asarray(clusters), n, rng)
+    draw = _cluster_sampler(np.asarray(clusters), n, rng)
     samples: dict[str, list[float]] = {}
     for _ in range(rounds):
         for name, value in score(draw()).items():

@@ -24,12 +24,11 @@ import numpy as np
 from pipeline.champion import (CHALLENGER, CONTRACT_TAG, PATIENTS_ARTIFACT_TAG, PATIENTS_TAG, GateDecision, current_champion,
                                first_decision, gate, move_champion, patient_record)
 from pipeline.config import Config
-from pipeline.documents import (count_rows, describe_operating_point, describe_threshold, headline_rows, per_label_rows,
-                                render)
+from pipeline.documents import (count_rows, describe_ece, describe_intervals, describe_operating_point, describe_threshold,
+                                headline_rows, per_label_rows, render, subgroup_tables)
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, read_json, sha256_of, write_json
 from pipeline.manifest import check_labels, read_manifest
-from pipeline.metrics import format_metric
 from pipeline.paths import ProjectPaths
 from pipeline.provenance import TrainedModel, check_registrable, trained_model
 
@@ -214,7 +213,10 @@ def model_card_context(paths: ProjectPaths, trained: TrainedModel, name: str, ve
         "headline": headline_rows(metrics),
         "per_label_header": per_label_header,
         "per_label_rows": per_label,
-        "ece": format_metric(metrics["test"].get("ece"), 3),
+        "intervals": describe_intervals(metrics),
+        "ece": describe_ece(metrics),
+        "min_subgroup_patients": metrics["test"]["min_subgroup_patients"],
+        "subgroups": subgroup_tables(metrics),
     }
 
 

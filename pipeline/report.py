@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.documents import (count_rows, describe_operating_point, describe_threshold, headline_rows, per_label_rows,
-                                render)
+from pipeline.documents import (count_rows, describe_ece, describe_intervals, describe_operating_point, describe_threshold,
+                                headline_rows, per_label_rows, render, subgroup_tables)
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, read_json
 from pipeline.manifest import read_manifest
@@ -104,13 +104,12 @@ def _metrics(metrics: dict) -> dict:
         "headline": headline_rows(metrics),
         "per_label_header": header,
         "per_label_rows": per_label,
-        "ece": format_metric(test.get("ece"), 3),
+        "intervals": describe_intervals(metrics),
+        "ece": describe_ece(metrics),
         "val_auc": format_metric(metrics.get("val", {}).get("auc"), 3),
-        "subgroups": [{"column": column,
-                       "rows": [[value, g["n"], *(format_metric(g.get(k), 3) for k in ("auc", "accuracy", "sensitivity", "specificity"))]
-                                for value, g in groups.items()]}
-                      for column, groups in test.get("subgroups", {}).items()],
-        "external": [{"source": source, "n": site["n"],
+        "min_subgroup_patients": test["min_subgroup_patients"],
+        "subgroups": subgroup_tables(metrics),
+        "external": [{"source": source, "n": site["n"], "n_patients": site["n_patients"],
                       "rows": [[k, format_metric(site[k], 3), format_metric(shift, 3)] for k, shift in site["shift_from_internal_test"].items()]}
                      for source, site in metrics.get("external", {}).items()],
     }

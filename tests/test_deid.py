@@ -3,6 +3,7 @@
 import os
 
 import pandas as pd
+import pytest
 
 from pipeline.deid import load_key, patient_hash
 from pipeline.demo_data import phi_values
@@ -93,3 +94,40 @@ def test_identifiers_in_pacs_style_paths_are_redacted(tiny_project, tmp_path):
     for part in (mrn, *name.replace("^", " ").split()):
         if len(part) >= 3:
             assert part not in written
+
+
+@pytest.mark.slow
+def test_sex_and_age_band_are_kept_but_never_the_age_or_birth_date(tmp_path):
+    """Hostile headers: PatientAge "047Y" (or "070Y"), PatientSex and a birth date on every demo DICOM. The
+    manifest keeps sex and the band; no output of any stage holds the age or the birth date."""
+    import pydicom
+
+    from tests.conftest import run_all_stages, write_tiny_project
+
+    params = write_tiny_project(tmp_path, n=60)
+    patients: dict[str, int] = {}
+    for path in sorted((tmp_path / "data" / "raw" / "demo").rglob("*.dcm")):
+        try:
+            dataset = pydicom.dcmread(path)
+        except Exception:  # the demo's deliberately broken files
+            continue
+        woman = patients.setdefault(str(dataset.PatientID), len(patients)) % 2 == 0
+        dataset.PatientSex, dataset.PatientAge = ("F", "047Y") if woman else ("M", "070Y")
+        dataset.PatientBirthDate = "19770312"
+        dataset.save_as(path)
+    assert len(patients) >= 2
+
+    project = run_all_stages(params, ["evaluate.min_subgroup_patients=1"])
+
+    manifest = pd.read_parquet(project.paths.manifest)
+    dicom = manifest[manifest["format"] == "dicom"]
+    assert set(zip(dicom["sex"], dicom["age_band"])) == {("F", "40-64"), ("M", "65-89")}
+    assert set(manifest.loc[manifest["format"] != "dicom", "sex"]) == {""}  # PNG and JPEG: unknown
+    assert not set(manifest.columns) & {"age", "patient_age", "age_years", "birth_date", "patient_birth_date"}
+    text = manifest.select_dtypes(exclude="number")  # numbers such as store_index 47 are no age
+    cells = {str(value).strip() for value in text.to_numpy().ravel()}
+    assert not cells & {"047Y", "070Y", "47", "70", "047", "070", "19770312", "1977-03-12"}
+    written = [project.paths.metrics, *(p for p in project.paths.decode_cache.rglob("*") if p.is_file())]
+    for path in [project.paths.manifest, *written]:
+        data = path.read_bytes()
+        assert b"047Y" not in data and b"070Y" not in data and b"19770312" not in data, path

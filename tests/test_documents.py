@@ -37,7 +37,8 @@ def hostile(tiny_project, tmp_path_factory):
     metrics |= {"task": "multilabel", "labels": labels, "threshold": {HOSTILE: 0.31, "pneumonia": 0.42},
                 "threshold_method": "youden"}
     metrics["test"]["per_label"] = {label: {**scores, "threshold": metrics["threshold"][label]} for label in labels}
-    metrics["test"]["subgroups"] = {"view": {HOSTILE: {"n": 3, "auc": 0.5, "accuracy": 0.6, "sensitivity": 1.0, "specificity": 0.0}}}
+    metrics["test"]["subgroups"] = {"view": {HOSTILE: {"n": 3, "n_patients": 2, "auc": 0.5, "accuracy": 0.6,
+                                                       "ci95": {"auc": [0.2, 0.8], "accuracy": [0.3, 0.9]}}}}
     paths.metrics.write_text(json.dumps(metrics))
     predictions = pd.read_csv(paths.predictions)  # the same films, written as that multilabel model's would be
     other = {"truth": 1 - predictions["truth"], "probability": 1 - predictions["probability"]}

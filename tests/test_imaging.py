@@ -118,3 +118,33 @@ def test_grey_std_from_the_histogram_equals_numpy():
     assert grey_std(np.full((32, 32), 200, dtype=np.uint8)) == 0.0
     wide = rng.normal(size=(8, 8))  # not 8-bit: numpy's own
     assert grey_std(wide) == pytest.approx(float(wide.std()))
+
+
+@pytest.mark.parametrize("age, band", [
+    ("017Y", "0-17"), ("018Y", "18-39"), ("039Y", "18-39"), ("040Y", "40-64"), ("064Y", "40-64"), ("065Y", "65-89"),
+    ("089Y", "65-89"), ("090Y", "90+"), ("112Y", "90+"), ("000D", "0-17"), ("006M", "0-17"), ("010D", "0-17"),
+    ("002W", "0-17"), ("215M", "0-17"), ("216M", "18-39"),  # 216 months are 18 years
+    ("45Y", ""), ("045", ""), ("04 Y", ""), ("045X", ""), ("-45Y", ""), ("", ""), (None, ""),
+])
+def test_patient_age_becomes_only_its_band_and_odd_ages_are_unknown(age, band):
+    from pipeline.imaging import age_band
+
+    assert age_band(age) == band
+
+
+def test_sex_and_age_band_come_from_the_header_and_odd_values_are_unknown(tmp_path, pydicom_test_files):
+    dataset = pydicom.dcmread(pydicom_test_files / "MR_small.dcm")
+    dataset.PatientSex, dataset.PatientAge = "F", "047Y"
+    dataset.save_as(tmp_path / "known.dcm")
+    with pytest.warns(UserWarning, match="Invalid value"):  # pydicom warns, and writes them as a scanner might
+        dataset.PatientSex, dataset.PatientAge = "female", "47 years"
+    dataset.save_as(tmp_path / "odd.dcm")
+    del dataset.PatientSex, dataset.PatientAge
+    dataset.save_as(tmp_path / "absent.dcm")
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))).save(tmp_path / "film.png")
+
+    known = decode_file(tmp_path / "known.dcm")
+    assert (known.sex, known.age_band) == ("F", "40-64")
+    for name in ("odd.dcm", "absent.dcm", "film.png"):
+        image = decode_file(tmp_path / name)
+        assert (image.sex, image.age_band) == ("", ""), name

@@ -17,22 +17,25 @@ def _scores(n: int, seed: int = 0):
 def test_intervals_contain_the_estimate_and_narrow_with_more_films():
     truth, probability = _scores(100)
     point = binary_metrics(truth, probability, 0.5)
-    small = bootstrap_intervals(truth, probability, 0.5, rounds=500)
+    small = bootstrap_intervals(truth, probability, 0.5, rounds=500, clusters=np.arange(100))
     for name in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1"):
         low, high = small[name]
         assert low <= point[name] <= high, name
     big_truth, big_probability = _scores(2000)
-    big = bootstrap_intervals(big_truth, big_probability, 0.5, rounds=500)
+    big = bootstrap_intervals(big_truth, big_probability, 0.5, rounds=500, clusters=np.arange(2000))
     assert big["auc"][1] - big["auc"][0] < (small["auc"][1] - small["auc"][0]) / 2
 
 
 def test_perfect_classifier_has_a_degenerate_interval_and_seed_fixes_it():
     truth = np.array([0, 1] * 30)
     perfect = truth * 0.9 + 0.05
-    assert bootstrap_intervals(truth, perfect, 0.5, rounds=200)["auc"] == [1.0, 1.0]
+    assert bootstrap_intervals(truth, perfect, 0.5, rounds=200, clusters=np.arange(60))["auc"] == [1.0, 1.0]
     truth, probability = _scores(80)
-    assert bootstrap_intervals(truth, probability, 0.5, seed=3) == bootstrap_intervals(truth, probability, 0.5, seed=3)
-    assert bootstrap_intervals(truth, probability, 0.5, seed=3) != bootstrap_intervals(truth, probability, 0.5, seed=4)
+    films = np.arange(80)
+    assert (bootstrap_intervals(truth, probability, 0.5, seed=3, clusters=films)
+            == bootstrap_intervals(truth, probability, 0.5, seed=3, clusters=films))
+    assert (bootstrap_intervals(truth, probability, 0.5, seed=3, clusters=films)
+            != bootstrap_intervals(truth, probability, 0.5, seed=4, clusters=films))
 
 
 def test_calibration_error_is_zero_when_probabilities_match_frequencies_and_large_when_not():
@@ -247,11 +250,86 @@ def test_a_cluster_bootstrap_resamples_whole_patients_and_is_not_fooled_by_repea
         assert (counts % 5 == 0).all() and np.isin(drawn, patients).all()
     assert len({len(pick) for pick in picks}) == 1 and len(picks[0]) == 200  # as many patients as there are, with replacement
 
-    one_each = bootstrap_intervals(truth, probability, 0.5, rounds=1000)["auc"]
-    by_film = bootstrap_intervals(repeated_truth, repeated_probability, 0.5, rounds=1000)["auc"]
+    one_each = bootstrap_intervals(truth, probability, 0.5, rounds=1000, clusters=np.arange(40))["auc"]
+    by_film = bootstrap_intervals(repeated_truth, repeated_probability, 0.5, rounds=1000, clusters=np.arange(200))["auc"]
     by_patient = bootstrap_intervals(repeated_truth, repeated_probability, 0.5, rounds=1000, clusters=patients)["auc"]
     width = lambda interval: interval[1] - interval[0]  # noqa: E731
     assert width(by_film) < 0.6 * width(one_each)  # films resampled: about 1/sqrt(5) as wide, falsely sure
     assert width(by_patient) == pytest.approx(width(one_each), rel=0.25)
     with pytest.raises(ValueError, match="cluster ids"):
         bootstrap(lambda pick: {}, 10, clusters=np.arange(9))
+
+
+@pytest.mark.parametrize("name, labels", [("binary", ["normal", "pneumonia"]), ("multilabel", ["effusion", "pneumonia"])])
+def test_every_tasks_intervals_resample_patients_so_five_copies_of_a_film_add_no_certainty(name, labels):
+    """The test split's intervals (Task.intervals, what evaluate calls) take the patient of each film: five
+    identical films of one patient are one patient's evidence, not five."""
+    from pipeline.metrics import bootstrap
+    from pipeline.tasks import Scored, task_for
+
+    task = task_for(name, labels)
+    truth, probability = _scores(40, seed=2)
+    if name == "multilabel":
+        other_truth, other_probability = _scores(40, seed=5)
+        truth, probability = np.column_stack([truth, other_truth]), np.column_stack([probability, other_probability])
+    threshold = 0.5 if name == "binary" else {label: 0.5 for label in labels}
+    patients = np.repeat(np.arange(40), 5)
+    repeated = Scored(np.repeat(truth, 5, axis=0), np.repeat(probability, 5, axis=0))
+
+    def width(intervals: dict) -> float:
+        return intervals["auc"][1] - intervals["auc"][0]
+
+    one_each = width(task.intervals(Scored(truth, probability), threshold, 1000, 0, np.arange(40)))
+    by_film = width(task.intervals(repeated, threshold, 1000, 0, np.arange(200)))
+    by_patient = width(task.intervals(repeated, threshold, 1000, 0, patients))
+    assert by_patient > 1.5 * by_film and by_patient == pytest.approx(one_each, rel=0.25)
+
+    drawn = []  # the oracle: each resample holds n_patients patients (with replacement), all films of each
+    bootstrap(lambda pick: drawn.append(pick) or {}, len(patients), rounds=50, clusters=patients)
+    for pick in drawn:
+        films_per_patient = np.bincount(patients[pick], minlength=40)
+        assert (films_per_patient % 5 == 0).all() and films_per_patient.sum() // 5 == 40
+
+
+def test_subgroups_carry_patient_clustered_intervals_and_say_n_too_small_under_the_minimum():
+    import pandas as pd
+
+    from pipeline.config import EvaluateConfig
+    from pipeline.evaluate import SUBGROUP_COLUMNS, subgroup_metrics
+    from pipeline.tasks import Scored, task_for
+
+    truth, probability = _scores(72, seed=4)
+    patients = np.repeat([f"p{i}" for i in range(36)], 2)  # two films each: 33 women, 3 men
+    rows = pd.DataFrame({column: "" for column in SUBGROUP_COLUMNS}, index=range(72))
+    rows["patient_hash"], rows["sex"] = patients, np.where(np.arange(72) < 66, "F", "M")
+    task, settings = task_for("binary", ["normal", "pneumonia"]), EvaluateConfig(bootstrap_rounds=200)
+
+    groups = subgroup_metrics(rows, task, Scored(truth, probability), 0.5, settings)
+
+    assert list(groups) == ["sex"]  # columns with one value or none are skipped
+    women, men = groups["sex"]["F"], groups["sex"]["M"]
+    assert (women["n"], women["n_patients"]) == (66, 33)
+    inside = np.arange(72) < 66
+    assert women["ci95"] == {name: interval for name, interval in task.intervals(
+        Scored(truth[inside], probability[inside]), 0.5, 200, 0, patients[inside]).items()
+        if name in ("auc", "accuracy", "sensitivity", "specificity")}
+    for name in ("auc", "sensitivity", "specificity"):
+        assert women["ci95"][name][0] <= women[name] <= women["ci95"][name][1], name
+    assert men == {"n": 6, "n_patients": 3, "note": "n too small"}  # 3 patients < evaluate.min_subgroup_patients (10)
+
+
+def test_metrics_json_and_report_say_what_was_resampled_and_n_too_small(tiny_project):
+    import pandas as pd
+
+    test = json.loads(tiny_project.paths.metrics.read_text())["test"]
+    manifest = pd.read_parquet(tiny_project.paths.manifest)
+    assert test["ci_method"] == "patient-clustered percentile bootstrap, 1000 rounds"
+    assert test["n_patients"] == manifest.loc[manifest["split"] == "test", "patient_hash"].nunique() < test["n"]
+    low, high = test["ci95"]["ece"]
+    assert low <= test["ece"] <= high
+    small = [group for groups in test["subgroups"].values() for group in groups.values()
+             if group["n_patients"] < test["min_subgroup_patients"]]
+    assert small, "the tiny test split needs a subgroup of fewer than 10 patients"
+    assert all(group == {"n": group["n"], "n_patients": group["n_patients"], "note": "n too small"} for group in small)
+    page = (tiny_project.paths.reports / "report.html").read_text()
+    assert "<td>n too small</td>" in page and "patient-clustered percentile bootstrap, 1000 rounds" in page

@@ -32,7 +32,7 @@ def clean_manifest() -> pd.DataFrame:
             "label_index": int(label == "pneumonia"), "patient_hash": f"patient{patient:02d}",
             "sha256": f"{i:064x}", "format": "png", "source": "demo", "path": f"demo/img{i:03d}.png", "subtype": "",
             "width": 256, "height": 256, "bits_stored": 8, "modality": "", "photometric": "MONOCHROME2", "view": "",
-            "body_part": "",
+            "body_part": "", "sex": "", "age_band": "",
             "mean_intensity": 100.0 + i, "std_intensity": 40.0,
         })
     return pd.DataFrame(rows)

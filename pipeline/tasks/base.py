@@ -170,8 +170,9 @@ class Task(ABC):
         """The headline metrics without counts or scikit-learn, for the thousands of calls a bootstrap makes."""
 
     @abstractmethod
-    def intervals(self, scored: Scored, threshold: Threshold, rounds: int, seed: int) -> dict:
-        """95 % bootstrap intervals of the metrics."""
+    def intervals(self, scored: Scored, threshold: Threshold, rounds: int, seed: int, patients: np.ndarray) -> dict:
+        """95 % bootstrap intervals of the metrics, resampling `patients` (one pseudonym per film): films of one
+        patient are correlated, so they are drawn together (pipeline.metrics.bootstrap)."""
 
     @abstractmethod
     def calibration_inputs(self, scored: Scored) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +262,7 @@ class Task(ABC):
         """(N, K) 0/1 truth, one column per label."""
         return truth
 
-    def _per_label_intervals(self, scored: Scored, threshold: Threshold, rounds: int, seed: int) -> dict:
+    def _per_label_intervals(self, scored: Scored, threshold: Threshold, rounds: int, seed: int, patients: np.ndarray) -> dict:
         """Bootstrap intervals of the macro AUC and accuracy (as quick_metrics computes them) and of each label's
         one-vs-rest AUC (`per_label_auc`)."""
         from pipeline.metrics import bootstrap, rank_auc
@@ -276,7 +277,7 @@ class Task(ABC):
             per_label = {f"auc of {label}": auc for label, auc in zip(self.labels, aucs)}  # never a label's own name
             return {"auc": float(np.mean(defined)) if defined else None, "accuracy": accuracy, **per_label}
 
-        intervals = bootstrap(score, len(truth), rounds, seed)
+        intervals = bootstrap(score, len(truth), rounds, seed, clusters=patients)
         return {"auc": intervals["auc"], "accuracy": intervals["accuracy"],
                 "per_label_auc": {label: intervals[f"auc of {label}"] for label in self.labels}}
 

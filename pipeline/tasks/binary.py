@@ -76,10 +76,10 @@ class Binary(OneLabelPerFilm):
 
         return threshold_metrics(truth, probability, threshold)
 
-    def intervals(self, scored: Scored, threshold: Threshold, rounds: int, seed: int) -> dict:
+    def intervals(self, scored: Scored, threshold: Threshold, rounds: int, seed: int, patients: np.ndarray) -> dict:
         from pipeline.metrics import bootstrap_intervals
 
-        return bootstrap_intervals(scored.truth, scored.probability, threshold, rounds, seed)
+        return bootstrap_intervals(scored.truth, scored.probability, threshold, rounds, seed, clusters=patients)
 
     def calibration_inputs(self, scored: Scored) -> tuple[np.ndarray, np.ndarray]:
         return scored.truth, scored.probability

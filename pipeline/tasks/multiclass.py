@@ -58,8 +58,8 @@ class Multiclass(OneLabelPerFilm):
         return {"auc": macro_auc(one_hot(truth, probability.shape[1]), probability),
                 "accuracy": float((probability.argmax(axis=1) == truth).mean())}
 
-    def intervals(self, scored: Scored, threshold: Threshold, rounds: int, seed: int) -> dict:
-        return self._per_label_intervals(scored, threshold, rounds, seed)
+    def intervals(self, scored: Scored, threshold: Threshold, rounds: int, seed: int, patients: np.ndarray) -> dict:
+        return self._per_label_intervals(scored, threshold, rounds, seed, patients)
 
     def calibration_inputs(self, scored: Scored) -> tuple[np.ndarray, np.ndarray]:
         """The most probable class's probability against being right."""

@@ -106,8 +106,8 @@ class Multilabel(Task):
         predicted = probability >= self._cut(threshold)
         return {"auc": macro_auc(truth, probability), "accuracy": float((predicted == (truth == 1)).mean())}
 
-    def intervals(self, scored: Scored, threshold: Threshold, rounds: int, seed: int) -> dict:
-        return self._per_label_intervals(scored, threshold, rounds, seed)
+    def intervals(self, scored: Scored, threshold: Threshold, rounds: int, seed: int, patients: np.ndarray) -> dict:
+        return self._per_label_intervals(scored, threshold, rounds, seed, patients)
 
     def calibration_inputs(self, scored: Scored) -> tuple[np.ndarray, np.ndarray]:
         """Every label's probability, pooled."""
