@@ -414,7 +414,9 @@ def _print_summary(root: Path) -> None:
 
     task = task_for(metrics["task"], metrics["labels"])
     headline = "Test " + "  ".join(f"{task.metric_title(name)} {shown(name)}" for name in task.headline)
-    lines = ["", f"{headline}  (n={test.get('n')}; 95% bootstrap intervals)"]
+    patients = f" of {test['n_patients']} patients" if test.get("n_patients") is not None else ""
+    lines = ["", f"{headline}  (n={test.get('n')} test films{patients}; threshold chosen on validation "
+                 f"({metrics.get('threshold_method', 'fixed')}); 95% intervals resample patients)"]
     if paths.registered.exists():
         reg = json.loads(paths.registered.read_text())
         state = "is @champion" if reg["is_champion"] else "registered (champion unchanged)"
