@@ -98,6 +98,10 @@ def test_forget_and_rotate_refuse_an_exposed_or_short_current_key_too(case, tmp_
     if case == "symlinked file":
         with pytest.raises(CxrError, match=expected):
             rotate_key(paths, config, new)
+        assert (tmp_path / "elsewhere" / "real.key").read_text() == GOOD_KEY
+    else:  # the short key is retired: the new one replaces it, in a private file
+        assert rotate_key(paths, config, new).key_file == tmp_path / "keys" / "deid.key"
+        assert load_key() == GOOD_KEY.encode() and (tmp_path / "keys" / "deid.key").stat().st_mode & 0o777 == 0o600
     assert not (params.parent / "data" / "interim").exists()
 
 

@@ -105,8 +105,9 @@ def test_an_unknown_stage_name_is_a_one_line_error():
         stage("trian")
 
 
-# Params that change how fast a stage runs or where it reports, never what it writes: no stage depends on them.
-NOT_SHAPING = ("data.num_workers", "orchestration")
+# Params that change how fast a stage runs, where it reports or the modes of the files it writes (privacy.umask,
+# applied by Stage.run), never what it writes: no stage depends on them.
+NOT_SHAPING = ("data.num_workers", "orchestration", "privacy")
 
 
 @contextmanager
