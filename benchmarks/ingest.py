@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("CXR_DEID_KEY", "benchmark")  # before pipeline imports: no key file is written
+os.environ.setdefault("CXR_DEID_KEY", "benchmark-key-0123456789abcdef0123456789")  # before pipeline imports: no key file is written
 
 import argparse
 import gc

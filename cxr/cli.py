@@ -249,6 +249,62 @@ def pipeline(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -
     _run(action)
 
 
+@app.command()
+def forget(
+    pseudonym: Annotated[str, typer.Argument(help="The patient's pseudonym: the manifest's patient_hash (20 hex characters).")],
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Erase one patient's films from the project: the manifest and image store (rows renumbered), every copy in the
+    decode cache, dropped_duplicates.csv and the split registry; the training index and reports/predictions.csv,
+    which number the old store's rows, are removed. The erasure (time, pseudonym, counts; no identifier) is appended
+    to data/erasures.jsonl, and later ingests skip the patient's source files (quarantine reason `erased`): delete
+    those files to remove the films for good. Prints what may still hold the films (models, report, DVC's cache).
+    """
+
+    def action() -> None:
+        from pipeline.config import load_config
+        from pipeline.forget import forget_patient
+        from pipeline.paths import ProjectPaths
+
+        erased = forget_patient(ProjectPaths(params.resolve().parent), load_config(params), pseudonym)
+        typer.echo(f"patient {erased.patient_hash} erased: {erased.n_films} films from the manifest and image store, "
+                   f"{erased.n_cached} from the decode cache")
+
+    _run(action)
+
+
+key_app = typer.Typer(help="The de-identification key (README \"What is sensitive\").", no_args_is_help=True)
+app.add_typer(key_app, name="key")
+
+
+@key_app.command("rotate")
+def key_rotate(
+    new_key_file: Annotated[Path, typer.Option("--new-key-file", help="A file (mode 600, not a symlink) holding the new key: "
+                                               "32 or more random characters, e.g. from `python -c 'import secrets; "
+                                               "print(secrets.token_hex(32))'`.")],
+    drop_absent: Annotated[bool, typer.Option("--drop-absent", help="Drop split registry patients none of whose films "
+                                              "data.sources lists any more (their pseudonyms cannot be carried over); "
+                                              "without it, such patients stop the rotation.")] = False,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Move the project to a new de-identification key: the manifest, dropped_duplicates.csv, the split registry (every
+    split kept) and the erasure record are re-pseudonymised from the current key (CXR_DEID_KEY, or the key file of
+    deid.key_scope) to the key in --new-key-file, reading patient IDs from the sources again (DICOM headers only:
+    nothing is decoded). Then the new key replaces the key file atomically; with CXR_DEID_KEY, set it to the new key.
+    """
+
+    def action() -> None:
+        from pipeline.config import load_config
+        from pipeline.key_rotation import rotate_key
+        from pipeline.paths import ProjectPaths
+
+        done = rotate_key(ProjectPaths(params.resolve().parent), load_config(params), new_key_file, drop_absent)
+        where = f"the key file {done.key_file}" if done.key_file else "CXR_DEID_KEY (set it to the new key now)"
+        typer.echo(f"rotated: {done.n_films} films and {done.n_patients} recorded patients under the new key, in {where}")
+
+    _run(action)
+
+
 def _registry(params: Path):  # -> tuple[ProjectPaths, MlflowClient, str]
     """The project's paths, MLflow client and registered model name, for commands that move aliases by hand."""
     from pipeline import tracking
@@ -366,13 +422,15 @@ def predict(
         from pipeline.config import load_config
         from pipeline.paths import ProjectPaths
         from pipeline.predict import expand_inputs, load_model, predict_files
+        from pipeline.privacy import private_umask
 
         config = load_config(params)
         files = expand_inputs(paths)
         if not files:
             raise CxrError(f"no image files found in {', '.join(map(str, paths))}")
         uri = model or f"models:/{config.registry.model_name}@champion"
-        return predict_files(load_model(uri, ProjectPaths(params.resolve().parent)), files, explain_dir=explain)
+        with private_umask(config.privacy.mask):  # Grad-CAM overlays show the films
+            return predict_files(load_model(uri, ProjectPaths(params.resolve().parent)), files, explain_dir=explain)
 
     results = _run(action)
     if as_json:

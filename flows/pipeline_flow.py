@@ -32,6 +32,7 @@ from pipeline.documents import headline_rows, render  # noqa: E402
 from pipeline.errors import CxrError, StoreUnavailable  # noqa: E402
 from pipeline.lock import project_lock  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
+from pipeline.privacy import private_umask  # noqa: E402
 from pipeline.stages import STAGES, stage  # noqa: E402
 
 
@@ -109,6 +110,11 @@ def ingest_flow(paths: ProjectPaths, config: Config):
     does); with a Dask runner (`orchestration.task_runner: dask`) each shard of
     `orchestration.ingest_shard_size` files is a task the cluster's workers take.
     """
+    with private_umask(config.privacy.mask):  # its tasks call the ingest steps directly, not through Stage.run
+        return _fan_out_ingest(paths, config)
+
+
+def _fan_out_ingest(paths: ProjectPaths, config: Config):
     plan = plan_task(paths, config, return_state=True)
     if plan.is_failed():
         return Failed(message=plan.message, name=USER_ERROR)

@@ -131,9 +131,9 @@ def _first_line(exc: BaseException) -> str:
 # --- the gate ----------------------------------------------------------------------------------
 
 
-def patient_record(paths: ProjectPaths, manifest_sha256: str) -> dict:
+def patient_record(paths: ProjectPaths, manifest_sha256: str, key_scope: str) -> dict:
     """The patients (keyed pseudonyms) a model trained and was validated on, from the manifest, with a check value
-    of the de-identification key: pseudonyms made with another key cannot be compared."""
+    of the de-identification key (deid.key_scope's): pseudonyms made with another key cannot be compared."""
     import pandas as pd
 
     from pipeline.deid import load_key, patient_hash
@@ -143,7 +143,7 @@ def patient_record(paths: ProjectPaths, manifest_sha256: str) -> dict:
         "train": sorted(set(manifest.loc[manifest["split"] == "train", "patient_hash"])),
         "val": sorted(set(manifest.loc[manifest["split"] == "val", "patient_hash"])),
         "manifest_sha256": manifest_sha256,
-        "key_check": patient_hash("cxr champion gate key check", load_key()),
+        "key_check": patient_hash("cxr champion gate key check", load_key(paths.root, key_scope)),
     }
 
 

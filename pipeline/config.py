@@ -294,6 +294,37 @@ class TrackingConfig(Section):
     experiment: str = Field("cxr-pneumonia", min_length=1)
 
 
+KeyScope = Literal["project", "user"]
+
+
+class DeidConfig(Section):
+    """Where the de-identification key lives: `user` (~/.config/cxr/deid.key, shared by the user's projects, so
+    their pseudonyms agree) or `project` (<project>/.cxr/deid.key, git- and dvc-ignored: pseudonyms that no other
+    project can match). CXR_DEID_KEY, when set, overrides both."""
+
+    key_scope: KeyScope = "user"
+
+
+class PrivacyConfig(Section):
+    """How outputs that hold film pixels are protected on disk."""
+
+    # The umask every writing command and stage runs under, as octal digits: 077 makes new files 0600 and new
+    # folders 0700 (owner only); 022 would let every local user read the films.
+    umask: str = Field("077", pattern=r"^0?[0-7]{3}$")
+
+    @field_validator("umask", mode="before")
+    @classmethod
+    def _octal_text(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError("write the umask as quoted octal digits, e.g. '077' (YAML reads 077 unquoted as the "
+                             "number 63 and 77 as seventy-seven)")
+        return value
+
+    @property
+    def mask(self) -> int:
+        return int(self.umask, 8)
+
+
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)  # built when a Config is: its validator asks pipeline.tasks
     validation: ValidationConfig = ValidationConfig()
@@ -305,6 +336,8 @@ class Config(Section):
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    deid: DeidConfig = DeidConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -348,11 +381,12 @@ class Config(Section):
         return self
 
     def params_hash(self) -> str:
-        """A short hash of every param that shapes a model (orchestration only changes how runs are scheduled)."""
+        """A short hash of every param that shapes a model (orchestration only changes how runs are scheduled, privacy
+        only the modes of the files written)."""
         import hashlib
         import json
 
-        shaping = {k: v for k, v in self.as_flat_dict().items() if not k.startswith("orchestration.")}
+        shaping = {k: v for k, v in self.as_flat_dict().items() if not k.startswith(("orchestration.", "privacy."))}
         return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def as_flat_dict(self) -> dict[str, Any]:
@@ -496,8 +530,16 @@ def prefect_api_url() -> str | None:
     return os.environ.get("PREFECT_API_URL") or None
 
 
-def deid_key_file() -> Path:
-    """The de-identification key lives outside the data and outputs (CXR_DEID_KEY_FILE overrides)."""
+PROJECT_KEY_FILE = Path(".cxr") / "deid.key"  # deid.key_scope: project, relative to the project root
+
+
+def deid_key_file(root: Path | None = None, scope: KeyScope = "user") -> Path:
+    """The de-identification key file of `scope`: the user's ~/.config/cxr/deid.key (CXR_DEID_KEY_FILE moves it),
+    or <root>/.cxr/deid.key for a project-scoped key (beside the project, never inside its data or outputs)."""
+    if scope == "project":
+        if root is None:
+            raise CxrError("deid.key_scope is project, but no project root was given to find .cxr/deid.key in")
+        return Path(root) / PROJECT_KEY_FILE
     configured = os.environ.get("CXR_DEID_KEY_FILE")
     if configured:
         return Path(configured).expanduser()
@@ -505,9 +547,10 @@ def deid_key_file() -> Path:
 
 
 def deid_key_from_env() -> bytes | None:
-    """CXR_DEID_KEY, when set, is the key itself (for CI and clusters that inject secrets)."""
+    """CXR_DEID_KEY, when set (even to ""), is the key itself (for CI and clusters that inject secrets); None when unset.
+    A set but empty variable is returned as b"" so that it is refused, not quietly replaced by the key file."""
     value = os.environ.get("CXR_DEID_KEY")
-    return value.encode() if value else None
+    return None if value is None else value.encode()
 
 
 DEFAULT_LOCK_TIMEOUT_S = 600.0

@@ -138,6 +138,38 @@ class DecodeCache:
         if failed:
             self.failures = _append(self.failures, failed, self.folder / "failures.parquet")
 
+    def forget_films(self, pixel_sha256s: set[str]) -> int:
+        """Remove every film whose decoded pixels hash to one of `pixel_sha256s` (the manifest's sha256 column), and
+        rewrite each shard that held one without it, so no copy of the pixels is left (`cxr forget`); how many."""
+        if self.index.empty or "sha256" not in self.index.columns:
+            return 0
+        table = self.index.reset_index()
+        gone = table["sha256"].isin(pixel_sha256s)
+        if not gone.any():
+            return 0
+        touched = sorted(table.loc[gone, "shard"].unique())
+        kept = table[~gone].copy()
+        for name in touched:
+            rows = kept.index[kept["shard"] == name]
+            shard = self._shard(name) if len(rows) else None
+            if shard is None:  # nothing else in it, or unreadable: its other films are decoded again
+                kept = kept.drop(rows)
+                continue
+            pixels = np.stack([np.array(shard[int(row)]) for row in kept.loc[rows, "row"]])
+            renamed = f"shard-{hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()}.npy"
+            with atomic_path(self.folder / renamed) as tmp, tmp.open("wb") as handle:
+                np.save(handle, pixels)
+            kept.loc[rows, "shard"], kept.loc[rows, "row"] = renamed, np.arange(len(rows))
+        self.index = kept.set_index("file_key")
+        with atomic_path(self.folder / "index.parquet") as tmp:  # the index first: it never names a missing shard
+            kept.to_parquet(tmp, index=False)
+        self._shards.clear()
+        in_use = set(kept["shard"])
+        for name in touched:
+            if name not in in_use:
+                (self.folder / name).unlink(missing_ok=True)
+        return int(gone.sum())
+
     def _shard(self, name: str) -> np.ndarray | None:
         """A shard, memory-mapped, or None (with a warning, once) when it is missing, truncated or unreadable."""
         if name not in self._shards:

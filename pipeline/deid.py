@@ -8,26 +8,139 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
+import stat
+from pathlib import Path
 
 from pipeline import config
+from pipeline.errors import CxrError
+
+log = logging.getLogger(__name__)
+
+MIN_KEY_CHARS = 32  # 128 bits of hex; an empty key makes the pseudonym an unkeyed, reversible sha256
+ENV_KEY = "CXR_DEID_KEY"
+ROTATE_HINT = "a project already ingested with it moves to a new key with `cxr key rotate --new-key-file NEW`"
 
 
-def load_key() -> bytes:
-    """CXR_DEID_KEY if set, else the key file (created once, readable by its owner only)."""
+def load_key(root: Path | None = None, scope: config.KeyScope = "user", *, strict: bool = True) -> bytes:
+    """The de-identification key: CXR_DEID_KEY if set, else the key file of `scope` (created on first use).
+
+    Refused with a one-line CxrError when it could not keep a pseudonym secret: shorter than MIN_KEY_CHARS, or a
+    key file that is a symlink, not a regular file, or readable or writable by group or others. Callers load the
+    key before they write anything, so a refused key leaves no output behind. `strict=False` accepts a short key
+    (only `cxr key rotate`, to retire such a key), never an exposed file.
+    """
     from_env = config.deid_key_from_env()
-    if from_env:
-        return from_env
-    key_file = config.deid_key_file()
-    if not key_file.exists():
-        key_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = key_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-        os.replace(tmp, key_file)
-    return key_file.read_text().strip().encode()
+    if from_env is not None:
+        return _checked(from_env, ENV_KEY, strict)
+    key_file = config.deid_key_file(root, scope)
+    if not os.path.lexists(key_file):
+        create_key_file(key_file)
+    return read_key_file(key_file, strict=strict)
+
+
+def read_key_file(path: Path, *, strict: bool = True) -> bytes:
+    """A key file's key, refused when the file is a symlink, not a regular file, open to group or others, or (with
+    `strict`) shorter than MIN_KEY_CHARS."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not hang the run
+    except FileNotFoundError:
+        raise CxrError(f"de-identification key file {path} does not exist") from None
+    except OSError as exc:
+        if os.path.islink(path):
+            raise CxrError(f"de-identification key file {path} is a symlink; a key file must be the file itself "
+                           f"(replace the link by the file it points to, mode 600)") from None
+        raise CxrError(f"de-identification key file {path} cannot be read ({exc.strerror})") from None
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise CxrError(f"de-identification key file {path} is not a regular file")
+        if found.st_mode & 0o077:
+            raise CxrError(f"de-identification key file {path} has mode {stat.S_IMODE(found.st_mode):03o}: group or "
+                           f"others can use it; `chmod 600 {path}`, and if anyone else could have read it, "
+                           f"{ROTATE_HINT}")
+        if found.st_uid != os.getuid():
+            raise CxrError(f"de-identification key file {path} belongs to another user (uid {found.st_uid}); a key "
+                           f"file must be owned by the user running cxr")
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            raw = handle.read(4096)
+    finally:
+        os.close(fd)
+    return _checked(raw.strip(), str(path), strict)
+
+
+def _checked(key: bytes, where: str, strict: bool) -> bytes:
+    """The key, when long enough to be a secret (characters counted as written)."""
+    if not key:
+        raise CxrError(f"de-identification key {where} is empty; an empty key makes pseudonyms reversible: give at "
+                       f"least {MIN_KEY_CHARS} random characters, e.g. the output of `python -c 'import secrets; "
+                       f"print(secrets.token_hex(32))'`")
+    try:
+        length = len(key.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CxrError(f"de-identification key {where} is not UTF-8 text; write it as hex, e.g. the output of "
+                       f"`python -c 'import secrets; print(secrets.token_hex(32))'`") from None
+    if strict and length < MIN_KEY_CHARS:
+        raise CxrError(f"de-identification key {where} has {length} characters, fewer than {MIN_KEY_CHARS}: a short "
+                       f"key can be guessed; give at least {MIN_KEY_CHARS} random characters (`python -c 'import "
+                       f"secrets; print(secrets.token_hex(32))'`); {ROTATE_HINT}")
+    return key
+
+
+def create_key_file(path: Path) -> bytes:
+    """Write a new random key to `path` (which must not exist), mode 0600, fsync'd, and say once where it is.
+
+    The key is written to a temporary file opened with O_CREAT | O_EXCL | O_NOFOLLOW and then hard-linked into
+    place, which fails rather than replace a file: two runs creating the key at once keep the first one's, and no
+    reader ever sees a half-written key.
+    """
+    key = secrets.token_hex(32).encode()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = write_private_file(path.parent, key + b"\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return read_key_file(path)  # another run created it first: theirs is the key
+    finally:
+        tmp.unlink()
+    fsync_folder(path.parent)
+    log.warning("de-identification key created at %s (mode 600); back it up: pseudonyms made with it can be matched "
+                "by no other key", path)
+    return key
+
+
+def install_key_file(path: Path, key: bytes) -> None:
+    """Replace the key file at `path` by one holding `key` in one atomic rename (mode 0600, fsync'd)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = write_private_file(path.parent, key + b"\n")
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_folder(path.parent)
+
+
+def write_private_file(folder: Path, content: bytes) -> Path:
+    """A new file in `folder` holding `content`, mode 0600 whatever the umask, on disk (fsync'd); its path."""
+    tmp = folder / f".deid.key.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename or link in `folder` durable (its entry, not only the file's bytes)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def patient_hash(patient_id: str, key: bytes) -> str:

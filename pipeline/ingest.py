@@ -27,6 +27,7 @@ from pipeline.config import Config, DedupeMode, SourceFilters
 from pipeline.decode_cache import CACHE_VERSION, DecodeCache, Decoded, Failure
 from pipeline.deid import key_check, load_key, patient_hash, redact
 from pipeline.dvc_watch import check_sources_watched
+from pipeline.erasures import erased_patients
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path
 from pipeline.imaging import UnreadableImage, check_usable, decode_file, pixel_sha256, read_identity, resize
@@ -92,6 +93,7 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
     """
     from tqdm import tqdm
 
+    deid_key = load_key(paths.root, config.deid.key_scope)  # a weak or exposed key is refused before anything is written
     check_sources_watched(paths.root, [spec.path for spec in config.data.sources], "data.sources")
     items: list[SourceItem] = []
     rejected: list[Rejected] = []
@@ -113,7 +115,7 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
     hashes.save()
     log.info("ingest: hashed %d of %d files; the others are unchanged since they were hashed", hashes.n_hashed,
              len(files) - files.count(None))
-    fingerprint = _fingerprint(config, items, rejected, keys)
+    fingerprint = _fingerprint(config, items, rejected, keys, deid_key)
     previous = unchanged_ingest(paths.decode_cache / "last_ingest.json", fingerprint, _outputs(paths)) if keep_unchanged else None
     if previous is not None:
         result = IngestResult(**{**previous, "split_counts": dict(previous["split_counts"])}, n_decoded=0,
@@ -135,7 +137,8 @@ def _outputs(paths: ProjectPaths) -> list[Path]:
     return [paths.manifest, paths.images, paths.quarantine, paths.dropped_duplicates, paths.split_registry]
 
 
-def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejected], keys: list[str | None]) -> str:
+def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejected], keys: list[str | None],
+                 deid_key: bytes) -> str:
     """sha256 of everything ingest's outputs are made from: the data params, the code, the de-identification key
     (through a keyed hash: the key itself is never written) and each listed film's place, label and bytes."""
     digest = hashlib.sha256()
@@ -144,7 +147,7 @@ def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejecte
         digest.update(json.dumps(value, sort_keys=True, default=str).encode() + b"\n")
 
     add(config.data.model_dump(mode="json", exclude={"num_workers"}))  # workers change speed, never outputs
-    add([CACHE_VERSION, code_fingerprint(), hmac.new(load_key(), b"cxr ingest fingerprint", hashlib.sha256).hexdigest()])
+    add([CACHE_VERSION, code_fingerprint(), hmac.new(deid_key, b"cxr ingest fingerprint", hashlib.sha256).hexdigest()])
     for item, key in zip(items, keys):
         pixels = None
         if item.pixels is not None:
@@ -221,11 +224,12 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
                  "intact: kept them as they are", len(plan.items))
         _log_summary(plan.unchanged)
         return plan.unchanged
+    key = load_key(paths.root, config.deid.key_scope)
+    erased = erased_patients(paths.erasures, key_check(key))
     cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size)
     fresh = {id(item): outcome for item, outcome in zip(plan.todo, outcomes)}
-    cache.add([(key, f"{item.source}/{item.path}", fresh[id(item)]) for item, key in zip(plan.items, plan.keys)
-               if key is not None and id(item) in fresh])
-    key = load_key()
+    cache.add([(file_key, f"{item.source}/{item.path}", fresh[id(item)]) for item, file_key in zip(plan.items, plan.keys)
+               if file_key is not None and id(item) in fresh and not _erased(item, fresh[id(item)], key, erased)])
     rows: list[dict] = []
     images: list[np.ndarray] = []
     rejected = list(plan.rejected)
@@ -234,7 +238,10 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
         outcome = fresh.get(id(item)) or _cached_or_array(item, file_key, cache, config.data.image_size)
         if outcome is None:  # the cache held it damaged (it warned): decode it again
             outcome = decode_one(item, config.data.image_size)
-            repaired.append((file_key, f"{item.source}/{item.path}", outcome))
+            if not _erased(item, outcome, key, erased):
+                repaired.append((file_key, f"{item.source}/{item.path}", outcome))
+        if _erased(item, outcome, key, erased):
+            outcome = _erasure_failure(item, outcome, key, erased)
         if isinstance(outcome, Decoded):
             outcome = _apply_filters(outcome, config.data.filters, f"{item.source}/{item.path}")
         if isinstance(outcome, Failure):
@@ -319,6 +326,17 @@ def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache 
     if isinstance(cached, Failure):
         return Failure(cached.reason, cached.message, identifiers)
     return Decoded(cached.pixels, cached.fields, patient_id, identifiers)
+
+
+def _erased(item: SourceItem, outcome: Decoded | Failure, key: bytes, erased: dict[str, str]) -> bool:
+    """Whether a decoded film belongs to a patient `cxr forget` erased: never cached, stored or split again."""
+    return bool(erased) and isinstance(outcome, Decoded) and patient_hash(patient_of(item, outcome.patient_id), key) in erased
+
+
+def _erasure_failure(item: SourceItem, decoded: Decoded, key: bytes, erased: dict[str, str]) -> Failure:
+    pseudonym = patient_hash(patient_of(item, decoded.patient_id), key)
+    return Failure("erased", f"{item.source}/{item.path}: patient {pseudonym} was erased by `cxr forget` on "
+                             f"{erased[pseudonym]} (data/erasures.jsonl); remove their source files", decoded.identifiers)
 
 
 def patient_of(item: SourceItem, header_id: str | None) -> str:

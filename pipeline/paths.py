@@ -47,6 +47,11 @@ class ProjectPaths:
         return self.root / "data" / "splits.parquet"
 
     @property
+    def erasures(self) -> Path:
+        """The append-only record of patients erased by `cxr forget` (pseudonyms and counts only): ingest skips them."""
+        return self.root / "data" / "erasures.jsonl"
+
+    @property
     def decode_cache(self) -> Path:
         """Decoded films by file content: a local speed-up, not versioned (ingest rebuilds it as needed)."""
         return self.root / "data" / "cache"

@@ -77,7 +77,7 @@ def register_stage(paths: ProjectPaths, config: Config, from_run: bool = False, 
     name, settings = config.registry.model_name, config.registry
     trained = trained_model(paths, client)
     registered_with = check_registrable(config, trained, from_run, allow_dirty)  # before anything is registered
-    patients = _patients_trained_on(paths, client, run_id)
+    patients = _patients_trained_on(paths, client, run_id, config.deid.key_scope)
 
     fingerprint = f"{sha256_of(paths.checkpoint)}@{json.dumps(metrics['threshold'], sort_keys=True)}@{metrics['temperature']}"
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}' and tags.fingerprint='{fingerprint}'")
@@ -118,7 +118,7 @@ def register_stage(paths: ProjectPaths, config: Config, from_run: bool = False, 
     return result
 
 
-def _patients_trained_on(paths: ProjectPaths, client, run_id: str) -> dict:
+def _patients_trained_on(paths: ProjectPaths, client, run_id: str, key_scope: str) -> dict:
     """The train and val patients of the manifest the run trained on; a manifest changed since training is refused,
     since the version would record patients it did not train on (or miss some it did). So is a changed train index:
     the data and rebalance params reach the weights through these two files (pipeline.provenance)."""
@@ -126,7 +126,7 @@ def _patients_trained_on(paths: ProjectPaths, client, run_id: str) -> dict:
     for path, tag in ((paths.manifest, "data.manifest_sha256"), (paths.train_index, "data.train_index_sha256")):
         if tags.get(tag) and (not path.exists() or tags[tag] != sha256_of(path)):
             raise CxrError(f"{path} changed since `cxr train` made run {run_id}: run `cxr train` and `cxr evaluate` again")
-    return patient_record(paths, sha256_of(paths.manifest))
+    return patient_record(paths, sha256_of(paths.manifest), key_scope)
 
 
 def _record_patients(client, name: str, version: int, run_id: str, patients: dict) -> None:

@@ -267,8 +267,9 @@ def _refuse_another_key(registry: pd.DataFrame, key_check: str, where: str) -> N
     new and be decided again, test patients into train among them. Refuse rather than guess."""
     if (registry["key_check"] != key_check).any():
         raise CxrError(f"ingest: {where} was written with another de-identification key (CXR_DEID_KEY, or the key "
-                       f"file: ~/.config/cxr/deid.key unless CXR_DEID_KEY_FILE moves it), so none of its "
-                       f"{len(registry)} patients can be recognised; use that key again, or {REASSIGN_FIX}")
+                       f"file of deid.key_scope: ~/.config/cxr/deid.key or <project>/.cxr/deid.key), so none of its "
+                       f"{len(registry)} patients can be recognised; use that key again (to change keys, `cxr key "
+                       f"rotate --new-key-file NEW` under the old one), or {REASSIGN_FIX}")
 
 
 def _refuse_changed_params(frame: pd.DataFrame, registry: pd.DataFrame, fractions: SplitFractions, seed: int,

@@ -5,7 +5,8 @@ spells the same stages out for DVC, and a test checks that it agrees with this t
 outputs). Every stage function takes the project's paths and its config and returns a small result object.
 
 `Stage.run` holds the project lock (pipeline.lock) while the stage runs, so every way of running a stage
-(`cxr <stage>`, `dvc repro`, the flow, `run_stages`) waits for another run writing the same project.
+(`cxr <stage>`, `dvc repro`, the flow, `run_stages`) waits for another run writing the same project, and runs
+it under `privacy.umask` (pipeline.privacy), so the outputs that hold films are private to their owner.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pipeline.evaluate import evaluate_stage
 from pipeline.ingest import ingest_stage
 from pipeline.lock import project_lock
 from pipeline.paths import ProjectPaths
+from pipeline.privacy import private_umask
 from pipeline.rebalance import rebalance_stage
 from pipeline.register import register_stage
 from pipeline.report import report_stage
@@ -47,11 +49,12 @@ class Stage:
 
 
 def _holding_the_project_lock(function: Callable[..., Any]) -> Callable[..., Any]:
-    """The stage function, run while holding its project's lock (the same function to callers: name, module, docs)."""
+    """The stage function, run while holding its project's lock under privacy.umask (the same function to callers:
+    name, module, docs)."""
 
     @functools.wraps(function)
     def run(paths: ProjectPaths, config: Config, **options: Any) -> Any:
-        with project_lock(paths.root):
+        with project_lock(paths.root), private_umask(config.privacy.mask):
             return function(paths, config, **options)
 
     return run

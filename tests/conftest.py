@@ -16,7 +16,7 @@ from pipeline.config import Config
 from pipeline.paths import ProjectPaths
 
 # A fixed test key: tests never create ~/.config/cxr/deid.key, and hashes are stable across a session.
-os.environ.setdefault("CXR_DEID_KEY", "test-deid-key")
+os.environ.setdefault("CXR_DEID_KEY", "test-deid-key-0123456789abcdef0123456789")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -147,7 +147,7 @@ def test_first_split_depends_on_data_and_seed_not_on_the_deid_key(tmp_path, monk
     for i in range(30):
         _write_png(films / ("pneumonia" if i % 4 else "normal") / f"p{i // 2}_{i}.png", i)
     splits = []
-    for key in ("site-a-key", "site-b-key"):
+    for key in ("site-a-key-0123456789abcdef0123456789", "site-b-key-0123456789abcdef0123456789"):
         monkeypatch.setenv("CXR_DEID_KEY", key)
         (tmp_path / key).mkdir()
         paths, config = _project(tmp_path / key, f"[{films.as_posix()}]")

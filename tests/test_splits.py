@@ -216,11 +216,11 @@ def test_another_deid_key_is_refused_until_splits_are_reassigned(tmp_path, monke
     """The registry holds pseudonyms: under a new key every patient looks new, so ingest refuses rather than
     deal them out again (test patients into train among them)."""
     paths, config = _demo_project(tmp_path, n=80)
-    monkeypatch.setenv("CXR_DEID_KEY", "site-key-1")
+    monkeypatch.setenv("CXR_DEID_KEY", "site-key-1-0123456789abcdef0123456789")
     ingest_stage(paths, config)
     written = paths.split_registry.read_bytes()
 
-    monkeypatch.setenv("CXR_DEID_KEY", "site-key-2")
+    monkeypatch.setenv("CXR_DEID_KEY", "site-key-2-0123456789abcdef0123456789")
     with pytest.raises(CxrError, match="data/splits.parquet was written with another de-identification key") as refused:
         ingest_stage(paths, config)
     assert "\n" not in str(refused.value) and "--reassign-splits" in str(refused.value)
@@ -228,7 +228,7 @@ def test_another_deid_key_is_refused_until_splits_are_reassigned(tmp_path, monke
 
     ingest_stage(paths, config, reassign_splits=True)
     registry = read_registry(paths.split_registry)
-    assert set(registry["key_check"]) == {key_check(b"site-key-2")}
+    assert set(registry["key_check"]) == {key_check(b"site-key-2-0123456789abcdef0123456789")}
     assert set(registry["patient_hash"]) == set(pd.read_parquet(paths.manifest)["patient_hash"])  # old pseudonyms gone
     assert (registry["reassigned_at"] != "").all()
 

@@ -105,8 +105,9 @@ def test_an_unknown_stage_name_is_a_one_line_error():
         stage("trian")
 
 
-# Params that change how fast a stage runs or where it reports, never what it writes: no stage depends on them.
-NOT_SHAPING = ("data.num_workers", "orchestration")
+# Params that change how fast a stage runs, where it reports or the modes of the files it writes (privacy.umask,
+# applied by Stage.run), never what it writes: no stage depends on them.
+NOT_SHAPING = ("data.num_workers", "orchestration", "privacy")
 
 
 @contextmanager
@@ -159,8 +160,12 @@ def _covered(key: str, declared: list[str]) -> bool:
 
 
 # Files a stage may read without declaring them: caches that change how fast it runs, never what it writes, the
-# MLflow store (the tracking server's, outside DVC), the project lock, and params.yaml (declared key by key).
-UNDECLARED_READS = ("data/cache", "mlruns.db", "mlruns", "mlartifacts", ".cxr.lock", ".cxr.lock.owner", "params.yaml")
+# MLflow store (the tracking server's, outside DVC), the project lock, params.yaml (declared key by key), the
+# project-scope de-identification key (a secret: never tracked; a new key makes ingest refuse or rotate, see
+# README) and the erasure record (a new project has none, and DVC refuses a missing dep; `cxr forget` rewrites
+# ingest's outputs whenever it appends to it, so DVC reruns ingest anyway).
+UNDECLARED_READS = ("data/cache", "mlruns.db", "mlruns", "mlartifacts", ".cxr.lock", ".cxr.lock.owner", "params.yaml",
+                    ".cxr/deid.key", "data/erasures.jsonl")
 
 
 def _declares(path: Path, entries: list[str]) -> bool:

@@ -138,7 +138,7 @@ def test_what_ingest_reads_changing_reruns_it(tmp_path, monkeypatch):
     assert np.load(paths.images).shape[1:] == (16, 16)
 
     patients = pd.read_parquet(paths.manifest)["patient_hash"]
-    monkeypatch.setenv("CXR_DEID_KEY", "another key")  # not hidden by the fast path: the split registry refuses it
+    monkeypatch.setenv("CXR_DEID_KEY", "another key, 0123456789abcdef0123456789")  # not hidden by the fast path: the split registry refuses it
     with pytest.raises(CxrError, match="another de-identification key"):
         ingest_stage(paths, smaller)
     ingest_stage(paths, smaller, reassign_splits=True)

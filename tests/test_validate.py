@@ -362,7 +362,7 @@ def test_pneumoniamnist_duplicates_within_train_and_between_train_and_val_are_co
     """The published file holds identical images within train and between train and val (shared/data/README.md)."""
     from pipeline.ingest import ingest_stage
 
-    monkeypatch.setenv("CXR_DEID_KEY", "test")
+    monkeypatch.setenv("CXR_DEID_KEY", "test-key-0123456789abcdef0123456789")
     paths = ProjectPaths(tmp_path)
     found = {}
     for dedupe in ("report", "drop"):
