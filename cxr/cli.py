@@ -364,6 +364,7 @@ def predict(
 
     def action() -> list:
         from pipeline.config import load_config
+        from pipeline.imaging import limits_of
         from pipeline.paths import ProjectPaths
         from pipeline.predict import expand_inputs, load_model, predict_files
 
@@ -372,7 +373,8 @@ def predict(
         if not files:
             raise CxrError(f"no image files found in {', '.join(map(str, paths))}")
         uri = model or f"models:/{config.registry.model_name}@champion"
-        return predict_files(load_model(uri, ProjectPaths(params.resolve().parent)), files, explain_dir=explain)
+        return predict_files(load_model(uri, ProjectPaths(params.resolve().parent)), files, explain_dir=explain,
+                             limits=limits_of(config.data))
 
     results = _run(action)
     if as_json:
