@@ -77,7 +77,7 @@ def read_source(spec: SourceSpec, root: Path, data: DataConfig) -> tuple[list[So
     spec = _with_preset(spec)
     kind = spec.format if spec.format in ("folder", "table", "npz") else _detect(path, spec)
     if kind == "folder":
-        return _read_folder(spec, path, data)
+        return _one_per_name(spec, *_read_folder(spec, path, data))
     if kind == "table":
         return _read_table(spec, path, root, data)
     return _read_npz(spec, path, data), []
@@ -122,7 +122,11 @@ def _visible_files(folder: Path, top: Path) -> tuple[list[Path], list[Odd]]:
         base = Path(parent)
         folders[:] = [name for name in folders if not name.startswith(".")]
         for name in folders:
-            if (base / name).is_symlink() and not _inside(base / name, root):
+            try:
+                linked = (base / name).is_symlink()
+            except OSError:  # e.g. a path longer than the system allows: os.walk's own listing of it says so
+                continue
+            if linked and not _inside(base / name, root):
                 odd.append((base / name, "outside_source", "is a link to a folder outside the source; not followed"))
         for name in names:
             path = base / name
@@ -147,7 +151,11 @@ def _inside(path: Path, root: Path) -> bool:
 def _odd_file(path: Path, root: Path) -> tuple[str, str] | None:
     """Why a listed entry cannot be read as a film (reason, why), or None when it is a regular file inside the
     (resolved) `root`. Links are resolved and stat is called: nothing is opened."""
-    if path.is_symlink():
+    try:
+        linked = path.is_symlink()
+    except OSError as exc:  # e.g. a path longer than the system allows
+        return "unreadable_file", f"cannot be read ({exc.strerror})"
+    if linked:
         try:
             target = path.resolve(strict=True)
         except FileNotFoundError:
@@ -234,6 +242,21 @@ def _read_folder(spec: SourceSpec, folder: Path, data: DataConfig) -> tuple[list
                 continue
             items.append(item)
     return items, rejected
+
+
+def _one_per_name(spec: SourceSpec, items: list[SourceItem], rejected: list[Rejected]) -> tuple[list[SourceItem], list[Rejected]]:
+    """Each shown path once: a name that is not UTF-8, escaped, can read like another file's literal name
+    (b'caf\\xe9' and 'caf\\xe9'), and two films under one path would share an image_id. The first keeps it."""
+    seen: set[str] = set()
+    kept = []
+    for item in items:
+        if item.path in seen:
+            rejected.append(Rejected(spec.path, item.path, "ambiguous_name", f"{spec.path}/{item.path}: another file in "
+                                     "the source shows under the same name (a name that is not UTF-8, escaped); rename one"))
+        else:
+            seen.add(item.path)
+            kept.append(item)
+    return kept, rejected
 
 
 def _label_folders(parent: Path, root: Path, outside: list[Odd]) -> list[Path]:

@@ -141,6 +141,38 @@ def test_cxr_ingest_on_odd_inputs_prints_no_traceback(odd_project):
     _check_outputs(odd_project)
 
 
+def test_a_latin1_name_that_reads_like_another_files_escaped_name_is_quarantined(tmp_path):
+    from pipeline.sources import read_source
+
+    _film(tmp_path / "src" / "normal" / "caf\\xe9.png", 0)  # a literal backslash: what the Latin-1 name shows as
+    _film(tmp_path / "x.png", 1)
+    os.rename(tmp_path / "x.png", os.fsencode(tmp_path / "src" / "normal") + b"/caf\xe9.png")
+    config = DataConfig(sources=["src"])
+    items, rejected = read_source(config.sources[0], tmp_path, config)
+    assert [item.path for item in items] == ["normal/caf\\xe9.png"]
+    assert [(row.path, row.reason) for row in rejected] == [("normal/caf\\xe9.png", "ambiguous_name")]
+    assert items[0].file.name == "caf\\xe9.png"  # the literal name sorts first and keeps the path
+
+
+def test_a_folder_deeper_than_the_system_path_limit_is_quarantined_not_a_traceback(tmp_path):
+    """Linux keeps folders of any depth (made one level at a time), but no path over 4096 bytes can be opened."""
+    from pipeline.sources import read_source
+
+    _film(tmp_path / "src" / "normal" / "film.png", 0)
+    handle = os.open(tmp_path / "src" / "normal", os.O_DIRECTORY)
+    for level in range(18):  # 18 names of 252 bytes: a 4.5 kB path
+        os.mkdir(f"{level:02d}" + "D" * 250, dir_fd=handle)
+        deeper = os.open(f"{level:02d}" + "D" * 250, os.O_DIRECTORY, dir_fd=handle)
+        os.close(handle)
+        handle = deeper
+    os.close(os.open("deep.png", os.O_WRONLY | os.O_CREAT, dir_fd=handle))
+    os.close(handle)
+    config = DataConfig(sources=["src"])
+    items, rejected = read_source(config.sources[0], tmp_path, config)
+    assert [item.path for item in items] == ["normal/film.png"]
+    assert [row.reason for row in rejected] == ["unreadable_folder"] and "too long" in rejected[0].message
+
+
 def test_png_header_declaring_60000_squared_is_refused_before_decoding(tmp_path):
     png_declaring(tmp_path / "bomb.png", 60_000, 60_000)  # Pillow's own bomb limit: refused at open
     png_declaring(tmp_path / "big.png", 8_000, 8_000)  # 64 million px: between data.max_pixels and twice it
