@@ -245,7 +245,7 @@ def _npz_declaring(path: Path, shape: tuple[int, ...]) -> None:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("train_images.npy", member.getvalue())
         buffer = io.BytesIO()
-        np.save(buffer, np.zeros(shape[0], dtype=np.int64))
+        np.save(buffer, np.zeros(2, dtype=np.int64))  # the images' header is refused before labels are compared
         archive.writestr("train_labels.npy", buffer.getvalue())
 
 
