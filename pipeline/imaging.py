@@ -235,16 +235,13 @@ def _check_dicom_size(path: Path, limits: DecodeLimits) -> None:
     except Exception:  # not DICOM, or a damaged header: the full read says which
         return
     try:
-        limits.check(*declared, str(path))
-    except UnreadableImage as refused:
-        try:
-            identifiers = _header_fields(header)["identifiers"]
-        except Exception:  # a damaged identifying element: the message names no header value anyway
-            identifiers = ()
-        raise UnreadableImage(refused.reason, str(refused), identifiers) from None
+        identifiers = _header_fields(header)["identifiers"]  # for the caller to redact from what it writes
+    except Exception:  # a damaged identifying element: the message names no header value anyway
+        identifiers = ()
+    limits.check(*declared, str(path), identifiers)
 
 
-def _decode_dicom(path: Path, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
+def _decode_dicom(path: Path, limits: DecodeLimits) -> DecodedImage:
     """Stored values → Modality LUT → VOI LUT (window) → MONOCHROME1 inversion → 0..255, as the standard orders them."""
     import pydicom
     from pydicom.errors import InvalidDicomError

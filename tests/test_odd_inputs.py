@@ -215,6 +215,7 @@ def test_dicom_declaring_100000_squared_is_refused_before_pixel_decoding(tmp_pat
     with pytest.raises(UnreadableImage) as raised:
         decode_file(tmp_path / "huge.dcm")
     assert raised.value.reason == "too_large" and "100000x100000" in str(raised.value)
+    assert str(pydicom.dcmread(tmp_path / "huge.dcm").PatientID) in raised.value.identifiers  # ingest redacts them
     # The same check on a real film, by its header: refused at one pixel under its size, decoded at its size.
     film = pydicom_test_files / "MR_small.dcm"
     assert decode_file(film, DecodeLimits(max_pixels=64 * 64)).width == 64
