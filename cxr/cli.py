@@ -420,6 +420,7 @@ def predict(
 
     def action() -> list:
         from pipeline.config import load_config
+        from pipeline.imaging import limits_of
         from pipeline.paths import ProjectPaths
         from pipeline.predict import expand_inputs, load_model, predict_files
         from pipeline.privacy import private_umask
@@ -430,7 +431,8 @@ def predict(
             raise CxrError(f"no image files found in {', '.join(map(str, paths))}")
         uri = model or f"models:/{config.registry.model_name}@champion"
         with private_umask(config.privacy.mask):  # Grad-CAM overlays show the films
-            return predict_files(load_model(uri, ProjectPaths(params.resolve().parent)), files, explain_dir=explain)
+            return predict_files(load_model(uri, ProjectPaths(params.resolve().parent)), files, explain_dir=explain,
+                                 limits=limits_of(config.data))
 
     results = _run(action)
     if as_json:

@@ -88,10 +88,10 @@ def plan_task(paths: ProjectPaths, config: Config):
 
 
 @task(name="ingest-decode")
-def decode_task(items: list, size: int, workers: int) -> list:
+def decode_task(items: list, size: int, workers: int, limits) -> list:
     from pipeline.ingest import decode_items
 
-    return decode_items(items, size, workers)
+    return decode_items(items, size, workers, limits)
 
 
 @task(name="ingest-finish")
@@ -115,6 +115,8 @@ def ingest_flow(paths: ProjectPaths, config: Config):
 
 
 def _fan_out_ingest(paths: ProjectPaths, config: Config):
+    from pipeline.imaging import limits_of
+
     plan = plan_task(paths, config, return_state=True)
     if plan.is_failed():
         return Failed(message=plan.message, name=USER_ERROR)
@@ -123,7 +125,7 @@ def _fan_out_ingest(paths: ProjectPaths, config: Config):
     size = config.orchestration.ingest_shard_size if on_cluster else max(len(plan.todo), 1)
     shards = [plan.todo[start : start + size] for start in range(0, len(plan.todo), size)]
     workers = 1 if on_cluster else config.data.num_workers
-    futures = [decode_task.submit(shard, config.data.image_size, workers) for shard in shards]
+    futures = [decode_task.submit(shard, config.data.image_size, workers, limits_of(config.data)) for shard in shards]
     outcomes = [outcome for future in futures for outcome in future.result()]
     finished = finish_task(paths, config, plan, outcomes, return_state=True)
     if finished.is_failed():

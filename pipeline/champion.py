@@ -312,6 +312,7 @@ def raw_films(paths: ProjectPaths, config: Config, rows, sizes: set[int]) -> dic
     """The manifest `rows`' films decoded from their source files as ingest decodes them, once per size; or why
     they cannot be (a source or file gone, a file that no longer decodes). Names only the manifest's (redacted) paths."""
     from pipeline.decode_cache import Failure
+    from pipeline.imaging import limits_of
     from pipeline.ingest import decode_at_size, image_id_of
     from pipeline.sources import read_source
 
@@ -333,7 +334,7 @@ def raw_films(paths: ProjectPaths, config: Config, rows, sizes: set[int]) -> dic
     for size in sorted(sizes):
         stack = []
         for row in rows.itertuples():
-            outcome = decode_at_size(found[row.image_id], size)
+            outcome = decode_at_size(found[row.image_id], size, limits_of(config.data))
             if isinstance(outcome, Failure):
                 return f"{row.source}/{row.path} no longer decodes ({outcome.reason})"
             stack.append(outcome.pixels)

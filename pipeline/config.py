@@ -100,6 +100,12 @@ class DataConfig(Section):
     filters: SourceFilters = SourceFilters()
     dedupe: DedupeMode = "drop"  # drop: keep one copy of identical films (train first); report: keep all, the gate counts them
     num_workers: int = Field(0, ge=0)  # decoding processes; 0 = one per core
+    # Refused before decoding (quarantined as too_large / too_many_frames): a header costs nothing to forge and can
+    # declare gigabytes. max_pixels bounds one frame's width x height (50 million: 7000 x 7000, above any chest
+    # detector); max_frames bounds a DICOM's NumberOfFrames. A chest radiograph is one frame; a multi-frame object
+    # (tomosynthesis, fluoroscopy) is not one, and with max_frames above 1 only its first frame is decoded and kept.
+    max_pixels: int = Field(50_000_000, ge=1)
+    max_frames: int = Field(1, ge=1)
 
     @field_validator("sources", mode="before")
     @classmethod

@@ -197,7 +197,7 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Ta
     """Score a labelled source the model never saw, decoded exactly as at ingest, at the internal operating point
     (threshold and temperature from validation), and its shift from the internal test."""
     from pipeline.decode_cache import Decoded
-    from pipeline.imaging import resize
+    from pipeline.imaging import limits_of, resize
     from pipeline.ingest import decode_items, patient_of
     from pipeline.metrics import describe_bootstrap
     from pipeline.sources import read_source
@@ -205,7 +205,7 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Ta
     items, rejected = read_source(spec, paths.root, config.data)
     labelled = [item for item in items if item.label is not None]
     files = [item for item in labelled if item.file is not None]
-    decoded = dict(zip(map(id, files), decode_items(files, size, config.data.num_workers)))
+    decoded = dict(zip(map(id, files), decode_items(files, size, config.data.num_workers, limits_of(config.data))))
     images, read, patients = [], [], []
     for item in labelled:
         outcome = decoded.get(id(item))

@@ -23,6 +23,23 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as text every writer takes (Parquet, CSV, logs): bytes of a file name that are not UTF-8, which
+    Python keeps as lone surrogates so the file can still be opened, are shown as backslash escapes (b'caf\\xe9'
+    becomes 'caf\\xe9'). Valid names come back unchanged. Only for writing: open the original path."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the file name's own bytes
+    except UnicodeEncodeError:  # a lone surrogate that no file name produced
+        return text.encode("utf-8", "backslashreplace").decode("ascii")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def write_json(path: Path, data: Any) -> None:
     """Sorted, indented JSON so that reruns on the same inputs give the same bytes."""
     with atomic_path(path) as tmp:

@@ -38,6 +38,29 @@ class UnreadableImage(CxrError):
 
 
 @dataclass(frozen=True)
+class DecodeLimits:
+    """What a film's header may declare (data.max_pixels, data.max_frames; these defaults are theirs). A header
+    costs nothing to forge and can ask for gigabytes, so it is checked before a single pixel is decoded."""
+
+    max_pixels: int = 50_000_000  # one frame's width x height
+    max_frames: int = 1  # a DICOM's NumberOfFrames
+
+    def check(self, width: int, height: int, frames: int, name: str, identifiers: tuple[str, ...] = ()) -> None:
+        """Raise UnreadableImage (too_large, too_many_frames) when the declared size is over a limit."""
+        if width * height > self.max_pixels:
+            raise UnreadableImage("too_large", f"{name}: the header declares {width}x{height} px, above data.max_pixels "
+                                  f"({self.max_pixels:,}); not decoded", identifiers)
+        if frames > self.max_frames:
+            raise UnreadableImage("too_many_frames", f"{name}: the header declares {frames} frames, above data.max_frames "
+                                  f"({self.max_frames}); not decoded (a chest film is one frame; a higher limit keeps the first)", identifiers)
+
+
+def limits_of(data) -> DecodeLimits:  # data: pipeline.config.DataConfig
+    """The decode limits a project's params set."""
+    return DecodeLimits(max_pixels=data.max_pixels, max_frames=data.max_frames)
+
+
+@dataclass(frozen=True)
 class DecodedImage:
     """A film as 8-bit grey pixels at original size, plus the few header fields we keep.
 
@@ -66,17 +89,18 @@ class DecodedImage:
         return int(self.pixels.shape[1])
 
 
-def decode_file(path: Path) -> DecodedImage:
-    """Decode one film, or raise UnreadableImage with a reason code and a message naming the file."""
+def decode_file(path: Path, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
+    """Decode one film, or raise UnreadableImage with a reason code and a message naming the file. A film whose
+    header declares more than `limits` is refused before decoding."""
     if not path.is_file():
         raise UnreadableImage("missing_file", f"{path}: no such file")
     if path.stat().st_size == 0:
         raise UnreadableImage("empty_file", f"{path}: the file is empty (0 bytes)")
     kind = detect_format(path)
     if kind == "dicom":
-        image = _decode_dicom(path)
+        image = _decode_dicom(path, limits)
     elif kind in ("png", "jpeg"):
-        image = _decode_pillow(path, kind)
+        image = _decode_pillow(path, kind, limits)
     else:
         raise UnreadableImage("unsupported_format", f"{path}: not a DICOM, PNG or JPEG file")
     check_usable(image.pixels, str(path))
@@ -164,29 +188,65 @@ def pixel_sha256(pixels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _decode_pillow(path: Path, kind: str) -> DecodedImage:
+def _decode_pillow(path: Path, kind: str, limits: DecodeLimits) -> DecodedImage:
+    """Only Pillow's plug-in for `kind` may open the file (never EPS through Ghostscript, or any other); its size is
+    read from the header (Image.open decodes nothing) and checked before load()."""
     from PIL import Image, UnidentifiedImageError
 
+    # Pillow's own decompression-bomb check agrees with ours: it refuses at open what declares over twice the
+    # limit, and only warns between once and twice the limit, where limits.check below refuses it, naming its size.
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path, formats=[kind.upper()])
+    except Image.DecompressionBombError:
+        raise UnreadableImage("too_large", f"{path}: the header declares over twice data.max_pixels ({limits.max_pixels:,}) "
+                              "px; not decoded") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage("not_an_image", f"{path}: not a readable {kind.upper()} image") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UnreadableImage("decode_failed", f"{path}: {kind.upper()} data could not be decoded ({exc})") from None
+    try:
+        with image:
+            limits.check(*image.size, 1, str(path))  # Pillow decodes only the first frame of an animated PNG
             image.load()
             wide = image.mode in ("I;16", "I;16B", "I;16L", "I", "F")
             if wide:
                 pixels = to_uint8(np.asarray(image, dtype=np.float32))
             else:
                 pixels = np.asarray(image.convert("L"), dtype=np.uint8)
-    except UnidentifiedImageError:
-        raise UnreadableImage("not_an_image", f"{path}: not a readable {kind.upper()} image") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise UnreadableImage("decode_failed", f"{path}: {kind.upper()} data could not be decoded ({exc})") from None
     return DecodedImage(pixels=pixels, format=kind, bits_stored=16 if wide else 8)
 
 
-def _decode_dicom(path: Path) -> DecodedImage:
+def _check_dicom_size(path: Path, limits: DecodeLimits) -> None:
+    """Rows x Columns and NumberOfFrames from the header alone (stop_before_pixels: the pixel data is not even
+    read), checked against `limits` before the file is read whole and decoded."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        declared = [int(header.get(keyword, default) or default) for keyword, default in
+                    (("Columns", 0), ("Rows", 0), ("NumberOfFrames", 1))]
+    except Exception:  # not DICOM, or a damaged header: the full read says which
+        return
+    try:
+        identifiers = _header_fields(header)["identifiers"]  # for the caller to redact from what it writes
+    except Exception:  # a damaged identifying element: the message names no header value anyway
+        identifiers = ()
+    limits.check(*declared, str(path), identifiers)
+
+
+def _decode_dicom(path: Path, limits: DecodeLimits) -> DecodedImage:
     """Stored values → Modality LUT → VOI LUT (window) → MONOCHROME1 inversion → 0..255, as the standard orders them."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    _check_dicom_size(path, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -272,11 +332,11 @@ def _dicom_to_grey(dataset, photometric: str) -> np.ndarray:  # dataset: pydicom
     """Stored values to display grey levels; pydicom already returns colour data as RGB."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        dataset.pixel_array_options(index=0)  # multi-frame (data.max_frames above 1): only the first frame is decoded
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about harmless padding and VR quirks
         values = dataset.pixel_array
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
-        values = values[0]  # multi-frame: the first frame
     if values.ndim == 3:
         grey = values[..., 0] * 0.299 + values[..., 1] * 0.587 + values[..., 2] * 0.114
         return to_uint8(grey)

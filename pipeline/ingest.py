@@ -29,8 +29,9 @@ from pipeline.deid import key_check, load_key, patient_hash, redact
 from pipeline.dvc_watch import check_sources_watched
 from pipeline.erasures import erased_patients
 from pipeline.errors import CxrError
-from pipeline.files import atomic_path
-from pipeline.imaging import UnreadableImage, check_usable, decode_file, pixel_sha256, read_identity, resize
+from pipeline.files import atomic_path, shown_path
+from pipeline.imaging import (DecodeLimits, UnreadableImage, check_usable, decode_file, limits_of, pixel_sha256, read_identity,
+                              resize)
 from pipeline.manifest import write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
@@ -80,7 +81,7 @@ def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = Fa
     outputs are written again even when nothing else changed.
     """
     plan = plan_ingest(paths, config, keep_unchanged=not reassign_splits)
-    outcomes = decode_items(plan.todo, config.data.image_size, config.data.num_workers)
+    outcomes = decode_items(plan.todo, config.data.image_size, config.data.num_workers, limits_of(config.data))
     return finish_ingest(paths, config, plan, outcomes, reassign_splits)
 
 
@@ -158,7 +159,7 @@ def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejecte
     return digest.hexdigest()
 
 
-def decode_items(items: list[SourceItem], size: int, workers: int = 0) -> list[Decoded | Failure]:
+def decode_items(items: list[SourceItem], size: int, workers: int = 0, limits: DecodeLimits = DecodeLimits()) -> list[Decoded | Failure]:
     """Decode films over `workers` processes (0: one per core) with a progress bar; outcomes keep input order."""
     from tqdm import tqdm
 
@@ -166,20 +167,20 @@ def decode_items(items: list[SourceItem], size: int, workers: int = 0) -> list[D
         return []
     workers = min(workers or os.cpu_count() or 1, max(len(items), 1))
     if workers <= 1 or len(items) < 8:
-        return [decode_one(item, size) for item in tqdm(items, desc="decoding", unit="img", disable=None)]
+        return [decode_one(item, size, limits) for item in tqdm(items, desc="decoding", unit="img", disable=None)]
     from concurrent.futures import ProcessPoolExecutor
 
     # Small chunks: a worker left without work while the other finishes a long last chunk wastes a core.
     chunk = max(1, min(16, len(items) // (workers * 16)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        outcomes = pool.map(decode_one, items, [size] * len(items), chunksize=chunk)
+        outcomes = pool.map(decode_one, items, [size] * len(items), [limits] * len(items), chunksize=chunk)
         return list(tqdm(outcomes, total=len(items), desc=f"decoding ({workers} workers)", unit="img", disable=None))
 
 
-def decode_one(item: SourceItem, size: int) -> Decoded | Failure:
+def decode_one(item: SourceItem, size: int, limits: DecodeLimits = DecodeLimits()) -> Decoded | Failure:
     """Decode and resize one film file. Never raises: one bad file must not stop a run (or a worker)."""
     try:
-        decoded = decode_file(item.file)
+        decoded = decode_file(item.file, limits)
     except UnreadableImage as exc:
         return Failure(exc.reason, _relative_message(exc, item), exc.identifiers)
     except Exception as exc:  # an unforeseen decoder failure costs one file, not the run
@@ -190,10 +191,10 @@ def decode_one(item: SourceItem, size: int) -> Decoded | Failure:
     return Decoded(stored, _decoded_fields(decoded.pixels, stored, decoded.format, header), decoded.patient_id, decoded.identifiers)
 
 
-def decode_at_size(item: SourceItem, size: int) -> Decoded | Failure:
+def decode_at_size(item: SourceItem, size: int, limits: DecodeLimits = DecodeLimits()) -> Decoded | Failure:
     """One listed film decoded exactly as ingest stores it, at any size: the champion gate feeds each model the
     raw films at its own image size. Never raises, like decode_one."""
-    return decode_one(item, size) if item.file is not None else _cached_or_array(item, None, None, size)
+    return decode_one(item, size, limits) if item.file is not None else _cached_or_array(item, None, None, size)
 
 
 def image_id_of(item: SourceItem) -> str:
@@ -237,7 +238,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     for item, file_key in zip(plan.items, plan.keys):
         outcome = fresh.get(id(item)) or _cached_or_array(item, file_key, cache, config.data.image_size)
         if outcome is None:  # the cache held it damaged (it warned): decode it again
-            outcome = decode_one(item, config.data.image_size)
+            outcome = decode_one(item, config.data.image_size, limits_of(config.data))
             if not _erased(item, outcome, key, erased):
                 repaired.append((file_key, f"{item.source}/{item.path}", outcome))
         if _erased(item, outcome, key, erased):
@@ -387,11 +388,11 @@ def _rows_to_keep(manifest: pd.DataFrame, mode: DedupeMode) -> pd.Series:
 
 
 def _relative_message(exc: UnreadableImage, item: SourceItem) -> str:
-    """Quarantine messages name the file relative to its source, like the path column."""
+    """Quarantine messages name the file relative to its source, like the path column (shown: pipeline.files)."""
     message = str(exc)
     if item.file is not None:
         message = message.replace(str(item.file), f"{item.source}/{item.path}")
-    return message
+    return shown_path(message)
 
 
 def _log_summary(result: IngestResult) -> None:

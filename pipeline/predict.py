@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.errors import CxrError
 from pipeline.explain import grad_cam, network_to_explain, overlay_paths, write_overlay
-from pipeline.imaging import UnreadableImage, decode_file, looks_like_image, resize
+from pipeline.imaging import DecodeLimits, UnreadableImage, decode_file, looks_like_image, resize
 from pipeline.paths import ProjectPaths
 
 
@@ -69,7 +69,8 @@ def load_model(model_uri: str, paths: ProjectPaths):  # -> mlflow.pyfunc.PyFuncM
         raise CxrError(f"could not load model '{model_uri}' ({str(exc).splitlines()[0]}); run `cxr pipeline` to register one, or pass --model") from None
 
 
-def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: Path | None = None) -> list[Prediction]:
+def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: Path | None = None,
+                  limits: DecodeLimits = DecodeLimits()) -> list[Prediction]:
     """Decode, resize to the model's recorded size, predict in batches; keep input order.
 
     With `explain_dir`, write a Grad-CAM overlay there for each classified file (of the positive class, or for
@@ -85,7 +86,7 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
     ready: list[tuple[int, np.ndarray]] = []
     for position, file in enumerate(files):
         try:
-            ready.append((position, resize(decode_file(file).pixels, size)))
+            ready.append((position, resize(decode_file(file, limits).pixels, size)))
         except UnreadableImage as exc:
             results[position] = Prediction(path=str(file), error=f"{exc.reason}: {exc}")
     overlays = overlay_paths([files[position] for position, _ in ready], explain_dir) if explain_dir is not None else []

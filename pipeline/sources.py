@@ -9,7 +9,9 @@ by path, file name or DICOM SOPInstanceUID), a MedMNIST-style .npz, and unlabell
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from pipeline.config import DataConfig, SourceSpec
 from pipeline.errors import CxrError
+from pipeline.files import shown_path
 from pipeline.labels import UNLABELLED
 from pipeline.tasks import Task, task_for
 
@@ -74,7 +77,7 @@ def read_source(spec: SourceSpec, root: Path, data: DataConfig) -> tuple[list[So
     spec = _with_preset(spec)
     kind = spec.format if spec.format in ("folder", "table", "npz") else _detect(path, spec)
     if kind == "folder":
-        return _read_folder(spec, path, data)
+        return _one_per_name(spec, *_read_folder(spec, path, data))
     if kind == "table":
         return _read_table(spec, path, root, data)
     return _read_npz(spec, path, data), []
@@ -98,20 +101,93 @@ def _detect(path: Path, spec: SourceSpec) -> str:
     raise CxrError(f"data.sources: '{spec.path}' is neither a folder, a .csv/.parquet table nor a .npz archive")
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    """Files under a folder, sorted; skips hidden ones, label tables and notes, and symlinks leading outside it."""
-    top = folder.resolve()
-    files = []
-    for path in sorted(folder.rglob("*")):
-        if any(part.startswith(".") for part in path.relative_to(folder).parts):
-            continue
-        if path.suffix.lower() in NOT_FILMS:
-            continue
-        # rglob never descends into a linked folder, so only a link itself can lead outside (resolving every
-        # path would cost a system call per folder level of each file)
-        if path.is_file() and (not path.is_symlink() or path.resolve().is_relative_to(top)):
-            files.append(path)
-    return files
+Odd = tuple[Path, str, str]  # an entry that cannot be a film: its path, a quarantine reason, why (after the path)
+
+
+def _visible_files(folder: Path, top: Path) -> tuple[list[Path], list[Odd]]:
+    """Files under a folder, sorted (hidden ones, label tables and notes skipped), and the entries that cannot be
+    films, each with its reason: links leading outside `top` (the source root: following them would read data
+    data.sources does not name), FIFOs, devices and sockets (never opened: reading a FIFO blocks forever), links
+    to nothing, and folders that cannot be listed."""
+    root = top.resolve()
+    files: list[Path] = []
+    odd: list[Odd] = []
+
+    def unlisted(error: OSError) -> None:
+        odd.append((Path(error.filename), "unreadable_folder", f"cannot be listed ({error.strerror}); its files were not read"))
+
+    # os.walk never descends into a linked folder, so only a link itself can lead outside (resolving every path
+    # would cost a system call per folder level of each file)
+    for parent, folders, names in os.walk(folder, onerror=unlisted):
+        base = Path(parent)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in folders:
+            try:
+                linked = (base / name).is_symlink()
+            except OSError:  # e.g. a path longer than the system allows: os.walk's own listing of it says so
+                continue
+            if linked and not _inside(base / name, root):
+                odd.append((base / name, "outside_source", "is a link to a folder outside the source; not followed"))
+        for name in names:
+            path = base / name
+            if name.startswith(".") or path.suffix.lower() in NOT_FILMS:
+                continue
+            problem = _odd_file(path, root)
+            if problem is None:
+                files.append(path)
+            else:
+                odd.append((path, *problem))
+    return sorted(files), sorted(odd)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, links followed, is under the (resolved) `root`; a link loop is not."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):  # RuntimeError: Python 3.11's "Symlink loop"
+        return False
+
+
+def _odd_file(path: Path, root: Path) -> tuple[str, str] | None:
+    """Why a listed entry cannot be read as a film (reason, why), or None when it is a regular file inside the
+    (resolved) `root`. Links are resolved and stat is called: nothing is opened."""
+    try:
+        linked = path.is_symlink()
+    except OSError as exc:  # e.g. a path longer than the system allows
+        return "unreadable_file", f"cannot be read ({exc.strerror})"
+    if linked:
+        try:
+            target = path.resolve(strict=True)
+        except FileNotFoundError:
+            return "broken_link", "is a link to a file that does not exist"
+        except (OSError, RuntimeError):  # a loop: RuntimeError in Python 3.11, OSError later
+            return "broken_link", "is a link that cannot be followed (a loop)"
+        if not target.is_relative_to(root):
+            return "outside_source", "is a link to a file outside the source; not followed"
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "missing_file", "no longer exists"
+    except OSError as exc:
+        return "unreadable_file", f"cannot be read ({exc.strerror})"
+    if not stat.S_ISREG(mode):
+        return "not_a_regular_file", f"is a {_kind_of(mode)}, not a file; never opened"
+    return None
+
+
+def _kind_of(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+             (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "folder"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def _odd_rejected(spec: SourceSpec, folder: Path, odd: list[Odd]) -> list[Rejected]:
+    """quarantine.csv rows for entries that cannot be films, named relative to the source like every path."""
+    rows = []
+    for path, reason, why in odd:
+        rel = shown_path(path.relative_to(folder).as_posix()) if path.is_relative_to(folder) else shown_path(path)
+        rows.append(Rejected(spec.path, rel, reason, f"{spec.path}/{rel}: {why}"))
+    return rows
 
 
 def _from_name(pattern: str, name: str) -> str | None:
@@ -120,12 +196,14 @@ def _from_name(pattern: str, name: str) -> str | None:
 
 
 def _file_item(spec: SourceSpec, folder: Path, file: Path, data: DataConfig, label: str | None, split: str | None) -> SourceItem:
-    rel = file.relative_to(folder).as_posix()
-    subtype = _from_name(data.subtype_pattern, file.name) or ""
+    """`path` is shown (pipeline.files.shown_path): a name that is not UTF-8 is written escaped; `file` opens it."""
+    rel = shown_path(file.relative_to(folder).as_posix())
+    name = shown_path(file.name)
+    subtype = _from_name(data.subtype_pattern, name) or ""
     label = _class_of(label, subtype, data)
     return SourceItem(
         source=spec.path, path=rel, label=label, split=split if label is not None else UNLABELLED,
-        patient_id=_from_name(data.patient_pattern, file.name), subtype=subtype, file=file,
+        patient_id=_from_name(data.patient_pattern, name), subtype=subtype, file=file,
     )
 
 
@@ -138,10 +216,12 @@ def _class_of(label: str | None, subtype: str, data: DataConfig) -> str | None:
 
 def _read_folder(spec: SourceSpec, folder: Path, data: DataConfig) -> tuple[list[SourceItem], list[Rejected]]:
     if not spec.labelled:
-        return [_file_item(spec, folder, file, data, None, None) for file in _visible_files(folder)], []
-    subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        files, odd = _visible_files(folder, folder)
+        return [_file_item(spec, folder, file, data, None, None) for file in files], _odd_rejected(spec, folder, odd)
+    outside: list[Odd] = []
+    subfolders = _label_folders(folder, folder, outside)
     if subfolders and all(p.name.lower() in SPLITS for p in subfolders):
-        groups = [(split_dir.name.lower(), class_dir) for split_dir in subfolders for class_dir in sorted(split_dir.iterdir()) if class_dir.is_dir()]
+        groups = [(split_dir.name.lower(), class_dir) for split_dir in subfolders for class_dir in _label_folders(split_dir, folder, outside)]
     else:
         groups = [(None, class_dir) for class_dir in subfolders]
     if not groups:
@@ -150,16 +230,47 @@ def _read_folder(spec: SourceSpec, folder: Path, data: DataConfig) -> tuple[list
             f"{spec.path}/{data.labels[-1]}/, or mark it unlabelled: {{path: {spec.path}, labelled: false}}"
         )
     items: list[SourceItem] = []
-    rejected: list[Rejected] = []
+    rejected = _odd_rejected(spec, folder, outside)
     for split, class_dir in groups:
-        for file in _visible_files(class_dir):
-            item = _file_item(spec, folder, file, data, class_dir.name.lower(), split)
+        files, odd = _visible_files(class_dir, folder)
+        rejected += _odd_rejected(spec, folder, odd)
+        for file in files:
+            item = _file_item(spec, folder, file, data, shown_path(class_dir.name).lower(), split)
             if item.label not in data.labels:
-                where = f"folder '{class_dir.name}'" if item.label == class_dir.name.lower() else f"subtype '{item.label}'"
+                where = f"folder '{shown_path(class_dir.name)}'" if item.label == shown_path(class_dir.name).lower() else f"subtype '{item.label}'"
                 rejected.append(Rejected(spec.path, item.path, "label_not_in_set", f"{spec.path}/{item.path}: {where} is not one of data.labels {data.labels}"))
                 continue
             items.append(item)
     return items, rejected
+
+
+def _one_per_name(spec: SourceSpec, items: list[SourceItem], rejected: list[Rejected]) -> tuple[list[SourceItem], list[Rejected]]:
+    """Each shown path once: a name that is not UTF-8, escaped, can read like another file's literal name
+    (b'caf\\xe9' and 'caf\\xe9'), and two films under one path would share an image_id. The first keeps it."""
+    seen: set[str] = set()
+    kept = []
+    for item in items:
+        if item.path in seen:
+            rejected.append(Rejected(spec.path, item.path, "ambiguous_name", f"{spec.path}/{item.path}: another file in "
+                                     "the source shows under the same name (a name that is not UTF-8, escaped); rename one"))
+        else:
+            seen.add(item.path)
+            kept.append(item)
+    return kept, rejected
+
+
+def _label_folders(parent: Path, root: Path, outside: list[Odd]) -> list[Path]:
+    """The visible folders in `parent`, sorted; a link to a folder outside the source `root` is not followed but
+    added to `outside` (quarantined as outside_source)."""
+    folders = []
+    for path in sorted(parent.iterdir()):
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        if path.is_symlink() and not _inside(path, root.resolve()):
+            outside.append((path, "outside_source", "is a link to a folder outside the source; its files were not read"))
+        else:
+            folders.append(path)
+    return folders
 
 
 def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> tuple[list[SourceItem], list[Rejected]]:
@@ -191,7 +302,7 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
         where = f"{spec.path} line {row_number}"
         split = row.get(spec.split_column, "").strip().lower() or None
         file = locate(key) if row[spec.path_column].strip() else None
-        subtype = _from_name(data.subtype_pattern, file.name if file is not None else Path(key).name) or ""
+        subtype = _from_name(data.subtype_pattern, shown_path(file.name) if file is not None else Path(key).name) or ""
         label = _table_label(row, spec, data, task, subtype) if spec.labelled else None
         if key in seen:  # RSNA lists a film once per box: one item, unless the rows disagree
             if seen[key] != label:
@@ -208,12 +319,14 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
             rejected.append(Rejected(spec.path, key, "bad_split", f"{where}: split '{split}' is not one of {list(SPLITS)}"))
         elif file is None:
             rejected.append(Rejected(spec.path, key, "missing_file", f"{where}: no film '{key}' under {spec.image_root or 'the table folder'}"))
-        elif not file.resolve().is_relative_to(image_root.resolve()):
+        elif not _inside(file, image_root.resolve()):
             rejected.append(Rejected(spec.path, key, "outside_source", f"{where}: '{key}' leads outside {image_root}"))
+        elif (problem := _odd_file(file, image_root.resolve())) is not None:
+            rejected.append(Rejected(spec.path, key, problem[0], f"{where}: '{key}' {problem[1]}"))
         else:
             patient = row.get(spec.patient_column, "").strip() or None
             items.append(SourceItem(
-                source=spec.path, path=file.relative_to(image_root).as_posix() if file.is_relative_to(image_root) else key,
+                source=spec.path, path=shown_path(file.relative_to(image_root).as_posix()) if file.is_relative_to(image_root) else key,
                 label=label, split=split if label is not None else UNLABELLED, patient_id=patient,
                 subtype=subtype, file=file,
             ))
@@ -234,12 +347,12 @@ def _table_label(row: dict, spec: SourceSpec, data: DataConfig, task: Task, subt
 
 def _locator(spec: SourceSpec, image_root: Path):  # -> Callable[[str], Path | None]
     """How a table key finds its film: a relative path, a file name anywhere under image_root, or a SOPInstanceUID."""
-    if spec.match == "path":
-        return lambda key: (image_root / key) if (image_root / key).is_file() else None
-    files = _visible_files(image_root)
+    if spec.match == "path":  # what is there, odd or not: the row says why it cannot be used
+        return lambda key: (image_root / key) if os.path.lexists(image_root / key) else None
+    files, odd = _visible_files(image_root, image_root)
     if spec.match == "file_name":
         by_name: dict[str, Path] = {}
-        for file in files:
+        for file in files + [path for path, reason, _ in odd if reason != "unreadable_folder"]:
             by_name.setdefault(file.name, file)
             by_name.setdefault(file.stem, file)
         return lambda key: by_name.get(key) or by_name.get(Path(key).name)
@@ -268,6 +381,7 @@ def _read_npz(spec: SourceSpec, archive: Path, data: DataConfig) -> list[SourceI
     or for a multilabel task (N,K) 0/1 columns in data.labels order (ChestMNIST); the task reads them
     (Task.labels_from_npz). Pixels of any numeric type become 8-bit grey by the archive's own range (_to_grey8)."""
     task = task_for(data.task, data.labels)
+    check_npz_sizes(archive, spec.path, data.max_pixels)
     try:
         arrays = np.load(archive)
     except Exception as exc:
@@ -288,6 +402,44 @@ def _read_npz(spec: SourceSpec, archive: Path, data: DataConfig) -> list[SourceI
                 items.append(SourceItem(source=spec.path, path=f"{split}/{index}", label=label,
                                         split=split if label is not None else UNLABELLED, pixels=to_grey8(pixels)))
     return items
+
+
+def check_npz_sizes(archive: Path, where: str, max_pixels: int) -> None:
+    """Refuse, in one line, an archive whose arrays cannot be loaded, from each member's .npy header alone (a few
+    hundred bytes): np.load allocates whatever a header declares before it reads the data, so a header declaring
+    a terabyte would kill the run. Refused: an image above `max_pixels` (data.max_pixels), an array larger than
+    the bytes its member holds (a damaged or forged header), and arrays that together exceed this machine's memory."""
+    import zipfile
+
+    from numpy.lib import format as npy
+
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0, (3, 0): npy.read_array_header_2_0}
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            for info in zipped.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                name = info.filename.removesuffix(".npy")
+                with zipped.open(info) as member:
+                    version = npy.read_magic(member)
+                    if version not in readers:
+                        raise CxrError(f"{where}: array '{name}' is in .npy format version {version}, which is not supported")
+                    shape, _, dtype = readers[version](member)
+                    header_bytes = member.tell()
+                size = int(np.prod(shape, dtype=object)) * dtype.itemsize  # Python ints: a forged shape cannot overflow
+                if name.endswith("_images") and len(shape) >= 3 and shape[1] * shape[2] > max_pixels:
+                    raise CxrError(f"{where}: '{name}' holds {shape[1]}x{shape[2]} px images, above data.max_pixels ({max_pixels:,})")
+                if not dtype.hasobject and size > info.file_size - header_bytes:
+                    raise CxrError(f"{where}: '{name}' declares a {'x'.join(map(str, shape))} {dtype} array ({size:,} bytes) but "
+                                   f"holds {info.file_size - header_bytes:,} bytes: the archive is damaged")
+                total += size
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise CxrError(f"{where}: could not read the .npz archive ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if total > memory:
+        raise CxrError(f"{where}: its arrays hold {total / 2**30:,.1f} GiB, more than this machine's {memory / 2**30:,.1f} GiB of "
+                       "memory; split the archive")
 
 
 def _to_grey8(stacks: list[np.ndarray], where: str):  # -> Callable[[np.ndarray], np.ndarray]

@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.files import atomic_path, sha256_of, write_json
+from pipeline.files import atomic_path, sha256_of, shown_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +69,29 @@ class FileHashes:
 
     def remembered(self, file: Path) -> str | None:
         """The file's sha256 from the table when its stat is unchanged since it was hashed, else None."""
-        known = self.known.get(str(file))
+        name = shown_path(file)  # a name that is not UTF-8 cannot go into Parquet as it is
+        known = self.known.get(name)
         if known is None or stat_key(file) != known[0]:
             return None
-        self._used[str(file)] = known
+        self._used[name] = known
         return known[1]
 
     def sha256(self, file: Path) -> str | None:
-        """The file's sha256, from the table when its stat is unchanged; None when it is not a regular file.
-        Safe to call from several threads."""
+        """The file's sha256, from the table when its stat is unchanged; None when it is not a regular file or
+        cannot be read (decoding then says why). Safe to call from several threads."""
         key = stat_key(file)
         if key is None:
             return None
-        name = str(file)
+        name = shown_path(file)
         known = self.known.get(name)
         if known is not None and known[0] == key:
             self._used[name] = known
             return known[1]
         started = time.time_ns()
-        digest = sha256_of(file)
+        try:
+            digest = sha256_of(file)
+        except OSError:  # e.g. no read permission: one file's problem, not the run's
+            return None
         self.n_hashed += 1  # a counter for the log: a lost update under threads costs nothing
         if max(key[1], key[2]) < started - RACY_NS:  # else it may change again within the same timestamp tick
             self._used[name] = (key, digest)

@@ -126,7 +126,8 @@ def test_every_real_sample_is_used_or_quarantined_with_a_reason(tmp_path):
 
     films = [p for p in (samples / "kermany_fullres").rglob("*.jpeg")] + list((samples / "dicom").glob("*.dcm"))
     assert result.n_images + len(quarantine) == len(films)
-    assert sorted(quarantine["reason"]) == ["decode_failed", "decode_failed"]  # the truncated MR and the bad-SOS JPEG
+    # the truncated MR and the bad-SOS JPEG; the 2-frame RGB test image is no chest film (data.max_frames: 1)
+    assert sorted(quarantine["reason"]) == ["decode_failed", "decode_failed", "too_many_frames"]
     # Every Kermany pneumonia film that was used names bacteria or virus, and only those carry a subtype.
     pattern = re.compile(load_config(tmp_path / "params.yaml").data.subtype_pattern)
     quarantined = {Path(path).name for path in quarantine["path"]}
