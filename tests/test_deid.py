@@ -42,10 +42,13 @@ def test_manifest_cells_hold_no_phi_even_inside_compressed_parquet(tiny_project)
 def test_patient_id_from_the_header_is_stored_as_its_keyed_hash(tiny_project):
     import pydicom
 
-    root = tiny_project.paths.root
+    from tests.conftest import source_files
+
     manifest = pd.read_parquet(tiny_project.paths.manifest)
-    dicom_row = manifest[manifest["format"] == "dicom"].iloc[0]
-    header = pydicom.dcmread(root / dicom_row["source"] / dicom_row["path"], stop_before_pixels=True)
+    dicom_rows = manifest[manifest["format"] == "dicom"]
+    dicom_row = dicom_rows.iloc[0]
+    file = source_files(tiny_project.paths, tiny_project.config, dicom_rows.iloc[:1])[0]
+    header = pydicom.dcmread(file, stop_before_pixels=True)
     assert dicom_row["patient_hash"] == patient_hash(str(header.PatientID), load_key())
     assert dicom_row["patient_hash"] != patient_hash(str(header.PatientID), b"another key")
 
