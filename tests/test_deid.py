@@ -178,7 +178,7 @@ def leaked_identifiers(root, needles=PACS_IDENTIFIERS, skip=("pacs", "demo", "pa
     """Every file under root (but the inputs) that holds a needle, case-insensitively: in its bytes, or in a parquet
     table's cells (compression could hide a value from the byte scan)."""
     found = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] not in skip):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not set(p.relative_to(root).parts) & set(skip)):
         texts = [path.read_bytes().decode("latin-1")]
         if path.suffix == ".parquet":
             texts.append(" ".join(map(str, pd.read_parquet(path).to_numpy().ravel())))
