@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.deid import Identity
+from pipeline.deid import NO_IDENTITY, Identity
 from pipeline.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Decoded:
 
     pixels: np.ndarray
     fields: dict
-    identity: Identity = Identity()
+    identity: Identity = NO_IDENTITY
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Failure:
 
     reason: str
     message: str
-    identity: Identity = Identity()
+    identity: Identity = NO_IDENTITY
 
 
 FILE = "{file}"  # stands for the film's name in a failure's message

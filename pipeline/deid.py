@@ -6,6 +6,7 @@ reversed by hashing a list of MRNs. The same key gives the same hash, so splits 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -63,6 +64,9 @@ class Identity:
     hashes: frozenset[str] = frozenset()
 
 
+NO_IDENTITY = Identity()  # PNG, JPEG, npz films, and DICOMs read without a key
+
+
 def identity_of(patient_id: str | None, values: Iterable[str], key: bytes) -> Identity:
     """An Identity from raw header values (PatientID, names, dates, accession number, UIDs), which die here."""
     return Identity(patient_hash(patient_id, key) if patient_id else None, identifier_hashes(values, key))
@@ -86,8 +90,14 @@ def _normalised(text: str) -> str:
 
 
 def _identifier_hash(normalised: str, key: bytes) -> str:
-    # Its own domain: an identifier's pseudonym is never equal to a patient_hash or an image_id.
-    return hmac.digest(key, b"cxr identifier\x00" + normalised.encode("utf-8"), "sha256").hex()[:20]
+    """Keyed BLAKE2b (a MAC, five times faster than HMAC-SHA256: Redactor hashes every run of words of every path)
+    under a subkey of its own, so an identifier's pseudonym is never equal to a patient_hash or an image_id."""
+    return hashlib.blake2b(normalised.encode("utf-8"), key=_subkey(key), digest_size=10).hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _subkey(key: bytes) -> bytes:
+    return hmac.digest(key, b"cxr identifier", "sha256")  # 32 bytes: BLAKE2b takes at most 64, a key file may hold more
 
 
 class Redactor:
@@ -114,7 +124,7 @@ class Redactor:
         """Any text, e.g. a quarantine message."""
         if not self.hashes:
             return text
-        found = []
+        found, tried = [], set()
         for pattern in (_COARSE, _FINE):
             words = [(m.start(), m.end(), m.group().casefold()) for m in pattern.finditer(text)]
             for first in range(len(words)):
@@ -123,10 +133,12 @@ class Redactor:
                     joined += words[last][2]
                     if len(joined) > IDENTIFIER_MAX_CHARS:
                         break
-                    if len(joined) >= IDENTIFIER_MIN_CHARS:
+                    span = (words[first][0], words[last][1])
+                    if len(joined) >= IDENTIFIER_MIN_CHARS and span not in tried:  # a coarse word may be a fine one
+                        tried.add(span)
                         pseudonym = _identifier_hash(joined, self.key)
                         if pseudonym in self.hashes:
-                            found.append((words[first][0], words[last][1], pseudonym))
+                            found.append((*span, pseudonym))
         kept, end = [], -1
         for start, stop, pseudonym in sorted(found, key=lambda match: (match[0], -match[1])):  # longest first
             if start >= end:

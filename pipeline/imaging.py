@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.deid import Identity, identity_of
+from pipeline.deid import NO_IDENTITY, Identity, identity_of
 from pipeline.errors import CxrError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ""}
@@ -32,7 +32,7 @@ class UnreadableImage(CxrError):
     caller can redact them from anything it writes about the file.
     """
 
-    def __init__(self, reason: str, message: str, identity: Identity = Identity()) -> None:
+    def __init__(self, reason: str, message: str, identity: Identity = NO_IDENTITY) -> None:
         super().__init__(message)
         self.reason = reason
         self.identity = identity
@@ -55,7 +55,7 @@ class DecodedImage:
     sex: str = ""  # M, F, O or "" (unknown)
     age_band: str = ""  # one of AGE_BANDS or "" (unknown); the age itself is never kept
     bits_stored: int = 8
-    identity: Identity = Identity()
+    identity: Identity = NO_IDENTITY
 
     @property
     def height(self) -> int:
@@ -216,7 +216,7 @@ def _decode_dicom(path: Path, key: bytes | None) -> DecodedImage:
 def read_identity(path: Path, key: bytes) -> Identity:
     """A DICOM's identity, as pseudonyms, from its header alone (films served from the decode cache)."""
     if detect_format(path) != "dicom":
-        return Identity()
+        return NO_IDENTITY
     import pydicom
 
     try:
@@ -224,7 +224,7 @@ def read_identity(path: Path, key: bytes) -> Identity:
             warnings.simplefilter("ignore")
             return _header_fields(pydicom.dcmread(path, stop_before_pixels=True, force=True), key)["identity"]
     except Exception:
-        return Identity()
+        return NO_IDENTITY
 
 
 # Header values that identify a patient or a study: pseudonymised where they are read, kept nowhere.
@@ -234,7 +234,7 @@ PHI_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "OtherPatientIDs
 
 def _header_fields(dataset, key: bytes | None) -> dict:  # dataset: pydicom.Dataset
     """The technical fields the manifest keeps, plus the header's identity as pseudonyms (none without a key)."""
-    identity = Identity()
+    identity = NO_IDENTITY
     if key is not None:
         patient_id = str(dataset.get("PatientID", "") or "").strip()
         identity = identity_of(patient_id or None, [value for keyword in PHI_KEYWORDS
