@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.machine import BUSY_WARNING, cpu_snapshot, others_cpu_s  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.imaging import limits_of  # noqa: E402
+from pipeline.deid import load_key  # noqa: E402
 from pipeline.ingest import IngestResult, decode_items, finish_ingest, plan_ingest  # noqa: E402
 from pipeline.paths import ProjectPaths  # noqa: E402
 
@@ -240,7 +241,9 @@ def timed_ingest(paths: ProjectPaths, source: Path, workers: int) -> Timing:
     start = time.perf_counter()
     plan = plan_ingest(paths, config)  # the three steps of ingest_stage, timed around the middle one
     decode_start = time.perf_counter()
-    outcomes = decode_items(plan.todo, config.data.image_size, config.data.num_workers, limits_of(config.data))
+    key = load_key(paths.root, config.deid.key_scope)
+    outcomes = decode_items([item.file for item in plan.todo], config.data.image_size, key, config.data.num_workers,
+                            limits_of(config.data))
     decode_seconds = time.perf_counter() - decode_start
     result = finish_ingest(paths, config, plan, outcomes)
     seconds = time.perf_counter() - start

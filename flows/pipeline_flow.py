@@ -80,7 +80,9 @@ def _is_transient(task, task_run, state: State) -> bool:
     return state.name != USER_ERROR
 
 
-@task(name="ingest-plan")
+# Never persisted, whatever PREFECT_RESULTS_PERSIST_BY_DEFAULT says: the plan lists every film's path and a table's
+# patient IDs, and a PACS export names its folders after patients (MRN, accession number).
+@task(name="ingest-plan", persist_result=False)
 def plan_task(paths: ProjectPaths, config: Config):
     from pipeline.ingest import plan_ingest
 
@@ -88,10 +90,13 @@ def plan_task(paths: ProjectPaths, config: Config):
 
 
 @task(name="ingest-decode")
-def decode_task(items: list, size: int, workers: int, limits) -> list:
+def decode_task(files: list, size: int, workers: int, limits, root: Path, key_scope: str) -> list:
+    """Decode a shard of film files where the task runs (a Dask worker, maybe). The key is loaded here, never a
+    task parameter or result (Prefect may persist those); the outcomes hold pseudonyms only (pipeline.ingest)."""
+    from pipeline.deid import load_key
     from pipeline.ingest import decode_items
 
-    return decode_items(items, size, workers, limits)
+    return decode_items(files, size, load_key(root, key_scope), workers, limits)
 
 
 @task(name="ingest-finish")
@@ -108,7 +113,8 @@ def ingest_flow(paths: ProjectPaths, config: Config):
 
     With the default thread runner one task decodes everything over a local process pool (as `cxr ingest`
     does); with a Dask runner (`orchestration.task_runner: dask`) each shard of
-    `orchestration.ingest_shard_size` files is a task the cluster's workers take.
+    `orchestration.ingest_shard_size` files is a task the cluster's workers take. Workers need the
+    de-identification key (CXR_DEID_KEY or the key file) where they run.
     """
     with private_umask(config.privacy.mask):  # its tasks call the ingest steps directly, not through Stage.run
         return _fan_out_ingest(paths, config)
@@ -123,9 +129,11 @@ def _fan_out_ingest(paths: ProjectPaths, config: Config):
     plan = plan.result()
     on_cluster = config.orchestration.task_runner == "dask"
     size = config.orchestration.ingest_shard_size if on_cluster else max(len(plan.todo), 1)
-    shards = [plan.todo[start : start + size] for start in range(0, len(plan.todo), size)]
+    files = [item.file for item in plan.todo]  # a worker needs where each film is, nothing else about it
+    shards = [files[start : start + size] for start in range(0, len(files), size)]
     workers = 1 if on_cluster else config.data.num_workers
-    futures = [decode_task.submit(shard, config.data.image_size, workers, limits_of(config.data)) for shard in shards]
+    futures = [decode_task.submit(shard, config.data.image_size, workers, limits_of(config.data), paths.root,
+                                  config.deid.key_scope) for shard in shards]
     outcomes = [outcome for future in futures for outcome in future.result()]
     finished = finish_task(paths, config, plan, outcomes, return_state=True)
     if finished.is_failed():

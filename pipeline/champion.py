@@ -313,10 +313,12 @@ def raw_films(paths: ProjectPaths, config: Config, rows, sizes: set[int]) -> dic
     they cannot be (a source or file gone, a file that no longer decodes). Names only the manifest's (redacted) paths."""
     from pipeline.decode_cache import Failure
     from pipeline.imaging import limits_of
+    from pipeline.deid import load_key
     from pipeline.ingest import decode_at_size, image_id_of
     from pipeline.sources import read_source
 
     wanted, sources = set(rows["image_id"]), set(rows["source"])
+    key = load_key(paths.root, config.deid.key_scope)
     found = {}
     for spec in config.data.sources:
         if spec.path not in sources:
@@ -325,7 +327,7 @@ def raw_films(paths: ProjectPaths, config: Config, rows, sizes: set[int]) -> dic
             items, _ = read_source(spec, paths.root, config.data)
         except CxrError as exc:
             return f"data.sources '{spec.path}' cannot be read ({exc})"
-        found.update({key: item for item in items if (key := image_id_of(item)) in wanted})
+        found.update({image_id: item for item in items if (image_id := image_id_of(item, key)) in wanted})
     gone = rows[~rows["image_id"].isin(found)]
     if len(gone):
         return (f"{len(gone)} of the {len(rows)} comparison films are no longer in data.sources (e.g. "
@@ -334,7 +336,7 @@ def raw_films(paths: ProjectPaths, config: Config, rows, sizes: set[int]) -> dic
     for size in sorted(sizes):
         stack = []
         for row in rows.itertuples():
-            outcome = decode_at_size(found[row.image_id], size, limits_of(config.data))
+            outcome = decode_at_size(found[row.image_id], size, key, limits_of(config.data))
             if isinstance(outcome, Failure):
                 return f"{row.source}/{row.path} no longer decodes ({outcome.reason})"
             stack.append(outcome.pixels)

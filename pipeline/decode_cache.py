@@ -3,8 +3,9 @@
 Keyed by the sha256 of each file's bytes, inside a folder named after the preprocessing (image size and
 decoder version). Pixels live in a few large memory-mapped shard files (one per ingest run that decoded
 something), never a file per image. Files that failed are remembered with their reason, so they are not
-retried until they change. Only technical fields, sex and the age band are cached: patient identifiers are
-re-read from the headers each run, so the cache holds nothing identifying (never an age or a birth date).
+retried until they change. Only technical fields, sex and the age band are cached: a DICOM's identity is
+re-read from its header each run, so the cache holds nothing identifying (never an age or a birth date, and no
+film's name: a failure's message names it `{file}`).
 
 A shard is named after its content and written atomically, so no two writers ever write the same name.
 Each film's index row carries a checksum of its file key, fields and pixels: a shard that is missing,
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.deid import NO_IDENTITY, Identity
 from pipeline.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -36,27 +38,25 @@ FAILURE_COLUMNS = ("file_key", "reason", "message")
 
 @dataclass(frozen=True)
 class Decoded:
-    """One decoded film: stored pixels plus the manifest fields that come from decoding.
-
-    `patient_id` and `identifiers` are raw header values for hashing and redaction, held in memory only.
-    """
+    """One decoded film: stored pixels, the manifest fields that come from decoding, and its header's identity as
+    pseudonyms only (decode workers return these, and Prefect or Dask may persist or spill them)."""
 
     pixels: np.ndarray
     fields: dict
-    patient_id: str | None = None
-    identifiers: tuple[str, ...] = ()
+    identity: Identity = NO_IDENTITY
 
 
 @dataclass(frozen=True)
 class Failure:
-    """Why one film could not be used; identifiers are kept only to redact them from what is written."""
+    """Why one film could not be used. The message names the film `{file}` (FILE): whoever writes it puts in the
+    film's redacted path, since only the whole run knows every identifier a path may hold."""
 
     reason: str
     message: str
-    identifiers: tuple[str, ...] = ()
+    identity: Identity = NO_IDENTITY
 
 
-FILE = "{file}"  # stands for the film's name in a cached failure message
+FILE = "{file}"  # stands for the film's name in a failure's message
 
 
 @dataclass
@@ -94,12 +94,12 @@ class DecodeCache:
             for shard in bad:
                 (self.folder / shard).unlink(missing_ok=True)
 
-    def get(self, file_key: str, name: str) -> Decoded | Failure | None:
-        """The cached outcome for a file's bytes; `name` goes into a failure's message. None when the cache does
-        not hold it, or holds it damaged (then it is forgotten, with a warning)."""
+    def get(self, file_key: str) -> Decoded | Failure | None:
+        """The cached outcome for a file's bytes. None when the cache does not hold it, or holds it damaged (then it
+        is forgotten, with a warning naming the film by its content hash: its path may hold an identifier)."""
         if file_key in self.failures.index:
             entry = self.failures.loc[[file_key]].iloc[0]
-            return Failure(entry["reason"], entry["message"].replace(FILE, name))
+            return Failure(entry["reason"], entry["message"])
         if file_key not in self.index.index:
             return None
         entry = self.index.loc[[file_key]].iloc[0]  # [[key]]: one row even if an old cache holds a key twice
@@ -108,14 +108,15 @@ class DecodeCache:
         pixels = None if shard is None else np.array(shard[int(entry["row"])])
         if pixels is None or _checksum(file_key, fields, pixels) != entry["checksum"]:
             if shard is not None:
-                log.warning("decode cache: %s does not match its checksum in %s; decoding it again", name, entry["shard"])
+                log.warning("decode cache: the film of sha256 %s… does not match its checksum in %s; decoding it again",
+                            file_key[:12], entry["shard"])
             self._forget(self.index.index == file_key)
             return None
         return Decoded(pixels=pixels, fields=fields)
 
-    def add(self, entries: list[tuple[str, str, Decoded | Failure]]) -> None:
-        """Remember (file key, film name, outcome) triples: one new shard for the pixels, then the tables (all atomic)."""
-        unique: dict[str, tuple[str, str, Decoded | Failure]] = {}
+    def add(self, entries: list[tuple[str, Decoded | Failure]]) -> None:
+        """Remember (file key, outcome) pairs: one new shard for the pixels, then the tables (all atomic)."""
+        unique: dict[str, tuple[str, Decoded | Failure]] = {}
         for entry in entries:
             if not self.has(entry[0]):
                 unique.setdefault(entry[0], entry)  # byte-identical files share one key: store it once
@@ -123,7 +124,7 @@ class DecodeCache:
         if not entries:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        decoded = [(key, outcome) for key, _, outcome in entries if isinstance(outcome, Decoded)]
+        decoded = [(key, outcome) for key, outcome in entries if isinstance(outcome, Decoded)]
         if decoded:
             pixels = np.stack([outcome.pixels for _, outcome in decoded])
             shard_name = f"shard-{hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()}.npy"
@@ -133,8 +134,8 @@ class DecodeCache:
                      "checksum": _checksum(key, outcome.fields, outcome.pixels), **outcome.fields}
                     for row, (key, outcome) in enumerate(decoded)]
             self.index = _append(self.index, rows, self.folder / "index.parquet")
-        failed = [{"file_key": key, "reason": outcome.reason, "message": outcome.message.replace(name, FILE)}
-                  for key, name, outcome in entries if isinstance(outcome, Failure)]
+        failed = [{"file_key": key, "reason": outcome.reason, "message": outcome.message}
+                  for key, outcome in entries if isinstance(outcome, Failure)]
         if failed:
             self.failures = _append(self.failures, failed, self.folder / "failures.parquet")
 

@@ -197,6 +197,7 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Ta
     """Score a labelled source the model never saw, decoded exactly as at ingest, at the internal operating point
     (threshold and temperature from validation), and its shift from the internal test."""
     from pipeline.decode_cache import Decoded
+    from pipeline.deid import load_key
     from pipeline.imaging import limits_of, resize
     from pipeline.ingest import decode_items, patient_of
     from pipeline.metrics import describe_bootstrap
@@ -205,7 +206,9 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Ta
     items, rejected = read_source(spec, paths.root, config.data)
     labelled = [item for item in items if item.label is not None]
     files = [item for item in labelled if item.file is not None]
-    decoded = dict(zip(map(id, files), decode_items(files, size, config.data.num_workers, limits_of(config.data))))
+    key = load_key(paths.root, config.deid.key_scope)
+    decoded = dict(zip(map(id, files), decode_items([item.file for item in files], size, key, config.data.num_workers,
+                                                    limits_of(config.data))))
     images, read, patients = [], [], []
     for item in labelled:
         outcome = decoded.get(id(item))
@@ -216,8 +219,8 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Ta
         else:
             continue
         read.append(item.label)
-        # Raw IDs, in memory only: they group films for the bootstrap, nothing more.
-        patients.append(patient_of(item, outcome.patient_id if isinstance(outcome, Decoded) else None))
+        # Pseudonyms group films for the bootstrap as raw IDs would.
+        patients.append(patient_of(item, outcome.identity.patient if isinstance(outcome, Decoded) else None, key))
     if not images:
         raise CxrError(f"evaluate.external: none of the films in '{spec.path}' could be read")
     rows = pd.DataFrame({"label": read})

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.deid import NO_IDENTITY, Identity, identity_of
 from pipeline.errors import CxrError
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ""}
@@ -27,14 +28,14 @@ MIN_STD = 1.0  # a decoded image flatter than this (in 0..255) is blank
 class UnreadableImage(CxrError):
     """A file that cannot be used as an image; `reason` is a short code for quarantine.csv.
 
-    `identifiers` carries patient identifiers read from a header before decoding failed, so the
+    `identity` carries the pseudonyms of identifiers read from a header before decoding failed, so the
     caller can redact them from anything it writes about the file.
     """
 
-    def __init__(self, reason: str, message: str, identifiers: tuple[str, ...] = ()) -> None:
+    def __init__(self, reason: str, message: str, identity: Identity = NO_IDENTITY) -> None:
         super().__init__(message)
         self.reason = reason
-        self.identifiers = identifiers
+        self.identity = identity
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,14 @@ class DecodeLimits:
     max_pixels: int = 50_000_000  # one frame's width x height
     max_frames: int = 1  # a DICOM's NumberOfFrames
 
-    def check(self, width: int, height: int, frames: int, name: str, identifiers: tuple[str, ...] = ()) -> None:
+    def check(self, width: int, height: int, frames: int, name: str, identity: Identity = NO_IDENTITY) -> None:
         """Raise UnreadableImage (too_large, too_many_frames) when the declared size is over a limit."""
         if width * height > self.max_pixels:
             raise UnreadableImage("too_large", f"{name}: the header declares {width}x{height} px, above data.max_pixels "
-                                  f"({self.max_pixels:,}); not decoded", identifiers)
+                                  f"({self.max_pixels:,}); not decoded", identity)
         if frames > self.max_frames:
             raise UnreadableImage("too_many_frames", f"{name}: the header declares {frames} frames, above data.max_frames "
-                                  f"({self.max_frames}); not decoded (a chest film is one frame; a higher limit keeps the first)", identifiers)
+                                  f"({self.max_frames}); not decoded (a chest film is one frame; a higher limit keeps the first)", identity)
 
 
 def limits_of(data) -> DecodeLimits:  # data: pipeline.config.DataConfig
@@ -64,8 +65,8 @@ def limits_of(data) -> DecodeLimits:  # data: pipeline.config.DataConfig
 class DecodedImage:
     """A film as 8-bit grey pixels at original size, plus the few header fields we keep.
 
-    `patient_id` is the raw DICOM PatientID and `identifiers` every identifying header value
-    (ID, name, birth date, institution): callers hash or redact them at once and never store them.
+    `identity` holds keyed pseudonyms of the header's identifying values (pipeline.deid.Identity); the raw
+    values never leave the function that read them.
     """
 
     pixels: np.ndarray
@@ -77,8 +78,7 @@ class DecodedImage:
     sex: str = ""  # M, F, O or "" (unknown)
     age_band: str = ""  # one of AGE_BANDS or "" (unknown); the age itself is never kept
     bits_stored: int = 8
-    patient_id: str | None = None
-    identifiers: tuple[str, ...] = ()
+    identity: Identity = NO_IDENTITY
 
     @property
     def height(self) -> int:
@@ -89,16 +89,19 @@ class DecodedImage:
         return int(self.pixels.shape[1])
 
 
-def decode_file(path: Path, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
+def decode_file(path: Path, key: bytes | None = None, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
     """Decode one film, or raise UnreadableImage with a reason code and a message naming the file. A film whose
-    header declares more than `limits` is refused before decoding."""
+    header declares more than `limits` is refused before decoding.
+
+    With the de-identification `key`, a DICOM's identity comes back as pseudonyms; without it (prediction), none.
+    """
     if not path.is_file():
         raise UnreadableImage("missing_file", f"{path}: no such file")
     if path.stat().st_size == 0:
         raise UnreadableImage("empty_file", f"{path}: the file is empty (0 bytes)")
     kind = detect_format(path)
     if kind == "dicom":
-        image = _decode_dicom(path, limits)
+        image = _decode_dicom(path, key, limits)
     elif kind in ("png", "jpeg"):
         image = _decode_pillow(path, kind, limits)
     else:
@@ -221,7 +224,7 @@ def _decode_pillow(path: Path, kind: str, limits: DecodeLimits) -> DecodedImage:
     return DecodedImage(pixels=pixels, format=kind, bits_stored=16 if wide else 8)
 
 
-def _check_dicom_size(path: Path, limits: DecodeLimits) -> None:
+def _check_dicom_size(path: Path, key: bytes | None, limits: DecodeLimits) -> None:
     """Rows x Columns and NumberOfFrames from the header alone (stop_before_pixels: the pixel data is not even
     read), checked against `limits` before the file is read whole and decoded."""
     import pydicom
@@ -235,18 +238,18 @@ def _check_dicom_size(path: Path, limits: DecodeLimits) -> None:
     except Exception:  # not DICOM, or a damaged header: the full read says which
         return
     try:
-        identifiers = _header_fields(header)["identifiers"]  # for the caller to redact from what it writes
+        identity = _header_fields(header, key)["identity"]  # pseudonyms, for the caller to redact what it writes
     except Exception:  # a damaged identifying element: the message names no header value anyway
-        identifiers = ()
-    limits.check(*declared, str(path), identifiers)
+        identity = NO_IDENTITY
+    limits.check(*declared, str(path), identity)
 
 
-def _decode_dicom(path: Path, limits: DecodeLimits) -> DecodedImage:
+def _decode_dicom(path: Path, key: bytes | None, limits: DecodeLimits) -> DecodedImage:
     """Stored values → Modality LUT → VOI LUT (window) → MONOCHROME1 inversion → 0..255, as the standard orders them."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    _check_dicom_size(path, limits)
+    _check_dicom_size(path, key, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -256,44 +259,46 @@ def _decode_dicom(path: Path, limits: DecodeLimits) -> DecodedImage:
     except Exception as exc:  # pydicom raises many types for damaged headers
         raise UnreadableImage("unreadable_dicom", f"{path}: DICOM header could not be read ({_first_line(exc)})") from None
     try:
-        header = _header_fields(dataset)
+        header = _header_fields(dataset, key)
     except Exception as exc:  # pydicom converts values lazily: a damaged element fails only when read
         raise UnreadableImage("unreadable_dicom", f"{path}: DICOM header could not be read ({_first_line(exc)})") from None
-    identifiers = header.pop("identifiers")
+    identity = header["identity"]
     if "PixelData" not in dataset:
-        raise UnreadableImage("no_pixel_data", f"{path}: DICOM file holds no image (no PixelData)", identifiers)
+        raise UnreadableImage("no_pixel_data", f"{path}: DICOM file holds no image (no PixelData)", identity)
     try:
         pixels = _dicom_to_grey(dataset, header["photometric"])
     except Exception as exc:  # truncated data, unsupported compression, odd LUTs, ...
         message = f"{path}: DICOM pixel data could not be decoded ({_first_line(exc)})"
-        raise UnreadableImage("decode_failed", message, identifiers) from None
-    return DecodedImage(pixels=pixels, format="dicom", identifiers=identifiers, **header)
+        raise UnreadableImage("decode_failed", message, identity) from None
+    return DecodedImage(pixels=pixels, format="dicom", **header)
 
 
-def read_identity(path: Path) -> tuple[str | None, tuple[str, ...]]:
-    """A DICOM's PatientID and identifying values from its header alone (films served from the decode cache)."""
+def read_identity(path: Path, key: bytes) -> Identity:
+    """A DICOM's identity, as pseudonyms, from its header alone (films served from the decode cache)."""
     if detect_format(path) != "dicom":
-        return None, ()
+        return NO_IDENTITY
     import pydicom
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            header = _header_fields(pydicom.dcmread(path, stop_before_pixels=True, force=True))
+            return _header_fields(pydicom.dcmread(path, stop_before_pixels=True, force=True), key)["identity"]
     except Exception:
-        return None, ()
-    return header["patient_id"], header["identifiers"]
+        return NO_IDENTITY
 
 
-PHI_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "InstitutionName", "OtherPatientIDs")
+# Header values that identify a patient or a study: pseudonymised where they are read, kept nowhere.
+PHI_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "OtherPatientIDs", "AccessionNumber", "InstitutionName",
+                "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
-def _header_fields(dataset) -> dict:  # dataset: pydicom.Dataset
-    """The technical fields the manifest keeps, plus the identifying values used only for hashing and redaction."""
-    patient_id = str(dataset.get("PatientID", "") or "").strip()
-    identifiers = tuple(
-        value for keyword in PHI_KEYWORDS if (value := str(dataset.get(keyword, "") or "").strip())
-    )
+def _header_fields(dataset, key: bytes | None) -> dict:  # dataset: pydicom.Dataset
+    """The technical fields the manifest keeps, plus the header's identity as pseudonyms (none without a key)."""
+    identity = NO_IDENTITY
+    if key is not None:
+        patient_id = str(dataset.get("PatientID", "") or "").strip()
+        identity = identity_of(patient_id or None, [value for keyword in PHI_KEYWORDS
+                                                    for value in _values(dataset.get(keyword, ""))], key)
     return {
         "modality": str(dataset.get("Modality", "") or ""),
         "photometric": str(dataset.get("PhotometricInterpretation", "") or "").upper(),
@@ -302,9 +307,14 @@ def _header_fields(dataset) -> dict:  # dataset: pydicom.Dataset
         "sex": patient_sex(dataset.get("PatientSex", "")),
         "age_band": age_band(dataset.get("PatientAge", "")),
         "bits_stored": int(dataset.get("BitsStored", 8) or 8),
-        "patient_id": patient_id or None,
-        "identifiers": identifiers,
+        "identity": identity,
     }
+
+
+def _values(value) -> list[str]:
+    """A header element's values as text: one, or each of a multi-valued one (OtherPatientIDs "A\\B")."""
+    values = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+    return [text for each in values if (text := str(each or "").strip())]
 
 
 AGE_BANDS = ((0, "0-17"), (18, "18-39"), (40, "40-64"), (65, "65-89"), (90, "90+"))  # (lowest age in years, band)

@@ -3,6 +3,10 @@
 Three steps, so Prefect can fan the middle one out over a cluster: plan (list sources, find what
 the decode cache lacks) → decode (parallel, pure) → finish (cache, split, de-duplicate, write).
 
+Identifiers die in the decoder: workers return a DICOM's identity as keyed pseudonyms (pipeline.deid.Identity)
+and name a failed film `{file}`, never by its path. Finish learns every identifier of the run (headers, a
+table's patient column, data.patient_pattern) and redacts them from every path it writes, sibling files' too.
+
 Outputs (see pipeline.paths): manifest.parquet (one row per usable film, no raw patient
 identifier), images.npy (uint8, N×S×S, row i = manifest.store_index i), quarantine.csv (every
 file that could not be used, with a reason code and a message a person understands).
@@ -24,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config, DedupeMode, SourceFilters
-from pipeline.decode_cache import CACHE_VERSION, DecodeCache, Decoded, Failure
-from pipeline.deid import key_check, load_key, patient_hash, redact
+from pipeline.decode_cache import CACHE_VERSION, FILE, DecodeCache, Decoded, Failure
+from pipeline.deid import Identity, Redactor, identifier_hashes, key_check, load_key, patient_hash
 from pipeline.dvc_watch import check_sources_watched
 from pipeline.erasures import erased_patients
 from pipeline.errors import CxrError
@@ -81,7 +85,9 @@ def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = Fa
     outputs are written again even when nothing else changed.
     """
     plan = plan_ingest(paths, config, keep_unchanged=not reassign_splits)
-    outcomes = decode_items(plan.todo, config.data.image_size, config.data.num_workers, limits_of(config.data))
+    key = load_key(paths.root, config.deid.key_scope)
+    outcomes = decode_items([item.file for item in plan.todo], config.data.image_size, key, config.data.num_workers,
+                            limits_of(config.data))
     return finish_ingest(paths, config, plan, outcomes, reassign_splits)
 
 
@@ -102,7 +108,7 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
         source_items, source_rejected = read_source(spec, paths.root, config.data)
         items += source_items
         rejected += source_rejected
-    hashes = FileHashes.load(paths.decode_cache / "file_hashes.parquet")
+    hashes = FileHashes.load(paths.decode_cache / "file_hashes.parquet", deid_key)
     files = [item.file for item in items]
     keys = [hashes.remembered(file) if file is not None else None for file in files]  # unchanged stat: not read
     unknown = [i for i, (file, key) in enumerate(zip(files, keys)) if file is not None and key is None]
@@ -140,15 +146,16 @@ def _outputs(paths: ProjectPaths) -> list[Path]:
 
 def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejected], keys: list[str | None],
                  deid_key: bytes) -> str:
-    """sha256 of everything ingest's outputs are made from: the data params, the code, the de-identification key
-    (through a keyed hash: the key itself is never written) and each listed film's place, label and bytes."""
-    digest = hashlib.sha256()
+    """A keyed hash (HMAC-SHA256) of everything ingest's outputs are made from: the data params, the code, the
+    de-identification key (another key, another fingerprint) and each listed film's place, patient, label and
+    bytes. Keyed, so the recorded fingerprint cannot confirm a guess at a path or a patient ID."""
+    digest = hmac.new(deid_key, b"cxr ingest fingerprint", hashlib.sha256)
 
     def add(value) -> None:
         digest.update(json.dumps(value, sort_keys=True, default=str).encode() + b"\n")
 
     add(config.data.model_dump(mode="json", exclude={"num_workers"}))  # workers change speed, never outputs
-    add([CACHE_VERSION, code_fingerprint(), hmac.new(deid_key, b"cxr ingest fingerprint", hashlib.sha256).hexdigest()])
+    add([CACHE_VERSION, code_fingerprint()])
     for item, key in zip(items, keys):
         pixels = None
         if item.pixels is not None:
@@ -159,47 +166,62 @@ def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejecte
     return digest.hexdigest()
 
 
-def decode_items(items: list[SourceItem], size: int, workers: int = 0, limits: DecodeLimits = DecodeLimits()) -> list[Decoded | Failure]:
-    """Decode films over `workers` processes (0: one per core) with a progress bar; outcomes keep input order."""
+def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
+                 limits: DecodeLimits = DecodeLimits()) -> list[Decoded | Failure]:
+    """Decode films over `workers` local processes (0: one per core) with a progress bar; outcomes keep input order.
+
+    Only the files' locations, the de-identification key and the decoding limits go to the workers (local
+    processes of this user); only pixels, technical fields and pseudonyms come back.
+    """
     from tqdm import tqdm
 
-    if not items:
+    if not files:
         return []
-    workers = min(workers or os.cpu_count() or 1, max(len(items), 1))
-    if workers <= 1 or len(items) < 8:
-        return [decode_one(item, size, limits) for item in tqdm(items, desc="decoding", unit="img", disable=None)]
+    workers = min(workers or os.cpu_count() or 1, max(len(files), 1))
+    if workers <= 1 or len(files) < 8:
+        return [decode_one(file, size, key, limits) for file in tqdm(files, desc="decoding", unit="img", disable=None)]
     from concurrent.futures import ProcessPoolExecutor
 
     # Small chunks: a worker left without work while the other finishes a long last chunk wastes a core.
-    chunk = max(1, min(16, len(items) // (workers * 16)))
+    chunk = max(1, min(16, len(files) // (workers * 16)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        outcomes = pool.map(decode_one, items, [size] * len(items), [limits] * len(items), chunksize=chunk)
-        return list(tqdm(outcomes, total=len(items), desc=f"decoding ({workers} workers)", unit="img", disable=None))
+        outcomes = pool.map(decode_one, files, [size] * len(files), [key] * len(files), [limits] * len(files),
+                            chunksize=chunk)
+        return list(tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img", disable=None))
 
 
-def decode_one(item: SourceItem, size: int, limits: DecodeLimits = DecodeLimits()) -> Decoded | Failure:
-    """Decode and resize one film file. Never raises: one bad file must not stop a run (or a worker)."""
+def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded | Failure:
+    """Decode and resize one film file. Never raises: one bad file must not stop a run (or a worker).
+
+    What it returns may cross a process, task or network boundary (and be persisted by Prefect or spilled by
+    Dask), so it holds the header's identity as pseudonyms only and names the film `{file}`, not by its path.
+    """
     try:
-        decoded = decode_file(item.file, limits)
+        decoded = decode_file(file, key, limits)
     except UnreadableImage as exc:
-        return Failure(exc.reason, _relative_message(exc, item), exc.identifiers)
+        message = shown_path(Redactor(exc.identity.hashes, key).text(str(exc).replace(str(file), FILE)))
+        return Failure(exc.reason, message, exc.identity)
     except Exception as exc:  # an unforeseen decoder failure costs one file, not the run
-        return Failure("decode_failed", f"{item.source}/{item.path}: unexpected {type(exc).__name__} while decoding")
+        return Failure("decode_failed", f"{FILE}: unexpected {type(exc).__name__} while decoding")
     stored = resize(decoded.pixels, size)
     header = {"bits_stored": decoded.bits_stored, "modality": decoded.modality, "photometric": decoded.photometric,
               "view": decoded.view, "body_part": decoded.body_part, "sex": decoded.sex, "age_band": decoded.age_band}
-    return Decoded(stored, _decoded_fields(decoded.pixels, stored, decoded.format, header), decoded.patient_id, decoded.identifiers)
+    return Decoded(stored, _decoded_fields(decoded.pixels, stored, decoded.format, header), decoded.identity)
 
 
-def decode_at_size(item: SourceItem, size: int, limits: DecodeLimits = DecodeLimits()) -> Decoded | Failure:
+def decode_at_size(item: SourceItem, size: int, key: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded | Failure:
     """One listed film decoded exactly as ingest stores it, at any size: the champion gate feeds each model the
     raw films at its own image size. Never raises, like decode_one."""
-    return decode_one(item, size, limits) if item.file is not None else _cached_or_array(item, None, None, size)
+    if item.file is None:
+        return _cached_or_array(item, None, None, size, key)
+    return decode_one(item.file, size, key, limits)
 
 
-def image_id_of(item: SourceItem) -> str:
-    """The manifest's image_id of a listed film: a hash of where it is, so a manifest row leads back to its file."""
-    return hashlib.sha256(f"{item.source}/{item.path}".encode()).hexdigest()[:16]
+def image_id_of(item: SourceItem, key: bytes) -> str:
+    """The manifest's image_id of a listed film: a keyed hash (HMAC-SHA256) of where it is, so a manifest row leads
+    back to its file, but a guessed path (an MRN folder) cannot be confirmed without the key. The one place an
+    image_id is made: a new key makes new ones."""
+    return hmac.new(key, f"cxr image id\x00{item.source}/{item.path}".encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def _decoded_fields(original: np.ndarray, stored: np.ndarray, kind: str, header: dict) -> dict:
@@ -229,29 +251,35 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     erased = erased_patients(paths.erasures, key_check(key))
     cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size)
     fresh = {id(item): outcome for item, outcome in zip(plan.todo, outcomes)}
-    cache.add([(file_key, f"{item.source}/{item.path}", fresh[id(item)]) for item, file_key in zip(plan.items, plan.keys)
+    cache.add([(file_key, fresh[id(item)]) for item, file_key in zip(plan.items, plan.keys)
                if file_key is not None and id(item) in fresh and not _erased(item, fresh[id(item)], key, erased)])
-    rows: list[dict] = []
-    images: list[np.ndarray] = []
-    rejected = list(plan.rejected)
-    repaired: list[tuple[str, str, Decoded | Failure]] = []
+    settled: list[Decoded | Failure] = []
+    repaired: list[tuple[str, Decoded | Failure]] = []
     for item, file_key in zip(plan.items, plan.keys):
-        outcome = fresh.get(id(item)) or _cached_or_array(item, file_key, cache, config.data.image_size)
+        outcome = fresh.get(id(item)) or _cached_or_array(item, file_key, cache, config.data.image_size, key)
         if outcome is None:  # the cache held it damaged (it warned): decode it again
-            outcome = decode_one(item, config.data.image_size, limits_of(config.data))
+            outcome = decode_one(item.file, config.data.image_size, key, limits_of(config.data))
             if not _erased(item, outcome, key, erased):
-                repaired.append((file_key, f"{item.source}/{item.path}", outcome))
+                repaired.append((file_key, outcome))
         if _erased(item, outcome, key, erased):
             outcome = _erasure_failure(item, outcome, key, erased)
         if isinstance(outcome, Decoded):
-            outcome = _apply_filters(outcome, config.data.filters, f"{item.source}/{item.path}")
-        if isinstance(outcome, Failure):
-            rejected.append(Rejected(item.source, redact(item.path, outcome.identifiers, key), outcome.reason,
-                                     redact(outcome.message, outcome.identifiers, key)))
-            continue
-        rows.append(_manifest_row(item, outcome, key))
-        images.append(outcome.pixels)
+            outcome = _apply_filters(outcome, config.data.filters)
+        settled.append(outcome)
     cache.add(repaired)
+    # Only now does the run know every identifier: a PNG beside a DICOM in an MRN folder is redacted too.
+    redactor = run_redactor(plan.items, [outcome.identity for outcome in settled], plan.rejected, key)
+    rows: list[dict] = []
+    images: list[np.ndarray] = []
+    rejected = [Rejected(r.source, redactor.path(r.path), r.reason, redactor.text(r.message)) for r in plan.rejected]
+    for item, outcome in zip(plan.items, settled):
+        path = redactor.path(item.path)
+        if isinstance(outcome, Failure):
+            message = redactor.text(outcome.message).replace(FILE, f"{item.source}/{path}")
+            rejected.append(Rejected(item.source, path, outcome.reason, message))
+            continue
+        rows.append(_manifest_row(item, outcome, key, path))
+        images.append(outcome.pixels)
     if not rows:
         raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
 
@@ -305,61 +333,71 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     return result
 
 
-def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache | None, size: int) -> Decoded | Failure | None:
+def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache | None, size: int,
+                     key: bytes) -> Decoded | Failure | None:
     """A film from the decode cache (a DICOM's identity re-read from its header: never cached), or an array from a
     .npz (no cache needed); None when the cache no longer holds an existing file's film."""
     if item.file is None:
         original = np.asarray(item.pixels, dtype=np.uint8)
         try:
-            check_usable(original, f"{item.source}/{item.path}")
+            check_usable(original, FILE)
         except UnreadableImage as exc:
             return Failure(exc.reason, str(exc))
         stored = resize(original, size)
         no_header = {"bits_stored": 8, "modality": "", "photometric": "", "view": "", "body_part": "", "sex": "", "age_band": ""}
         return Decoded(stored, _decoded_fields(original, stored, "npz", no_header))
-    name = f"{item.source}/{item.path}"
-    cached = cache.get(file_key, name) if file_key else None
+    cached = cache.get(file_key) if file_key else None
     if cached is None:
-        return None if file_key and item.file.is_file() else Failure("missing_file", f"{name}: no such file")
+        return None if file_key and item.file.is_file() else Failure("missing_file", f"{FILE}: no such file")
     if isinstance(cached, Decoded) and cached.fields["format"] != "dicom":
         return cached  # PNG and JPEG carry no identity: not opened again
-    patient_id, identifiers = read_identity(item.file)
+    identity = read_identity(item.file, key)
     if isinstance(cached, Failure):
-        return Failure(cached.reason, cached.message, identifiers)
-    return Decoded(cached.pixels, cached.fields, patient_id, identifiers)
+        return Failure(cached.reason, cached.message, identity)
+    return Decoded(cached.pixels, cached.fields, identity)
 
 
 def _erased(item: SourceItem, outcome: Decoded | Failure, key: bytes, erased: dict[str, str]) -> bool:
     """Whether a decoded film belongs to a patient `cxr forget` erased: never cached, stored or split again."""
-    return bool(erased) and isinstance(outcome, Decoded) and patient_hash(patient_of(item, outcome.patient_id), key) in erased
+    return bool(erased) and isinstance(outcome, Decoded) and patient_of(item, outcome.identity.patient, key) in erased
 
 
 def _erasure_failure(item: SourceItem, decoded: Decoded, key: bytes, erased: dict[str, str]) -> Failure:
-    pseudonym = patient_hash(patient_of(item, decoded.patient_id), key)
-    return Failure("erased", f"{item.source}/{item.path}: patient {pseudonym} was erased by `cxr forget` on "
-                             f"{erased[pseudonym]} (data/erasures.jsonl); remove their source files", decoded.identifiers)
+    pseudonym = patient_of(item, decoded.identity.patient, key)
+    return Failure("erased", f"{FILE}: patient {pseudonym} was erased by `cxr forget` on {erased[pseudonym]} "
+                             "(data/erasures.jsonl); remove their source files", decoded.identity)
 
 
-def patient_of(item: SourceItem, header_id: str | None) -> str:
-    """A film's raw patient ID, in memory only: the DICOM header's PatientID (`header_id`) wins over a table or
-    file name; without any, the film is its own patient. Splits and every bootstrap group films by it."""
-    return header_id or item.patient_id or f"{item.source}/{item.path}"
+def run_redactor(items: list[SourceItem], identities: list[Identity], rejected: list[Rejected], key: bytes) -> Redactor:
+    """A Redactor for every identifier this run learned: each header's (`identities`, as pseudonyms), each table
+    patient column's and each data.patient_pattern match (items' and rejected rows' patient_id)."""
+    learned = set(identifier_hashes([patient for each in (*items, *rejected) if (patient := each.patient_id)], key))
+    for identity in identities:
+        learned |= identity.hashes
+    return Redactor(learned, key)
 
 
-def _manifest_row(item: SourceItem, decoded: Decoded, key: bytes) -> dict:
+def patient_of(item: SourceItem, header_patient: str | None, key: bytes) -> str:
+    """A film's patient pseudonym: the DICOM header's (`header_patient`, Identity.patient) wins over a table's or
+    the file name's patient ID; without any, the film is its own patient. Splits and every bootstrap group films
+    by it."""
+    return header_patient or patient_hash(item.patient_id or f"{item.source}/{item.path}", key)
+
+
+def _manifest_row(item: SourceItem, decoded: Decoded, key: bytes, redacted_path: str) -> dict:
     return {
-        "image_id": image_id_of(item),
+        "image_id": image_id_of(item, key),
         "split": item.split,
         "label": item.label,
-        "patient_hash": patient_hash(patient_of(item, decoded.patient_id), key),
+        "patient_hash": patient_of(item, decoded.identity.patient, key),
         "source": item.source,
-        "path": redact(item.path, decoded.identifiers, key),
+        "path": redacted_path,
         "subtype": item.subtype,
         **decoded.fields,
     }
 
 
-def _apply_filters(decoded: Decoded, filters: SourceFilters, name: str) -> Decoded | Failure:
+def _apply_filters(decoded: Decoded, filters: SourceFilters) -> Decoded | Failure:
     """data.filters keeps e.g. only CR/DX chest PA/AP; a header field that is absent never filters a film out."""
     for reason, column, allowed in (
         ("filtered_modality", "modality", filters.modalities),
@@ -368,7 +406,7 @@ def _apply_filters(decoded: Decoded, filters: SourceFilters, name: str) -> Decod
     ):
         value = decoded.fields[column]
         if value and allowed and value.upper() not in {a.upper() for a in allowed}:
-            return Failure(reason, f"{name}: {value} is not in data.filters ({', '.join(allowed)})", decoded.identifiers)
+            return Failure(reason, f"{FILE}: {value} is not in data.filters ({', '.join(allowed)})", decoded.identity)
     return decoded
 
 
@@ -385,14 +423,6 @@ def _rows_to_keep(manifest: pd.DataFrame, mode: DedupeMode) -> pd.Series:
     priority = manifest["split"].map(SPLIT_PRIORITY).fillna(9)
     order = manifest.assign(_priority=priority).sort_values(["_priority"], kind="stable")
     return ~order.duplicated("sha256").reindex(manifest.index)
-
-
-def _relative_message(exc: UnreadableImage, item: SourceItem) -> str:
-    """Quarantine messages name the file relative to its source, like the path column (shown: pipeline.files)."""
-    message = str(exc)
-    if item.file is not None:
-        message = message.replace(str(item.file), f"{item.source}/{item.path}")
-    return shown_path(message)
 
 
 def _log_summary(result: IngestResult) -> None:

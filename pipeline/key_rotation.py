@@ -15,7 +15,6 @@ by running it again (a registry already under the new key just installs it).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import pandas as pd
 
 from pipeline import config as settings
 from pipeline.config import Config
-from pipeline.deid import install_key_file, key_check, load_key, patient_hash, read_key_file, redact
+from pipeline.deid import install_key_file, key_check, load_key, read_key_file
 from pipeline.erasures import append_erasure, erased_patients
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path
@@ -33,7 +32,7 @@ from pipeline.lock import project_lock
 from pipeline.manifest import manifest_labels, write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.privacy import private_umask
-from pipeline.sources import SourceItem, read_source
+from pipeline.sources import read_source
 from pipeline.splits import read_registry, write_registry
 
 log = logging.getLogger(__name__)
@@ -121,30 +120,24 @@ def _repseudonymise(paths: ProjectPaths, config: Config, old: bytes, new: bytes,
 
 
 def _listed_films(paths: ProjectPaths, config: Config, old: bytes, new: bytes) -> list[_Film]:
-    """Every film data.sources lists, with its image_id and pseudonym under both keys (DICOM headers only are read)."""
+    """Every film data.sources lists, with its image_id, pseudonym and redacted path under both keys (DICOM headers
+    only are read, as ingest reads them: the same identities redact the same paths)."""
+    from pipeline.deid import NO_IDENTITY
     from pipeline.imaging import read_identity
-    from pipeline.ingest import patient_of
+    from pipeline.ingest import image_id_of, patient_of, run_redactor
 
-    films = []
+    items, rejected = [], []
     for spec in config.data.sources:
-        items, _ = read_source(spec, paths.root, config.data)
-        for item in items:
-            header_id, identifiers = read_identity(item.file) if item.file is not None else (None, ())
-            patient = patient_of(item, header_id)
-            films.append(_Film(redact(item.path, identifiers, old), redact(item.path, identifiers, new),
-                               _image_id(item, old), _image_id(item, new), patient_hash(patient, old),
-                               patient_hash(patient, new)))
-    return films
-
-
-def _image_id(item: SourceItem, key: bytes) -> str:
-    """The film's image_id under `key`: image_id_of takes the key once image ids are keyed (issue 11, item 2), and
-    only the item until then (an unkeyed id is the same under both keys)."""
-    from pipeline.ingest import image_id_of
-
-    if len(inspect.signature(image_id_of).parameters) > 1:
-        return image_id_of(item, key)
-    return image_id_of(item)
+        listed, refused = read_source(spec, paths.root, config.data)
+        items += listed
+        rejected += refused
+    identities = {key: [read_identity(item.file, key) if item.file is not None else NO_IDENTITY for item in items]
+                  for key in (old, new)}
+    redactors = {key: run_redactor(items, identities[key], rejected, key) for key in (old, new)}
+    return [_Film(redactors[old].path(item.path), redactors[new].path(item.path), image_id_of(item, old),
+                  image_id_of(item, new), patient_of(item, identities[old][i].patient, old),
+                  patient_of(item, identities[new][i].patient, new))
+            for i, item in enumerate(items)]
 
 
 def _rewrite_manifest(paths: ProjectPaths, by_id: dict[str, _Film]) -> int:

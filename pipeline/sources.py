@@ -61,12 +61,16 @@ class SourceItem:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A file or row that a source lists but that cannot be used, for quarantine.csv."""
+    """A file or row that a source lists but that cannot be used, for quarantine.csv.
+
+    `patient_id` is a table row's raw patient ID: never written, but redacted from every path ingest writes.
+    """
 
     source: str
     path: str
     reason: str
     message: str
+    patient_id: str | None = None
 
 
 def read_source(spec: SourceSpec, root: Path, data: DataConfig) -> tuple[list[SourceItem], list[Rejected]]:
@@ -238,7 +242,8 @@ def _read_folder(spec: SourceSpec, folder: Path, data: DataConfig) -> tuple[list
             item = _file_item(spec, folder, file, data, shown_path(class_dir.name).lower(), split)
             if item.label not in data.labels:
                 where = f"folder '{shown_path(class_dir.name)}'" if item.label == shown_path(class_dir.name).lower() else f"subtype '{item.label}'"
-                rejected.append(Rejected(spec.path, item.path, "label_not_in_set", f"{spec.path}/{item.path}: {where} is not one of data.labels {data.labels}"))
+                rejected.append(Rejected(spec.path, item.path, "label_not_in_set", f"{spec.path}/{item.path}: {where} is not one of data.labels {data.labels}",
+                                         item.patient_id))
                 continue
             items.append(item)
     return items, rejected
@@ -304,27 +309,27 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
         file = locate(key) if row[spec.path_column].strip() else None
         subtype = _from_name(data.subtype_pattern, shown_path(file.name) if file is not None else Path(key).name) or ""
         label = _table_label(row, spec, data, task, subtype) if spec.labelled else None
+        patient = row.get(spec.patient_column, "").strip() or None
         if key in seen:  # RSNA lists a film once per box: one item, unless the rows disagree
             if seen[key] != label:
-                rejected.append(Rejected(spec.path, key, "conflicting_labels", f"{where}: '{key}' is listed again with another label"))
+                rejected.append(Rejected(spec.path, key, "conflicting_labels", f"{where}: '{key}' is listed again with another label", patient))
             continue
         seen[key] = label
         if not row[spec.path_column].strip():
-            rejected.append(Rejected(spec.path, f"line {row_number}", "missing_path", f"{where}: empty {spec.path_column}"))
+            rejected.append(Rejected(spec.path, f"line {row_number}", "missing_path", f"{where}: empty {spec.path_column}", patient))
         elif spec.labelled and label is None:
             raw = row[spec.label_column]
             reason = "no_label" if not raw.strip() else "label_not_in_set"
-            rejected.append(Rejected(spec.path, key, reason, f"{where}: label '{raw}' maps to none (or several) of data.labels {data.labels}"))
+            rejected.append(Rejected(spec.path, key, reason, f"{where}: label '{raw}' maps to none (or several) of data.labels {data.labels}", patient))
         elif split is not None and split not in SPLITS:
-            rejected.append(Rejected(spec.path, key, "bad_split", f"{where}: split '{split}' is not one of {list(SPLITS)}"))
+            rejected.append(Rejected(spec.path, key, "bad_split", f"{where}: split '{split}' is not one of {list(SPLITS)}", patient))
         elif file is None:
-            rejected.append(Rejected(spec.path, key, "missing_file", f"{where}: no film '{key}' under {spec.image_root or 'the table folder'}"))
+            rejected.append(Rejected(spec.path, key, "missing_file", f"{where}: no film '{key}' under {spec.image_root or 'the table folder'}", patient))
         elif not _inside(file, image_root.resolve()):
-            rejected.append(Rejected(spec.path, key, "outside_source", f"{where}: '{key}' leads outside {image_root}"))
+            rejected.append(Rejected(spec.path, key, "outside_source", f"{where}: '{key}' leads outside {image_root}", patient))
         elif (problem := _odd_file(file, image_root.resolve())) is not None:
-            rejected.append(Rejected(spec.path, key, problem[0], f"{where}: '{key}' {problem[1]}"))
+            rejected.append(Rejected(spec.path, key, problem[0], f"{where}: '{key}' {problem[1]}", patient))
         else:
-            patient = row.get(spec.patient_column, "").strip() or None
             items.append(SourceItem(
                 source=spec.path, path=shown_path(file.relative_to(image_root).as_posix()) if file.is_relative_to(image_root) else key,
                 label=label, split=split if label is not None else UNLABELLED, patient_id=patient,

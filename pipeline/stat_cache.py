@@ -2,8 +2,8 @@
 
 Two tables under data/cache, both local speed-ups that ingest rebuilds when they are missing or damaged:
 
-- `file_hashes.parquet`: each source file's sha256 by its path, size, mtime, ctime and inode (git and DVC keep
-  such a table). A file whose stat is unchanged is not read again. The ctime is there because no program can
+- `file_hashes.parquet`: each source file's sha256 by a keyed hash of its path (a PACS export's folders are
+  named after patients), size, mtime, ctime and inode (git and DVC keep such a table). A file whose stat is unchanged is not read again. The ctime is there because no program can
   set it back: a file rewritten with the same size and its mtime restored (`os.utime`, `touch -r`, `cp -p`)
   still shows a new ctime. A hash taken less than RACY_NS after the file last changed is not kept (git's
   "racily clean" entries): a write within the same timestamp tick would leave its stat unchanged.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.files import atomic_path, sha256_of, shown_path, write_json
+from pipeline.files import atomic_path, sha256_of, write_json
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +49,33 @@ def stat_key(path: Path) -> StatKey | None:
 
 @dataclass
 class FileHashes:
-    """sha256 of files by their stat, loaded from and saved to one parquet table."""
+    """sha256 of files by their stat, loaded from and saved to one parquet table; files are known by a keyed hash
+    of their path (`key`: the de-identification key), never by the path itself."""
 
     path: Path
+    key: bytes
     known: dict[str, tuple[StatKey, str]] = field(default_factory=dict)
     _used: dict[str, tuple[StatKey, str]] = field(default_factory=dict)
     n_hashed: int = 0  # files read this run
 
     @classmethod
-    def load(cls, path: Path) -> FileHashes:
-        hashes = cls(path)
+    def load(cls, path: Path, key: bytes) -> FileHashes:
+        hashes = cls(path, key)
         if path.exists():
             try:
                 table = pq.read_table(path).to_pydict()  # a nightly no-op reads this table whole: pyarrow, not pandas
+                if "path" in table:  # written before paths were keyed: it names files in clear, so it goes
+                    path.unlink()
+                    return hashes
                 hashes.known = {file: ((size, mtime, ctime, inode), sha) for file, size, mtime, ctime, inode, sha in zip(
-                    table["path"], table["size"], table["mtime_ns"], table["ctime_ns"], table["inode"], table["sha256"], strict=True)}
+                    table["path_hmac"], table["size"], table["mtime_ns"], table["ctime_ns"], table["inode"], table["sha256"], strict=True)}
             except Exception as exc:  # damaged: every file is hashed again
                 log.warning("ingest: %s is unreadable (%s); hashing every file again", path, type(exc).__name__)
         return hashes
 
     def remembered(self, file: Path) -> str | None:
         """The file's sha256 from the table when its stat is unchanged since it was hashed, else None."""
-        name = shown_path(file)  # a name that is not UTF-8 cannot go into Parquet as it is
+        name = self._name(file)
         known = self.known.get(name)
         if known is None or stat_key(file) != known[0]:
             return None
@@ -82,7 +88,7 @@ class FileHashes:
         key = stat_key(file)
         if key is None:
             return None
-        name = shown_path(file)
+        name = self._name(file)
         known = self.known.get(name)
         if known is not None and known[0] == key:
             self._used[name] = known
@@ -102,7 +108,7 @@ class FileHashes:
         if self._used == self.known:
             return
         entries = sorted(self._used.items())
-        columns = {"path": [file for file, _ in entries]}
+        columns = {"path_hmac": [file for file, _ in entries]}
         for position, (name, kind) in enumerate((("size", pa.uint64()), ("mtime_ns", pa.int64()), ("ctime_ns", pa.int64()),
                                                  ("inode", pa.uint64()))):  # inode numbers may use all 64 bits
             columns[name] = pa.array([key[position] for _, (key, _) in entries], type=kind)
@@ -110,6 +116,10 @@ class FileHashes:
         with atomic_path(self.path) as tmp:
             pq.write_table(pa.table(columns), tmp)
         self.known = dict(self._used)
+
+    def _name(self, file: Path) -> str:
+        """How the table knows a file: another key (or a rotated one) makes every file unknown, so hashed again."""
+        return hmac.new(self.key, os.fsencode(file), hashlib.sha256).hexdigest()[:32]
 
 
 @functools.cache  # the code this process runs is the code it imported

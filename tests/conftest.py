@@ -68,6 +68,19 @@ class TinyProject:
     results: dict
 
 
+def source_files(paths: ProjectPaths, config: Config, manifest) -> list[Path]:
+    """Each manifest row's source file. Paths are redacted (a patient ID in a file name is), so a row leads back to
+    its file only as the champion gate's does: through its keyed image_id (pipeline.ingest.image_id_of)."""
+    from pipeline.deid import load_key
+    from pipeline.ingest import image_id_of
+    from pipeline.sources import read_source
+
+    key = load_key()
+    files = {image_id_of(item, key): item.file for spec in config.data.sources
+             for item in read_source(spec, paths.root, config.data)[0]}
+    return [files[image_id] for image_id in manifest["image_id"]]
+
+
 def run_all_stages(params: Path, overrides: list[str] = ()) -> TinyProject:
     """Every stage of the stage table in order, in this process (the functions the CLI and the flow call)."""
     from pipeline.config import load_config

@@ -27,7 +27,7 @@ from pipeline.predictions import load_predictions
 from pipeline.register import register_stage
 from pipeline.stages import run_stages
 from pipeline.tracking import client as tracking_client
-from tests.conftest import write_tiny_project
+from tests.conftest import source_files, write_tiny_project
 from tests.servers import FailingProxy, free_port, stop, wait_for
 
 NAME = "cxr-pneumonia"
@@ -180,7 +180,7 @@ def test_each_model_is_scored_on_the_raw_films_at_its_own_size_and_only_on_patie
     assert (result.version, result.previous_champion) == (2, 1), result.reason
     assert result.n_films == len(unseen) and 0 < len(unseen) < len(b_test)
     assert result.n_patients == unseen["patient_hash"].nunique()
-    files = [b.root / source / path for source, path in zip(unseen["source"], unseen["path"])]
+    files = source_files(b, load_config(b_params, b_settings), unseen)
     truth = (unseen["label"] == "pneumonia").to_numpy().astype(int)
     for version, size, value in ((1, 32, result.previous_value), (2, 28, result.value)):
         model = load_model(f"models:/{NAME}/{version}", b)

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -42,10 +43,13 @@ def test_manifest_cells_hold_no_phi_even_inside_compressed_parquet(tiny_project)
 def test_patient_id_from_the_header_is_stored_as_its_keyed_hash(tiny_project):
     import pydicom
 
-    root = tiny_project.paths.root
+    from tests.conftest import source_files
+
     manifest = pd.read_parquet(tiny_project.paths.manifest)
-    dicom_row = manifest[manifest["format"] == "dicom"].iloc[0]
-    header = pydicom.dcmread(root / dicom_row["source"] / dicom_row["path"], stop_before_pixels=True)
+    dicom_rows = manifest[manifest["format"] == "dicom"]
+    dicom_row = dicom_rows.iloc[0]
+    file = source_files(tiny_project.paths, tiny_project.config, dicom_rows.iloc[:1])[0]
+    header = pydicom.dcmread(file, stop_before_pixels=True)
     assert dicom_row["patient_hash"] == patient_hash(str(header.PatientID), load_key())
     assert dicom_row["patient_hash"] != patient_hash(str(header.PatientID), b"another key")
 
@@ -131,3 +135,150 @@ def test_sex_and_age_band_are_kept_but_never_the_age_or_birth_date(tmp_path):
     for path in [project.paths.manifest, *written]:
         data = path.read_bytes()
         assert b"047Y" not in data and b"070Y" not in data and b"19770312" not in data, path
+
+
+PACS_IDENTIFIERS = ("MRN7730100", "7730100", "ACC5550100", "5550100", "QUINCEY", "MARGOT", "19610224", "VESPERINE")
+
+
+def write_pacs_export(root, demo) -> None:
+    """A PACS-style export at root/pacs: DICOMs of patient MRN7730100 (accession ACC5550100, QUINCEY^MARGOT, born
+    19610224, at Vesperine Clinic) in pneumonia/MRN7730100/ACC5550100/, beside a PNG, an identical copy of it, an
+    empty file and a truncated DICOM; a folder named after her in another case and order, and a file named after
+    her MRN in lower case. The other demo films fill both labels."""
+    import shutil
+
+    import pydicom
+
+    films = {label: sorted((demo / label).glob("*.*")) for label in ("normal", "pneumonia")}
+    dicoms = [f for f in films["pneumonia"] if f.suffix == ".dcm" and "broken" not in f.name][:2]
+    pngs = [f for f in films["pneumonia"] if f.suffix == ".png"][:3]
+    study = root / "pacs" / "pneumonia" / "MRN7730100" / "ACC5550100"
+    study.mkdir(parents=True)
+    for number, film in enumerate(dicoms, start=1):
+        dataset = pydicom.dcmread(film)
+        dataset.PatientID, dataset.AccessionNumber, dataset.PatientName = "MRN7730100", "ACC5550100", "QUINCEY^MARGOT"
+        dataset.PatientBirthDate, dataset.InstitutionName = "19610224", "Vesperine Clinic"
+        dataset.save_as(study / f"IM-000{number}.dcm")
+        if number == 1:
+            (study / "IM-0004.dcm").write_bytes((study / "IM-0001.dcm").read_bytes()[:-600])  # truncated pixel data
+    shutil.copy2(pngs[0], study / "scan.png")
+    shutil.copy2(pngs[0], study / "copy.png")  # identical: a dropped duplicate
+    (study / "IM-0003").write_bytes(b"")  # empty: quarantined
+    (root / "pacs" / "pneumonia" / "margot.quincey-19610224").mkdir()
+    shutil.copy2(pngs[1], root / "pacs" / "pneumonia" / "margot.quincey-19610224" / "film.png")
+    shutil.copy2(pngs[2], root / "pacs" / "pneumonia" / "mrn7730100-lateral.png")
+    for label, listed in films.items():
+        (root / "pacs" / label).mkdir(exist_ok=True)
+        for film in listed:
+            if film not in (*dicoms, *pngs):
+                shutil.copy2(film, root / "pacs" / label / film.name)
+
+
+def leaked_identifiers(root, needles=PACS_IDENTIFIERS, skip=("pacs", "demo", "params.yaml")) -> dict[str, list[str]]:
+    """Every file under root (but the inputs) that holds a needle, case-insensitively: in its bytes, or in a parquet
+    table's cells (compression could hide a value from the byte scan)."""
+    found = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not set(p.relative_to(root).parts) & set(skip)):
+        texts = [path.read_bytes().decode("latin-1")]
+        if path.suffix == ".parquet":
+            texts.append(" ".join(map(str, pd.read_parquet(path).to_numpy().ravel())))
+        hits = [needle for needle in needles if any(needle.lower() in text.lower() for text in texts)]
+        if hits:
+            found[str(path.relative_to(root))] = hits
+    return found
+
+
+def test_a_pacs_export_leaves_no_mrn_accession_or_name_in_any_output_sibling_files_included(tmp_path, caplog):
+    """The MRN and accession folders hold a DICOM that reveals them, and a PNG, its copy, an empty file and a truncated
+    DICOM that do not: every path written (manifest, quarantine, dropped duplicates, the caches) is redacted."""
+    import hashlib
+    import logging
+
+    from pipeline.config import load_config
+    from pipeline.demo_data import write_demo_data
+    from pipeline.ingest import ingest_stage
+    from pipeline.paths import ProjectPaths
+
+    write_demo_data(tmp_path / "demo", n=40, seed=3, size=64)
+    write_pacs_export(tmp_path, tmp_path / "demo")
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  num_workers: 1\n  sources: [pacs]\n")
+    paths = ProjectPaths(tmp_path)
+
+    with caplog.at_level(logging.DEBUG):
+        ingest_stage(paths, load_config(params))
+        ingest_stage(paths, load_config(params, ["data.image_size=48"]))  # the identities now come from the cache
+
+    assert leaked_identifiers(tmp_path) == {}
+    assert not [needle for needle in PACS_IDENTIFIERS if needle.lower() in caplog.text.lower()]
+    manifest = pd.read_parquet(paths.manifest)
+    quarantine = pd.read_csv(paths.quarantine)
+    dropped = pd.read_csv(paths.dropped_duplicates)
+    study = r"^pneumonia/redacted-\w{8}/redacted-\w{8}/"
+    assert manifest["path"].str.fullmatch(study + r"IM-000[12]\.dcm").sum() == 2
+    assert manifest["path"].str.fullmatch(study + r"(scan|copy)\.png").sum() + dropped["path"].str.fullmatch(
+        study + r"(scan|copy)\.png").sum() == 2
+    assert manifest["path"].str.fullmatch(r"pneumonia/redacted-\w{8}\.redacted-\w{8}-redacted-\w{8}/film\.png").sum() == 1
+    assert manifest["path"].str.fullmatch(r"pneumonia/redacted-\w{8}-lateral\.png").sum() == 1
+    reasons = dict(zip(quarantine["path"].str.replace(study, "", regex=True), quarantine["reason"]))
+    assert {"IM-0003": "empty_file", "IM-0004.dcm": "decode_failed"}.items() <= reasons.items()
+    assert quarantine["message"].str.contains(r"^pacs/pneumonia/redacted-\w{8}/redacted-\w{8}/IM-000[34]").sum() == 2
+    # image_id is keyed: the plain hash of a guessed path confirms nothing
+    guessed = hashlib.sha256(b"pacs/pneumonia/MRN7730100/ACC5550100/IM-0001.dcm").hexdigest()[:16]
+    assert guessed not in set(manifest["image_id"]) and manifest["image_id"].is_unique
+
+
+def test_a_table_patient_column_is_redacted_from_its_films_and_its_rejected_rows(tmp_path):
+    """A label table's patient_id, written in another case in a film's name, and on a row whose film is missing."""
+    from PIL import Image
+
+    from pipeline.config import load_config
+    from pipeline.ingest import ingest_stage
+    from pipeline.paths import ProjectPaths
+
+    films = tmp_path / "table"
+    films.mkdir()
+    rows = ["path,label,patient_id"]
+    for i in range(24):
+        pixels = np.random.default_rng(i).integers(0, 255, (40, 40), dtype=np.uint8)
+        Image.fromarray(pixels).save(films / f"hn{8840200 + i // 2}_{i}.png")
+        rows.append(f"hn{8840200 + i // 2}_{i}.png,{'pneumonia' if i % 3 else 'normal'},HN{8840200 + i // 2}")
+    rows.append("HN9990001_gone.png,normal,HN9990001")
+    (films / "labels.csv").write_text("\n".join(rows) + "\n")
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  num_workers: 1\n  patient_pattern: '^(zz\\d+)_'\n"
+                      "  sources: [table/labels.csv]\n")
+
+    ingest_stage(ProjectPaths(tmp_path), load_config(params))
+
+    needles = tuple(f"{8840200 + i}" for i in range(12)) + ("9990001",)
+    assert leaked_identifiers(tmp_path, needles, skip=("table", "params.yaml")) == {}
+    quarantine = pd.read_csv(tmp_path / "data" / "interim" / "quarantine.csv")
+    assert list(quarantine["reason"]) == ["missing_file"] and quarantine["path"].str.fullmatch(r"redacted-\w{8}_gone\.png").all()
+
+
+def test_what_decode_workers_return_holds_no_identifier_and_no_path(tmp_path):
+    """Outcomes cross process, task and network boundaries (a process pool, Prefect results, Dask): pickled as any
+    of those would, they hold pseudonyms only, and a failed film is named {file}, never by its path."""
+    import pickle
+
+    from pipeline.decode_cache import FILE, Decoded, Failure
+    from pipeline.deid import identifier_hashes, load_key, patient_hash
+    from pipeline.demo_data import write_demo_data
+    from pipeline.ingest import decode_items
+
+    write_demo_data(tmp_path / "demo", n=40, seed=3, size=64)
+    write_pacs_export(tmp_path, tmp_path / "demo")
+    study = tmp_path / "pacs" / "pneumonia" / "MRN7730100" / "ACC5550100"
+    files = sorted(study.iterdir()) + sorted((tmp_path / "pacs" / "normal").iterdir())[:8]
+    key = load_key()
+
+    outcomes = decode_items(files, 32, key, workers=2)  # a real process pool: 13 files, two workers
+
+    sent = pickle.dumps(outcomes).decode("latin-1").lower()
+    assert not [needle for needle in PACS_IDENTIFIERS if needle.lower() in sent]
+    by_name = dict(zip((file.name for file in files), outcomes))
+    assert isinstance(by_name["IM-0001.dcm"], Decoded) and isinstance(by_name["IM-0004.dcm"], Failure)
+    assert by_name["IM-0001.dcm"].identity.patient == patient_hash("MRN7730100", key)
+    assert identifier_hashes(["ACC5550100", "QUINCEY", "19610224"], key) <= by_name["IM-0004.dcm"].identity.hashes
+    assert by_name["IM-0003"].message.startswith(f"{FILE}: ") and by_name["IM-0004.dcm"].message.startswith(f"{FILE}: ")

@@ -88,3 +88,84 @@ def test_a_flow_run_waits_for_the_project_lock_and_fails_in_one_line_when_time_r
             run_pipeline(params, [])
     finally:
         holder.release()
+
+
+PERSISTED_RUN = r"""
+import sys
+from pathlib import Path
+
+from flows.pipeline_flow import ingest_flow, task_runner_for
+from pipeline.config import load_config
+from pipeline.paths import ProjectPaths
+
+for root, runner in ((Path(sys.argv[1]), "dask"), (Path(sys.argv[2]), "threads")):
+    config = load_config(root / "params.yaml", [f"orchestration.task_runner={runner}", "orchestration.dask_workers=2",
+                                                "orchestration.ingest_shard_size=6"])
+    paths = ProjectPaths(root)
+    state = ingest_flow.with_options(task_runner=task_runner_for(config))(paths, config, return_state=True)
+    assert state.is_completed(), state.message
+    print(runner, state.result().n_decoded)
+"""
+
+KEEP_SPILLED = r"""
+import shutil, threading, time
+from pathlib import Path
+
+KEEP = Path(r"KEEP_FOLDER")  # the worker imports a copy of this file from its own folder, deleted at its end
+
+
+def dask_setup(worker):
+    # Spilled films are deleted once the flow takes them: copy every file that appears in the spill folder.
+    storage = Path(worker.local_directory) / "storage"
+    KEEP.mkdir(exist_ok=True)
+
+    def keep():
+        while True:
+            for file in list(storage.glob("*")) if storage.is_dir() else []:
+                try:
+                    shutil.copy(file, KEEP / f"{worker.name}-{file.name}")
+                except OSError:
+                    pass
+            time.sleep(0.005)
+
+    threading.Thread(target=keep, daemon=True).start()
+"""
+
+
+@pytest.mark.slow
+def test_prefect_with_persisted_results_and_dask_spilling_everything_write_no_identifier(tmp_path):
+    """The PACS-style export through ingest_flow on a local Dask cluster and on Prefect's threads, with every task
+    result persisted (PREFECT_RESULTS_PERSIST_BY_DEFAULT) and every Dask result spilled to disk: Prefect's home and
+    database, the result storage, Dask's folders and every output hold no planted identifier."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.demo_data import write_demo_data
+    from tests.test_deid import PACS_IDENTIFIERS, leaked_identifiers, write_pacs_export
+
+    write_demo_data(tmp_path / "demo", n=24, seed=3, size=64)
+    projects = [tmp_path / "on-dask", tmp_path / "on-threads"]
+    for root in projects:
+        write_pacs_export(root, tmp_path / "demo")
+        (root / "params.yaml").write_text("data:\n  image_size: 32\n  num_workers: 1\n  sources: [pacs]\n")
+    (tmp_path / "keep_spilled.py").write_text(KEEP_SPILLED.replace("KEEP_FOLDER", str(tmp_path / "dask-spilled")))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-results"), "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+           "PREFECT_API_URL": "", "DASK_TEMPORARY_DIRECTORY": str(tmp_path / "dask-tmp"),
+           "DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "1e-12",  # spill every result as soon as it is made
+           "DASK_DISTRIBUTED__WORKER__PRELOAD": f"['{tmp_path / 'keep_spilled.py'}']"}
+    env.pop("PREFECT_API_KEY", None)
+
+    run = subprocess.run([sys.executable, "-c", PERSISTED_RUN, *map(str, projects)], env=env, capture_output=True,
+                         text=True, timeout=600, check=False)
+
+    assert run.returncode == 0, run.stderr[-3000:]
+    decoded = dict(line.split() for line in run.stdout.splitlines() if line.startswith(("dask ", "threads ")))
+    assert decoded["dask"] == decoded["threads"] and int(decoded["dask"]) > 20
+    assert any((tmp_path / "prefect-results").iterdir())  # results really were persisted
+    assert any((tmp_path / "dask-spilled").iterdir())  # and spilled
+    assert (tmp_path / "prefect-home" / "prefect.db").is_file()
+    output = (run.stdout + run.stderr).lower()
+    assert not [needle for needle in PACS_IDENTIFIERS if needle.lower() in output]
+    assert leaked_identifiers(tmp_path, skip=("demo", "pacs", "params.yaml", "keep_spilled.py")) == {}

@@ -172,12 +172,12 @@ def test_two_writers_never_write_the_same_shard(tmp_path):
         return Decoded(np.full((4, 4), value, dtype=np.uint8), {"format": "png", "sha256": str(value)})
 
     first, second = DecodeCache(tmp_path), DecodeCache(tmp_path)
-    first.add([("key-a", "a.png", film(1))])
-    second.add([("key-b", "b.png", film(2))])
+    first.add([("key-a", film(1))])
+    second.add([("key-b", film(2))])
 
     assert len(list(tmp_path.glob("shard-*.npy"))) == 2
-    assert (first.get("key-a", "a.png").pixels == 1).all()
-    assert (second.get("key-b", "b.png").pixels == 2).all()
+    assert (first.get("key-a").pixels == 1).all()
+    assert (second.get("key-b").pixels == 2).all()
 
 
 def test_a_new_shard_never_takes_the_name_of_an_existing_one(tmp_path):
@@ -188,12 +188,12 @@ def test_a_new_shard_never_takes_the_name_of_an_existing_one(tmp_path):
         return Decoded(np.full((4, 4), value, dtype=np.uint8), {"format": "png", "sha256": str(value)})
 
     cache = DecodeCache(tmp_path)
-    cache.add([("key-a", "a.png", film(1))])
+    cache.add([("key-a", film(1))])
     (first_shard,) = tmp_path.glob("shard-*.npy")
-    cache.add([("key-b", "b.png", film(2))])
+    cache.add([("key-b", film(2))])
     first_shard.unlink()
-    cache.add([("key-c", "c.png", film(3))])
+    cache.add([("key-c", film(3))])
 
     reopened = DecodeCache(tmp_path)
-    assert (reopened.get("key-b", "b.png").pixels == 2).all()
-    assert (reopened.get("key-c", "c.png").pixels == 3).all()
+    assert (reopened.get("key-b").pixels == 2).all()
+    assert (reopened.get("key-c").pixels == 3).all()

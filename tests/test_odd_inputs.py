@@ -26,7 +26,7 @@ from PIL import Image
 
 from pipeline.config import DataConfig, load_config
 from pipeline.errors import CxrError
-from pipeline.imaging import DecodeLimits, UnreadableImage, decode_file
+from pipeline.imaging import DecodeLimits, UnreadableImage, decode_file, read_identity
 from pipeline.ingest import ingest_stage
 from pipeline.paths import ProjectPaths
 
@@ -188,7 +188,7 @@ def test_max_pixels_refuses_a_real_film_by_its_header(tmp_path):
     for name in ("film.png", "film.jpg"):
         assert decode_file(tmp_path / name).width == 40
         with pytest.raises(UnreadableImage) as raised:
-            decode_file(tmp_path / name, DecodeLimits(max_pixels=40 * 40 - 1))
+            decode_file(tmp_path / name, limits=DecodeLimits(max_pixels=40 * 40 - 1))
         assert raised.value.reason == "too_large" and "40x40" in str(raised.value)
 
 
@@ -212,15 +212,18 @@ def test_postscript_named_jpeg_never_reaches_ghostscript(tmp_path):
 
 def test_dicom_declaring_100000_squared_is_refused_before_pixel_decoding(tmp_path, pydicom_test_files):
     dicom_declaring(tmp_path / "huge.dcm", 100_000, 100_000, pydicom_test_files)
+    key = b"k" * 32
     with pytest.raises(UnreadableImage) as raised:
-        decode_file(tmp_path / "huge.dcm")
+        decode_file(tmp_path / "huge.dcm", key)
     assert raised.value.reason == "too_large" and "100000x100000" in str(raised.value)
-    assert str(pydicom.dcmread(tmp_path / "huge.dcm").PatientID) in raised.value.identifiers  # ingest redacts them
+    identity = raised.value.identity  # its identifiers, as pseudonyms: ingest redacts them from what it writes
+    assert identity.patient is not None and identity == read_identity(tmp_path / "huge.dcm", key)
+    assert str(pydicom.dcmread(tmp_path / "huge.dcm").PatientID) not in repr(identity)
     # The same check on a real film, by its header: refused at one pixel under its size, decoded at its size.
     film = pydicom_test_files / "MR_small.dcm"
-    assert decode_file(film, DecodeLimits(max_pixels=64 * 64)).width == 64
+    assert decode_file(film, limits=DecodeLimits(max_pixels=64 * 64)).width == 64
     with pytest.raises(UnreadableImage, match="too_large|64x64"):
-        decode_file(film, DecodeLimits(max_pixels=64 * 64 - 1))
+        decode_file(film, limits=DecodeLimits(max_pixels=64 * 64 - 1))
 
 
 def test_multi_frame_dicom_is_refused_unless_max_frames_allows_and_then_only_the_first_frame_is_kept(pydicom_test_files):
@@ -228,7 +231,7 @@ def test_multi_frame_dicom_is_refused_unless_max_frames_allows_and_then_only_the
     with pytest.raises(UnreadableImage) as raised:
         decode_file(film)
     assert raised.value.reason == "too_many_frames" and "data.max_frames (1)" in str(raised.value)
-    first = decode_file(film, DecodeLimits(max_frames=2)).pixels
+    first = decode_file(film, limits=DecodeLimits(max_frames=2)).pixels
     frames = pydicom.dcmread(film).pixel_array
     assert first.shape == frames.shape[1:3]
     assert not np.array_equal(frames[0], frames[1])  # the two frames differ: the first one is the one kept

@@ -20,7 +20,7 @@ from pipeline.files import sha256_of
 from pipeline.ingest import ingest_stage
 from pipeline.paths import ProjectPaths
 from pipeline.splits import REGISTRY_COLUMNS, hash_bucket, read_registry
-from tests.conftest import write_tiny_project
+from tests.conftest import source_files, write_tiny_project
 
 CXR = str(Path(sys.executable).parent / "cxr")
 
@@ -108,7 +108,8 @@ def test_a_recorded_test_patient_that_a_source_puts_in_train_is_refused_naming_t
     registry = read_registry(paths.split_registry)
     assert set(registry["method"]) == {"source"} and len(registry) == 18  # a source's own split is recorded too
     manifest = pd.read_parquet(paths.manifest)
-    moved = manifest.loc[manifest["path"] == "test/PNEUMONIA/persontest1_bacteria_1.png", "patient_hash"].item()
+    files = source_files(paths, config, manifest)
+    moved = manifest.loc[[file == root / "test/PNEUMONIA/persontest1_bacteria_1.png" for file in files], "patient_hash"].item()
     outputs = paths.manifest.read_bytes(), paths.split_registry.read_bytes()
 
     (root / "train" / "PNEUMONIA" / "persontest1_bacteria_1.png").write_bytes(
@@ -193,7 +194,7 @@ def test_a_patient_removed_then_added_back_keeps_their_split(tmp_path):
     ingest_stage(paths, config)
     manifest = pd.read_parquet(paths.manifest)
     patient = manifest.loc[manifest["split"] == "test", "patient_hash"].iloc[0]
-    films = [source / path for path in manifest.loc[manifest["patient_hash"] == patient, "path"]]
+    films = source_files(paths, config, manifest[manifest["patient_hash"] == patient])
     aside = tmp_path / "aside"
     aside.mkdir()
     for film in films:

@@ -23,7 +23,10 @@ from pipeline.ingest import _outputs, ingest_stage
 from pipeline.paths import ProjectPaths
 from pipeline.stages import stage
 from pipeline.stat_cache import FileHashes
+from tests.conftest import source_files
 from tests.file_access import opened_during
+
+KEY = b"k" * 32
 
 
 def _project(root: Path, n: int = 30) -> tuple[ProjectPaths, object, Path]:
@@ -83,8 +86,9 @@ def test_a_film_rewritten_in_place_with_its_size_and_mtime_restored_is_read_agai
     """Same path, size, inode and mtime: only the ctime (which no program can set back) tells, and it is checked."""
     paths, config, raw = _project(tmp_path)
     ingest_stage(paths, config)
-    before = pd.read_parquet(paths.manifest).set_index("path")
-    film = next(p for p in sorted(raw.rglob("*.dcm")) if p.relative_to(raw).as_posix() in before.index)
+    before = pd.read_parquet(paths.manifest)
+    before.index = source_files(paths, config, before)
+    film = next(p for p in sorted(raw.rglob("*.dcm")) if p in before.index)
     old = film.stat()
     with film.open("r+b") as handle:  # the last bytes are pixel data: invert them
         handle.seek(-4096, os.SEEK_END)
@@ -97,10 +101,10 @@ def test_a_film_rewritten_in_place_with_its_size_and_mtime_restored_is_read_agai
 
     result = ingest_stage(paths, config)
 
-    after = pd.read_parquet(paths.manifest).set_index("path")
-    name = film.relative_to(raw).as_posix()
+    after = pd.read_parquet(paths.manifest)
+    after.index = source_files(paths, config, after)
     assert result.n_decoded == 1
-    assert after.loc[name, "sha256"] != before.loc[name, "sha256"]
+    assert after.loc[film, "sha256"] != before.loc[film, "sha256"]
 
 
 def test_a_hash_taken_within_the_racy_window_is_not_trusted(tmp_path, monkeypatch):
@@ -110,16 +114,16 @@ def test_a_hash_taken_within_the_racy_window_is_not_trusted(tmp_path, monkeypatc
     film.write_bytes(b"first")
     table = tmp_path / "file_hashes.parquet"
 
-    fresh = FileHashes.load(table)
+    fresh = FileHashes.load(table, KEY)
     fresh.sha256(film)
     fresh.save()
-    assert FileHashes.load(table).known == {}  # hashed right after it changed: read again next time
+    assert FileHashes.load(table, KEY).known == {}  # hashed right after it changed: read again next time
 
     time.sleep(0.4)
-    aged = FileHashes.load(table)
+    aged = FileHashes.load(table, KEY)
     digest = aged.sha256(film)
     aged.save()
-    again = FileHashes.load(table)
+    again = FileHashes.load(table, KEY)
     assert again.sha256(film) == digest and again.n_hashed == 0
 
 
