@@ -68,14 +68,14 @@ class TinyProject:
     results: dict
 
 
-def source_files(paths: ProjectPaths, config: Config, manifest) -> list[Path]:
+def source_files(paths: ProjectPaths, config: Config, manifest, key: bytes | None = None) -> list[Path]:
     """Each manifest row's source file. Paths are redacted (a patient ID in a file name is), so a row leads back to
     its file only as the champion gate's does: through its keyed image_id (pipeline.ingest.image_id_of)."""
     from pipeline.deid import load_key
     from pipeline.ingest import image_id_of
     from pipeline.sources import read_source
 
-    key = load_key()
+    key = key or load_key(paths.root, config.deid.key_scope)
     files = {image_id_of(item, key): item.file for spec in config.data.sources
              for item in read_source(spec, paths.root, config.data)[0]}
     return [files[image_id] for image_id in manifest["image_id"]]

@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.deid import key_check, load_key, patient_hash
 from pipeline.errors import CxrError
 from pipeline.paths import ProjectPaths
-from tests.conftest import write_tiny_project
+from tests.conftest import source_files, write_tiny_project
 
 CXR = str(Path(sys.executable).parent / "cxr")
 GOOD_KEY = "a-good-key-for-these-tests-0123456789abcdef"
@@ -155,13 +155,14 @@ def _project_scoped(tmp_path: Path, n: int = 40) -> Path:
     return params
 
 
-def _dicom_patients(root: Path, manifest: pd.DataFrame) -> dict[str, str]:
-    """image_id → the raw PatientID in the header of each DICOM film of the manifest."""
+def _dicom_patients(params: Path, manifest: pd.DataFrame, key: bytes) -> dict[int, str]:
+    """Row position → the raw PatientID in the header of each DICOM film of the manifest (paths are redacted: rows
+    lead back to their files through their image_id, keyed with `key`)."""
     import pydicom
 
-    dicom = manifest[manifest["format"] == "dicom"]
-    return {image_id: str(pydicom.dcmread(root / source / path, stop_before_pixels=True).PatientID)
-            for image_id, source, path in zip(dicom["image_id"], dicom["source"], dicom["path"])}
+    files = source_files(ProjectPaths(params.parent), load_config(params), manifest, key)
+    return {position: str(pydicom.dcmread(file, stop_before_pixels=True).PatientID)
+            for position, (file, kind) in enumerate(zip(files, manifest["format"])) if kind == "dicom"}
 
 
 @pytest.mark.slow
@@ -173,7 +174,7 @@ def test_key_rotate_moves_manifest_and_registry_to_the_new_key_and_keeps_every_s
     old_key = (root / ".cxr" / "deid.key").read_text().strip().encode()
     before = pd.read_parquet(paths.manifest)
     registry_before = pd.read_parquet(paths.split_registry)
-    headers = _dicom_patients(root, before)
+    headers = _dicom_patients(params, before, old_key)
     assert len(set(headers.values())) >= 3
     new_key_file = _private_file(tmp_path / "new.key", "rotated-key-" + "7f3a" * 10 + "\n")
     new_key = new_key_file.read_text().strip().encode()
@@ -184,12 +185,14 @@ def test_key_rotate_moves_manifest_and_registry_to_the_new_key_and_keeps_every_s
     assert (root / ".cxr" / "deid.key").read_text().strip().encode() == new_key
     assert oct(os.stat(root / ".cxr" / "deid.key").st_mode & 0o777) == "0o600"
     after = pd.read_parquet(paths.manifest)
-    assert list(after["image_id"]) == list(before["image_id"]) and list(after["split"]) == list(before["split"])
+    assert list(after["split"]) == list(before["split"])  # the same films in the same order, every split kept
+    assert not set(after["image_id"]) & set(before["image_id"])  # image ids are keyed: all new
     moved = dict(zip(before["patient_hash"], after["patient_hash"]))
     assert len(set(moved.values())) == len(moved) and not set(moved) & set(moved.values())  # one to one, all new
     assert all(after.groupby("patient_hash")["split"].nunique() == 1)
-    for image_id, patient_id in headers.items():  # DICOM films: the new key's hash of the header's PatientID
-        row = after[after["image_id"] == image_id].iloc[0]
+    assert _dicom_patients(params, after, new_key) == headers  # the new image ids lead back to the same files
+    for position, patient_id in headers.items():  # DICOM films: the new key's hash of the header's PatientID
+        row = after.iloc[position]
         assert row["patient_hash"] == patient_hash(patient_id, new_key) != patient_hash(patient_id, old_key)
     registry = pd.read_parquet(paths.split_registry)
     assert set(registry["key_check"]) == {key_check(new_key)}
@@ -202,7 +205,7 @@ def test_key_rotate_moves_manifest_and_registry_to_the_new_key_and_keeps_every_s
     assert again.returncode == 0, again.stderr
     assert "decoded 0 new files" in again.stderr  # from the decode cache: rotating decoded nothing, nor did this
     final = pd.read_parquet(paths.manifest)
-    assert dict(zip(final["image_id"], final["split"])) == dict(zip(before["image_id"], before["split"]))
+    assert dict(zip(final["image_id"], final["split"])) == dict(zip(after["image_id"], before["split"]))
     assert dict(zip(final["image_id"], final["patient_hash"])) == dict(zip(after["image_id"], after["patient_hash"]))
     assert pd.read_parquet(paths.split_registry)[["patient_hash", "split"]].equals(registry[["patient_hash", "split"]])
 
@@ -256,7 +259,7 @@ def test_forget_removes_a_patient_everywhere_records_it_and_ingest_does_not_brin
     cache = DecodeCache.for_size(paths.decode_cache, 32)
     assert not cache.index["sha256"].isin(set(theirs["sha256"])).any()
     for file_key in cache.index.index[:5]:  # the rewritten shards still serve the other films, checksums intact
-        assert cache.get(file_key, "film") is not None
+        assert cache.get(file_key) is not None
     record = [json.loads(line) for line in paths.erasures.read_text().splitlines()]
     assert len(record) == 1 and record[0]["patient_hash"] == patient and record[0]["films"] == len(theirs)
     assert record[0]["key_check"] == key_check(GOOD_KEY.encode()) and record[0]["at"]
