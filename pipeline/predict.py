@@ -86,7 +86,7 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
     ready: list[tuple[int, np.ndarray]] = []
     for position, file in enumerate(files):
         try:
-            ready.append((position, resize(decode_file(file, limits).pixels, size)))
+            ready.append((position, resize(decode_file(file, limits=limits).pixels, size)))
         except UnreadableImage as exc:
             results[position] = Prediction(path=str(file), error=f"{exc.reason}: {exc}")
     overlays = overlay_paths([files[position] for position, _ in ready], explain_dir) if explain_dir is not None else []
