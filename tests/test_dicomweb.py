@@ -7,6 +7,7 @@ import json
 import secrets
 import shutil
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.servers import free_port, stop, wait_for
 ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
 PLUGIN = next((p for p in (Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
                            Path("/usr/lib/orthanc/libOrthancDicomWeb.so")) if p.exists()), None)
+CXR = str(Path(sys.executable).parent / "cxr")
 TOKEN, USER, PASSWORD = secrets.token_hex(16), "radiology", secrets.token_hex(12)
 
 pytestmark = pytest.mark.skipif(ORTHANC is None or PLUGIN is None,
@@ -71,6 +73,78 @@ def pacs(tmp_path_factory: pytest.TempPathFactory):
 def chest_films(root: Path, n: int) -> list[Path]:
     """`n` demo DICOM films, each its own study (the broken demo files left out)."""
     return sorted(p for p in (root / "data" / "raw" / "demo").rglob("*.dcm") if not p.name.startswith("broken"))[:n]
+
+
+def cxr(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([CXR, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ | env)
+
+
+def project_files(root: Path) -> dict[Path, float]:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_films_on_a_pacs_are_classified_as_local_files_and_get_a_result_sr_each(tiny_project, pacs, tmp_path):
+    import pydicom
+
+    from pipeline.demo_data import phi_values
+    from pipeline.predict import load_model
+
+    root = tiny_project.paths.root
+    films = chest_films(root, 3)
+    headers = [pydicom.dcmread(film, stop_before_pixels=True) for film in films]
+    assert len({h.StudyInstanceUID for h in headers}) == 3
+    for film in films:
+        pacs.upload(film)
+    # two studies by their study URL, the third by its series URL
+    urls = [f"{pacs.dicomweb}/studies/{h.StudyInstanceUID}" for h in headers[:2]]
+    urls.append(f"{pacs.dicomweb}/studies/{headers[2].StudyInstanceUID}/series/{headers[2].SeriesInstanceUID}")
+    local = cxr("predict", "--json", *map(str, films), env={}, cwd=root)
+    assert local.returncode == 0, local.stderr
+    before = project_files(root)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    remote = cxr("predict", "--json", "--store-results", *urls, cwd=root,
+                 env={"CXR_DICOMWEB_TOKEN": TOKEN, "TMPDIR": str(temp)})
+    assert remote.returncode == 0, remote.stderr
+
+    expected = {h.SOPInstanceUID: answer for h, answer in zip(headers, json.loads(local.stdout))}
+    answers = json.loads(remote.stdout)
+    assert [a["path"].rsplit("/instances/", 1)[1] for a in answers] == [h.SOPInstanceUID for h in headers]
+    for answer, header in zip(answers, headers):
+        assert answer["path"] == (f"{pacs.dicomweb}/studies/{header.StudyInstanceUID}/series/{header.SeriesInstanceUID}"
+                                  f"/instances/{header.SOPInstanceUID}")
+        assert {k: v for k, v in answer.items() if k != "path"} == {k: v for k, v in expected[header.SOPInstanceUID].items() if k != "path"}
+    # nothing identifying reaches the output, the logs or the project; the token is never shown; no films stay behind
+    phi = {value for value in phi_values(root / "data" / "raw" / "demo") if value}
+    shown = remote.stdout + remote.stderr
+    assert TOKEN not in shown and not [value for value in phi if value in shown]
+    changed = [p for p, mtime in project_files(root).items() if before.get(p) != mtime]
+    assert not [p for p in changed if any(value.encode() in p.read_bytes() for value in phi)]
+    assert not list(temp.rglob("*.dcm")) and not list(temp.glob("cxr-dicomweb-*"))
+
+    registered = json.loads(tiny_project.paths.registered.read_text())
+    assert registered["is_champion"]
+    threshold = load_model(f"models:/{registered['model_name']}@champion", tiny_project.paths).metadata.metadata["threshold"]
+    for header, answer in zip(headers, answers):
+        reports = pacs.reports(header.StudyInstanceUID)
+        assert len(reports) == 1, f"study {header.StudyInstanceUID} holds {len(reports)} result SRs"
+        report = reports[0]
+        assert report["SeriesInstanceUID"] != header.SeriesInstanceUID and report["SOPInstanceUID"] != header.SOPInstanceUID
+        content = {item["ConceptNameCodeSequence"][0]["CodeMeaning"]: item for item in report["ContentSequence"]}
+        assert content["Source of Measurement"]["ReferencedSOPSequence"][0]["ReferencedSOPInstanceUID"] == header.SOPInstanceUID
+        assert content["Finding"]["TextValue"] == answer["label"]
+        assert content["Probability"]["TextValue"] == f"{answer['probability']:.4f}"
+        assert content["Decision threshold"]["TextValue"] == json.dumps(threshold)
+        assert content["Algorithm Name"]["TextValue"] == registered["model_name"]
+        assert content["Algorithm Version"]["TextValue"] == str(registered["version"])
+
+    # the study now holds our SR too: it is not a film, so asking again classifies the one film only
+    again = cxr("predict", "--json", urls[0], cwd=root, env={"CXR_DICOMWEB_USER": USER, "CXR_DICOMWEB_PASSWORD": PASSWORD})
+    assert again.returncode == 0, again.stderr
+    assert [a["path"] for a in json.loads(again.stdout)] == [answers[0]["path"]]
 
 
 @pytest.fixture(scope="module")
