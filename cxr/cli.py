@@ -406,7 +406,9 @@ def summary(params: ParamsOption = Path("params.yaml")) -> None:
 
 @app.command()
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="DICOM, PNG or JPEG files, or folders of them.")],
+    paths: Annotated[list[str], typer.Argument(help="DICOM, PNG or JPEG files, folders of them, or DICOMweb study or series URLs "
+                                                    "(http(s)://host/dicom-web/studies/<StudyInstanceUID>[/series/<SeriesInstanceUID>]), "
+                                                    "whose films are retrieved with WADO-RS and named by their instance URL.")],
     model: Annotated[str | None, typer.Option("--model", help="MLflow model URI; default models:/<register.model_name>@champion.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help='Print a JSON list: {"path", "label", "probability"} or {"path", "error"} per file '
                                                          '(multiclass and multilabel models add "probabilities" per label; '
@@ -414,25 +416,40 @@ def predict(
     explain: Annotated[Path | None, typer.Option("--explain", metavar="OUT_DIR", help="Also write a Grad-CAM overlay PNG per classified file into "
                                                  "this folder (<stem>_gradcam.png): the film with a heat map of where the model found "
                                                  "evidence for the positive class. Not available for vit models.")] = None,
+    store_results: Annotated[bool, typer.Option("--store-results", help="For DICOMweb URLs: store one DICOM Structured Report per "
+                                                "classified film (finding, probability, threshold, model name and version) back into "
+                                                "its study with STOW-RS. Sign in with CXR_DICOMWEB_USER and CXR_DICOMWEB_PASSWORD, "
+                                                "or CXR_DICOMWEB_TOKEN.")] = False,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Classify chest X-ray files with a registered model. Exit status 0 when at least one file was classified."""
+    """Classify chest X-ray files, or the films of a study or series on a PACS (DICOMweb), with a registered model.
+    Local files are answered first, then each URL's films. Exit status 0 when at least one file was classified."""
 
     def action() -> list:
-        from pipeline.config import load_config
+        from pipeline.config import dicomweb_credentials, load_config
+        from pipeline.dicomweb import is_url, model_identity, parse_address, predict_dicomweb
         from pipeline.imaging import limits_of
         from pipeline.paths import ProjectPaths
         from pipeline.predict import expand_inputs, load_model, predict_files
         from pipeline.privacy import private_umask
 
         config = load_config(params)
-        files = expand_inputs(paths)
-        if not files:
-            raise CxrError(f"no image files found in {', '.join(map(str, paths))}")
+        addresses = [parse_address(item) for item in paths if is_url(item)]
+        files = expand_inputs([Path(item) for item in paths if not is_url(item)])
+        if not files and not addresses:
+            raise CxrError(f"no image files found in {', '.join(paths)}")
+        if store_results and not addresses:
+            raise CxrError("--store-results writes back to a PACS: give DICOMweb study or series URLs")
+        credentials = dicomweb_credentials() if addresses else None
         uri = model or f"models:/{config.registry.model_name}@champion"
+        project = ProjectPaths(params.resolve().parent)
+        loaded, limits = load_model(uri, project), limits_of(config.data)
+        identity = model_identity(loaded, uri, project) if store_results else None
         with private_umask(config.privacy.mask):  # Grad-CAM overlays show the films
-            return predict_files(load_model(uri, ProjectPaths(params.resolve().parent)), files, explain_dir=explain,
-                                 limits=limits_of(config.data))
+            answers = predict_files(loaded, files, explain_dir=explain, limits=limits) if files else []
+            if addresses:
+                answers += predict_dicomweb(loaded, addresses, credentials, identity, explain_dir=explain, limits=limits)
+            return answers
 
     results = _run(action)
     if as_json:

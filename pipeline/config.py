@@ -574,3 +574,18 @@ def lock_timeout() -> float:
     if not seconds >= 0:  # also refuses nan
         raise CxrError(f"CXR_LOCK_TIMEOUT must be a number of seconds (0 or more), not {value!r}")
     return seconds
+
+
+def dicomweb_credentials() -> tuple[str, str] | str | None:
+    """How to sign in to a DICOMweb server: (user, password) for HTTP basic from CXR_DICOMWEB_USER and
+    CXR_DICOMWEB_PASSWORD, a bearer token from CXR_DICOMWEB_TOKEN, or None. Read from the environment only, so
+    a secret never sits in params.yaml, a URL or a shell history; one of the two ways, never both."""
+    user, password = os.environ.get("CXR_DICOMWEB_USER"), os.environ.get("CXR_DICOMWEB_PASSWORD")
+    token = os.environ.get("CXR_DICOMWEB_TOKEN")
+    if token and (user or password):
+        raise CxrError("set either CXR_DICOMWEB_TOKEN or CXR_DICOMWEB_USER and CXR_DICOMWEB_PASSWORD, not both")
+    if bool(user) != bool(password):
+        raise CxrError("CXR_DICOMWEB_USER and CXR_DICOMWEB_PASSWORD go together: set both for HTTP basic authentication")
+    if token:
+        return token
+    return (user, password) if user else None

@@ -1,0 +1,247 @@
+"""DICOMweb in and out: classify the films of a study or series on a PACS, and store the answers back there.
+
+`cxr predict` takes `http://host/dicom-web/studies/<StudyInstanceUID>[/series/<SeriesInstanceUID>]` beside files.
+The instances are retrieved with WADO-RS into a private temporary folder that is removed afterwards, and classified
+by `pipeline.predict.predict_files` exactly as local files are; each answer is named by the instance's WADO-RS URL
+(its SOP Instance UID), never by a patient identifier. With `store_results`, each classified film gets one DICOM
+Comprehensive SR (new Series and SOP Instance UIDs, referencing the film) stored with STOW-RS into the same study
+on the same server: the results go back only where the films came from, and nothing of the headers is written to
+the project's outputs. Sign-in comes from the environment (`pipeline.config.dicomweb_credentials`) and is never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pipeline.errors import CxrError
+from pipeline.imaging import DecodeLimits
+from pipeline.predict import Prediction, predict_files
+
+log = logging.getLogger(__name__)
+
+_ADDRESS = re.compile(r"^(?P<base>https?://[^?#]+?)/studies/(?P<study>[0-9.]+)(?:/series/(?P<series>[0-9.]+))?/?$")
+_RESULT_SERIES_NUMBER = 9901
+_ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)  # the instances as stored: no transcoding on the way
+
+
+@dataclass(frozen=True)
+class DicomwebAddress:
+    """A study, or one series of it, on a DICOMweb server; `base_url` is the service root (…/dicom-web)."""
+
+    base_url: str
+    study_uid: str
+    series_uid: str | None = None
+
+    def instance_url(self, series_uid: str, sop_uid: str) -> str:
+        """The WADO-RS URL of one instance: how a retrieved film is named in answers."""
+        return f"{self.base_url}/studies/{self.study_uid}/series/{series_uid}/instances/{sop_uid}"
+
+    def __str__(self) -> str:
+        series = f"/series/{self.series_uid}" if self.series_uid else ""
+        return f"{self.base_url}/studies/{self.study_uid}{series}"
+
+
+@dataclass(frozen=True)
+class RemoteFilm:
+    """One retrieved instance: its file in the temporary folder, its URL, and its header without pixels (what the
+    result SR references and takes its patient and study module from, for the same PACS only)."""
+
+    file: Path
+    url: str
+    address: DicomwebAddress
+    header: object  # pydicom.Dataset
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a result SR says produced it."""
+
+    name: str
+    version: str
+    threshold: object  # a float, {label: float} (multilabel) or None (multiclass), as the model stores it
+
+
+def is_url(text: str) -> bool:
+    """True for an http(s) address: such an input is a DICOMweb study or series, never a local path."""
+    return text.lower().startswith(("http://", "https://"))
+
+
+def parse_address(text: str) -> DicomwebAddress:
+    """A study or series URL, checked; anything else is a clear error naming it. Credentials inside the URL are
+    refused: they would be echoed wherever the URL is (answers, logs, shell history)."""
+    if urlsplit(text).username is not None or urlsplit(text).password is not None:
+        raise CxrError(f"a DICOMweb URL must not hold credentials ({urlsplit(text).hostname}): set CXR_DICOMWEB_USER "
+                       "and CXR_DICOMWEB_PASSWORD, or CXR_DICOMWEB_TOKEN, instead")
+    match = _ADDRESS.match(text)
+    if match is None:
+        raise CxrError(f"{text} is not a DICOMweb study or series URL: expected "
+                       "http(s)://host/dicom-web/studies/<StudyInstanceUID>[/series/<SeriesInstanceUID>]")
+    return DicomwebAddress(match["base"], match["study"], match["series"])
+
+
+def open_client(base_url: str, credentials: tuple[str, str] | str | None):  # -> dicomweb_client.DICOMwebClient
+    """A WADO-RS/STOW-RS client for `base_url`, signed in with HTTP basic (user, password) or a bearer token.
+    A busy server (429, 503, 504) or a dropped connection is tried three times, 1 s and 2 s apart: the library's
+    default (five times, up to 16 s apart) keeps a user waiting half a minute for a server that is down."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    if isinstance(credentials, tuple):
+        session.auth = credentials
+    elif isinstance(credentials, str):
+        session.headers["Authorization"] = f"Bearer {credentials}"
+    client = DICOMwebClient(base_url, session=session)
+    client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=500)
+    return client
+
+
+def retrieve_films(client, address: DicomwebAddress, folder: Path) -> list[RemoteFilm]:
+    """Every film of the study or series, written to `folder` as <SOPInstanceUID>.dcm; instances without pixel
+    data (reports, key objects) are skipped. An empty study or series is a clear error naming the URL."""
+    from pydicom.uid import UID
+
+    with _answering(address):
+        if address.series_uid is None:
+            instances = client.iter_study(address.study_uid, media_types=_ANY_TRANSFER_SYNTAX)
+        else:
+            instances = client.iter_series(address.study_uid, address.series_uid, media_types=_ANY_TRANSFER_SYNTAX)
+        films = []
+        for dataset in instances:
+            if "PixelData" not in dataset:
+                continue
+            sop_uid = str(dataset.SOPInstanceUID)
+            if not UID(sop_uid).is_valid:  # it becomes a file name: a UID is digits and dots, nothing else
+                raise CxrError(f"{address} holds an instance whose SOP Instance UID is not a valid UID")
+            file = folder / f"{sop_uid}.dcm"
+            dataset.save_as(file, enforce_file_format=True)
+            del dataset.PixelData
+            films.append(RemoteFilm(file, address.instance_url(str(dataset.SeriesInstanceUID), sop_uid), address, dataset))
+    if not films:
+        raise CxrError(f"{address} holds no images to classify")
+    log.info("dicomweb: retrieved %d film(s) from %s", len(films), address.base_url)
+    return films
+
+
+def predict_dicomweb(model, addresses: list[DicomwebAddress], credentials: tuple[str, str] | str | None,
+                     identity: ModelIdentity | None = None, explain_dir: Path | None = None,
+                     limits: DecodeLimits = DecodeLimits()) -> list[Prediction]:
+    """Retrieve each address's films into a private temporary folder, classify them as local files, name each
+    answer by its instance URL, and with `identity` store one result SR per classified film back into its study.
+    The folder (it holds the films, headers and all) is removed as soon as they are classified, whatever happens."""
+    answers: list[Prediction] = []
+    for address in addresses:
+        client = open_client(address.base_url, credentials)
+        with tempfile.TemporaryDirectory(prefix="cxr-dicomweb-") as folder:  # mode 0700; one study's films at a time
+            films = retrieve_films(client, address, Path(folder))
+            predictions = predict_files(model, [film.file for film in films], explain_dir=explain_dir, limits=limits)
+        named = [_named_by_url(p, film) for p, film in zip(predictions, films)]
+        if identity is not None:
+            store_results(client, films, named, identity)
+        answers += named
+    return answers
+
+
+def store_results(client, films: list[RemoteFilm], predictions: list[Prediction], identity: ModelIdentity) -> list[str]:
+    """One result SR per classified film, stored with STOW-RS into the film's study; returns their SOP Instance UIDs."""
+    reports = [result_report(film, prediction, identity)
+               for film, prediction in zip(films, predictions) if prediction.error is None]
+    if not reports:
+        return []
+    with _answering(films[0].address):
+        client.store_instances(reports, study_instance_uid=films[0].address.study_uid)
+    log.info("dicomweb: stored %d result SR(s) in %s", len(reports), films[0].address.base_url)
+    return [str(report.SOPInstanceUID) for report in reports]
+
+
+def result_report(film: RemoteFilm, prediction: Prediction, identity: ModelIdentity):  # -> highdicom.sr.ComprehensiveSR
+    """A Comprehensive SR in the film's study: a new series and instance, the film as source image, and the
+    finding, probability, threshold and model name and version as text, so any PACS viewer can show it."""
+    import highdicom as hd
+    from highdicom.sr import CodedConcept, ContainerContentItem, ImageContentItem, RelationshipTypeValues, TextContentItem
+    from pydicom.sr.codedict import codes
+
+    contains = RelationshipTypeValues.CONTAINS
+
+    def text(name, value: str) -> TextContentItem:
+        return TextContentItem(name=name, value=value, relationship_type=contains)
+
+    if prediction.probabilities is None:
+        probability = f"{prediction.probability:.4f}"
+    else:
+        probability = "; ".join(f"{label}={p:.4f}" for label, p in prediction.probabilities.items())
+    items = [
+        ImageContentItem(name=codes.DCM.SourceOfMeasurement, referenced_sop_class_uid=film.header.SOPClassUID,
+                         referenced_sop_instance_uid=film.header.SOPInstanceUID, relationship_type=contains),
+        text(codes.DCM.Finding, prediction.label or "none of the labels"),
+        text(codes.DCM.Probability, probability),
+        text(CodedConcept("THRESHOLD", "99CXR", "Decision threshold"), json.dumps(identity.threshold)),
+        text(codes.DCM.AlgorithmName, identity.name),
+        text(codes.DCM.AlgorithmVersion, identity.version),
+    ]
+    root = ContainerContentItem(name=CodedConcept("18748-4", "LN", "Diagnostic imaging report"))
+    root.ContentSequence = items
+    report = hd.sr.ComprehensiveSR(evidence=[_as_evidence(film.header)], content=root, series_instance_uid=hd.UID(),
+                                   series_number=_RESULT_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
+                                   manufacturer="cxr-pipeline", series_description="cxr classifier result")
+    return report
+
+
+def model_identity(model, model_uri: str, paths) -> ModelIdentity:  # paths: pipeline.paths.ProjectPaths
+    """The registered name and version behind `model_uri` (models:/name@alias or models:/name/version); any other
+    URI is named as given, with its run id as the version."""
+    from pipeline import tracking
+
+    threshold = model.metadata.metadata.get("threshold")
+    match = re.fullmatch(r"models:/([^/@]+)(?:@(.+)|/(\d+))", model_uri)
+    if match is None:
+        return ModelIdentity(model_uri, f"run {model.metadata.run_id}", threshold)
+    name, alias, version = match.groups()
+    if alias is not None:
+        version = tracking.client(paths).get_model_version_by_alias(name, alias).version
+    return ModelIdentity(name, str(version), threshold)
+
+
+def _as_evidence(header):  # -> pydicom.Dataset
+    """The film's header with the patient and study attributes an SR must carry (Type 2) present, empty when the
+    film lacks them, so highdicom can copy them into the report."""
+    evidence = header.copy()
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "StudyDate", "StudyTime", "ReferringPhysicianName"):
+        if keyword not in evidence:
+            setattr(evidence, keyword, "")
+    return evidence
+
+
+def _named_by_url(prediction: Prediction, film: RemoteFilm) -> Prediction:
+    """The answer named by the instance URL; an error message that quotes the temporary file quotes the URL."""
+    error = prediction.error.replace(str(film.file), film.url) if prediction.error is not None else None
+    return replace(prediction, path=film.url, error=error)
+
+
+@contextmanager
+def _answering(address: DicomwebAddress) -> Iterator[None]:
+    """Turn the server's refusals into one-line errors naming the URL (never the credentials): 401/403 say how to
+    sign in, 404 that the study or series is not there, a connection failure that the server did not answer."""
+    import requests
+
+    try:
+        yield
+    except requests.RequestException as error:
+        status = error.response.status_code if error.response is not None else None
+        if status in (401, 403):
+            raise CxrError(f"the DICOMweb server refused {address} (HTTP {status}): set CXR_DICOMWEB_USER and "
+                           "CXR_DICOMWEB_PASSWORD, or CXR_DICOMWEB_TOKEN") from None
+        if status == 404:
+            raise CxrError(f"{address} was not found on its DICOMweb server (HTTP 404)") from None
+        if status is not None:
+            raise CxrError(f"the DICOMweb server answered HTTP {status} for {address}") from None
+        raise CxrError(f"the DICOMweb server at {address.base_url} did not answer ({type(error).__name__})") from None

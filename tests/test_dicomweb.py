@@ -1,0 +1,221 @@
+"""DICOMweb in and out against a real PACS: Debian's Orthanc with its DICOMweb plugin, started per module on a free
+port with a temporary storage folder. It admits only a bearer token or an HTTP basic sign-in (a Lua request filter
+checks the Authorization header), so every request here proves the credentials were sent."""
+
+import base64
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import CxrError
+from tests.servers import free_port, stop, wait_for
+
+ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/local/sbin")
+PLUGIN = next((p for p in (Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+                           Path("/usr/lib/orthanc/libOrthancDicomWeb.so")) if p.exists()), None)
+CXR = str(Path(sys.executable).parent / "cxr")
+TOKEN, USER, PASSWORD = secrets.token_hex(16), "radiology", secrets.token_hex(12)
+
+pytestmark = pytest.mark.skipif(ORTHANC is None or PLUGIN is None,
+                                reason="Orthanc with its DICOMweb plugin is not installed (Debian: apt-get install orthanc "
+                                       "orthanc-dicomweb; .ci/run installs them)")
+
+
+class Pacs:
+    """A running Orthanc: its DICOMweb root and REST calls signed in with the test token."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self.dicomweb = root, f"{root}/dicom-web"
+
+    def call(self, path: str, data: bytes | None = None) -> dict | list:
+        request = urllib.request.Request(self.root + path, data=data, headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def upload(self, file: Path) -> None:
+        self.call("/instances", file.read_bytes())
+
+    def reports(self, study_uid: str) -> list[dict]:
+        """The study's SR instances, each with its content as Orthanc's simplified JSON tags."""
+        found = self.call("/tools/find", json.dumps({"Level": "Instance", "Expand": True,
+                                                     "Query": {"StudyInstanceUID": study_uid, "Modality": "SR"}}).encode())
+        return [self.call(f"/instances/{item['ID']}/simplified-tags") for item in found]
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("orthanc")
+    basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    (folder / "filter.lua").write_text(
+        "function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)\n"
+        f"  local given = httpHeaders['authorization']\n  return given == 'Bearer {TOKEN}' or given == 'Basic {basic}'\nend\n")
+    port = free_port()
+    (folder / "orthanc.json").write_text(json.dumps({
+        "Name": "cxr-test", "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False, "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+        "Plugins": [str(PLUGIN)], "LuaScripts": [str(folder / "filter.lua")],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}))
+    process = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(urllib.request.Request(f"http://127.0.0.1:{port}/system", headers={"Authorization": f"Bearer {TOKEN}"}),
+                 process, seconds=60)
+        yield Pacs(f"http://127.0.0.1:{port}")
+    finally:
+        stop(process)
+
+
+def chest_films(root: Path, n: int) -> list[Path]:
+    """`n` demo DICOM films, each its own study (the broken demo files left out)."""
+    return sorted(p for p in (root / "data" / "raw" / "demo").rglob("*.dcm") if not p.name.startswith("broken"))[:n]
+
+
+def cxr(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([CXR, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=os.environ | env)
+
+
+def project_files(root: Path) -> dict[Path, float]:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_films_on_a_pacs_are_classified_as_local_files_and_get_a_result_sr_each(tiny_project, pacs, tmp_path):
+    import pydicom
+
+    from pipeline.demo_data import phi_values
+    from pipeline.predict import load_model
+
+    root = tiny_project.paths.root
+    films = chest_films(root, 3)
+    headers = [pydicom.dcmread(film, stop_before_pixels=True) for film in films]
+    assert len({h.StudyInstanceUID for h in headers}) == 3
+    for film in films:
+        pacs.upload(film)
+    # two studies by their study URL, the third by its series URL
+    urls = [f"{pacs.dicomweb}/studies/{h.StudyInstanceUID}" for h in headers[:2]]
+    urls.append(f"{pacs.dicomweb}/studies/{headers[2].StudyInstanceUID}/series/{headers[2].SeriesInstanceUID}")
+    local = cxr("predict", "--json", *map(str, films), env={}, cwd=root)
+    assert local.returncode == 0, local.stderr
+    before = project_files(root)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    remote = cxr("predict", "--json", "--store-results", *urls, cwd=root,
+                 env={"CXR_DICOMWEB_TOKEN": TOKEN, "TMPDIR": str(temp)})
+    assert remote.returncode == 0, remote.stderr
+
+    expected = {h.SOPInstanceUID: answer for h, answer in zip(headers, json.loads(local.stdout))}
+    answers = json.loads(remote.stdout)
+    assert [a["path"].rsplit("/instances/", 1)[1] for a in answers] == [h.SOPInstanceUID for h in headers]
+    for answer, header in zip(answers, headers):
+        assert answer["path"] == (f"{pacs.dicomweb}/studies/{header.StudyInstanceUID}/series/{header.SeriesInstanceUID}"
+                                  f"/instances/{header.SOPInstanceUID}")
+        assert {k: v for k, v in answer.items() if k != "path"} == {k: v for k, v in expected[header.SOPInstanceUID].items() if k != "path"}
+    # nothing identifying reaches the output, the logs or the project; the token is never shown; no films stay behind
+    phi = {value for value in phi_values(root / "data" / "raw" / "demo") if value}
+    shown = remote.stdout + remote.stderr
+    assert TOKEN not in shown and not [value for value in phi if value in shown]
+    changed = [p for p, mtime in project_files(root).items() if before.get(p) != mtime]
+    assert not [p for p in changed if any(value.encode() in p.read_bytes() for value in phi)]
+    assert not list(temp.rglob("*.dcm")) and not list(temp.glob("cxr-dicomweb-*"))
+
+    registered = json.loads(tiny_project.paths.registered.read_text())
+    assert registered["is_champion"]
+    threshold = load_model(f"models:/{registered['model_name']}@champion", tiny_project.paths).metadata.metadata["threshold"]
+    for header, answer in zip(headers, answers):
+        reports = pacs.reports(header.StudyInstanceUID)
+        assert len(reports) == 1, f"study {header.StudyInstanceUID} holds {len(reports)} result SRs"
+        report = reports[0]
+        assert report["SeriesInstanceUID"] != header.SeriesInstanceUID and report["SOPInstanceUID"] != header.SOPInstanceUID
+        content = {item["ConceptNameCodeSequence"][0]["CodeMeaning"]: item for item in report["ContentSequence"]}
+        assert content["Source of Measurement"]["ReferencedSOPSequence"][0]["ReferencedSOPInstanceUID"] == header.SOPInstanceUID
+        assert content["Finding"]["TextValue"] == answer["label"]
+        assert content["Probability"]["TextValue"] == f"{answer['probability']:.4f}"
+        assert content["Decision threshold"]["TextValue"] == json.dumps(threshold)
+        assert content["Algorithm Name"]["TextValue"] == registered["model_name"]
+        assert content["Algorithm Version"]["TextValue"] == str(registered["version"])
+
+    # the study now holds our SR too: it is not a film, so asking again classifies the one film only
+    again = cxr("predict", "--json", urls[0], cwd=root, env={"CXR_DICOMWEB_USER": USER, "CXR_DICOMWEB_PASSWORD": PASSWORD})
+    assert again.returncode == 0, again.stderr
+    assert [a["path"] for a in json.loads(again.stdout)] == [answers[0]["path"]]
+
+
+@pytest.fixture(scope="module")
+def one_study(pacs, tmp_path_factory: pytest.TempPathFactory):
+    """A demo film on the PACS (demo data written here: no model needed); its header."""
+    import pydicom
+
+    from pipeline.demo_data import write_demo_data
+
+    out = tmp_path_factory.mktemp("films")
+    write_demo_data(out / "data" / "raw" / "demo", n=12, seed=3, size=32)
+    film = chest_films(out, 1)[0]
+    pacs.upload(film)
+    return pydicom.dcmread(film, stop_before_pixels=True)
+
+
+@pytest.mark.parametrize("credentials", [TOKEN, (USER, PASSWORD)], ids=["bearer", "basic"])
+def test_a_study_is_retrieved_with_a_token_or_a_basic_sign_in(pacs, one_study, tmp_path, credentials):
+    from pipeline.dicomweb import open_client, parse_address, retrieve_films
+
+    address = parse_address(f"{pacs.dicomweb}/studies/{one_study.StudyInstanceUID}/")
+    films = retrieve_films(open_client(address.base_url, credentials), address, tmp_path)
+    assert [film.file.name for film in films] == [f"{one_study.SOPInstanceUID}.dcm"]
+    assert films[0].url.endswith(f"/series/{one_study.SeriesInstanceUID}/instances/{one_study.SOPInstanceUID}")
+    assert "PixelData" not in films[0].header
+
+
+@pytest.mark.parametrize("credentials", [None, "wrong-token", (USER, "wrong-password")], ids=["none", "token", "password"])
+def test_a_refused_sign_in_is_one_line_that_says_how_and_shows_no_secret(pacs, one_study, tmp_path, credentials):
+    from pipeline.dicomweb import open_client, parse_address, retrieve_films
+
+    address = parse_address(f"{pacs.dicomweb}/studies/{one_study.StudyInstanceUID}")
+    with pytest.raises(CxrError, match=r"refused .*HTTP 403.*CXR_DICOMWEB_TOKEN") as refused:
+        retrieve_films(open_client(address.base_url, credentials), address, tmp_path)
+    assert "\n" not in str(refused.value) and "wrong" not in str(refused.value) and TOKEN not in str(refused.value)
+
+
+def test_an_unknown_study_or_a_silent_server_is_a_clear_error(pacs, tmp_path):
+    from pipeline.dicomweb import open_client, parse_address, retrieve_films
+
+    missing = parse_address(f"{pacs.dicomweb}/studies/1.2.3.4")
+    with pytest.raises(CxrError, match=r"studies/1\.2\.3\.4 was not found .*404"):
+        retrieve_films(open_client(missing.base_url, TOKEN), missing, tmp_path)
+    silent = parse_address(f"http://127.0.0.1:{free_port()}/dicom-web/studies/1.2.3.4")
+    with pytest.raises(CxrError, match=r"did not answer"):
+        retrieve_films(open_client(silent.base_url, TOKEN), silent, tmp_path)
+
+
+def test_a_result_sr_goes_into_the_films_study_and_a_film_that_failed_gets_none(pacs, one_study, tmp_path):
+    from pipeline.dicomweb import ModelIdentity, open_client, parse_address, retrieve_films, store_results
+    from pipeline.predict import Prediction
+
+    address = parse_address(f"{pacs.dicomweb}/studies/{one_study.StudyInstanceUID}")
+    client = open_client(address.base_url, TOKEN)
+    films = retrieve_films(client, address, tmp_path)
+    identity = ModelIdentity("cxr-multilabel", "7", {"effusion": 0.5, "nodule": 0.25})
+    assert store_results(client, films, [Prediction(path=films[0].url, error="unreadable_dicom: ...")], identity) == []
+    assert pacs.reports(one_study.StudyInstanceUID) == []
+
+    answer = Prediction(path=films[0].url, label="effusion", probabilities={"effusion": 0.91234, "nodule": 0.1})
+    stored = store_results(client, films, [answer], identity)
+    reports = pacs.reports(one_study.StudyInstanceUID)
+    assert [r["SOPInstanceUID"] for r in reports] == stored and len(stored) == 1
+    report = reports[0]
+    assert report["Modality"] == "SR" and report["StudyInstanceUID"] == one_study.StudyInstanceUID
+    assert report["SeriesInstanceUID"] != one_study.SeriesInstanceUID
+    content = {item["ConceptNameCodeSequence"][0]["CodeMeaning"]: item for item in report["ContentSequence"]}
+    assert content["Source of Measurement"]["ReferencedSOPSequence"][0]["ReferencedSOPInstanceUID"] == one_study.SOPInstanceUID
+    assert {name: content[name].get("TextValue") for name in ("Finding", "Probability", "Decision threshold",
+                                                              "Algorithm Name", "Algorithm Version")} == {
+        "Finding": "effusion", "Probability": "effusion=0.9123; nodule=0.1000",
+        "Decision threshold": '{"effusion": 0.5, "nodule": 0.25}', "Algorithm Name": "cxr-multilabel", "Algorithm Version": "7"}
+    # the study now holds a report: it has no pixels, so it is not a film to classify
+    assert [film.url for film in retrieve_films(client, address, tmp_path)] == [films[0].url]
