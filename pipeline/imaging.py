@@ -395,10 +395,9 @@ COLOUR_SPREAD = 8.0  # mean (max - min channel) over the pixels, 0..255: above i
 
 def _has_colour(rgb: np.ndarray) -> bool:
     """Colour, as opposed to a grey film stored as RGB (equal channels, or nearly so after JPEG compression)."""
-    values = rgb.astype(np.float32)
-    if values.max() > 255:  # 16-bit colour: judge on the 8-bit scale
-        values = values * (255.0 / values.max())
-    return float((values.max(axis=-1) - values.min(axis=-1)).mean()) > COLOUR_SPREAD
+    spread = rgb.max(axis=-1) - rgb.min(axis=-1)  # no float copy of a full-size film (never negative)
+    scale = 1.0 if rgb.dtype == np.uint8 else 255.0 / max(float(rgb.max()), 255.0)  # 16-bit colour: on the 8-bit scale
+    return float(spread.mean()) * scale > COLOUR_SPREAD
 
 
 def _read_dicom_without_preamble(source: Path | bytes, name: str):  # -> pydicom.Dataset
