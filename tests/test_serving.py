@@ -56,6 +56,7 @@ def test_the_same_file_through_ingest_and_through_the_served_model_gives_identic
 def test_the_signature_and_input_example_show_the_bytes_form_and_the_scope_travels_with_the_model(tiny_project):
     import mlflow.artifacts
 
+    from pipeline.imaging import limits_of
     from pipeline.predict import load_model
     from pipeline.tracking import fluent_store
 
@@ -68,9 +69,24 @@ def test_the_signature_and_input_example_show_the_bytes_form_and_the_scope_trave
         example = json.loads(Path(mlflow.artifacts.download_artifacts(f"{CHAMPION}/serving_input_example.json")).read_text())
     (content,) = [row[0] for row in example["dataframe_split"]["data"]]
     assert base64.b64decode(content).startswith(b"\x89PNG")
-    # the demo films are CR and DX, PA and AP: the contract recorded is theirs
+    # the demo films are CR and DX, PA and AP: the contract recorded is theirs, and the served model holds it
     assert model.metadata.metadata["scope"]["modalities"] == ["CR", "DX"]
     assert model.metadata.metadata["scope"]["views"] == ["AP", "PA"]
+    served = model.unwrap_python_model()
+    assert served.scope.modalities == ("CR", "DX") and served.scope.views == ("AP", "PA")
+    assert served.limits == limits_of(tiny_project.config.data)  # data.max_pixels and max_frames, as at ingest
+
+
+def test_serve_params_override_the_training_films_contract(tiny_project):
+    from pipeline.register import training_scope
+    from pipeline.scope import DEFAULT_BODY_PARTS, Scope
+    from pipeline.tasks import task_for
+
+    config, task = tiny_project.config, task_for(tiny_project.config.data.task, tiny_project.config.data.labels)
+    assert training_scope(tiny_project.paths, config, task) == Scope(("CR", "DX"), ("AP", "PA"), DEFAULT_BODY_PARTS)
+    serve = config.serve.model_copy(update={"modalities": ["dx"], "body_parts": ["CHEST"]})
+    chosen = training_scope(tiny_project.paths, config.model_copy(update={"serve": serve}), task)
+    assert chosen == Scope(("DX",), ("AP", "PA"), ("CHEST",))
 
 
 def test_a_bad_row_is_an_answer_with_a_reason_and_the_others_are_classified(tiny_project, pydicom_test_files, tmp_path):
