@@ -410,7 +410,8 @@ def predict(
                                                     "(http(s)://host/dicom-web/studies/<StudyInstanceUID>[/series/<SeriesInstanceUID>]), "
                                                     "whose films are retrieved with WADO-RS and named by their instance URL.")],
     model: Annotated[str | None, typer.Option("--model", help="MLflow model URI; default models:/<register.model_name>@champion.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help='Print a JSON list: {"path", "label", "probability"} or {"path", "error"} per file '
+    as_json: Annotated[bool, typer.Option("--json", help='Print a JSON list: {"path", "label", "probability"}, {"path", "out_of_scope"} (a film '
+                                                         'the model was not trained for, with the reason) or {"path", "error"} per file '
                                                          '(multiclass and multilabel models add "probabilities" per label; '
                                                          'with --explain, also "explanation": the overlay PNG).')] = False,
     explain: Annotated[Path | None, typer.Option("--explain", metavar="OUT_DIR", help="Also write a Grad-CAM overlay PNG per classified file into "
@@ -423,7 +424,9 @@ def predict(
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Classify chest X-ray files, or the films of a study or series on a PACS (DICOMweb), with a registered model.
-    Local files are answered first, then each URL's films. Exit status 0 when at least one file was classified."""
+    A film outside what the model was trained for (by its DICOM header: modality, body part, view; colour or
+    multi-frame) gets out_of_scope and the reason, not a probability. Local files are answered first, then each
+    URL's films. Exit status 0 when at least one file was classified."""
 
     def action() -> list:
         from pipeline.config import dicomweb_credentials, load_config
@@ -458,9 +461,11 @@ def predict(
         for r in results:
             if r.error is not None:
                 typer.echo(f"{r.path}\terror: {r.error}")
+            elif r.out_of_scope is not None:
+                typer.echo(f"{r.path}\tout_of_scope: {r.out_of_scope}")
             else:
                 typer.echo("\t".join([r.path, r.label or "(none)", *_shown_probabilities(r), *([r.explanation] if r.explanation else [])]))
-    if not any(r.error is None for r in results):
+    if not any(r.error is None and r.out_of_scope is None for r in results):
         raise typer.Exit(1)
 
 

@@ -283,14 +283,15 @@ def first_decision(config: Config, value: float | None, n_films: int | None) -> 
                         f"no champion yet: promoted ({settings.gate_metric} {format_metric(value)}; {rule})")
 
 
-def _load(paths: ProjectPaths, name: str, version: int):  # -> mlflow.pyfunc.PyFuncModel
+def _load(paths: ProjectPaths, name: str, version: int):  # -> pipeline.predict.ServedModel
     import mlflow
 
     from pipeline import tracking
+    from pipeline.serving import ServedModel
 
     def load():
         with tracking.fluent_store(paths):
-            return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+            return ServedModel(mlflow.pyfunc.load_model(f"models:/{name}/{version}"))  # takes the films as arrays
 
     return read_registry(load, f"loading {name} version {version}")
 

@@ -285,6 +285,16 @@ class RegisterConfig(Section):
     min_gate_films: int = Field(30, ge=1)  # fewer such films and the gate refuses to decide (a person promotes)
 
 
+class ServeConfig(Section):
+    """What a registered model answers for (pipeline.scope): a film whose DICOM header says otherwise gets
+    `out_of_scope` with a reason instead of a probability. Recorded with the model at `cxr register`; empty lists
+    take the training films' own modalities and views (the manifest), or CR/DX/DR and PA/AP without any."""
+
+    modalities: list[str] = []  # DICOM Modality
+    views: list[str] = []  # DICOM ViewPosition
+    body_parts: list[str] = []  # DICOM BodyPartExamined, when a film has one; empty: CHEST, THORAX, LUNG and kin
+
+
 class OrchestrationConfig(Section):
     """How `cxr pipeline` runs its tasks (the DVC stages and single commands ignore this)."""
 
@@ -340,6 +350,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     # `register` is the params key; the attribute is `registry` because pydantic models already have a `register`.
     registry: RegisterConfig = Field(RegisterConfig(), alias="register")
+    serve: ServeConfig = ServeConfig()
     tracking: TrackingConfig = TrackingConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     deid: DeidConfig = DeidConfig()

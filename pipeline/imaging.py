@@ -1,12 +1,13 @@
 """Decoding DICOM, PNG and JPEG films into 8-bit grey arrays, and the resize every image goes through.
 
-Ingest and predict both call `decode_file` and `resize`, so a model sees exactly the same
-preprocessing at prediction time as in training.
+Ingest and predict both call `decode_file` and `resize`, and the served model `decode_bytes` (which `decode_file`
+runs on the file's content), so a model sees exactly the same preprocessing at prediction time as in training.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,8 @@ class DecodedImage:
     age_band: str = ""  # one of AGE_BANDS or "" (unknown); the age itself is never kept
     bits_stored: int = 8
     identity: Identity = NO_IDENTITY
+    colour: bool = False  # the original held colour (channels that differ), not grey stored as RGB
+    frames: int = 1  # a DICOM's NumberOfFrames (only the first is decoded)
 
     @property
     def height(self) -> int:
@@ -99,15 +102,32 @@ def decode_file(path: Path, key: bytes | None = None, limits: DecodeLimits = Dec
         raise UnreadableImage("missing_file", f"{path}: no such file")
     if path.stat().st_size == 0:
         raise UnreadableImage("empty_file", f"{path}: the file is empty (0 bytes)")
-    kind = detect_format(path)
+    return _decode(path, detect_format(path), str(path), key, limits)
+
+
+def decode_bytes(data: bytes, name: str, key: bytes | None = None, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
+    """Decode a film's file content (a served request's bytes) exactly as `decode_file` decodes the file; `name`
+    stands for the file in messages. The format comes from the magic bytes; without any, DICOM is tried."""
+    if not data:
+        raise UnreadableImage("empty_file", f"{name}: the content is empty (0 bytes)")
+    return _decode(data, format_of_head(data[:132]) or "dicom", name, key, limits)
+
+
+def _decode(source: Path | bytes, kind: str, name: str, key: bytes | None, limits: DecodeLimits) -> DecodedImage:
+    """The one decoder behind decode_file and decode_bytes: `source` is a file or its content."""
     if kind == "dicom":
-        image = _decode_dicom(path, key, limits)
+        image = _decode_dicom(source, name, key, limits)
     elif kind in ("png", "jpeg"):
-        image = _decode_pillow(path, kind, limits)
+        image = _decode_pillow(source, name, kind, limits)
     else:
-        raise UnreadableImage("unsupported_format", f"{path}: not a DICOM, PNG or JPEG file")
-    check_usable(image.pixels, str(path))
+        raise UnreadableImage("unsupported_format", f"{name}: not a DICOM, PNG or JPEG file")
+    check_usable(image.pixels, name)
     return image
+
+
+def _readable(source: Path | bytes):  # -> Path | BinaryIO
+    """What pydicom and Pillow open: the file itself, or a fresh in-memory file over the content."""
+    return io.BytesIO(source) if isinstance(source, bytes) else source
 
 
 def looks_like_image(path: Path) -> bool:
@@ -124,13 +144,9 @@ def looks_like_image(path: Path) -> bool:
 def detect_format(path: Path) -> str:
     """Pick the decoder from the file's magic bytes, falling back to its suffix."""
     with path.open("rb") as handle:
-        head = handle.read(132)
-    if head[128:132] == b"DICM":
-        return "dicom"
-    if head.startswith(b"\x89PNG"):
-        return "png"
-    if head.startswith(b"\xff\xd8"):
-        return "jpeg"
+        kind = format_of_head(handle.read(132))
+    if kind:
+        return kind
     suffix = path.suffix.lower()
     if suffix in DICOM_SUFFIXES:
         return "dicom"  # DICOM without the 128-byte preamble: the decoder checks it really is one
@@ -139,6 +155,17 @@ def detect_format(path: Path) -> str:
     if suffix in JPEG_SUFFIXES:
         return "jpeg"
     return "unknown"
+
+
+def format_of_head(head: bytes) -> str:
+    """dicom, png or jpeg from a file's first 132 bytes; "" when they do not say."""
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG"):
+        return "png"
+    if head.startswith(b"\xff\xd8"):
+        return "jpeg"
+    return ""
 
 
 def check_usable(pixels: np.ndarray, name: str) -> None:
@@ -191,7 +218,7 @@ def pixel_sha256(pixels: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _decode_pillow(path: Path, kind: str, limits: DecodeLimits) -> DecodedImage:
+def _decode_pillow(source: Path | bytes, name: str, kind: str, limits: DecodeLimits) -> DecodedImage:
     """Only Pillow's plug-in for `kind` may open the file (never EPS through Ghostscript, or any other); its size is
     read from the header (Image.open decodes nothing) and checked before load()."""
     from PIL import Image, UnidentifiedImageError
@@ -202,29 +229,31 @@ def _decode_pillow(path: Path, kind: str, limits: DecodeLimits) -> DecodedImage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path, formats=[kind.upper()])
+            image = Image.open(_readable(source), formats=[kind.upper()])
     except Image.DecompressionBombError:
-        raise UnreadableImage("too_large", f"{path}: the header declares over twice data.max_pixels ({limits.max_pixels:,}) "
+        raise UnreadableImage("too_large", f"{name}: the header declares over twice data.max_pixels ({limits.max_pixels:,}) "
                               "px; not decoded") from None
     except UnidentifiedImageError:
-        raise UnreadableImage("not_an_image", f"{path}: not a readable {kind.upper()} image") from None
+        raise UnreadableImage("not_an_image", f"{name}: not a readable {kind.upper()} image") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise UnreadableImage("decode_failed", f"{path}: {kind.upper()} data could not be decoded ({exc})") from None
+        raise UnreadableImage("decode_failed", f"{name}: {kind.upper()} data could not be decoded ({exc})") from None
     try:
         with image:
-            limits.check(*image.size, 1, str(path))  # Pillow decodes only the first frame of an animated PNG
+            limits.check(*image.size, 1, name)  # Pillow decodes only the first frame of an animated PNG
             image.load()
             wide = image.mode in ("I;16", "I;16B", "I;16L", "I", "F")
+            colour = image.mode not in ("1", "L", "LA", "I;16", "I;16B", "I;16L", "I", "F") and _has_colour(
+                np.asarray(image.convert("RGB")))
             if wide:
                 pixels = to_uint8(np.asarray(image, dtype=np.float32))
             else:
                 pixels = np.asarray(image.convert("L"), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise UnreadableImage("decode_failed", f"{path}: {kind.upper()} data could not be decoded ({exc})") from None
-    return DecodedImage(pixels=pixels, format=kind, bits_stored=16 if wide else 8)
+        raise UnreadableImage("decode_failed", f"{name}: {kind.upper()} data could not be decoded ({exc})") from None
+    return DecodedImage(pixels=pixels, format=kind, bits_stored=16 if wide else 8, colour=colour)
 
 
-def _check_dicom_size(path: Path, key: bytes | None, limits: DecodeLimits) -> None:
+def _check_dicom_size(source: Path | bytes, name: str, key: bytes | None, limits: DecodeLimits) -> None:
     """Rows x Columns and NumberOfFrames from the header alone (stop_before_pixels: the pixel data is not even
     read), checked against `limits` before the file is read whole and decoded."""
     import pydicom
@@ -232,7 +261,7 @@ def _check_dicom_size(path: Path, key: bytes | None, limits: DecodeLimits) -> No
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            header = pydicom.dcmread(_readable(source), stop_before_pixels=True, force=True)
         declared = [int(header.get(keyword, default) or default) for keyword, default in
                     (("Columns", 0), ("Rows", 0), ("NumberOfFrames", 1))]
     except Exception:  # not DICOM, or a damaged header: the full read says which
@@ -241,36 +270,38 @@ def _check_dicom_size(path: Path, key: bytes | None, limits: DecodeLimits) -> No
         identity = _header_fields(header, key)["identity"]  # pseudonyms, for the caller to redact what it writes
     except Exception:  # a damaged identifying element: the message names no header value anyway
         identity = NO_IDENTITY
-    limits.check(*declared, str(path), identity)
+    limits.check(*declared, name, identity)
 
 
-def _decode_dicom(path: Path, key: bytes | None, limits: DecodeLimits) -> DecodedImage:
+def _decode_dicom(source: Path | bytes, name: str, key: bytes | None, limits: DecodeLimits) -> DecodedImage:
     """Stored values → Modality LUT → VOI LUT (window) → MONOCHROME1 inversion → 0..255, as the standard orders them."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    _check_dicom_size(path, key, limits)
+    _check_dicom_size(source, name, key, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dataset = pydicom.dcmread(path)
+            dataset = pydicom.dcmread(_readable(source))
     except InvalidDicomError:
-        dataset = _read_dicom_without_preamble(path)
+        dataset = _read_dicom_without_preamble(source, name)
     except Exception as exc:  # pydicom raises many types for damaged headers
-        raise UnreadableImage("unreadable_dicom", f"{path}: DICOM header could not be read ({_first_line(exc)})") from None
+        raise UnreadableImage("unreadable_dicom", f"{name}: DICOM header could not be read ({_first_line(exc)})") from None
     try:
         header = _header_fields(dataset, key)
     except Exception as exc:  # pydicom converts values lazily: a damaged element fails only when read
-        raise UnreadableImage("unreadable_dicom", f"{path}: DICOM header could not be read ({_first_line(exc)})") from None
+        raise UnreadableImage("unreadable_dicom", f"{name}: DICOM header could not be read ({_first_line(exc)})") from None
     identity = header["identity"]
     if "PixelData" not in dataset:
-        raise UnreadableImage("no_pixel_data", f"{path}: DICOM file holds no image (no PixelData)", identity)
+        raise UnreadableImage("no_pixel_data", f"{name}: DICOM file holds no image (no PixelData)", identity)
     try:
-        pixels = _dicom_to_grey(dataset, header["photometric"])
+        pixels, colour = _dicom_to_grey(dataset, header["photometric"])
+        colour = colour or header["photometric"] == "PALETTE COLOR"  # grey indices into a colour table
     except Exception as exc:  # truncated data, unsupported compression, odd LUTs, ...
-        message = f"{path}: DICOM pixel data could not be decoded ({_first_line(exc)})"
+        message = f"{name}: DICOM pixel data could not be decoded ({_first_line(exc)})"
         raise UnreadableImage("decode_failed", message, identity) from None
-    return DecodedImage(pixels=pixels, format="dicom", **header)
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    return DecodedImage(pixels=pixels, format="dicom", colour=colour, frames=frames, **header)
 
 
 def read_identity(path: Path, key: bytes) -> Identity:
@@ -338,8 +369,9 @@ def age_band(value) -> str:
     return [band for lowest, band in AGE_BANDS if years >= lowest][-1]
 
 
-def _dicom_to_grey(dataset, photometric: str) -> np.ndarray:  # dataset: pydicom.Dataset
-    """Stored values to display grey levels; pydicom already returns colour data as RGB."""
+def _dicom_to_grey(dataset, photometric: str) -> tuple[np.ndarray, bool]:  # dataset: pydicom.Dataset
+    """Stored values to display grey levels, and whether they were colour; pydicom already returns colour data
+    as RGB."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
@@ -349,28 +381,38 @@ def _dicom_to_grey(dataset, photometric: str) -> np.ndarray:  # dataset: pydicom
         values = dataset.pixel_array
     if values.ndim == 3:
         grey = values[..., 0] * 0.299 + values[..., 1] * 0.587 + values[..., 2] * 0.114
-        return to_uint8(grey)
+        return to_uint8(grey), _has_colour(values)
     values = apply_modality_lut(values, dataset)
     values = apply_voi_lut(values, dataset, index=0)
     pixels = to_uint8(values)
     if photometric == "MONOCHROME1":  # inverted only after the VOI step, as the standard orders it
         pixels = 255 - pixels
-    return pixels
+    return pixels, False
 
 
-def _read_dicom_without_preamble(path: Path):  # -> pydicom.Dataset
+COLOUR_SPREAD = 8.0  # mean (max - min channel) over the pixels, 0..255: above it the image holds colour
+
+
+def _has_colour(rgb: np.ndarray) -> bool:
+    """Colour, as opposed to a grey film stored as RGB (equal channels, or nearly so after JPEG compression)."""
+    spread = rgb.max(axis=-1) - rgb.min(axis=-1)  # no float copy of a full-size film (never negative)
+    scale = 1.0 if rgb.dtype == np.uint8 else 255.0 / max(float(rgb.max()), 255.0)  # 16-bit colour: on the 8-bit scale
+    return float(spread.mean()) * scale > COLOUR_SPREAD
+
+
+def _read_dicom_without_preamble(source: Path | bytes, name: str):  # -> pydicom.Dataset
     """Old ACR-NEMA style files have no preamble or meta header; accept them only if they hold an image."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ImplicitVRLittleEndian
 
     try:
-        dataset = pydicom.dcmread(path, force=True)
+        dataset = pydicom.dcmread(_readable(source), force=True)
         looks_like_image = "PixelData" in dataset and "Rows" in dataset and "Columns" in dataset
     except Exception:
         looks_like_image = False
     if not looks_like_image:
-        raise UnreadableImage("not_dicom", f"{path}: not a DICOM file (no DICOM header or image found)")
+        raise UnreadableImage("not_dicom", f"{name}: not a DICOM file (no DICOM header or image found)")
     if "TransferSyntaxUID" not in dataset.file_meta:
         meta = FileMetaDataset(dataset.file_meta)
         meta.TransferSyntaxUID = ImplicitVRLittleEndian

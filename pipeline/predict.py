@@ -1,7 +1,9 @@
 """Predict: classify DICOM/PNG/JPEG files with a registered model (the `champion` by default).
 
 Each file is decoded and resized exactly as at ingest, to the size recorded in the model's
-metadata; a file that cannot be read gets its own error entry and the others go on.
+metadata; a file that cannot be read gets its own error entry and the others go on, and one outside the model's
+scope (a CT, a lateral view, a colour photograph: pipeline.scope) gets `out_of_scope` with a reason, never a
+probability.
 With `explain_dir`, each classified file also gets a Grad-CAM overlay PNG (see `pipeline.explain`).
 """
 
@@ -16,6 +18,8 @@ from pipeline.errors import CxrError
 from pipeline.explain import grad_cam, network_to_explain, overlay_paths, write_overlay
 from pipeline.imaging import DecodeLimits, UnreadableImage, decode_file, looks_like_image, resize
 from pipeline.paths import ProjectPaths
+from pipeline.scope import Scope, out_of_scope
+from pipeline.serving import ServedModel
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,13 @@ class Prediction:
     error: str | None = None
     explanation: str | None = None  # the Grad-CAM overlay PNG, when one was asked for
     probabilities: dict[str, float] | None = None  # multiclass and multilabel: per label
+    out_of_scope: str | None = None  # why the model does not answer for this film (then no label or probability)
 
     def as_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
+        if self.out_of_scope is not None:
+            return {"path": self.path, "out_of_scope": self.out_of_scope}
         result: dict = {"path": self.path, "label": self.label}
         if self.probability is not None:
             result["probability"] = self.probability
@@ -55,7 +62,7 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     return files
 
 
-def load_model(model_uri: str, paths: ProjectPaths):  # -> mlflow.pyfunc.PyFuncModel
+def load_model(model_uri: str, paths: ProjectPaths) -> ServedModel:
     """Load a pyfunc from the project's tracking store; a missing model is a clear error."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -64,7 +71,7 @@ def load_model(model_uri: str, paths: ProjectPaths):  # -> mlflow.pyfunc.PyFuncM
 
     try:
         with tracking.fluent_store(paths):
-            return mlflow.pyfunc.load_model(model_uri)
+            return ServedModel(mlflow.pyfunc.load_model(model_uri))
     except MlflowException as exc:
         raise CxrError(f"could not load model '{model_uri}' ({str(exc).splitlines()[0]}); run `cxr pipeline` to register one, or pass --model") from None
 
@@ -81,14 +88,21 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
 
     metadata = model.metadata.metadata
     size, task = int(metadata["image_size"]), task_for(metadata["task"], metadata["labels"])
+    scope = Scope.from_dict(metadata.get("scope"))
     network = network_to_explain(model) if explain_dir is not None else None
     results: list[Prediction | None] = [None] * len(files)
     ready: list[tuple[int, np.ndarray]] = []
     for position, file in enumerate(files):
         try:
-            ready.append((position, resize(decode_file(file, limits=limits).pixels, size)))
+            image = decode_file(file, limits=limits)
         except UnreadableImage as exc:
             results[position] = Prediction(path=str(file), error=f"{exc.reason}: {exc}")
+            continue
+        reason = out_of_scope(image, scope)
+        if reason is not None:
+            results[position] = Prediction(path=str(file), out_of_scope=reason)
+        else:
+            ready.append((position, resize(image.pixels, size)))
     overlays = overlay_paths([files[position] for position, _ in ready], explain_dir) if explain_dir is not None else []
     for start in range(0, len(ready), batch_size):
         chunk = ready[start : start + batch_size]

@@ -34,9 +34,10 @@ from pipeline.provenance import TrainedModel, check_registrable, trained_model
 
 log = logging.getLogger(__name__)
 
-# What the served model imports (a test checks the list against the imports): files, and the tasks package.
+# What the served model imports (a test checks the list against the imports): files, and the tasks package. It
+# decodes file bytes as ingest does (imaging, which reads deid's Identity, which reads config) and judges scope.
 SERVING_MODULES = ("__init__.py", "errors.py", "labels.py", "tasks", "metrics.py", "losses.py", "models.py", "serving.py",
-                   "mlflow_model.py")
+                   "mlflow_model.py", "imaging.py", "deid.py", "config.py", "scope.py")
 
 
 @dataclass(frozen=True)
@@ -221,11 +222,14 @@ def model_card_context(paths: ProjectPaths, trained: TrainedModel, name: str, ve
 
 
 def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
-    """Log the pyfunc (with the code it runs, so it loads anywhere) into the training run and register it."""
+    """Log the pyfunc (with the code it runs, so it loads anywhere) into the training run and register it. Its
+    signature and input example show the bytes form (pipeline.serving); its scope is the training data's contract
+    (`serve.*`, else the manifest's modalities and views) and travels with it, as do the decode limits."""
     import mlflow
     from mlflow.models import infer_signature
 
     from pipeline import tracking
+    from pipeline.imaging import limits_of
     from pipeline.models import load_checkpoint
     from pipeline.tasks import task_for
 
@@ -234,8 +238,10 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
     size, labels, threshold = int(state["image_size"]), list(state["labels"]), metrics["threshold"]
     task = task_for(state["task"], labels)
     temperature = float(metrics["temperature"])
-    example = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (1, size, 1))  # a grey ramp: no patient pixels in the registry
-    output = task.serving_table(np.full((1, len(labels)), 0.5), threshold)
+    example = input_example(size)
+    output = task.serving_table(np.full((1, len(labels)), 0.5), threshold).assign(out_of_scope="", error="")
+    scope = training_scope(paths, config, task).as_dict()
+    limits = limits_of(config.data)
     with tempfile.TemporaryDirectory() as scratch:
         package = _serving_package(Path(scratch))
         with tracking.fluent_store(paths), mlflow.start_run(run_id=run_id):
@@ -247,18 +253,47 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
                 pip_requirements=serving_requirements(),
                 signature=infer_signature(example, output),
                 input_example=example,
-                model_config={"threshold": threshold, "temperature": temperature},
-                metadata={"image_size": size, "labels": labels, "task": task.name, "threshold": threshold, "temperature": temperature},
+                model_config={"threshold": threshold, "temperature": temperature, "scope": scope,
+                              "limits": {"max_pixels": limits.max_pixels, "max_frames": limits.max_frames}},
+                metadata={"image_size": size, "labels": labels, "task": task.name, "threshold": threshold, "temperature": temperature,
+                          "scope": scope},
                 registered_model_name=config.registry.model_name,
             )
     return int(info.registered_model_version)
+
+
+def input_example(size: int):  # -> pd.DataFrame
+    """One PNG of a grey ramp (no patient pixels in the registry), base64-encoded in the `image` column."""
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from pipeline.serving import IMAGE_COLUMN
+
+    ramp = np.tile(np.linspace(0, 255, size, dtype=np.uint8), (size, 1))
+    buffer = io.BytesIO()
+    Image.fromarray(ramp, mode="L").save(buffer, format="PNG")
+    return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+
+
+def training_scope(paths: ProjectPaths, config: Config, task):  # -> pipeline.scope.Scope
+    """What the model answers for: serve.* where set, else the modalities and views of the films it trained on."""
+    from pipeline.scope import contract
+
+    manifest = read_manifest(paths.manifest, task.name, task.labels, ["split", "modality", "view"], "metrics.json's model")
+    trained = manifest[manifest["split"] == "train"].fillna("")
+    serve = config.serve
+    return contract(serve.modalities, serve.views, serve.body_parts, list(trained["modality"]), list(trained["view"]))
 
 
 def serving_requirements() -> list[str]:
     """What the logged model needs where it is served: the versions installed here (the model ships its own code)."""
     from importlib.metadata import version
 
-    packages = ("torch", "numpy", "pandas", "mlflow", "monai", "einops")
+    packages = ("torch", "numpy", "pandas", "mlflow", "monai", "einops", "pydicom", "pillow", "pylibjpeg", "pylibjpeg-libjpeg",
+                "pylibjpeg-openjpeg", "pyyaml", "pydantic")
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]  # no local tag such as +cpu
 
 

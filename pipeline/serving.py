@@ -1,47 +1,151 @@
-"""The MLflow pyfunc that wraps a checkpoint: what the registry stores and `cxr predict` loads.
+"""The MLflow pyfunc that wraps a checkpoint: what the registry stores, `mlflow models serve` runs and `cxr predict`
+loads.
 
-It takes images already decoded and resized to the size recorded in the model's metadata
-(`image_size`), so the same pyfunc answers `mlflow models serve` requests. The operating point chosen on
-validation (a threshold, or one per label) and the temperature travel in the model's `model_config`; what
-the answer table holds is the task's (pipeline.tasks: Task.serving_table).
+Its signature's input is a table whose column `image` holds base64-encoded file bytes (DICOM, PNG or JPEG): the
+model decodes them with the function ingest decoded the training films with (pipeline.imaging.decode_bytes) and
+resizes them to the size recorded in its metadata (`image_size`), so no caller re-implements the LUTs, MONOCHROME1
+or the resize and drifts from training. Each row's answer is a probability, or `out_of_scope` with a reason (a film
+outside the training data's contract, pipeline.scope), or `error` with a reason (a broken or too-large file): one
+bad row never fails the others. As before it took bytes, it also takes (N, S, S) uint8 arrays already resized
+(`{"inputs": arrays}` over REST, which MLflow hands over as the `image` column; in this process through
+ServedModel, below); they carry no header and are not judged for scope.
+
+The operating point chosen on validation (a threshold, or one per label), the temperature, the scope and the decode
+limits travel in the model's `model_config`; what the answer table holds is the task's (pipeline.tasks:
+Task.serving_table).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+IMAGE_COLUMN = "image"  # the input column: base64-encoded file bytes
+
 
 class CxrClassifier(mlflow.pyfunc.PythonModel):
-    """(N, S, S) uint8 grey images → a table of label(s) and probabilities at the stored operating point."""
+    """A table of base64 file bytes, or (N, S, S) uint8 grey images → a table of label(s) and probabilities at the
+    stored operating point."""
 
-    # The logged signature (a uint8 tensor) describes the input; MLflow's type-hint validation does not apply.
+    # The logged signature (a string column) describes the input; MLflow's type-hint validation does not apply.
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
+        from pipeline.imaging import DecodeLimits
         from pipeline.models import load_checkpoint
+        from pipeline.scope import Scope
         from pipeline.tasks import task_for
 
         self.model, state = load_checkpoint(Path(context.artifacts["checkpoint"]))
         self.task = task_for(state["task"], state["labels"])
-        threshold = context.model_config["threshold"]  # a float, {label: float} (multilabel) or None (multiclass)
+        config = context.model_config
+        threshold = config["threshold"]  # a float, {label: float} (multilabel) or None (multiclass)
         self.threshold = float(threshold) if isinstance(threshold, (int, float)) else threshold
-        self.temperature = float(context.model_config["temperature"])
+        self.temperature = float(config["temperature"])
         self.image_size = int(state["image_size"])
+        self.scope = Scope.from_dict(config.get("scope"))
+        self.limits = DecodeLimits(**config.get("limits", {}))
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        if isinstance(model_input, pd.DataFrame) and IMAGE_COLUMN in model_input.columns:
+            return self.answer_files(list(model_input[IMAGE_COLUMN]))
+        return self.classify(np.asarray(model_input))
+
+    def classify(self, images: np.ndarray) -> pd.DataFrame:
+        """(N, S, S) uint8 images at the model's size → the task's answer table (no scope: arrays have no header)."""
+        return self.task.serving_table(self.probabilities(images), self.threshold)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, S, S) uint8 images at the model's size → (N, K) calibrated probabilities."""
         import torch
 
         from pipeline.models import predict_proba
 
-        images = np.asarray(model_input)
         if images.ndim == 2:
             images = images[None]
-        if images.shape[1:] != (self.image_size, self.image_size):
+        if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
             raise ValueError(f"expected images of shape (N, {self.image_size}, {self.image_size}), got {images.shape}")
         probability = predict_proba(self.model, images.astype(np.uint8), torch.device("cpu"), self.task.activation)
-        probability = self.task.apply_temperature(probability, self.temperature)
-        return self.task.serving_table(probability, self.threshold)
+        return self.task.apply_temperature(probability, self.temperature)
+
+    def answer_files(self, contents: list) -> pd.DataFrame:
+        """One answer per file: decode (as ingest does), judge its scope, resize, classify the ones in scope. Rows
+        not classified have no label and NaN probabilities, and say why in `out_of_scope` or `error`."""
+        from pipeline.imaging import UnreadableImage, decode_bytes, resize
+        from pipeline.scope import out_of_scope
+
+        n = len(contents)
+        refused, errors = [""] * n, [""] * n
+        ready: list[tuple[int, np.ndarray]] = []
+        for row, content in enumerate(contents):
+            name = f"row {row}"
+            if isinstance(content, (list, np.ndarray)):  # an image already resized ({"inputs": arrays} over REST)
+                pixels = np.asarray(content)
+                if pixels.shape == (self.image_size, self.image_size):
+                    ready.append((row, pixels.astype(np.uint8)))  # no header to judge
+                else:
+                    errors[row] = f"wrong_shape: {name}: an image array must be {self.image_size}x{self.image_size}, got {pixels.shape}"
+                continue
+            try:
+                image = decode_bytes(file_bytes(content, name), name, limits=self.limits)
+            except UnreadableImage as exc:
+                errors[row] = f"{exc.reason}: {exc}"
+                continue
+            reason = out_of_scope(image, self.scope)
+            if reason is not None:
+                refused[row] = reason
+                continue
+            ready.append((row, resize(image.pixels, self.image_size)))
+        probability = np.full((n, len(self.task.labels)), np.nan)
+        if ready:
+            probability[[row for row, _ in ready]] = self.probabilities(np.stack([pixels for _, pixels in ready]))
+        table = self.task.serving_table(probability, self.threshold)
+        answered = np.array([not (refused[row] or errors[row]) for row in range(n)], dtype=bool)
+        if not answered.all():  # None, not NaN: JSON's null (MLflow writes NaN as a bare NaN, which JSON lacks)
+            table = table.astype(object).where(pd.DataFrame({c: answered for c in table.columns}), None)
+        return table.assign(out_of_scope=refused, error=errors)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A registered model loaded in this process. `predict` takes what the signature shows (a table of base64 file
+    bytes, checked against it by MLflow) or, as before the model took bytes, (N, S, S) uint8 arrays at its size,
+    which MLflow's signature check would refuse: those go straight to the model's own `classify`."""
+
+    pyfunc: object  # mlflow.pyfunc.PyFuncModel
+
+    @property
+    def metadata(self):  # -> mlflow.models.Model
+        return self.pyfunc.metadata
+
+    def unwrap_python_model(self):  # -> pipeline.serving.CxrClassifier
+        return self.pyfunc.unwrap_python_model()
+
+    def predict(self, model_input) -> pd.DataFrame:
+        if isinstance(model_input, pd.DataFrame):
+            return self.pyfunc.predict(model_input)
+        classify = getattr(self.pyfunc.unwrap_python_model(), "classify", None)
+        if classify is None:  # a version registered before the bytes form: its signature is the array
+            return self.pyfunc.predict(model_input)
+        return classify(np.asarray(model_input))
+
+
+def file_bytes(content, name: str) -> bytes:
+    """A row's file bytes: base64 text (the signature's form, and what JSON carries), or raw bytes."""
+    import base64
+    import binascii
+
+    from pipeline.imaging import UnreadableImage
+
+    if isinstance(content, (bytes, bytearray)):
+        return bytes(content)
+    if not isinstance(content, str):
+        raise UnreadableImage("not_base64", f"{name}: expected base64-encoded file bytes, got {type(content).__name__}")
+    try:
+        return base64.b64decode(content, validate=True)
+    except (binascii.Error, ValueError):
+        raise UnreadableImage("not_base64", f"{name}: not valid base64") from None

@@ -53,18 +53,27 @@ def test_stage_without_its_inputs_says_what_to_run(tmp_path):
 
 
 def test_predict_json_on_pydicom_test_files(tiny_project, pydicom_test_files):
-    """Real DICOMs: each gets a probability or a clear error; the exit code is 0 since some were classified."""
+    """Real DICOMs: none is a chest film, so none gets a probability: CT, MR and NM are out of scope with the reason,
+    the broken ones an error; nothing was classified, so the exit code is 1."""
     files = [pydicom_test_files / name for name in ("CT_small.dcm", "MR_small.dcm", "MR_truncated.dcm", "rtplan.dcm", "JPEG2000.dcm")]
     out = cxr("predict", *map(str, files), "--json", cwd=tiny_project.paths.root)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 1, out.stderr
     results = json.loads(out.stdout)
     assert [r["path"] for r in results] == list(map(str, files))
     by_name = {Path(r["path"]).name: r for r in results}
-    for name in ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm"):
-        assert 0.0 <= by_name[name]["probability"] <= 1.0
-        assert by_name[name]["label"] in ("normal", "pneumonia")
+    for name, modality in (("CT_small.dcm", "CT"), ("MR_small.dcm", "MR"), ("JPEG2000.dcm", "NM")):
+        assert by_name[name] == {"path": str(pydicom_test_files / name), "out_of_scope": f"modality: {modality} is not one of CR, DX"}
     assert by_name["MR_truncated.dcm"]["error"].startswith("decode_failed")
     assert by_name["rtplan.dcm"]["error"].startswith("no_pixel_data")
+
+
+def test_predict_says_out_of_scope_in_plain_output_and_classifies_the_chest_film(tiny_project, pydicom_test_files):
+    chest = next((tiny_project.paths.root / "data" / "raw" / "demo" / "normal").glob("*.dcm"))
+    out = cxr("predict", str(pydicom_test_files / "CT_small.dcm"), str(chest), cwd=tiny_project.paths.root)
+    assert out.returncode == 0, out.stderr
+    ct, film = out.stdout.strip().splitlines()
+    assert ct == f"{pydicom_test_files / 'CT_small.dcm'}\tout_of_scope: modality: CT is not one of CR, DX"
+    assert re.fullmatch(rf"{re.escape(str(chest))}\t(normal|pneumonia)\t(0\.\d{{4}}|1\.0000)", film), film
 
 
 def test_predict_a_folder_and_plain_output(tiny_project):

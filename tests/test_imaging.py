@@ -6,7 +6,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from pipeline.imaging import UnreadableImage, decode_file, pixel_sha256, resize
+from pipeline.imaging import DecodeLimits, UnreadableImage, decode_bytes, decode_file, pixel_sha256, resize
 
 
 def test_every_pydicom_test_file_decodes_or_gives_a_reason(pydicom_test_files):
@@ -22,6 +22,42 @@ def test_every_pydicom_test_file_decodes_or_gives_a_reason(pydicom_test_files):
         assert image.pixels.dtype == np.uint8 and image.pixels.ndim == 2
         decoded += 1
     assert decoded > 20 and rejected > 5
+
+
+def test_file_bytes_decode_exactly_as_the_file_does(pydicom_test_files, tmp_path):
+    """The served model decodes request bytes with decode_bytes: every pydicom test file (no_meta.dcm has no
+    preamble) and a 16-bit PNG give the same pixels and header fields, or the same reason, as decode_file gives the file."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 65535, (40, 30), dtype=np.uint16)).save(tmp_path / "film.png")
+    paths = [*sorted(pydicom_test_files.glob("*.dcm")), tmp_path / "film.png"]
+    compared, refused = 0, 0
+    for path in paths:
+        try:
+            from_file = decode_file(path)
+        except UnreadableImage as exc:
+            with pytest.raises(UnreadableImage) as raised:
+                decode_bytes(path.read_bytes(), "row 7")
+            assert raised.value.reason == exc.reason and str(raised.value).startswith("row 7: "), path.name
+            refused += 1
+            continue
+        from_bytes = decode_bytes(path.read_bytes(), "row 7")
+        assert np.array_equal(from_file.pixels, from_bytes.pixels), path.name
+        assert (from_file.modality, from_file.view, from_file.photometric, from_file.colour, from_file.format) == \
+            (from_bytes.modality, from_bytes.view, from_bytes.photometric, from_bytes.colour, from_bytes.format), path.name
+        compared += 1
+    assert compared > 20 and refused > 5
+
+
+def test_bytes_too_large_garbage_or_empty_are_reasons_not_crashes(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300), dtype=np.uint8)).save(tmp_path / "big.png")
+    cases = [(b"", "empty_file"), (b"not an image at all" * 20, "not_dicom"),
+             ((tmp_path / "big.png").read_bytes()[:200], "decode_failed")]
+    for data, reason in cases:
+        with pytest.raises(UnreadableImage) as raised:
+            decode_bytes(data, "row 0")
+        assert raised.value.reason == reason
+    with pytest.raises(UnreadableImage) as raised:
+        decode_bytes((tmp_path / "big.png").read_bytes(), "row 0", limits=DecodeLimits(max_pixels=300 * 299))
+    assert raised.value.reason == "too_large"
 
 
 def test_truncated_dicom_is_rejected_with_decode_failed(pydicom_test_files):

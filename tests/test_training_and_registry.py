@@ -84,12 +84,11 @@ def test_first_registered_version_is_champion_with_signature(tiny_project):
     model = load_model("models:/cxr-pneumonia@champion", tiny_project.paths)
     size = tiny_project.config.data.image_size
     signature = model.metadata.signature
-    assert signature.inputs.is_tensor_spec()
-    [spec] = signature.inputs.inputs
-    assert spec.type == np.dtype("uint8") and spec.shape == (-1, size, size)
-    assert signature.outputs.input_names() == ["probability", "label"]
+    assert not signature.inputs.is_tensor_spec()  # the bytes form: base64 file bytes in column `image`
+    assert signature.inputs.input_names() == ["image"]
+    assert signature.outputs.input_names() == ["probability", "label", "out_of_scope", "error"]
     assert model.metadata.metadata["image_size"] == size
-    table = model.predict(np.zeros((2, size, size), dtype=np.uint8))
+    table = model.predict(np.zeros((2, size, size), dtype=np.uint8))  # in this process, arrays at its size as before
     assert list(table.columns) == ["probability", "label"] and table["probability"].between(0, 1).all()
 
 
