@@ -201,13 +201,14 @@ def test_a_result_sr_goes_into_the_films_study_and_a_film_that_failed_gets_none(
     client = open_client(address.base_url, TOKEN)
     films = retrieve_films(client, address, tmp_path)
     identity = ModelIdentity("cxr-multilabel", "7", {"effusion": 0.5, "nodule": 0.25})
-    assert store_results(client, films, [Prediction(path=films[0].url, error="unreadable_dicom: ...")], identity) == []
+    failed = Prediction(path=films[0].url, error="unreadable_dicom: ...")
+    assert store_results(client, films, [failed], identity) == [failed]
     assert pacs.reports(one_study.StudyInstanceUID) == []
 
     answer = Prediction(path=films[0].url, label="effusion", probabilities={"effusion": 0.91234, "nodule": 0.1})
-    stored = store_results(client, films, [answer], identity)
+    assert store_results(client, films, [answer], identity) == [answer]
     reports = pacs.reports(one_study.StudyInstanceUID)
-    assert [r["SOPInstanceUID"] for r in reports] == stored and len(stored) == 1
+    assert len(reports) == 1
     report = reports[0]
     assert report["Modality"] == "SR" and report["StudyInstanceUID"] == one_study.StudyInstanceUID
     assert report["SeriesInstanceUID"] != one_study.SeriesInstanceUID
@@ -219,3 +220,112 @@ def test_a_result_sr_goes_into_the_films_study_and_a_film_that_failed_gets_none(
         "Decision threshold": '{"effusion": 0.5, "nodule": 0.25}', "Algorithm Name": "cxr-multilabel", "Algorithm Version": "7"}
     # the study now holds a report: it has no pixels, so it is not a film to classify
     assert [film.url for film in retrieve_films(client, address, tmp_path)] == [films[0].url]
+
+
+def captures(pacs: Pacs, study_uid: str) -> list[dict]:
+    """The study's Secondary Capture instances, as Orthanc's simplified JSON tags."""
+    found = pacs.call("/tools/find", json.dumps({"Level": "Instance", "Expand": True,
+                                                 "Query": {"StudyInstanceUID": study_uid, "Modality": "OT"}}).encode())
+    return [pacs.call(f"/instances/{item['ID']}/simplified-tags") for item in found]
+
+
+def test_an_overlay_goes_into_the_films_study_as_a_capture_of_it_carrying_only_the_study_attributes(pacs, tmp_path):
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    from pipeline.demo_data import write_demo_data
+    from pipeline.dicomweb import ModelIdentity, open_client, parse_address, retrieve_films, store_results
+    from pipeline.explain import write_overlay
+    from pipeline.predict import Prediction
+
+    write_demo_data(tmp_path / "data" / "raw" / "demo", n=12, seed=11, size=32)
+    film = chest_films(tmp_path, 1)[0]
+    source = pydicom.dcmread(film)
+    source.OtherPatientIDs, source.PatientAge = "OTHER-7730100", "047Y"  # identifying, and not needed by a capture
+    source.save_as(film)
+    pacs.upload(film)
+    address = parse_address(f"{pacs.dicomweb}/studies/{source.StudyInstanceUID}")
+    client = open_client(address.base_url, TOKEN)
+    (tmp_path / "retrieved").mkdir()
+    films = retrieve_films(client, address, tmp_path / "retrieved")
+    png = tmp_path / "overlay.png"
+    write_overlay(np.full((32, 32), 90, np.uint8), np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32), png,
+                  "pneumonia  P(pneumonia) 0.800\nGrad-CAM: evidence for pneumonia")
+    answer = Prediction(path=films[0].url, label="pneumonia", probability=0.8, explanation=str(png))
+    stored = store_results(client, films, [answer], ModelIdentity("cxr-pneumonia", "3", 0.5))
+
+    [capture] = captures(pacs, source.StudyInstanceUID)
+    assert len(pacs.reports(source.StudyInstanceUID)) == 1
+    assert stored[0].explanation == (f"{pacs.dicomweb}/studies/{source.StudyInstanceUID}/series/"
+                                     f"{capture['SeriesInstanceUID']}/instances/{capture['SOPInstanceUID']}")
+    assert capture["SOPClassUID"] == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    assert capture["SeriesInstanceUID"] != source.SeriesInstanceUID and capture["SOPInstanceUID"] != source.SOPInstanceUID
+    assert [(r["ReferencedSOPClassUID"], r["ReferencedSOPInstanceUID"]) for r in capture["SourceImageSequence"]] == [
+        (source.SOPClassUID, source.SOPInstanceUID)]
+    # the same patient and study as the film (so the PACS files it there), and nothing more of the header
+    for keyword in ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID"):
+        assert capture[keyword] == str(source[keyword].value), keyword
+    assert not {"InstitutionName", "OtherPatientIDs", "PatientAge"} & set(capture)
+    # its pixels are the overlay, RGB, as drawn
+    with urllib.request.urlopen(urllib.request.Request(f"{pacs.root}/instances/{_orthanc_id(pacs, capture)}/file",
+                                                       headers={"Authorization": f"Bearer {TOKEN}"})) as response:
+        (tmp_path / "capture.dcm").write_bytes(response.read())
+    stored_capture = pydicom.dcmread(tmp_path / "capture.dcm")
+    assert stored_capture.PhotometricInterpretation == "RGB"
+    assert np.array_equal(stored_capture.pixel_array, np.asarray(Image.open(png).convert("RGB")))
+
+
+def _orthanc_id(pacs: Pacs, tags: dict) -> str:
+    [found] = pacs.call("/tools/lookup", tags["SOPInstanceUID"].encode())
+    return found["ID"]
+
+
+@pytest.mark.slow
+def test_explain_stores_a_capture_per_film_beside_its_sr_and_leaves_nothing_identifying_in_the_project(tiny_project, pacs,
+                                                                                                        tmp_path):
+    import pydicom
+
+    from pipeline.demo_data import phi_values
+
+    root = tiny_project.paths.root
+    films = chest_films(root, 5)[3:5]  # studies no other test here uses
+    headers = [pydicom.dcmread(film, stop_before_pixels=True) for film in films]
+    for film in films:
+        pacs.upload(film)
+    urls = [f"{pacs.dicomweb}/studies/{h.StudyInstanceUID}" for h in headers]
+    before = project_files(root)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    remote = cxr("predict", "--json", "--store-results", "--explain", str(root / "overlays"), *urls, cwd=root,
+                 env={"CXR_DICOMWEB_TOKEN": TOKEN, "TMPDIR": str(temp)})
+    assert remote.returncode == 0, remote.stderr
+
+    answers = json.loads(remote.stdout)
+    assert len(answers) == 2 and all("probability" in a for a in answers)
+    for header, answer in zip(headers, answers):
+        [report], [capture] = pacs.reports(header.StudyInstanceUID), captures(pacs, header.StudyInstanceUID)
+        assert answer["explanation"] == (f"{pacs.dicomweb}/studies/{header.StudyInstanceUID}/series/"
+                                         f"{capture['SeriesInstanceUID']}/instances/{capture['SOPInstanceUID']}")
+        assert capture["SourceImageSequence"][0]["ReferencedSOPInstanceUID"] == header.SOPInstanceUID
+        assert capture["SeriesInstanceUID"] not in (header.SeriesInstanceUID, report["SeriesInstanceUID"])
+    # no overlay, and nothing of the headers (UIDs included), in the project, the logs or the temporary folder
+    assert not (root / "overlays").exists()
+    identifiers = {value for value in phi_values(root / "data" / "raw" / "demo") if value}
+    identifiers |= {str(h[k].value) for h in headers for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    assert not [value for value in identifiers if value in remote.stderr]
+    assert not [value for value in phi_values(root / "data" / "raw" / "demo") if value and value in remote.stdout]
+    changed = [p for p, mtime in project_files(root).items() if before.get(p) != mtime]
+    assert not [p for p in changed if any(value.encode() in p.read_bytes() for value in identifiers)]
+    assert not [p for p in temp.rglob("*") if p.is_file()]
+
+
+def test_explain_for_a_pacs_film_without_store_results_is_refused_before_anything_is_read(tmp_path):
+    (tmp_path / "params.yaml").write_text("{}\n")
+    refused = cxr("predict", "--explain", str(tmp_path / "overlays"), "http://127.0.0.1:9/dicom-web/studies/1.2",
+                  env={}, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "error: --explain with DICOMweb URLs stores each overlay back into its study as a Secondary Capture: add "
+        "--store-results (overlays of PACS films are never written to the project)"]
+    assert not (tmp_path / "overlays").exists()
