@@ -16,12 +16,15 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
+from pipeline.dicomweb_client import (
+    ANY_TRANSFER_SYNTAX,
+    answering,
+    check_service_url,
+    open_client,
+)
 from pipeline.errors import CxrError
 from pipeline.imaging import DecodeLimits
 from pipeline.predict import Prediction, predict_files
@@ -37,7 +40,6 @@ _OVERLAY_SERIES_NUMBER = 9902
 _STUDY_ATTRIBUTES = {"PatientName": "patient_name", "PatientID": "patient_id", "PatientBirthDate": "patient_birth_date",
                      "PatientSex": "patient_sex", "AccessionNumber": "accession_number", "StudyID": "study_id",
                      "StudyDate": "study_date", "StudyTime": "study_time", "ReferringPhysicianName": "referring_physician_name"}
-_ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)  # the instances as stored: no transcoding on the way
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,7 @@ def is_url(text: str) -> bool:
 def parse_address(text: str) -> DicomwebAddress:
     """A study or series URL, checked; anything else is a clear error naming it. Credentials inside the URL are
     refused: they would be echoed wherever the URL is (answers, logs, shell history)."""
-    if urlsplit(text).username is not None or urlsplit(text).password is not None:
-        raise CxrError(f"a DICOMweb URL must not hold credentials ({urlsplit(text).hostname}): set CXR_DICOMWEB_USER "
-                       "and CXR_DICOMWEB_PASSWORD, or CXR_DICOMWEB_TOKEN, instead")
+    check_service_url(text)
     match = _ADDRESS.match(text)
     if match is None:
         raise CxrError(f"{text} is not a DICOMweb study or series URL: expected "
@@ -95,33 +95,16 @@ def parse_address(text: str) -> DicomwebAddress:
     return DicomwebAddress(match["base"], match["study"], match["series"])
 
 
-def open_client(base_url: str, credentials: tuple[str, str] | str | None):  # -> dicomweb_client.DICOMwebClient
-    """A WADO-RS/STOW-RS client for `base_url`, signed in with HTTP basic (user, password) or a bearer token.
-    A busy server (429, 503, 504) or a dropped connection is tried three times, 1 s and 2 s apart: the library's
-    default (five times, up to 16 s apart) keeps a user waiting half a minute for a server that is down."""
-    import requests
-    from dicomweb_client.api import DICOMwebClient
-
-    session = requests.Session()
-    if isinstance(credentials, tuple):
-        session.auth = credentials
-    elif isinstance(credentials, str):
-        session.headers["Authorization"] = f"Bearer {credentials}"
-    client = DICOMwebClient(base_url, session=session)
-    client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=500)
-    return client
-
-
 def retrieve_films(client, address: DicomwebAddress, folder: Path) -> list[RemoteFilm]:
     """Every film of the study or series, written to `folder` as <SOPInstanceUID>.dcm; instances without pixel
     data (reports, key objects) are skipped. An empty study or series is a clear error naming the URL."""
     from pydicom.uid import UID
 
-    with _answering(address):
+    with answering(str(address), address.base_url):
         if address.series_uid is None:
-            instances = client.iter_study(address.study_uid, media_types=_ANY_TRANSFER_SYNTAX)
+            instances = client.iter_study(address.study_uid, media_types=ANY_TRANSFER_SYNTAX)
         else:
-            instances = client.iter_series(address.study_uid, address.series_uid, media_types=_ANY_TRANSFER_SYNTAX)
+            instances = client.iter_series(address.study_uid, address.series_uid, media_types=ANY_TRANSFER_SYNTAX)
         films = []
         for dataset in instances:
             if "PixelData" not in dataset:
@@ -178,7 +161,7 @@ def store_results(client, films: list[RemoteFilm], predictions: list[Prediction]
             prediction = replace(prediction, explanation=url)
         answers.append(prediction)
     if instances:
-        with _answering(films[0].address):
+        with answering(str(films[0].address), films[0].address.base_url):
             client.store_instances(instances, study_instance_uid=films[0].address.study_uid)
         log.info("dicomweb: stored %d result instance(s) in %s", len(instances), films[0].address.base_url)
     return answers
@@ -189,7 +172,13 @@ def result_report(film: RemoteFilm, prediction: Prediction, identity: ModelIdent
     finding, probability (or why the film is out of scope), threshold and model name and version as text, so any
     PACS viewer can show it."""
     import highdicom as hd
-    from highdicom.sr import CodedConcept, ContainerContentItem, ImageContentItem, RelationshipTypeValues, TextContentItem
+    from highdicom.sr import (
+        CodedConcept,
+        ContainerContentItem,
+        ImageContentItem,
+        RelationshipTypeValues,
+        TextContentItem,
+    )
     from pydicom.sr.codedict import codes
 
     contains = RelationshipTypeValues.CONTAINS
@@ -278,28 +267,7 @@ def _as_evidence(header):  # -> pydicom.Dataset
     return evidence
 
 
-
 def _named_by_url(prediction: Prediction, film: RemoteFilm) -> Prediction:
     """The answer named by the instance URL; an error message that quotes the temporary file quotes the URL."""
     error = prediction.error.replace(str(film.file), film.url) if prediction.error is not None else None
     return replace(prediction, path=film.url, error=error)
-
-
-@contextmanager
-def _answering(address: DicomwebAddress) -> Iterator[None]:
-    """Turn the server's refusals into one-line errors naming the URL (never the credentials): 401/403 say how to
-    sign in, 404 that the study or series is not there, a connection failure that the server did not answer."""
-    import requests
-
-    try:
-        yield
-    except requests.RequestException as error:
-        status = error.response.status_code if error.response is not None else None
-        if status in (401, 403):
-            raise CxrError(f"the DICOMweb server refused {address} (HTTP {status}): set CXR_DICOMWEB_USER and "
-                           "CXR_DICOMWEB_PASSWORD, or CXR_DICOMWEB_TOKEN") from None
-        if status == 404:
-            raise CxrError(f"{address} was not found on its DICOMweb server (HTTP 404)") from None
-        if status is not None:
-            raise CxrError(f"the DICOMweb server answered HTTP {status} for {address}") from None
-        raise CxrError(f"the DICOMweb server at {address.base_url} did not answer ({type(error).__name__})") from None
