@@ -329,3 +329,73 @@ def test_explain_for_a_pacs_film_without_store_results_is_refused_before_anythin
         "error: --explain with DICOMweb URLs stores each overlay back into its study as a Secondary Capture: add "
         "--store-results (overlays of PACS films are never written to the project)"]
     assert not (tmp_path / "overlays").exists()
+
+
+def test_a_label_table_of_instances_on_a_pacs_is_ingested_once_with_patients_pseudonymised(pacs, tmp_path, monkeypatch):
+    import pandas as pd
+    import pydicom
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.deid import load_key, patient_hash
+    from pipeline.demo_data import phi_values, write_demo_data
+    from pipeline.ingest import ingest_stage
+    from pipeline.paths import ProjectPaths
+    from tests.conftest import tiny_params_text
+    from tests.servers import FailingProxy
+
+    write_demo_data(tmp_path / "films" / "data" / "raw" / "demo", n=12, seed=21, size=32)
+    films = chest_films(tmp_path / "films", 3)
+    headers = [pydicom.dcmread(film, stop_before_pixels=True) for film in films]
+    for film in films:
+        pacs.upload(film)
+    asked: list[str] = []
+    proxy = FailingProxy(pacs.root, fails=lambda method, path: asked.append(f"{method} {path}") and False)
+    proxy.failing = True  # every request passes `fails` (which counts it) and goes on to Orthanc
+    missing = "1.2.826.0.1.3680043.8.498.4242424242424242"
+    root = tmp_path / "project"
+    (root / "data" / "raw").mkdir(parents=True)
+    pd.DataFrame({"sop_instance_uid": [h.SOPInstanceUID for h in headers] + [missing],
+                  "label": [film.parent.name for film in films] + ["normal"]}).to_csv(root / "data" / "raw" / "labels.csv", index=False)
+    params = yaml.safe_load(tiny_params_text())
+    params["data"]["sources"] = [{"path": "data/raw/labels.csv", "dicomweb": f"{proxy.url}/dicom-web",
+                                  "match": "sop_instance_uid", "path_column": "sop_instance_uid"}]
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    paths, config = ProjectPaths(root), load_config(root / "params.yaml")
+    monkeypatch.setenv("CXR_DICOMWEB_TOKEN", TOKEN)
+    try:
+        first = ingest_stage(paths, config)
+        fetched, asked[:] = list(asked), []
+        second = ingest_stage(paths, config, reassign_splits=True)  # writes everything again, from the cache
+    finally:
+        proxy.close()
+    quarantine = pd.read_csv(paths.quarantine)
+    # with every row retrieved, ingest needs neither the server (gone now) nor a sign-in
+    labels = root / "data" / "raw" / "labels.csv"
+    labels.write_text("".join(labels.read_text().splitlines(keepends=True)[:4]))
+    monkeypatch.delenv("CXR_DICOMWEB_TOKEN")
+    assert ingest_stage(paths, config).n_images == 3 and len(pd.read_csv(paths.quarantine)) == 0
+
+    # each film was retrieved once (a search by UID, then WADO-RS); the second ingest only asks again after the
+    # instance that was missing (it may have arrived since), and retrieves nothing
+    retrievals = [request for request in fetched if "/studies/" in request]
+    assert sorted(r.rsplit("/instances/", 1)[1] for r in retrievals) == sorted(h.SOPInstanceUID for h in headers)
+    assert len(asked) == 1 and asked[0].startswith("GET /dicom-web/instances?") and missing in asked[0], asked
+    assert (first.n_images, first.n_decoded, second.n_images, second.n_decoded) == (3, 3, 3, 0)
+    key = load_key(root, config.deid.key_scope)
+    manifest = pd.read_parquet(paths.manifest).sort_values("image_id")
+    by_uid = {h.SOPInstanceUID: (h, film.parent.name) for h, film in zip(headers, films)}
+    expected = sorted((patient_hash(str(h.PatientID), key), label) for h, label in by_uid.values())
+    assert sorted(zip(manifest["patient_hash"], manifest["label"])) == expected
+    assert set(manifest["format"]) == {"dicom"} and manifest["path"].str.startswith("redacted-").all()
+    assert quarantine[["reason"]].to_dict("records") == [{"reason": "missing_instance"}]
+    assert quarantine["message"][0].startswith("data/raw/labels.csv line 5: SOP Instance UID 'redacted-")
+    assert quarantine["message"][0].endswith(f"' is not on {proxy.url}/dicom-web")
+    assert missing not in quarantine.to_csv() and quarantine["path"][0].startswith("redacted-")
+    # no identifier of the headers, nor any UID the table names, in what ingest wrote
+    identifiers = phi_values(tmp_path / "films" / "data" / "raw" / "demo") | {missing} | {
+        str(h[k].value) for h in headers for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    written = [p for p in root.rglob("*") if p.is_file() and "dicomweb" not in p.parts and p.name != "labels.csv"]
+    assert not [(p, v) for p in written for v in identifiers if v and v.encode() in p.read_bytes()]
+    kept = list((paths.decode_cache / "dicomweb").iterdir())
+    assert len(kept) == 3 and all(p.stat().st_mode & 0o077 == 0 for p in kept)
