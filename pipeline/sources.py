@@ -329,7 +329,8 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
         key = spec.path_template.format(row[spec.path_column].strip())
         where = f"{spec.path} line {row_number}"
         split = row.get(spec.split_column, "").strip().lower() or None
-        file = locate(key) if row[spec.path_column].strip() else None
+        # a server is asked only for rows that can be used (below): a film is not copied only to be quarantined
+        file = locate(key) if row[spec.path_column].strip() and spec.dicomweb is None else None
         subtype = _from_name(data.subtype_pattern, shown_path(file.name) if file is not None else Path(key).name) or ""
         label = _table_label(row, spec, data, task, subtype) if spec.labelled else None
         patient = row.get(spec.patient_column, "").strip() or None
@@ -347,7 +348,7 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
             rejected.append(Rejected(spec.path, key, reason, f"{where}: label '{raw}' maps to none (or several) of data.labels {data.labels}", patient, named))
         elif split is not None and split not in SPLITS:
             rejected.append(Rejected(spec.path, key, "bad_split", f"{where}: split '{split}' is not one of {list(SPLITS)}", patient, named))
-        elif file is None and spec.dicomweb is not None:
+        elif spec.dicomweb is not None and (file := locate(key)) is None:
             rejected.append(Rejected(spec.path, key, "missing_instance", f"{where}: SOP Instance UID '{key}' is not on "
                                      f"{spec.dicomweb}", patient, named))
         elif file is None:

@@ -345,9 +345,10 @@ def test_a_label_table_of_instances_on_a_pacs_is_ingested_once_with_patients_pse
     from tests.servers import FailingProxy
 
     write_demo_data(tmp_path / "films" / "data" / "raw" / "demo", n=12, seed=21, size=32)
-    films = chest_films(tmp_path / "films", 3)
+    films = chest_films(tmp_path / "films", 4)
+    unusable = pydicom.dcmread(films.pop(), stop_before_pixels=True)  # on the server, but its row has a bad label
     headers = [pydicom.dcmread(film, stop_before_pixels=True) for film in films]
-    for film in films:
+    for film in chest_films(tmp_path / "films", 4):
         pacs.upload(film)
     asked: list[str] = []
     proxy = FailingProxy(pacs.root, fails=lambda method, path: asked.append(f"{method} {path}") and False)
@@ -355,8 +356,9 @@ def test_a_label_table_of_instances_on_a_pacs_is_ingested_once_with_patients_pse
     missing = "1.2.826.0.1.3680043.8.498.4242424242424242"
     root = tmp_path / "project"
     (root / "data" / "raw").mkdir(parents=True)
-    pd.DataFrame({"sop_instance_uid": [h.SOPInstanceUID for h in headers] + [missing],
-                  "label": [film.parent.name for film in films] + ["normal"]}).to_csv(root / "data" / "raw" / "labels.csv", index=False)
+    pd.DataFrame({"sop_instance_uid": [h.SOPInstanceUID for h in headers] + [unusable.SOPInstanceUID, missing],
+                  "label": [film.parent.name for film in films] + ["cardiomegaly", "normal"]}).to_csv(
+        root / "data" / "raw" / "labels.csv", index=False)
     params = yaml.safe_load(tiny_params_text())
     params["data"]["sources"] = [{"path": "data/raw/labels.csv", "dicomweb": f"{proxy.url}/dicom-web",
                                   "match": "sop_instance_uid", "path_column": "sop_instance_uid"}]
@@ -376,8 +378,8 @@ def test_a_label_table_of_instances_on_a_pacs_is_ingested_once_with_patients_pse
     monkeypatch.delenv("CXR_DICOMWEB_TOKEN")
     assert ingest_stage(paths, config).n_images == 3 and len(pd.read_csv(paths.quarantine)) == 0
 
-    # each film was retrieved once (a search by UID, then WADO-RS); the second ingest only asks again after the
-    # instance that was missing (it may have arrived since), and retrieves nothing
+    # each usable film was retrieved once (a search by UID, then WADO-RS), the unusable row's never; the second
+    # ingest only asks again after the instance that was missing (it may have arrived since), and retrieves nothing
     retrievals = [request for request in fetched if "/studies/" in request]
     assert sorted(r.rsplit("/instances/", 1)[1] for r in retrievals) == sorted(h.SOPInstanceUID for h in headers)
     assert len(asked) == 1 and asked[0].startswith("GET /dicom-web/instances?") and missing in asked[0], asked
@@ -388,14 +390,22 @@ def test_a_label_table_of_instances_on_a_pacs_is_ingested_once_with_patients_pse
     expected = sorted((patient_hash(str(h.PatientID), key), label) for h, label in by_uid.values())
     assert sorted(zip(manifest["patient_hash"], manifest["label"])) == expected
     assert set(manifest["format"]) == {"dicom"} and manifest["path"].str.startswith("redacted-").all()
-    assert quarantine[["reason"]].to_dict("records") == [{"reason": "missing_instance"}]
-    assert quarantine["message"][0].startswith("data/raw/labels.csv line 5: SOP Instance UID 'redacted-")
-    assert quarantine["message"][0].endswith(f"' is not on {proxy.url}/dicom-web")
-    assert missing not in quarantine.to_csv() and quarantine["path"][0].startswith("redacted-")
+    assert list(quarantine["reason"]) == ["label_not_in_set", "missing_instance"]
+    assert quarantine["message"][1].startswith("data/raw/labels.csv line 6: SOP Instance UID 'redacted-")
+    assert quarantine["message"][1].endswith(f"' is not on {proxy.url}/dicom-web")
+    assert missing not in quarantine.to_csv() and quarantine["path"][1].startswith("redacted-")
     # no identifier of the headers, nor any UID the table names, in what ingest wrote
-    identifiers = phi_values(tmp_path / "films" / "data" / "raw" / "demo") | {missing} | {
+    identifiers = phi_values(tmp_path / "films" / "data" / "raw" / "demo") | {missing, unusable.SOPInstanceUID} | {
         str(h[k].value) for h in headers for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
     written = [p for p in root.rglob("*") if p.is_file() and "dicomweb" not in p.parts and p.name != "labels.csv"]
     assert not [(p, v) for p in written for v in identifiers if v and v.encode() in p.read_bytes()]
+    assert not [v for v in identifiers if v and v in quarantine.to_csv()]  # the second ingest's, rewritten since
     kept = list((paths.decode_cache / "dicomweb").iterdir())
     assert len(kept) == 3 and all(p.stat().st_mode & 0o077 == 0 for p in kept)
+    # forgetting a patient deletes the instances retrieved for them, and only those
+    from pipeline.forget import forget_patient
+
+    patient = manifest["patient_hash"].iloc[0]
+    forget_patient(paths, config, patient)
+    left = sorted((paths.decode_cache / "dicomweb").iterdir())
+    assert len(left) == 3 - (manifest["patient_hash"] == patient).sum() and set(left) < set(kept)
