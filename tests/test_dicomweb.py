@@ -409,3 +409,25 @@ def test_a_label_table_of_instances_on_a_pacs_is_ingested_once_with_patients_pse
     forget_patient(paths, config, patient)
     left = sorted((paths.decode_cache / "dicomweb").iterdir())
     assert len(left) == 3 - (manifest["patient_hash"] == patient).sum() and set(left) < set(kept)
+
+
+def test_a_film_out_of_scope_gets_an_sr_with_the_reason_and_no_probability(pacs, tmp_path):
+    import pydicom
+
+    from pipeline.demo_data import write_demo_data
+    from pipeline.dicomweb import ModelIdentity, open_client, parse_address, retrieve_films, store_results
+    from pipeline.predict import Prediction
+
+    write_demo_data(tmp_path / "data" / "raw" / "demo", n=12, seed=12, size=32)
+    source = pydicom.dcmread(chest_films(tmp_path, 1)[0], stop_before_pixels=True)
+    pacs.upload(chest_films(tmp_path, 1)[0])
+    address = parse_address(f"{pacs.dicomweb}/studies/{source.StudyInstanceUID}")
+    client = open_client(address.base_url, TOKEN)
+    (tmp_path / "retrieved").mkdir()
+    films = retrieve_films(client, address, tmp_path / "retrieved")
+    refused = Prediction(path=films[0].url, out_of_scope="Modality CT is not one the model was trained on (CR, DX)")
+    assert store_results(client, films, [refused], ModelIdentity("cxr-pneumonia", "3", 0.5)) == [refused]
+    [report] = pacs.reports(source.StudyInstanceUID)
+    content = {item["ConceptNameCodeSequence"][0]["CodeMeaning"]: item.get("TextValue") for item in report["ContentSequence"]}
+    assert content["Finding"] == "out of scope" and content["Out of scope"] == refused.out_of_scope
+    assert "Probability" not in content and captures(pacs, source.StudyInstanceUID) == []
