@@ -364,8 +364,14 @@ def test_a_label_table_of_instances_on_a_pacs_is_ingested_once_with_patients_pse
                                   "match": "sop_instance_uid", "path_column": "sop_instance_uid"}]
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     paths, config = ProjectPaths(root), load_config(root / "params.yaml")
-    monkeypatch.setenv("CXR_DICOMWEB_TOKEN", TOKEN)
+    for name in ("CXR_DICOMWEB_TOKEN", "CXR_DICOMWEB_USER", "CXR_DICOMWEB_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
     try:
+        with pytest.raises(CxrError, match=r"^the DICOMweb server refused the instance search at .*HTTP 403.*TOKEN$"):
+            ingest_stage(paths, config)  # not signed in: one line, and nothing written
+        assert not paths.manifest.exists() and not list((paths.decode_cache / "dicomweb").glob("*.dcm"))
+        monkeypatch.setenv("CXR_DICOMWEB_TOKEN", TOKEN)
+        asked.clear()
         first = ingest_stage(paths, config)
         fetched, asked[:] = list(asked), []
         second = ingest_stage(paths, config, reassign_splits=True)  # writes everything again, from the cache
