@@ -10,7 +10,7 @@ quality checks, never for training).
 A DICOMweb table's instances are retrieved once (QIDO-RS finds each by its SOP Instance UID, WADO-RS fetches it
 as stored) into `data/cache/dicomweb/`, private to the user and named by a hash of server and UID; from then on
 they are local files like any other, so ingest, its decode cache, the champion gate and `cxr key rotate` read
-them without asking the server again, and a second ingest makes no request at all.
+them without asking the server again; a second ingest asks only about rows whose instance was missing.
 """
 
 from __future__ import annotations
