@@ -413,14 +413,17 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help='Print a JSON list: {"path", "label", "probability"}, {"path", "out_of_scope"} (a film '
                                                          'the model was not trained for, with the reason) or {"path", "error"} per file '
                                                          '(multiclass and multilabel models add "probabilities" per label; '
-                                                         'with --explain, also "explanation": the overlay PNG).')] = False,
+                                                         'with --explain, also "explanation": the overlay PNG, or for a PACS film the '
+                                                         'instance URL of its Secondary Capture).')] = False,
     explain: Annotated[Path | None, typer.Option("--explain", metavar="OUT_DIR", help="Also write a Grad-CAM overlay PNG per classified file into "
                                                  "this folder (<stem>_gradcam.png): the film with a heat map of where the model found "
-                                                 "evidence for the positive class. Not available for vit models.")] = None,
+                                                 "evidence for the positive class. For DICOMweb URLs (with --store-results) the "
+                                                 "overlay goes back into the study as a Secondary Capture instead, never into "
+                                                 "this folder. Not available for vit models.")] = None,
     store_results: Annotated[bool, typer.Option("--store-results", help="For DICOMweb URLs: store one DICOM Structured Report per "
-                                                "classified film (finding, probability, threshold, model name and version) back into "
-                                                "its study with STOW-RS. Sign in with CXR_DICOMWEB_USER and CXR_DICOMWEB_PASSWORD, "
-                                                "or CXR_DICOMWEB_TOKEN.")] = False,
+                                                "classified film (finding, probability, threshold, model name and version), and with "
+                                                "--explain a Grad-CAM Secondary Capture, back into its study with STOW-RS. Sign in with "
+                                                "CXR_DICOMWEB_USER and CXR_DICOMWEB_PASSWORD, or CXR_DICOMWEB_TOKEN.")] = False,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
     """Classify chest X-ray files, or the films of a study or series on a PACS (DICOMweb), with a registered model.
@@ -443,6 +446,9 @@ def predict(
             raise CxrError(f"no image files found in {', '.join(paths)}")
         if store_results and not addresses:
             raise CxrError("--store-results writes back to a PACS: give DICOMweb study or series URLs")
+        if explain is not None and addresses and not store_results:
+            raise CxrError("--explain with DICOMweb URLs stores each overlay back into its study as a Secondary Capture: "
+                           "add --store-results (overlays of PACS films are never written to the project)")
         credentials = dicomweb_credentials() if addresses else None
         uri = model or f"models:/{config.registry.model_name}@champion"
         project = ProjectPaths(params.resolve().parent)
@@ -451,7 +457,7 @@ def predict(
         with private_umask(config.privacy.mask):  # Grad-CAM overlays show the films
             answers = predict_files(loaded, files, explain_dir=explain, limits=limits) if files else []
             if addresses:
-                answers += predict_dicomweb(loaded, addresses, credentials, identity, explain_dir=explain, limits=limits)
+                answers += predict_dicomweb(loaded, addresses, credentials, identity, explain=explain is not None, limits=limits)
             return answers
 
     results = _run(action)

@@ -60,6 +60,18 @@ class SourceSpec(Section):
     label_map: dict[str, str] = Field(default_factory=dict)  # table value → one of data.labels
     patient_column: str = "patient_id"
     split_column: str = "split"
+    # tables whose films live on a DICOMweb server (its service root, e.g. http://pacs:8042/dicom-web): each row's
+    # path_column holds a SOPInstanceUID, retrieved once (pipeline.sources) with CXR_DICOMWEB_* sign-in
+    dicomweb: str | None = None
+
+    @model_validator(mode="after")
+    def _dicomweb_rows_name_instances(self) -> SourceSpec:
+        """A server is searched by SOP Instance UID only (its URL is checked where it is used: pipeline.sources)."""
+        if self.dicomweb is not None and self.match != "sop_instance_uid":
+            raise ValueError("a dicomweb table names its films by SOP Instance UID: add match: sop_instance_uid")
+        if self.dicomweb is not None and self.image_root is not None:
+            raise ValueError("a dicomweb table's films are on the server: drop image_root")
+        return self
 
     @field_validator("label_map", mode="before")
     @classmethod

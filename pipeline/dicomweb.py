@@ -5,8 +5,9 @@ The instances are retrieved with WADO-RS into a private temporary folder that is
 by `pipeline.predict.predict_files` exactly as local files are; each answer is named by the instance's WADO-RS URL
 (its SOP Instance UID), never by a patient identifier. With `store_results`, each classified film gets one DICOM
 Comprehensive SR (new Series and SOP Instance UIDs, referencing the film) stored with STOW-RS into the same study
-on the same server: the results go back only where the films came from, and nothing of the headers is written to
-the project's outputs. Sign-in comes from the environment (`pipeline.config.dicomweb_credentials`) and is never logged.
+on the same server, and with `explain` also a Grad-CAM Secondary Capture (the overlay as RGB): the results go back
+only where the films came from, and nothing of the headers is written to the project's outputs (the overlays are
+drawn in the temporary folder, never in the project, and an answer names its capture by its instance URL). Sign-in comes from the environment (`pipeline.config.dicomweb_credentials`) and is never logged.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urlsplit
 
+from pipeline.dicomweb_client import (
+    ANY_TRANSFER_SYNTAX,
+    answering,
+    check_service_url,
+    open_client,
+)
 from pipeline.errors import CxrError
 from pipeline.imaging import DecodeLimits
 from pipeline.predict import Prediction, predict_files
@@ -29,7 +33,13 @@ log = logging.getLogger(__name__)
 
 _ADDRESS = re.compile(r"^(?P<base>https?://[^?#]+?)/studies/(?P<study>[0-9.]+)(?:/series/(?P<series>[0-9.]+))?/?$")
 _RESULT_SERIES_NUMBER = 9901
-_ANY_TRANSFER_SYNTAX = (("application/dicom", "*"),)  # the instances as stored: no transcoding on the way
+_OVERLAY_SERIES_NUMBER = 9902
+# What a result in the film's study must repeat of the film's header (the Type 2 attributes of the Patient and
+# General Study modules), so the PACS files it with the film: nothing else of the header is copied. Keyword →
+# highdicom's argument name.
+_STUDY_ATTRIBUTES = {"PatientName": "patient_name", "PatientID": "patient_id", "PatientBirthDate": "patient_birth_date",
+                     "PatientSex": "patient_sex", "AccessionNumber": "accession_number", "StudyID": "study_id",
+                     "StudyDate": "study_date", "StudyTime": "study_time", "ReferringPhysicianName": "referring_physician_name"}
 
 
 @dataclass(frozen=True)
@@ -77,9 +87,7 @@ def is_url(text: str) -> bool:
 def parse_address(text: str) -> DicomwebAddress:
     """A study or series URL, checked; anything else is a clear error naming it. Credentials inside the URL are
     refused: they would be echoed wherever the URL is (answers, logs, shell history)."""
-    if urlsplit(text).username is not None or urlsplit(text).password is not None:
-        raise CxrError(f"a DICOMweb URL must not hold credentials ({urlsplit(text).hostname}): set CXR_DICOMWEB_USER "
-                       "and CXR_DICOMWEB_PASSWORD, or CXR_DICOMWEB_TOKEN, instead")
+    check_service_url(text)
     match = _ADDRESS.match(text)
     if match is None:
         raise CxrError(f"{text} is not a DICOMweb study or series URL: expected "
@@ -87,33 +95,16 @@ def parse_address(text: str) -> DicomwebAddress:
     return DicomwebAddress(match["base"], match["study"], match["series"])
 
 
-def open_client(base_url: str, credentials: tuple[str, str] | str | None):  # -> dicomweb_client.DICOMwebClient
-    """A WADO-RS/STOW-RS client for `base_url`, signed in with HTTP basic (user, password) or a bearer token.
-    A busy server (429, 503, 504) or a dropped connection is tried three times, 1 s and 2 s apart: the library's
-    default (five times, up to 16 s apart) keeps a user waiting half a minute for a server that is down."""
-    import requests
-    from dicomweb_client.api import DICOMwebClient
-
-    session = requests.Session()
-    if isinstance(credentials, tuple):
-        session.auth = credentials
-    elif isinstance(credentials, str):
-        session.headers["Authorization"] = f"Bearer {credentials}"
-    client = DICOMwebClient(base_url, session=session)
-    client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=500)
-    return client
-
-
 def retrieve_films(client, address: DicomwebAddress, folder: Path) -> list[RemoteFilm]:
     """Every film of the study or series, written to `folder` as <SOPInstanceUID>.dcm; instances without pixel
     data (reports, key objects) are skipped. An empty study or series is a clear error naming the URL."""
     from pydicom.uid import UID
 
-    with _answering(address):
+    with answering(str(address), address.base_url):
         if address.series_uid is None:
-            instances = client.iter_study(address.study_uid, media_types=_ANY_TRANSFER_SYNTAX)
+            instances = client.iter_study(address.study_uid, media_types=ANY_TRANSFER_SYNTAX)
         else:
-            instances = client.iter_series(address.study_uid, address.series_uid, media_types=_ANY_TRANSFER_SYNTAX)
+            instances = client.iter_series(address.study_uid, address.series_uid, media_types=ANY_TRANSFER_SYNTAX)
         films = []
         for dataset in instances:
             if "PixelData" not in dataset:
@@ -132,41 +123,62 @@ def retrieve_films(client, address: DicomwebAddress, folder: Path) -> list[Remot
 
 
 def predict_dicomweb(model, addresses: list[DicomwebAddress], credentials: tuple[str, str] | str | None,
-                     identity: ModelIdentity | None = None, explain_dir: Path | None = None,
+                     identity: ModelIdentity | None = None, explain: bool = False,
                      limits: DecodeLimits = DecodeLimits()) -> list[Prediction]:
     """Retrieve each address's films into a private temporary folder, classify them as local files, name each
-    answer by its instance URL, and with `identity` store one result SR per classified film back into its study.
-    The folder (it holds the films, headers and all) is removed as soon as they are classified, whatever happens."""
+    answer by its instance URL, and with `identity` store one result SR per classified film back into its study
+    (with `explain`, also its Grad-CAM overlay as a Secondary Capture, which the answer's `explanation` names by
+    its instance URL; without `identity` no overlay is drawn, since it could go nowhere but the project). The folder (it holds the films, headers and all, and their overlays) is removed as soon as
+    the results are stored, whatever happens."""
     answers: list[Prediction] = []
     for address in addresses:
         client = open_client(address.base_url, credentials)
         with tempfile.TemporaryDirectory(prefix="cxr-dicomweb-") as folder:  # mode 0700; one study's films at a time
             films = retrieve_films(client, address, Path(folder))
-            predictions = predict_files(model, [film.file for film in films], explain_dir=explain_dir, limits=limits)
-        named = [_named_by_url(p, film) for p, film in zip(predictions, films)]
-        if identity is not None:
-            store_results(client, films, named, identity)
+            overlays = Path(folder) / "overlays" if explain and identity is not None else None
+            predictions = predict_files(model, [film.file for film in films], explain_dir=overlays, limits=limits)
+            named = [_named_by_url(p, film) for p, film in zip(predictions, films)]
+            if identity is not None:
+                named = store_results(client, films, named, identity)
         answers += named
     return answers
 
 
-def store_results(client, films: list[RemoteFilm], predictions: list[Prediction], identity: ModelIdentity) -> list[str]:
-    """One result SR per classified film, stored with STOW-RS into the film's study; returns their SOP Instance UIDs."""
-    reports = [result_report(film, prediction, identity)
-               for film, prediction in zip(films, predictions) if prediction.error is None]
-    if not reports:
-        return []
-    with _answering(films[0].address):
-        client.store_instances(reports, study_instance_uid=films[0].address.study_uid)
-    log.info("dicomweb: stored %d result SR(s) in %s", len(reports), films[0].address.base_url)
-    return [str(report.SOPInstanceUID) for report in reports]
+def store_results(client, films: list[RemoteFilm], predictions: list[Prediction], identity: ModelIdentity) -> list[Prediction]:
+    """One result SR per answered film (a probability, or out of scope and why), and a Grad-CAM Secondary Capture
+    for each that has an overlay PNG (`explanation`), stored with STOW-RS into the film's study. Returns the
+    answers as stored: `explanation` is the capture's WADO-RS URL (the PNG, in the temporary folder, is not kept)."""
+    instances, answers = [], []
+    for film, prediction in zip(films, predictions):
+        if prediction.error is not None:
+            answers.append(prediction)
+            continue
+        instances.append(result_report(film, prediction, identity))
+        capture = overlay_capture(film, Path(prediction.explanation)) if prediction.explanation else None
+        if capture is not None:
+            instances.append(capture)
+            url = film.address.instance_url(str(capture.SeriesInstanceUID), str(capture.SOPInstanceUID))
+            prediction = replace(prediction, explanation=url)
+        answers.append(prediction)
+    if instances:
+        with answering(str(films[0].address), films[0].address.base_url):
+            client.store_instances(instances, study_instance_uid=films[0].address.study_uid)
+        log.info("dicomweb: stored %d result instance(s) in %s", len(instances), films[0].address.base_url)
+    return answers
 
 
 def result_report(film: RemoteFilm, prediction: Prediction, identity: ModelIdentity):  # -> highdicom.sr.ComprehensiveSR
     """A Comprehensive SR in the film's study: a new series and instance, the film as source image, and the
-    finding, probability, threshold and model name and version as text, so any PACS viewer can show it."""
+    finding, probability (or why the film is out of scope), threshold and model name and version as text, so any
+    PACS viewer can show it."""
     import highdicom as hd
-    from highdicom.sr import CodedConcept, ContainerContentItem, ImageContentItem, RelationshipTypeValues, TextContentItem
+    from highdicom.sr import (
+        CodedConcept,
+        ContainerContentItem,
+        ImageContentItem,
+        RelationshipTypeValues,
+        TextContentItem,
+    )
     from pydicom.sr.codedict import codes
 
     contains = RelationshipTypeValues.CONTAINS
@@ -174,15 +186,19 @@ def result_report(film: RemoteFilm, prediction: Prediction, identity: ModelIdent
     def text(name, value: str) -> TextContentItem:
         return TextContentItem(name=name, value=value, relationship_type=contains)
 
-    if prediction.probabilities is None:
-        probability = f"{prediction.probability:.4f}"
+    if prediction.out_of_scope is not None:  # an answer, not a probability: the reason instead
+        answer = [text(codes.DCM.Finding, "out of scope"),
+                  text(CodedConcept("OUT_OF_SCOPE", "99CXR", "Out of scope"), prediction.out_of_scope)]
     else:
-        probability = "; ".join(f"{label}={p:.4f}" for label, p in prediction.probabilities.items())
+        if prediction.probabilities is None:
+            probability = f"{prediction.probability:.4f}"
+        else:
+            probability = "; ".join(f"{label}={p:.4f}" for label, p in prediction.probabilities.items())
+        answer = [text(codes.DCM.Finding, prediction.label or "none of the labels"), text(codes.DCM.Probability, probability)]
     items = [
         ImageContentItem(name=codes.DCM.SourceOfMeasurement, referenced_sop_class_uid=film.header.SOPClassUID,
                          referenced_sop_instance_uid=film.header.SOPInstanceUID, relationship_type=contains),
-        text(codes.DCM.Finding, prediction.label or "none of the labels"),
-        text(codes.DCM.Probability, probability),
+        *answer,
         text(CodedConcept("THRESHOLD", "99CXR", "Decision threshold"), json.dumps(identity.threshold)),
         text(codes.DCM.AlgorithmName, identity.name),
         text(codes.DCM.AlgorithmVersion, identity.version),
@@ -193,6 +209,37 @@ def result_report(film: RemoteFilm, prediction: Prediction, identity: ModelIdent
                                    series_number=_RESULT_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
                                    manufacturer="cxr-pipeline", series_description="cxr classifier result")
     return report
+
+
+def overlay_capture(film: RemoteFilm, overlay: Path):  # -> highdicom.sc.SCImage
+    """The Grad-CAM overlay PNG as an RGB Secondary Capture in the film's study: a new series and instance, the
+    film as its source image, and of the film's header only what DICOM needs for the same study (_STUDY_ATTRIBUTES)
+    and the film's own patient orientation (the overlay keeps its rows and columns; a caption strip is added
+    below, so the capture says it has burned-in text)."""
+    import highdicom as hd
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import Dataset
+
+    with Image.open(overlay) as png:
+        pixels = np.asarray(png.convert("RGB"))
+    header = film.header
+    capture = hd.sc.SCImage(
+        pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8, coordinate_system="PATIENT",
+        patient_orientation=("L", "F"),  # replaced below by the film's own (or none)
+        study_instance_uid=header.StudyInstanceUID, series_instance_uid=hd.UID(), series_number=_OVERLAY_SERIES_NUMBER,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="cxr-pipeline",
+        **{argument: header.get(keyword) or None for keyword, argument in _STUDY_ATTRIBUTES.items()},
+    )
+    capture.PatientOrientation = header.get("PatientOrientation", "")
+    capture.SeriesDescription = "cxr Grad-CAM overlay"
+    capture.DerivationDescription = "Grad-CAM heat map of the classifier's evidence over the film, with its answer"
+    capture.BurnedInAnnotation = "YES"
+    source = Dataset()
+    source.ReferencedSOPClassUID = header.SOPClassUID
+    source.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    capture.SourceImageSequence = [source]
+    return capture
 
 
 def model_identity(model, model_uri: str, paths) -> ModelIdentity:  # paths: pipeline.paths.ProjectPaths
@@ -214,8 +261,7 @@ def _as_evidence(header):  # -> pydicom.Dataset
     """The film's header with the patient and study attributes an SR must carry (Type 2) present, empty when the
     film lacks them, so highdicom can copy them into the report."""
     evidence = header.copy()
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-                    "StudyDate", "StudyTime", "ReferringPhysicianName"):
+    for keyword in _STUDY_ATTRIBUTES:
         if keyword not in evidence:
             setattr(evidence, keyword, "")
     return evidence
@@ -225,23 +271,3 @@ def _named_by_url(prediction: Prediction, film: RemoteFilm) -> Prediction:
     """The answer named by the instance URL; an error message that quotes the temporary file quotes the URL."""
     error = prediction.error.replace(str(film.file), film.url) if prediction.error is not None else None
     return replace(prediction, path=film.url, error=error)
-
-
-@contextmanager
-def _answering(address: DicomwebAddress) -> Iterator[None]:
-    """Turn the server's refusals into one-line errors naming the URL (never the credentials): 401/403 say how to
-    sign in, 404 that the study or series is not there, a connection failure that the server did not answer."""
-    import requests
-
-    try:
-        yield
-    except requests.RequestException as error:
-        status = error.response.status_code if error.response is not None else None
-        if status in (401, 403):
-            raise CxrError(f"the DICOMweb server refused {address} (HTTP {status}): set CXR_DICOMWEB_USER and "
-                           "CXR_DICOMWEB_PASSWORD, or CXR_DICOMWEB_TOKEN") from None
-        if status == 404:
-            raise CxrError(f"{address} was not found on its DICOMweb server (HTTP 404)") from None
-        if status is not None:
-            raise CxrError(f"the DICOMweb server answered HTTP {status} for {address}") from None
-        raise CxrError(f"the DICOMweb server at {address.base_url} did not answer ({type(error).__name__})") from None

@@ -1,7 +1,8 @@
 """`cxr forget PSEUDONYM`: remove one patient's films from everything ingest keeps, and record the erasure.
 
 What goes: the patient's rows of the manifest, their films in the image store (images.npy, rows renumbered), every
-copy of their pixels in the decode cache (all image sizes: shards are rewritten without them), their copies listed
+copy of their pixels in the decode cache (all image sizes: shards are rewritten without them), the instances a
+DICOMweb label table retrieved for them (data/cache/dicomweb/: found by the pseudonym of their header), their copies listed
 in dropped_duplicates.csv, their row of the split registry, and the two files that number the old image store's
 rows, the training index and reports/predictions.csv (`cxr rebalance` and `cxr evaluate` write them again). The erasure is appended to data/erasures.jsonl (pseudonym, key
 check, counts: no identifier) before anything is removed, so an interrupted run is finished by running it again,
@@ -72,6 +73,7 @@ def forget_patient(paths: ProjectPaths, config: Config, pseudonym: str) -> Erasu
                                         "in_registry": in_registry})
         n_cached = sum(DecodeCache(folder).forget_films(pixels) for folder in sorted(paths.decode_cache.glob("decoded-*"))
                        if folder.is_dir()) if pixels else 0
+        n_retrieved = _forget_retrieved(paths, config, pseudonym)
         if not films.empty:
             _rewrite_store(paths, manifest, films.index)
         n_duplicates = _drop_duplicates_of(paths.dropped_duplicates, pixels)
@@ -86,11 +88,29 @@ def forget_patient(paths: ProjectPaths, config: Config, pseudonym: str) -> Erasu
              ", their split registry row" if in_registry else "", paths.erasures)
     log.info("forget: the next ingest skips their source files (quarantine reason `erased`); delete those files to "
              "remove the films for good")
+    if n_retrieved:
+        log.info("forget: deleted %d instance(s) retrieved from a DICOMweb server for them; remove their rows from the "
+                 "label table, or the next ingest retrieves them again (and quarantines them as `erased`)", n_retrieved)
     if erasure.left_behind:
         log.warning("forget: these may still hold the patient's films: %s; rerun the pipeline (`dvc repro` or `cxr "
                     "pipeline`) to rebuild them, and `dvc gc` to drop old versions from DVC's cache (and its remotes)",
                     ", ".join(erasure.left_behind))
     return erasure
+
+
+def _forget_retrieved(paths: ProjectPaths, config: Config, pseudonym: str) -> int:
+    """Delete the DICOMweb-retrieved instances whose header's patient is `pseudonym` (headers only are read); how many."""
+    from pipeline.imaging import read_identity
+    from pipeline.sources import retrieved_folder
+
+    folder = retrieved_folder(paths.root)
+    if not folder.is_dir():
+        return 0
+    key = load_key(paths.root, config.deid.key_scope)
+    theirs = [file for file in sorted(folder.glob("*.dcm")) if read_identity(file, key).patient == pseudonym]
+    for file in theirs:
+        file.unlink()
+    return len(theirs)
 
 
 def _rewrite_store(paths: ProjectPaths, manifest: pd.DataFrame, removed: pd.Index) -> None:

@@ -370,8 +370,10 @@ def _erasure_failure(item: SourceItem, decoded: Decoded, key: bytes, erased: dic
 
 def run_redactor(items: list[SourceItem], identities: list[Identity], rejected: list[Rejected], key: bytes) -> Redactor:
     """A Redactor for every identifier this run learned: each header's (`identities`, as pseudonyms), each table
-    patient column's and each data.patient_pattern match (items' and rejected rows' patient_id)."""
-    learned = set(identifier_hashes([patient for each in (*items, *rejected) if (patient := each.patient_id)], key))
+    patient column's and each data.patient_pattern match (items' and rejected rows' patient_id), and each UID a
+    table names a film by (`identifiers`: a row whose instance is missing has no header to learn it from)."""
+    learned = set(identifier_hashes([value for each in (*items, *rejected)
+                                     for value in (each.patient_id, *each.identifiers) if value], key))
     for identity in identities:
         learned |= identity.hashes
     return Redactor(learned, key)

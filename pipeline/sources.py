@@ -3,12 +3,20 @@
 As in torchxrayvision, one interface covers all sources, so ingest never cares where a film came
 from. Kinds: a folder with one subfolder per label (optionally under train/val/test, the Kermany
 layout), a label table (CSV or Parquet, with column mapping and NIH / RSNA presets, matching films
-by path, file name or DICOM SOPInstanceUID), a MedMNIST-style .npz, and unlabelled folders or tables
-(films kept for prediction and quality checks, never for training).
+by path, file name or DICOM SOPInstanceUID), a label table whose films live on a DICOMweb server (`dicomweb:`,
+by SOPInstanceUID), a MedMNIST-style .npz, and unlabelled folders or tables (films kept for prediction and
+quality checks, never for training).
+
+A DICOMweb table's instances are retrieved once (QIDO-RS finds each by its SOP Instance UID, WADO-RS fetches it
+as stored) into `data/cache/dicomweb/`, private to the user and named by a hash of server and UID; from then on
+they are local files like any other, so ingest, its decode cache, the champion gate and `cxr key rotate` read
+them without asking the server again; a second ingest asks only about rows whose instance was missing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 import stat
@@ -22,6 +30,8 @@ from pipeline.errors import CxrError
 from pipeline.files import shown_path
 from pipeline.labels import UNLABELLED
 from pipeline.tasks import Task, task_for
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 TABLE_SUFFIXES = {".csv", ".tsv", ".parquet"}
@@ -46,7 +56,8 @@ PRESETS: dict[str, dict] = {
 class SourceItem:
     """One film to ingest. Exactly one of `file` and `pixels` is set; `label` is None for unlabelled films.
 
-    `patient_id` is raw (from a table or file name); ingest hashes it and never writes it.
+    `patient_id` is raw (from a table or file name); ingest hashes it and never writes it. `identifiers` are other
+    raw identifying values the row names it by (a SOP Instance UID): never written, redacted wherever they appear.
     """
 
     source: str
@@ -57,13 +68,15 @@ class SourceItem:
     subtype: str = ""
     file: Path | None = None
     pixels: np.ndarray | None = None
+    identifiers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Rejected:
     """A file or row that a source lists but that cannot be used, for quarantine.csv.
 
-    `patient_id` is a table row's raw patient ID: never written, but redacted from every path ingest writes.
+    `patient_id` is a table row's raw patient ID and `identifiers` the other identifying values it names the film by
+    (a SOP Instance UID): never written, but redacted from every path and message ingest writes.
     """
 
     source: str
@@ -71,6 +84,7 @@ class Rejected:
     reason: str
     message: str
     patient_id: str | None = None
+    identifiers: tuple[str, ...] = ()
 
 
 def read_source(spec: SourceSpec, root: Path, data: DataConfig) -> tuple[list[SourceItem], list[Rejected]]:
@@ -79,6 +93,10 @@ def read_source(spec: SourceSpec, root: Path, data: DataConfig) -> tuple[list[So
     if not path.exists():
         raise CxrError(f"data.sources: '{spec.path}' does not exist (run `cxr demo-data` for the demo set, or fix the path)")
     spec = _with_preset(spec)
+    if spec.dicomweb is not None:
+        if path.suffix.lower() not in TABLE_SUFFIXES:
+            raise CxrError(f"data.sources: '{spec.path}' has dicomweb: it must be a .csv/.tsv/.parquet label table")
+        return _read_table(spec, path, root, data)
     kind = spec.format if spec.format in ("folder", "table", "npz") else _detect(path, spec)
     if kind == "folder":
         return _one_per_name(spec, *_read_folder(spec, path, data))
@@ -294,10 +312,15 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
             f"{spec.path}: missing column(s) {missing}; found {list(frame.columns)[:12]}. "
             "Name yours with path_column / label_column in the source entry, or use format: nih / rsna"
         )
-    image_root = (root / spec.image_root) if spec.image_root else table.parent
-    if not image_root.is_dir():
-        raise CxrError(f"{spec.path}: image_root '{image_root}' is not a folder")
-    locate = _locator(spec, image_root)
+    if spec.dicomweb is not None:
+        image_root = retrieved_folder(root)
+        locate = _Retriever(spec, image_root)
+    else:
+        image_root = (root / spec.image_root) if spec.image_root else table.parent
+        if not image_root.is_dir():
+            raise CxrError(f"{spec.path}: image_root '{image_root}' is not a folder")
+        locate = _locator(spec, image_root)
+    by_uid = spec.match == "sop_instance_uid"
     task = task_for(data.task, data.labels)
     items: list[SourceItem] = []
     rejected: list[Rejected] = []
@@ -306,13 +329,15 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
         key = spec.path_template.format(row[spec.path_column].strip())
         where = f"{spec.path} line {row_number}"
         split = row.get(spec.split_column, "").strip().lower() or None
-        file = locate(key) if row[spec.path_column].strip() else None
+        # a server is asked only for rows that can be used (below): a film is not copied only to be quarantined
+        file = locate(key) if row[spec.path_column].strip() and spec.dicomweb is None else None
         subtype = _from_name(data.subtype_pattern, shown_path(file.name) if file is not None else Path(key).name) or ""
         label = _table_label(row, spec, data, task, subtype) if spec.labelled else None
         patient = row.get(spec.patient_column, "").strip() or None
+        named = (key,) if by_uid and key else ()  # a UID identifies a study's image: redacted like a patient ID
         if key in seen:  # RSNA lists a film once per box: one item, unless the rows disagree
             if seen[key] != label:
-                rejected.append(Rejected(spec.path, key, "conflicting_labels", f"{where}: '{key}' is listed again with another label", patient))
+                rejected.append(Rejected(spec.path, key, "conflicting_labels", f"{where}: '{key}' is listed again with another label", patient, named))
             continue
         seen[key] = label
         if not row[spec.path_column].strip():
@@ -320,22 +345,72 @@ def _read_table(spec: SourceSpec, table: Path, root: Path, data: DataConfig) -> 
         elif spec.labelled and label is None:
             raw = row[spec.label_column]
             reason = "no_label" if not raw.strip() else "label_not_in_set"
-            rejected.append(Rejected(spec.path, key, reason, f"{where}: label '{raw}' maps to none (or several) of data.labels {data.labels}", patient))
+            rejected.append(Rejected(spec.path, key, reason, f"{where}: label '{raw}' maps to none (or several) of data.labels {data.labels}", patient, named))
         elif split is not None and split not in SPLITS:
-            rejected.append(Rejected(spec.path, key, "bad_split", f"{where}: split '{split}' is not one of {list(SPLITS)}", patient))
+            rejected.append(Rejected(spec.path, key, "bad_split", f"{where}: split '{split}' is not one of {list(SPLITS)}", patient, named))
+        elif spec.dicomweb is not None and (file := locate(key)) is None:
+            rejected.append(Rejected(spec.path, key, "missing_instance", f"{where}: SOP Instance UID '{key}' is not on "
+                                     f"{spec.dicomweb}", patient, named))
         elif file is None:
-            rejected.append(Rejected(spec.path, key, "missing_file", f"{where}: no film '{key}' under {spec.image_root or 'the table folder'}", patient))
+            rejected.append(Rejected(spec.path, key, "missing_file", f"{where}: no film '{key}' under {spec.image_root or 'the table folder'}", patient, named))
         elif not _inside(file, image_root.resolve()):
-            rejected.append(Rejected(spec.path, key, "outside_source", f"{where}: '{key}' leads outside {image_root}", patient))
+            rejected.append(Rejected(spec.path, key, "outside_source", f"{where}: '{key}' leads outside {image_root}", patient, named))
         elif (problem := _odd_file(file, image_root.resolve())) is not None:
-            rejected.append(Rejected(spec.path, key, problem[0], f"{where}: '{key}' {problem[1]}", patient))
+            rejected.append(Rejected(spec.path, key, problem[0], f"{where}: '{key}' {problem[1]}", patient, named))
         else:
+            local = spec.dicomweb is None and file.is_relative_to(image_root)  # a retrieved film is named by its UID
             items.append(SourceItem(
-                source=spec.path, path=shown_path(file.relative_to(image_root).as_posix()) if file.is_relative_to(image_root) else key,
+                source=spec.path, path=shown_path(file.relative_to(image_root).as_posix()) if local else key,
                 label=label, split=split if label is not None else UNLABELLED, patient_id=patient,
-                subtype=subtype, file=file,
+                subtype=subtype, file=file, identifiers=named,
             ))
+    if isinstance(locate, _Retriever) and locate.fetched:
+        log.info("data.sources '%s': retrieved %d instance(s) from %s into %s", spec.path, locate.fetched,
+                 locate.base_url, image_root)
     return items, rejected
+
+
+def retrieved_folder(root: Path) -> Path:
+    """Where DICOMweb tables' instances are kept once retrieved: beside the decode cache, under data/cache/."""
+    from pipeline.paths import ProjectPaths
+
+    return ProjectPaths(root).decode_cache / "dicomweb"
+
+
+class _Retriever:
+    """How a DICOMweb table's SOP Instance UID finds its film: the copy an earlier run retrieved, else the instance
+    fetched now into `folder` (mode 0700, files 0600: they hold the headers); None when the server does not hold
+    it. The server is asked only for a missing copy, and signed in to (CXR_DICOMWEB_*) only then."""
+
+    def __init__(self, spec: SourceSpec, folder: Path) -> None:
+        from pipeline.dicomweb_client import check_service_url
+
+        check_service_url(spec.dicomweb, f"data.sources '{spec.path}'")
+        self.base_url, self.folder = spec.dicomweb.rstrip("/"), folder
+        self.client = None
+        self.fetched = 0
+
+    def __call__(self, uid: str) -> Path | None:
+        from pipeline.config import dicomweb_credentials
+        from pipeline.dicomweb_client import fetch_instance, open_client
+
+        name = hashlib.sha256(f"{self.base_url}\0{uid}".encode()).hexdigest()[:32]
+        file = self.folder / f"{name}.dcm"
+        if file.is_file():
+            return file
+        if self.client is None:
+            self.client = open_client(self.base_url, dicomweb_credentials())
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.folder / f".{name}.tmp{os.getpid()}"
+        try:
+            if not fetch_instance(self.client, self.base_url, uid, tmp):
+                return None
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, file)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.fetched += 1
+        return file
 
 
 def _table_label(row: dict, spec: SourceSpec, data: DataConfig, task: Task, subtype: str = "") -> str | None:

@@ -59,7 +59,8 @@ class FailingProxy:
                     self._answer(503, b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "overloaded"}', "application/json")
                     return
                 request = urllib.request.Request(upstream + self.path, data=body or None, method=self.command,
-                                                 headers={k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")})
+                                                 headers={k: v for k, v in self.headers.items()
+                                                          if k.lower() in ("content-type", "accept", "authorization")})
                 try:
                     with urllib.request.urlopen(request, timeout=120) as response:
                         self._answer(response.status, response.read(), response.headers.get("Content-Type"))

@@ -52,3 +52,35 @@ def test_half_or_doubled_sign_ins_are_refused(monkeypatch, env, message):
         monkeypatch.setenv(name, value)
     with pytest.raises(CxrError, match=message):
         dicomweb_credentials()
+
+
+def _params_with_source(tmp_path, source: dict):
+    import yaml
+
+    from tests.conftest import tiny_params_text
+
+    params = yaml.safe_load(tiny_params_text())
+    params["data"]["sources"] = [source]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "labels.csv").write_text("path,label\n1.2.3,normal\n")
+    return tmp_path / "params.yaml"
+
+
+def test_a_dicomweb_table_must_name_its_films_by_sop_instance_uid(tmp_path):
+    from pipeline.config import load_config
+
+    with pytest.raises(CxrError, match="a dicomweb table names its films by SOP Instance UID: add match: sop_instance_uid"):
+        load_config(_params_with_source(tmp_path, {"path": "labels.csv", "dicomweb": "http://pacs/dicom-web"}))
+
+
+@pytest.mark.parametrize("url, message", [("http://alice:s3cret@pacs/dicom-web", "must not hold credentials"),
+                                          ("pacs:8042/dicom-web", "is not a DICOMweb URL")])
+def test_a_dicomweb_source_url_with_a_password_or_without_a_scheme_is_refused_before_any_request(tmp_path, url, message):
+    from pipeline.config import load_config
+    from pipeline.sources import read_source
+
+    config = load_config(_params_with_source(tmp_path, {"path": "labels.csv", "dicomweb": url, "match": "sop_instance_uid"}))
+    with pytest.raises(CxrError, match=rf"data.sources 'labels.csv': .*{message}") as refused:
+        read_source(config.data.sources[0], tmp_path, config.data)
+    assert "s3cret" not in str(refused.value)
+    assert not (tmp_path / "data").exists()
