@@ -113,6 +113,8 @@ def decode_file(path: Path, key: bytes | None = None, limits: DecodeLimits = Dec
     With `size` (the side it will be resized to), it may be decoded at a reduced scale (see the module's docstring).
     The file is read once, whole: every decoder then works on its bytes in memory.
     """
+    if not path.is_file():  # a folder, a missing file, or a FIFO that would block the read
+        raise UnreadableImage("missing_file", f"{path}: no such file")
     try:
         data = path.read_bytes()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
