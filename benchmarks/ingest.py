@@ -13,6 +13,7 @@ keeps the outputs; what it costs is listing the source, a stat per file and chec
 Run it from the repository root, on an otherwise idle machine:
 
     .venv/bin/python benchmarks/ingest.py            # 200 films per kind, 1024 px, best of 3
+    .venv/bin/python benchmarks/ingest.py --real     # real films from ../shared/data/samples (see real_main)
     .venv/bin/python benchmarks/ingest.py --help
 
 It builds its inputs in a temporary folder (synthetic chests from pipeline.demo_data; the JPEG 2000
@@ -63,7 +64,11 @@ DEMO_SUFFIXES = {"jpeg": ".jpg", "png": ".png", "dicom": ".dcm"}
 DEMO_JPEG_SHARE = 0.25  # pipeline.demo_data.FORMAT_SHARES["jpeg"], the rarest format in a demo set
 WORKER_COUNTS = (1, 2)
 IMAGE_SIZE = 64
-REAL_J2K = REPO.parent / "shared" / "data" / "samples" / "dicom" / "RG1_J2KI.dcm"
+REAL_SAMPLES = REPO.parent / "shared" / "data" / "samples"
+REAL_J2K = REAL_SAMPLES / "dicom" / "RG1_J2KI.dcm"
+REAL_J2K_COPIES = 40
+TARGET_VS_BARE = 0.9  # cold 1-worker ingest of real JPEGs against the bare best-path (draft) Pillow loop
+TARGET_J2K_SPEEDUP = 5.0  # real JPEG 2000 films decoded at a reduced level against in full
 TARGET_JPEG_SPEEDUP = 1.7
 TARGET_CACHED_VS_COLD = 50.0  # an unchanged archive re-ingested, against the same files cold (JPEG, 1 worker)
 
@@ -120,6 +125,11 @@ def parse_args() -> argparse.Namespace:
         help="JPEG 2000 films: 'synthetic' re-encodes the uncompressed DICOMs losslessly (same films, same size); "
              f"'real' uses distinct copies of {REAL_J2K.name}, a real 1841x1955 chest CR (default synthetic)",
     )
+    parser.add_argument("--real", action="store_true",
+                        help=f"real-film mode: the Kermany JPEGs of {REAL_SAMPLES} copied byte-distinct to --copies "
+                             "files, against bare Pillow loops in the same run; and the real JPEG 2000 film, reduced "
+                             "against full decoding (--n, --side, --j2k and --kinds do not apply)")
+    parser.add_argument("--copies", type=int, default=2000, help="real-film mode: JPEG files to make (default 2000)")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                         help="which kinds of film to measure (default: all four); the target lines need jpeg")
     args = parser.parse_args()
@@ -325,8 +335,144 @@ def print_table(results: list[Measurement]) -> None:
                   "of the CPU while it was timed; rerun on an idle machine")
 
 
+# --- real-film mode ----------------------------------------------------------------------------
+
+
+def real_jpeg_copies(dest: Path, copies: int) -> int:
+    """`copies` byte-distinct copies of the real Kermany JPEGs (round robin), each one's own file: a few distinct
+    bytes after the JPEG's end-of-image marker, which decoders ignore, so each is its own decode-cache key with the
+    same pixels (the copies are then duplicates by pixels: data.dedupe reports them, the default). The label folder
+    is kept."""
+    films = sorted((REAL_SAMPLES / "kermany_fullres").rglob("*.jp*g"))
+    if not films:
+        raise SystemExit(f"--real needs the Kermany JPEGs under {REAL_SAMPLES / 'kermany_fullres'}, which are missing")
+    contents = [(film.parent.name.lower(), film.stem, film.read_bytes()) for film in films]
+    for i in range(copies):
+        label, stem, content = contents[i % len(contents)]
+        target = dest / label / f"{stem}-copy{i:05d}.jpeg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content + f"cxr-benchmark-copy-{i}".encode())
+    return len(films)
+
+
+def bare_loop(files: list[Path], draft: bool) -> float:
+    """Seconds for the least a program must do with each film: open, decode (with `draft`, libjpeg's DCT scaling
+    to no less than REDUCED_MARGIN times the size, as ingest does), grey, resize. No hashing, checks or writing."""
+    from PIL import Image
+
+    from pipeline.imaging import REDUCED_MARGIN
+
+    side = REDUCED_MARGIN * IMAGE_SIZE
+    start = time.perf_counter()
+    for file in files:
+        with Image.open(file) as image:
+            if draft:
+                image.draft(image.mode, (side, side))
+            image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    return time.perf_counter() - start
+
+
+def j2k_rates(files: list[Path]) -> tuple[float, float]:
+    """Films per second of the real JPEG 2000 film decoded and resized as ingest does now (a reduced resolution
+    level) and as it did before (in full), timed in the same run."""
+    from pipeline.imaging import decode_file, resize
+
+    rates = []
+    for size in (IMAGE_SIZE, None):
+        start = time.perf_counter()
+        for file in files:
+            resize(decode_file(file, size=size).pixels, IMAGE_SIZE)
+        rates.append(len(files) / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def peak_rss_mib() -> tuple[float, float]:
+    """Peak resident memory of this process and of its largest finished child (decode workers), in MiB."""
+    import resource
+
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+
+
+def real_main(args: argparse.Namespace) -> None:
+    """Real films, one run: cold ingest at 1 and 2 workers, the cached re-ingest, the bare Pillow loops (full and
+    draft) and the JPEG 2000 reduced-against-full rates, so every ratio compares timings of the same minutes."""
+    print(f"ingest benchmark, real films: {args.copies} byte-distinct copies of the Kermany JPEGs in {REAL_SAMPLES}, "
+          f"stored at {IMAGE_SIZE} px, best of {args.repeats}, {os.cpu_count()} CPU cores")
+    with tempfile.TemporaryDirectory(prefix="cxr-ingest-benchmark-") as tmp:
+        scratch = Path(tmp)
+        source = scratch / "kermany"
+        distinct = real_jpeg_copies(source, args.copies)
+        files = sorted(p for p in source.rglob("*") if p.is_file())
+        print(f"  {len(files)} files from {distinct} real films, {file_size_kb(source):.0f} KB/file")
+        real_j2k_copies(REAL_J2K_COPIES, scratch / "j2k")
+        j2k_files = sorted((scratch / "j2k").rglob("*.dcm"))
+        warm = scratch / "warm"
+        for file in files[:4] + files[-4:]:
+            (warm / file.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, warm / file.parent.name / file.name)
+        paths = new_project(scratch / "warm-up")
+        timed_ingest(paths, warm, 1)
+        bare_loop(files[:20], True)
+        j2k_rates(j2k_files[:2])
+
+        cpu = cpu_snapshot()
+        started = time.perf_counter()
+        bare_before = min(bare_loop(files, True) for _ in range(args.repeats))
+        bare_full = min(bare_loop(files, False) for _ in range(args.repeats))
+        cold: dict[int, float] = {}
+        cached = math.inf
+        for workers in WORKER_COUNTS:
+            for repeat in range(args.repeats):
+                paths = new_project(scratch / f"w{workers}-r{repeat}")
+                first = timed_ingest(paths, source, workers)
+                cold[workers] = min(cold.get(workers, math.inf), first.seconds)
+                if workers == 1:
+                    again = timed_ingest(paths, source, workers)
+                    check("jpeg", len(files), first.result, again.result)
+                    cached = min(cached, again.seconds)
+                shutil.rmtree(paths.root)
+        bare_after = min(bare_loop(files, True) for _ in range(args.repeats))
+        bare_draft = (bare_before + bare_after) / 2  # bracketing the ingests: a shared machine's load drifts
+        j2k_reduced, j2k_full = j2k_rates(j2k_files)
+        others = others_cpu_s(cpu) / ((time.perf_counter() - started) * (os.cpu_count() or 1))
+    main_rss, worker_rss = peak_rss_mib()
+
+    n = len(files)
+    rows = [("bare Pillow loop, full decode + resize", n / bare_full, ""),
+            ("bare Pillow loop, draft decode + resize", n / bare_draft, "1.00x"),
+            ("cxr ingest, 1 worker, cold", n / cold[1], f"{bare_draft / cold[1]:.2f}x"),
+            ("cxr ingest, 2 workers, cold", n / cold[2], f"{bare_draft / cold[2]:.2f}x"),
+            ("cxr ingest, cached re-ingest", n / cached, f"{bare_draft / cached:.2f}x")]
+    print()
+    print(f"{'path (real JPEGs)':<42} {'img/s':>8} {'vs bare draft':>14}")
+    for name, rate, ratio in rows:
+        print(f"{name:<42} {rate:>8.1f} {ratio:>14}")
+    print(f"{'JPEG 2000 ' + REAL_J2K.name + ', reduced level':<42} {j2k_reduced:>8.1f}")
+    print(f"{'JPEG 2000 ' + REAL_J2K.name + ', full decode':<42} {j2k_full:>8.1f}")
+    print(f"bare draft loop before and after the ingests: {n / bare_before:.1f} and {n / bare_after:.1f} img/s "
+          "(the ratios use their mean)")
+    print(f"peak RSS: {main_rss:.0f} MiB (ingest process), {worker_rss:.0f} MiB (largest decode worker)")
+    print(f"other processes took {others:.0%} of the machine's CPU meanwhile"
+          + ("; rerun on an idle machine" if others > BUSY_WARNING else ""))
+    vs_bare, speedup, cached_vs_cold, j2k = bare_draft / cold[1], cold[1] / cold[2], cold[1] / cached, j2k_reduced / j2k_full
+    print()
+    for name, value, target in (("cold 1-worker ingest vs bare draft loop", vs_bare, TARGET_VS_BARE),
+                                ("2 workers vs 1, cold ingest", speedup, 1.8),
+                                ("cached re-ingest vs cold", cached_vs_cold, 10.0),
+                                ("JPEG 2000 at 64 px, reduced vs full", j2k, TARGET_J2K_SPEEDUP)):
+        print(f"target: {name} >= {target:.1f}x: {value:.2f}x  {'PASS' if value >= target else 'FAIL'}")
+    print(f"real_ingest_vs_bare_draft={vs_bare:.2f}")
+    print(f"real_ingest_2_vs_1_workers={speedup:.2f}")
+    print(f"real_cached_vs_cold={cached_vs_cold:.2f}")
+    print(f"real_j2k_reduced_vs_full={j2k:.2f}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.real:
+        real_main(args)
+        return
     print(f"ingest benchmark: {args.n} films per kind, stored at {IMAGE_SIZE} px, best of {args.repeats}, "
           f"{os.cpu_count()} CPU cores, Python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory(prefix="cxr-ingest-benchmark-") as tmp:

@@ -116,6 +116,9 @@ def ingest(
         help="Decide every patient's split again (as a first ingest does) and rewrite data/splits.parquet; "
         "training runs on it are tagged data.splits_reassigned: their test scores do not compare with those of "
         "models trained before.")] = False,
+    profile: Annotated[bool, typer.Option(
+        "--profile", help="Print where the time went: listing the sources, hashing files (and the cache checks), "
+        "decoding, finishing (cache, splits, writing).")] = False,
 ) -> None:
     """Read data.sources (class folders, CSV tables, MedMNIST .npz), decode DICOM/PNG/JPEG, de-identify,
     split by patient and write data/interim/manifest.parquet, images.npy and quarantine.csv.
@@ -124,7 +127,20 @@ def ingest(
     recorded patient, and a change that would is refused. Files that cannot be used go to quarantine.csv
     with a reason; the run goes on.
     """
-    _stage(params, set_, "ingest", reassign_splits=reassign_splits)
+    result = _stage(params, set_, "ingest", reassign_splits=reassign_splits)
+    if profile:
+        typer.echo(profile_table(result.seconds, result.n_decoded))
+
+
+def profile_table(seconds: dict[str, float], n_decoded: int) -> str:
+    """`cxr ingest --profile`: each step's wall time and share, and the decoding rate."""
+    total = sum(seconds.values()) or 1e-9
+    lines = [f"{'step':<10} {'seconds':>8} {'share':>6}"]
+    lines += [f"{step:<10} {value:>8.2f} {value / total:>6.0%}" for step, value in seconds.items()]
+    lines.append(f"{'total':<10} {total:>8.2f}")
+    if n_decoded and seconds.get("decoding"):
+        lines.append(f"decoded {n_decoded} films at {n_decoded / seconds['decoding']:.0f} films/s")
+    return "\n".join(lines)
 
 
 @app.command()

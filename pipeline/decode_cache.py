@@ -30,8 +30,10 @@ from pipeline.files import atomic_path
 log = logging.getLogger(__name__)
 
 # Bump when decoding changes a film's stored pixels or fields (2: content-named shards, checksums; 3: sex and
-# age_band). A new version is a new folder, and ingest's fingerprint holds it, so every film decodes once again.
-CACHE_VERSION = 3
+# age_band; 4: JPEG and JPEG 2000 decoded at a reduced scale, sha256 of the decoded rather than the full-size
+# pixels). A new version is a new folder, and ingest's fingerprint holds it, so every film decodes once again:
+# a film stored before a change is never served, or de-duplicated, beside one stored after it.
+CACHE_VERSION = 4
 INDEX_COLUMNS = ("file_key", "shard", "row", "checksum")
 FAILURE_COLUMNS = ("file_key", "reason", "message")
 

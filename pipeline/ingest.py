@@ -19,9 +19,10 @@ import hmac
 import json
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,7 @@ class IngestResult:
     images_path: Path
     quarantine_path: Path
     n_patients_recorded: int = 0  # patients in the split registry (data/splits.parquet), this run's new ones included
+    seconds: dict[str, float] = field(default_factory=dict, compare=False)  # wall time per step: listing, hashing, decoding, finishing
 
 
 @dataclass
@@ -76,6 +78,7 @@ class IngestPlan:
     todo: list[SourceItem]  # file items to decode, in the order decode_items returns their outcomes
     fingerprint: str = ""  # of everything the outputs are made from (pipeline.stat_cache)
     unchanged: IngestResult | None = None  # the last ingest's result, when its outputs are this plan's: nothing to do
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of listing and hashing (`cxr ingest --profile`)
 
 
 def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = False) -> IngestResult:
@@ -86,9 +89,13 @@ def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = Fa
     """
     plan = plan_ingest(paths, config, keep_unchanged=not reassign_splits)
     key = load_key(paths.root, config.deid.key_scope)
+    started = time.perf_counter()
     outcomes = decode_items([item.file for item in plan.todo], config.data.image_size, key, config.data.num_workers,
                             limits_of(config.data))
-    return finish_ingest(paths, config, plan, outcomes, reassign_splits)
+    decoding = time.perf_counter() - started
+    result = finish_ingest(paths, config, plan, outcomes, reassign_splits)
+    finishing = time.perf_counter() - started - decoding
+    return replace(result, seconds={**plan.seconds, "decoding": decoding, "finishing": finishing})
 
 
 def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True) -> IngestPlan:
@@ -100,6 +107,7 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
     """
     from tqdm import tqdm
 
+    started = time.perf_counter()
     deid_key = load_key(paths.root, config.deid.key_scope)  # a weak or exposed key is refused before anything is written
     check_sources_watched(paths.root, [spec.path for spec in config.data.sources], "data.sources")
     items: list[SourceItem] = []
@@ -108,6 +116,7 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
         source_items, source_rejected = read_source(spec, paths.root, config.data)
         items += source_items
         rejected += source_rejected
+    listed = time.perf_counter()
     hashes = FileHashes.load(paths.decode_cache / "file_hashes.parquet", deid_key)
     files = [item.file for item in items]
     keys = [hashes.remembered(file) if file is not None else None for file in files]  # unchanged stat: not read
@@ -124,10 +133,11 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
              len(files) - files.count(None))
     fingerprint = _fingerprint(config, items, rejected, keys, deid_key)
     previous = unchanged_ingest(paths.decode_cache / "last_ingest.json", fingerprint, _outputs(paths)) if keep_unchanged else None
+    seconds = {"listing": listed - started, "hashing": time.perf_counter() - listed}  # hashing: with the cache checks
     if previous is not None:
         result = IngestResult(**{**previous, "split_counts": dict(previous["split_counts"])}, n_decoded=0,
                               manifest_path=paths.manifest, images_path=paths.images, quarantine_path=paths.quarantine)
-        return IngestPlan(items, rejected, keys, [], fingerprint, result)
+        return IngestPlan(items, rejected, keys, [], fingerprint, result, seconds)
     cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size)
     cache.drop_unreadable(keys)
     todo, queued = [], set()
@@ -136,7 +146,8 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
             todo.append(item)
             if key is not None:
                 queued.add(key)
-    return IngestPlan(items, rejected, keys, todo, fingerprint)
+    seconds["hashing"] = time.perf_counter() - listed
+    return IngestPlan(items, rejected, keys, todo, fingerprint, seconds=seconds)
 
 
 def _outputs(paths: ProjectPaths) -> list[Path]:
@@ -191,13 +202,14 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
 
 
 def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded | Failure:
-    """Decode and resize one film file. Never raises: one bad file must not stop a run (or a worker).
+    """Decode and resize one film file, decoded at the resolution `size` keeps (pipeline.imaging: the served model
+    decodes with the same `size`). Never raises: one bad file must not stop a run (or a worker).
 
     What it returns may cross a process, task or network boundary (and be persisted by Prefect or spilled by
     Dask), so it holds the header's identity as pseudonyms only and names the film `{file}`, not by its path.
     """
     try:
-        decoded = decode_file(file, key, limits)
+        decoded = decode_file(file, key, limits, size)
     except UnreadableImage as exc:
         message = shown_path(Redactor(exc.identity.hashes, key).text(str(exc).replace(str(file), FILE)))
         return Failure(exc.reason, message, exc.identity)
@@ -206,7 +218,8 @@ def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeL
     stored = resize(decoded.pixels, size)
     header = {"bits_stored": decoded.bits_stored, "modality": decoded.modality, "photometric": decoded.photometric,
               "view": decoded.view, "body_part": decoded.body_part, "sex": decoded.sex, "age_band": decoded.age_band}
-    return Decoded(stored, _decoded_fields(decoded.pixels, stored, decoded.format, header), decoded.identity)
+    return Decoded(stored, _decoded_fields(decoded.pixels, stored, decoded.format, header, (decoded.height, decoded.width)),
+                   decoded.identity)
 
 
 def decode_at_size(item: SourceItem, size: int, key: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded | Failure:
@@ -224,14 +237,21 @@ def image_id_of(item: SourceItem, key: bytes) -> str:
     return hmac.new(key, f"cxr image id\x00{item.source}/{item.path}".encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def _decoded_fields(original: np.ndarray, stored: np.ndarray, kind: str, header: dict) -> dict:
+def _decoded_fields(decoded: np.ndarray, stored: np.ndarray, kind: str, header: dict,
+                    shape: tuple[int, int] | None = None) -> dict:
     """The manifest fields decoding yields (and the decode cache keeps): nothing that identifies a patient (sex
-    and an age band are kept; the age, like the birth date, never is)."""
+    and an age band are kept; the age, like the birth date, never is).
+
+    `decoded` is the film as decoded, at a reduced scale where its codec allowed one, and `shape` (height, width)
+    the film's own size. sha256 hashes the decoded pixels: a byte copy or a lossless re-encode of a film decodes to
+    the same pixels at the same scale, so duplicates are still found, at a fraction of a full-size hash's cost.
+    """
+    height, width = shape or decoded.shape[:2]
     return {
-        "sha256": pixel_sha256(original),
+        "sha256": pixel_sha256(decoded),
         "format": kind,
-        "width": int(original.shape[1]),
-        "height": int(original.shape[0]),
+        "width": int(width),
+        "height": int(height),
         **header,
         "mean_intensity": float(stored.mean()),
         "std_intensity": float(stored.std()),

@@ -94,7 +94,7 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
     ready: list[tuple[int, np.ndarray]] = []
     for position, file in enumerate(files):
         try:
-            image = decode_file(file, limits=limits)
+            image = decode_file(file, limits=limits, size=size)
         except UnreadableImage as exc:
             results[position] = Prediction(path=str(file), error=f"{exc.reason}: {exc}")
             continue

@@ -91,7 +91,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
                     errors[row] = f"wrong_shape: {name}: an image array must be {self.image_size}x{self.image_size}, got {pixels.shape}"
                 continue
             try:
-                image = decode_bytes(file_bytes(content, name), name, limits=self.limits)
+                image = decode_bytes(file_bytes(content, name), name, limits=self.limits, size=self.image_size)
             except UnreadableImage as exc:
                 errors[row] = f"{exc.reason}: {exc}"
                 continue

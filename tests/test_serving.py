@@ -44,7 +44,7 @@ def test_the_same_file_through_ingest_and_through_the_served_model_gives_identic
     model = load_model(CHAMPION, tiny_project.paths)
     size = int(model.metadata.metadata["image_size"])
     stored = np.load(tiny_project.paths.images)[rows]  # what ingest made of these files, what training saw
-    served_tensors = np.stack([resize(decode_bytes(f.read_bytes(), f.name).pixels, size) for f in files])
+    served_tensors = np.stack([resize(decode_bytes(f.read_bytes(), f.name, size=size).pixels, size) for f in files])
     assert np.array_equal(served_tensors, stored)
     from_bytes = model.predict(pd.DataFrame({"image": [_b64(f) for f in files]}))  # through MLflow's signature check
     from_arrays = model.predict(stored)
