@@ -98,6 +98,7 @@ def demo_project(folder: Path):  # -> pipeline.paths.ProjectPaths
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["image_size"], params["train"]["epochs"], params["train"]["batch_size"] = 32, 1, 16
+    folder.mkdir(parents=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_demo_data(folder / "data" / "raw" / "demo", n=80, seed=0, size=64)
     paths = ProjectPaths(folder)

@@ -50,7 +50,9 @@ class ModelIdentity:
 
 def log_path(default: Path | None) -> Path | None:
     """$CXR_MONITOR_LOG when set ('off' or empty: no log), else `default` (None: no log)."""
-    value = os.environ.get(LOG_ENV)
+    from pipeline.config import monitor_log_setting
+
+    value = monitor_log_setting()
     if value is None:
         return default
     return None if value.strip() in ("", "off") else Path(value)
@@ -215,11 +217,10 @@ def model_references(paths, keys: set[tuple]) -> dict[tuple, Reference]:  # path
 
     from pipeline import tracking
 
-    client = tracking.client(paths)
+    named = [(name, run_id) for name, run_id in keys if name and run_id]
+    client = tracking.client(paths) if named else None
     references = {}
-    for name, run_id in keys:
-        if not name or not run_id:
-            continue
+    for name, run_id in named:
         try:
             versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
         except MlflowException:
