@@ -176,22 +176,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(project: Path, model_uri: str, port: int, workers: int, log: Path) -> subprocess.Popen:
-    """`mlflow models serve` in the project folder, on 127.0.0.1; its answers logged to `log` (pipeline.monitoring)."""
+def start_server(project: Path, model_uri: str, port: int, workers: int, log: Path, output: Path) -> subprocess.Popen:
+    """`mlflow models serve` in the project folder, on 127.0.0.1; its answers logged to `log` (pipeline.monitoring),
+    its own output to the file `output` (a pipe nobody reads fills with access-log lines and stalls the server)."""
     from pipeline.config import default_tracking_uri
 
     env = dict(os.environ, MLFLOW_TRACKING_URI=default_tracking_uri(project), CXR_MONITOR_LOG=str(log),
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     command = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1",
                "-p", str(port), "--workers", str(workers)]
-    return subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with output.open("w") as sink:
+        return subprocess.Popen(command, cwd=project, env=env, stdout=sink, stderr=subprocess.STDOUT)
 
 
-def wait_until_up(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
+def wait_until_up(url: str, process: subprocess.Popen, output: Path, seconds: float = 180) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"serve: the server exited early:\n{process.stdout.read()[-3000:]}")
+            raise SystemExit(f"serve: the server exited early:\n{output.read_text(errors='replace')[-3000:]}")
         try:
             with urllib.request.urlopen(url + "/ping", timeout=2):
                 return
@@ -280,9 +282,10 @@ def main() -> int:
         bodies = [body([content]) for _, content in films]
         port, log = free_port(), scratch / "monitoring.jsonl"
         url = f"http://127.0.0.1:{port}"
-        server = start_server(project_root, model_uri, port, args.workers, log)
+        output = scratch / "server.log"
+        server = start_server(project_root, model_uri, port, args.workers, log, output)
         try:
-            wait_until_up(url, server)
+            wait_until_up(url, server, output)
             for data in bodies:  # warm up: every film once
                 post(url, data)
             snapshot = cpu_snapshot()

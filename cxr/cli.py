@@ -522,7 +522,8 @@ def _monitor_text(summary: dict) -> str:
     if summary["label_shares"]:
         lines.append("labels (of classified): " + ", ".join(f"{label} {s:.1%}" for label, s in summary["label_shares"].items()))
     for model in summary["models"]:
-        name = f"{model['model'] or 'unknown model'} " + (f"v{model['version']}" if model["version"] else f"run {model['run_id']}")
+        which = f" v{model['version']}" if model["version"] else f" run {model['run_id']}" if model["run_id"] else ""
+        name = f"{model['model'] or 'unknown model'}{which}"
         lines.append(f"{name}: {model['films']} films")
         for test, what in (("ood_score_drift", "OOD scores"), ("probability_drift", "probabilities")):
             result = model[test]
