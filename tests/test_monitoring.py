@@ -16,8 +16,14 @@ import pytest
 from typer.testing import CliRunner
 
 from cxr.cli import app
-from pipeline.monitoring import (MIN_FILMS, ModelIdentity, Reference, append_records, film_record, read_records,
-                                 summarise)
+from pipeline.monitoring import (
+    MIN_FILMS,
+    ModelIdentity,
+    Reference,
+    append_records,
+    film_record,
+    summarise,
+)
 
 CHAMPION = "models:/cxr-pneumonia@champion"
 RECORD_KEYS = {"time", "source", "model", "run_id", "answer", "reason", "label", "probability", "ood_score"}
@@ -54,9 +60,9 @@ def test_concurrent_appends_from_several_processes_give_whole_lines(tmp_path):
 def _records(day: datetime) -> list[dict]:
     """Ten records on `day`: 6 classified (4 normal, 2 pneumonia), 3 out of scope (2 modality, 1 ood), 1 error."""
     who = ModelIdentity(None, None)  # no registry to ask
-    answers = [dict(label="normal", probability=0.2)] * 4 + [dict(label="pneumonia", probability=0.9)] * 2
-    answers += [dict(out_of_scope="modality: CT is not one of CR, DX")] * 2 + [dict(out_of_scope="ood: score 9.1 above 4.0", ood_score=9.1)]
-    answers += [dict(error="decode_failed: row 0: truncated")]
+    answers = [{"label": "normal", "probability": 0.2}] * 4 + [{"label": "pneumonia", "probability": 0.9}] * 2
+    answers += [{"out_of_scope": "modality: CT is not one of CR, DX"}] * 2 + [{"out_of_scope": "ood: score 9.1 above 4.0", "ood_score": 9.1}]
+    answers += [{"error": "decode_failed: row 0: truncated"}]
     return [film_record(who, "predict", now=day + timedelta(hours=i), **answer) for i, answer in enumerate(answers)]
 
 
