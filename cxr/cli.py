@@ -445,14 +445,15 @@ def predict(
     """Classify chest X-ray files, or the films of a study or series on a PACS (DICOMweb), with a registered model.
     A film outside what the model was trained for (by its DICOM header: modality, body part, view; colour or
     multi-frame) gets out_of_scope and the reason, not a probability. Local files are answered first, then each
-    URL's films. Exit status 0 when at least one file was classified."""
+    URL's films. Each answer is appended to the monitoring log (see `cxr monitor`; no path or identifier is
+    logged). Exit status 0 when at least one file was classified."""
 
     def action() -> list:
         from pipeline.config import dicomweb_credentials, load_config
         from pipeline.dicomweb import is_url, model_identity, parse_address, predict_dicomweb
         from pipeline.imaging import limits_of
         from pipeline.paths import ProjectPaths
-        from pipeline.predict import expand_inputs, load_model, predict_files
+        from pipeline.predict import expand_inputs, load_model, monitor_answers, predict_files
         from pipeline.privacy import private_umask
 
         config = load_config(params)
@@ -474,7 +475,8 @@ def predict(
             answers = predict_files(loaded, files, explain_dir=explain, limits=limits) if files else []
             if addresses:
                 answers += predict_dicomweb(loaded, addresses, credentials, identity, explain=explain is not None, limits=limits)
-            return answers
+        monitor_answers(loaded, answers, project.root)
+        return answers
 
     results = _run(action)
     if as_json:
@@ -489,6 +491,70 @@ def predict(
                 typer.echo("\t".join([r.path, r.label or "(none)", *_shown_probabilities(r), *([r.explanation] if r.explanation else [])]))
     if not any(r.error is None and r.out_of_scope is None for r in results):
         raise typer.Exit(1)
+
+
+@app.command()
+def monitor(
+    since: Annotated[str | None, typer.Option("--since", metavar="DATE", help="First day (YYYY-MM-DD, UTC) or ISO timestamp to include.")] = None,
+    until: Annotated[str | None, typer.Option("--until", metavar="DATE", help="Last day to include (a bare date includes that whole day, UTC), "
+                                              "or an ISO timestamp to stop before.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    log_file: Annotated[Path | None, typer.Option("--log", help="The monitoring log to read; default $CXR_MONITOR_LOG, else "
+                                                  "reports/monitoring/predictions.jsonl in the project.")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Summarise what the models answered over a period, from the log `cxr predict` and the served model append
+    to (one line per film, no identifiers): volume, share out of scope and by reason, share of errors, label
+    shares, and per model version the drift of out-of-distribution scores and probabilities against its
+    validation films (two-sample Kolmogorov-Smirnov; drift when p < 0.01 over at least 30 films). Exit status 3
+    when drift is flagged, so a scheduled check can alert."""
+
+    def action() -> dict:
+        from pipeline.monitoring import log_path, model_references, parse_day, project_log, read_records, summarise
+        from pipeline.paths import ProjectPaths
+
+        project = ProjectPaths(params.resolve().parent)
+        path = log_file or log_path(project_log(project.root))
+        if path is None:
+            raise CxrError("monitoring is off ($CXR_MONITOR_LOG=off): pass --log FILE")
+        start, end = parse_day(since, "--since"), parse_day(until, "--until", end=True)
+        records, unreadable = read_records(path, start, end)
+        keys = {(r.get("model"), r.get("run_id")) for r in records}
+        summary = summarise(records, model_references(project, keys) if records else {})
+        return {"log": str(path), "since": since, "until": until, "unreadable_lines": unreadable} | summary
+
+    summary = _run(action)
+    typer.echo(json.dumps(summary, indent=2) if as_json else _monitor_text(summary))
+    if summary["drift"]:
+        raise typer.Exit(3)
+
+
+def _monitor_text(summary: dict) -> str:
+    """The summary as a few readable lines."""
+    period = f"{summary['since'] or 'start'} .. {summary['until'] or 'now'}"
+    lines = [f"{summary['log']} ({period}): {summary['films']} films"]
+    if not summary["films"]:
+        return lines[0]
+    answers = summary["answers"]
+    lines.append(f"classified {answers['classified']}, out of scope {answers['out_of_scope']} ({summary['share_out_of_scope']:.1%}), "
+                 f"errors {answers['error']} ({summary['share_error']:.1%})")
+    for kind in ("out_of_scope", "error"):
+        if summary[f"{kind}_reasons"]:
+            lines.append(f"{kind.replace('_', ' ')} by reason: " + ", ".join(f"{r} {s:.1%}" for r, s in summary[f"{kind}_reasons"].items()))
+    if summary["label_shares"]:
+        lines.append("labels (of classified): " + ", ".join(f"{label} {s:.1%}" for label, s in summary["label_shares"].items()))
+    for model in summary["models"]:
+        which = f" v{model['version']}" if model["version"] else f" run {model['run_id']}" if model["run_id"] else ""
+        name = f"{model['model'] or 'unknown model'}{which}"
+        lines.append(f"{name}: {model['films']} films")
+        for test, what in (("ood_score_drift", "OOD scores"), ("probability_drift", "probabilities")):
+            result = model[test]
+            figures = f" (KS {result['ks_statistic']}, p={result['p_value']:.3g}, n={result['n']} vs {result['n_reference']})" if "p_value" in result else ""
+            lines.append(f"  {what}: {result['note']}{figures}")
+    if summary["unreadable_lines"]:
+        lines.append(f"{summary['unreadable_lines']} unreadable line(s) skipped")
+    lines.append("DRIFT FLAGGED" if summary["drift"] else "no drift flagged")
+    return "\n".join(lines)
 
 
 def _shown_probabilities(prediction: Any) -> list[str]:

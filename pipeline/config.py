@@ -599,6 +599,11 @@ def lock_timeout() -> float:
     return seconds
 
 
+def monitor_log_setting() -> str | None:
+    """CXR_MONITOR_LOG as set (a file, or `off`), None when unset: where answers are logged (pipeline.monitoring)."""
+    return os.environ.get("CXR_MONITOR_LOG")
+
+
 def dicomweb_credentials() -> tuple[str, str] | str | None:
     """How to sign in to a DICOMweb server: (user, password) for HTTP basic from CXR_DICOMWEB_USER and
     CXR_DICOMWEB_PASSWORD, a bearer token from CXR_DICOMWEB_TOKEN, or None. Read from the environment only, so

@@ -116,6 +116,18 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
     return [r for r in results if r is not None]
 
 
+def monitor_answers(model: ServedModel, answers: list[Prediction], root: Path) -> bool:
+    """Append one record per answer to the monitoring log ($CXR_MONITOR_LOG, else the project's
+    reports/monitoring/predictions.jsonl): the answer kind, reason code, label, probability and OOD score, never the
+    path (pipeline.monitoring). A log that cannot be written is a warning; False then, or when logging is off."""
+    from pipeline.monitoring import ModelIdentity, log_path, prediction_records, project_log, try_append
+
+    identity = ModelIdentity.from_config(model.pyfunc.model_config)
+    if identity.run_id is None:  # a model registered before its identity travelled in model_config
+        identity = ModelIdentity(identity.model, model.metadata.run_id)
+    return try_append(log_path(project_log(root)), prediction_records(answers, identity))
+
+
 def write_explanations(network, images: np.ndarray, table, paths: list[Path], task) -> list[str]:
     """One Grad-CAM overlay per image, captioned with the prediction; returns the paths. Which label each map
     explains is the task's (Task.explained): binary models show the evidence for the positive class, multiclass

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # What the served model imports (a test checks the list against the imports): files, and the tasks package. It
 # decodes file bytes as ingest does (imaging, which reads deid's Identity, which reads config) and judges scope.
 SERVING_MODULES = ("__init__.py", "errors.py", "labels.py", "tasks", "metrics.py", "losses.py", "models.py", "serving.py",
-                   "mlflow_model.py", "imaging.py", "deid.py", "config.py", "scope.py")
+                   "mlflow_model.py", "imaging.py", "deid.py", "config.py", "scope.py", "monitoring.py")
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,8 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
                 signature=infer_signature(example, output),
                 input_example=example,
                 model_config={"threshold": threshold, "temperature": temperature, "scope": scope,
-                              "limits": {"max_pixels": limits.max_pixels, "max_frames": limits.max_frames}},
+                              "limits": {"max_pixels": limits.max_pixels, "max_frames": limits.max_frames},
+                              "identity": {"model": config.registry.model_name, "run_id": run_id}},  # for monitoring records
                 metadata={"image_size": size, "labels": labels, "task": task.name, "threshold": threshold, "temperature": temperature,
                           "scope": scope},
                 registered_model_name=config.registry.model_name,

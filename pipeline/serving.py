@@ -10,6 +10,12 @@ bad row never fails the others. As before it took bytes, it also takes (N, S, S)
 (`{"inputs": arrays}` over REST, which MLflow hands over as the `image` column; in this process through
 ServedModel, below); they carry no header and are not judged for scope.
 
+Over REST a request in which no film could be read (each row an `error`: a truncated DICOM, a header declaring an
+absurd size, bytes that are not base64) is the client's mistake: predict raises an MlflowException with
+INVALID_PARAMETER_VALUE, which MLflow's scoring server answers with HTTP 400 and the reasons; a request with at least
+one readable film answers 200, its bad rows with their `error`. Each answer is appended to the monitoring log
+(pipeline.monitoring; where $CXR_MONITOR_LOG says).
+
 The operating point chosen on validation (a threshold, or one per label), the temperature, the scope and the decode
 limits travel in the model's `model_config`; what the answer table holds is the task's (pipeline.tasks:
 Task.serving_table).
@@ -17,6 +23,7 @@ Task.serving_table).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 IMAGE_COLUMN = "image"  # the input column: base64-encoded file bytes
+log = logging.getLogger(__name__)
 
 
 class CxrClassifier(mlflow.pyfunc.PythonModel):
@@ -37,6 +45,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pipeline.imaging import DecodeLimits
         from pipeline.models import load_checkpoint
+        from pipeline.monitoring import ModelIdentity, log_path
         from pipeline.scope import Scope
         from pipeline.tasks import task_for
 
@@ -49,11 +58,24 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
         self.image_size = int(state["image_size"])
         self.scope = Scope.from_dict(config.get("scope"))
         self.limits = DecodeLimits(**config.get("limits", {}))
+        self.identity, self.monitor_log = ModelIdentity.from_config(config), log_path(None)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        if isinstance(model_input, pd.DataFrame) and IMAGE_COLUMN in model_input.columns:
-            return self.answer_files(list(model_input[IMAGE_COLUMN]))
-        return self.classify(np.asarray(model_input))
+        from pipeline.monitoring import LOG_ENV, table_records, try_append
+
+        files = isinstance(model_input, pd.DataFrame) and IMAGE_COLUMN in model_input.columns
+        table = self.answer_files(list(model_input[IMAGE_COLUMN])) if files else self.classify(np.asarray(model_input))
+        if self.monitor_log is None and not getattr(self, "_warned", False) and _in_scoring_server():
+            self._warned = True
+            log.warning("%s is not set: the served model's answers are not logged for `cxr monitor`", LOG_ENV)
+        try_append(self.monitor_log, table_records(table, self.identity))
+        if files and len(table) and table["error"].astype(bool).all():
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            reasons = "; ".join(table["error"][:5]) + ("; ..." if len(table) > 5 else "")
+            raise MlflowException(f"no film in the request could be read: {reasons}", error_code=INVALID_PARAMETER_VALUE)
+        return table
 
     def classify(self, images: np.ndarray) -> pd.DataFrame:
         """(N, S, S) uint8 images at the model's size → the task's answer table (no scope: arrays have no header)."""
@@ -132,6 +154,14 @@ class ServedModel:
         if classify is None:  # a version registered before the bytes form: its signature is the array
             return self.pyfunc.predict(model_input)
         return classify(np.asarray(model_input))
+
+
+def _in_scoring_server() -> bool:
+    """True under `mlflow models serve` (its scoring server sets this variable), not in `cxr register`'s check of
+    the input example nor in a Python caller."""
+    import os
+
+    return os.environ.get("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "").lower() == "true"
 
 
 def file_bytes(content, name: str) -> bytes:
