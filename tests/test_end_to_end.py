@@ -117,6 +117,9 @@ def test_the_mlflow_run_names_the_data_version_dvc_recorded(dvc_project):
     run = tracking_client(ProjectPaths(root)).get_run(json.loads((root / "models" / "run.json").read_text())["run_id"])
     assert run.data.tags["data.dvc_md5.images"] == outs["data/interim/images.npy"]
     assert run.data.tags["data.dvc_md5.manifest"] == outs["data/interim/manifest.parquet"]
+    # the runs table's Dataset column: each split's digest is the manifest's version in dvc.lock
+    assert {given.dataset.digest for given in run.inputs.dataset_inputs} == {outs["data/interim/manifest.parquet"]}
+    assert len(run.inputs.dataset_inputs) == 3
     assert len(run.data.tags["git.commit"]) == 40
 
 
