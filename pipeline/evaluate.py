@@ -1,6 +1,7 @@
 """Evaluate: choose the operating point on validation, then score the best checkpoint on the held-out test split.
 
-Writes reports/metrics.json (DVC metrics), ROC, PR, reliability and confusion data as CSV (DVC plots) and as
+Writes reports/metrics.json (every number, with subgroups and intervals), reports/scores.json (its headline numbers:
+the DVC metrics), ROC, PR, reliability and confusion data as CSV (DVC plots) and as
 PNG (MLflow artifacts), reports/predictions.csv (per film: what the champion gate and the report read), and
 logs the metrics into the run that `cxr train` opened. What is scored, and how the operating point is chosen,
 follows the task the checkpoint was trained for (pipeline.tasks).
@@ -85,10 +86,26 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
                                for spec in settings.external}
     plot_paths = write_evaluation_plots(paths.plots, task, test, threshold, calibration)
     write_json(paths.metrics, metrics)
+    write_json(paths.scores, headline_scores(metrics))
     write_predictions(paths.predictions, [prediction_rows(split, rows[split], task, scored[split], threshold) for split in ("val", "test")])
     _log_to_mlflow(paths, task, metrics, plot_paths, f"{state['model']}, {state['image_size']} px: {_headline(task, metrics)}")
     _log_summary(task, metrics, paths.metrics)
     return EvaluateResult(metrics, paths.metrics, plot_paths)
+
+
+# What reports/scores.json (the DVC metrics file) keeps of each split: numbers only, and few, since `dvc exp show`
+# makes a column of every leaf. Subgroups, per-label scores, counts and how things were chosen stay in metrics.json.
+HEADLINE_SCORES = {"test": ("auc", "accuracy", "sensitivity", "specificity", "ece", "n"), "val": ("auc", "accuracy")}
+
+
+def headline_scores(metrics: dict) -> dict:
+    """metrics.json's headline numbers and the test AUC's 95 % interval; a score the task lacks is left out."""
+    scores = {split: {name: metrics[split][name] for name in names if _is_number(metrics[split].get(name))}
+              for split, names in HEADLINE_SCORES.items()}
+    interval = metrics["test"].get("ci95", {}).get("auc")
+    if isinstance(interval, list):
+        scores["test"] |= {"auc_ci95_low": interval[0], "auc_ci95_high": interval[1]}
+    return scores
 
 
 def _split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:

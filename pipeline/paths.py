@@ -69,6 +69,11 @@ class ProjectPaths:
         return self.validation_dir / "summary.json"
 
     @property
+    def validation_counts(self) -> Path:
+        """The data gate's DVC metrics: a few counts (pipeline.validate.gate_counts)."""
+        return self.validation_dir / "counts.json"
+
+    @property
     def train_index(self) -> Path:
         return self.root / "data" / "processed" / "train_index.npy"
 
@@ -101,6 +106,11 @@ class ProjectPaths:
     @property
     def metrics(self) -> Path:
         return self.reports / "metrics.json"
+
+    @property
+    def scores(self) -> Path:
+        """Evaluate's DVC metrics: the headline numbers of metrics.json (pipeline.evaluate.headline_scores)."""
+        return self.reports / "scores.json"
 
     @property
     def plots(self) -> Path:

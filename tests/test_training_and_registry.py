@@ -109,6 +109,11 @@ def test_metrics_json_has_the_keys_dvc_and_users_read(tiny_project):
     assert metrics["test"]["auc"] == pytest.approx(roc_auc_score(test["truth"], test["probability"]), abs=1e-9)
     _, ece = calibration_table(test["truth"].to_numpy(), test["probability"].to_numpy(), tiny_project.config.evaluate.calibration_bins)
     assert metrics["test"]["ece"] == pytest.approx(ece, abs=1e-6)  # predictions.csv keeps 9 significant digits
+    # DVC's metrics file: metrics.json's headline numbers, few and numeric (`dvc exp show` makes a column of each)
+    scores = json.loads(tiny_project.paths.scores.read_text())
+    assert scores["val"] == {"auc": metrics["val"]["auc"], "accuracy": metrics["val"]["accuracy"]}
+    assert scores["test"] == {**{k: metrics["test"][k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece", "n")},
+                              "auc_ci95_low": metrics["test"]["ci95"]["auc"][0], "auc_ci95_high": metrics["test"]["ci95"]["auc"][1]}
     roc = pd.read_csv(tiny_project.paths.roc)
     assert list(roc.columns) == ["fpr", "tpr", "threshold"] and roc["tpr"].iloc[-1] == 1.0
     assert (tiny_project.paths.plots / "roc.png").stat().st_size > 1000
