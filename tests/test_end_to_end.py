@@ -123,6 +123,18 @@ def test_the_mlflow_run_names_the_data_version_dvc_recorded(dvc_project):
     assert len(run.data.tags["git.commit"]) == 40
 
 
+def test_status_after_dvc_repro_and_the_flow(prefect_project, dvc_project):
+    """`cxr status --json` names the last complete `dvc repro` and flow run, on the data they ran on."""
+    for root, entry in ((dvc_project[0], "dvc"), (prefect_project[0], "flow")):
+        found = json.loads(_run([str(BIN / "cxr"), "status", "--json"], root, _env(root)).stdout)
+        assert found["data"]["version"] == sha256_of(root / "data" / "interim" / "manifest.parquet")
+        assert found["model"]["champion"] == 1, entry
+        if entry == "dvc":
+            assert found["runs"]["dvc"]["complete"] and found["runs"]["flow"] is None
+        else:
+            assert found["runs"]["flow"]["data_version"] == found["data"]["version"] and found["runs"]["dvc"] is None
+
+
 def test_cxr_pipeline_and_dvc_repro_produce_the_same_artefacts(prefect_project, dvc_project):
     """Same files, byte for byte, except those naming this run's MLflow run id, model version and git commit
     (and the flow's own record of its last complete run, which scheduled runs read)."""
