@@ -69,11 +69,6 @@ class ProjectPaths:
         return self.validation_dir / "summary.json"
 
     @property
-    def validation_counts(self) -> Path:
-        """The data gate's DVC metrics: a few counts (pipeline.validate.gate_counts)."""
-        return self.validation_dir / "counts.json"
-
-    @property
     def train_index(self) -> Path:
         return self.root / "data" / "processed" / "train_index.npy"
 
