@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (both idempotent; the second run is quick):
 #   make demo   creates .venv, installs, generates the demo data, runs the pipeline with `dvc repro`, prints the test AUC
 #   make test   creates or updates .venv and runs every test, end-to-end ones included (`make test-fast` skips those)
+# After `make demo`, `make baseline` commits its results, the baseline `dvc exp run ... && dvc metrics diff` compares with.
 # Both install the exact versions in requirements.lock; `make lock` rewrites it from .venv (README "Dependency lock file").
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ NOT_LOCKED := ^(torch|triton|nvidia-[a-z0-9-]+)==
 # DVC stages call `cxr`, so the venv's bin must be on PATH for them.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install lock demo test test-fast clean
+.PHONY: install lock demo baseline test test-fast clean
 
 # torch first, then the lock constrained to the torch build just installed, then the project itself without
 # resolving again; `pip check` fails when the lock lacks something pyproject.toml asks for (run `make lock`).
@@ -43,6 +44,19 @@ lock:
 demo: install
 	$(BIN)/dvc repro
 	$(BIN)/cxr summary
+	@echo "Experiments: make baseline, then dvc exp run -S train.epochs=2 && dvc metrics diff (README \"Experiments\")"
+
+# dvc.lock and the small results `dvc repro` wrote (the large ones are git-ignored and DVC-cached), committed so that
+# `dvc metrics diff`, `dvc exp show` and `dvc plots diff` have a baseline on a fresh clone, as iterative's
+# example-get-started commits its own. Only these paths go into the commit, whatever else is staged; nothing to
+# commit (already recorded) is fine.
+RESULTS := dvc.lock reports/scores.json reports/metrics.json reports/validation/counts.json \
+           reports/validation/summary.json reports/plots/*.csv models/run.json models/registered.json models/model_card.md
+baseline:
+	@test -f dvc.lock || { echo "no dvc.lock: run make demo (or dvc repro) first"; exit 1; }
+	git add -- $(RESULTS)
+	git diff --cached --quiet -- $(RESULTS) || git commit --quiet -m "baseline: dvc repro results" -- $(RESULTS)
+	@git log -1 --format='baseline: %h %s'
 
 test: install
 	$(BIN)/python -m pytest

@@ -421,6 +421,21 @@ def summary(params: ParamsOption = Path("params.yaml")) -> None:
 
 
 @app.command()
+def status(params: ParamsOption = Path("params.yaml"),
+           as_json: Annotated[bool, typer.Option("--json", help="The same as one JSON object, for scripts.")] = False) -> None:
+    """What is live and why: data version, last DVC and flow runs, champion and challenger with the gate's numbers,
+    quarantine counts. Reads only the project's small files, so it answers at once."""
+    def action() -> None:
+        from pipeline.paths import ProjectPaths
+        from pipeline.status import project_status, status_lines
+
+        found = project_status(ProjectPaths(params.resolve().parent))
+        typer.echo(json.dumps(found, indent=2) if as_json else "\n".join(status_lines(found)))
+
+    _run(action)
+
+
+@app.command()
 def predict(
     paths: Annotated[list[str], typer.Argument(help="DICOM, PNG or JPEG files, folders of them, or DICOMweb study or series URLs "
                                                     "(http(s)://host/dicom-web/studies/<StudyInstanceUID>[/series/<SeriesInstanceUID>]), "

@@ -1,6 +1,7 @@
 """Evaluate: choose the operating point on validation, then score the best checkpoint on the held-out test split.
 
-Writes reports/metrics.json (DVC metrics), ROC, PR, reliability and confusion data as CSV (DVC plots) and as
+Writes reports/metrics.json (every number, with subgroups and intervals), reports/scores.json (its headline numbers:
+the DVC metrics), ROC, PR, reliability and confusion data as CSV (DVC plots) and as
 PNG (MLflow artifacts), reports/predictions.csv (per film: what the champion gate and the report read), and
 logs the metrics into the run that `cxr train` opened. What is scored, and how the operating point is chosen,
 follows the task the checkpoint was trained for (pipeline.tasks).
@@ -85,10 +86,26 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
                                for spec in settings.external}
     plot_paths = write_evaluation_plots(paths.plots, task, test, threshold, calibration)
     write_json(paths.metrics, metrics)
+    write_json(paths.scores, headline_scores(metrics))
     write_predictions(paths.predictions, [prediction_rows(split, rows[split], task, scored[split], threshold) for split in ("val", "test")])
-    _log_to_mlflow(paths, task, metrics, plot_paths)
+    _log_to_mlflow(paths, task, metrics, plot_paths, f"{state['model']}, {state['image_size']} px: {_headline(task, metrics)}")
     _log_summary(task, metrics, paths.metrics)
     return EvaluateResult(metrics, paths.metrics, plot_paths)
+
+
+# What reports/scores.json (the DVC metrics file) keeps of each split: numbers only, and few, since `dvc exp show`
+# makes a column of every leaf. Subgroups, per-label scores, counts and how things were chosen stay in metrics.json.
+HEADLINE_SCORES = {"test": ("auc", "accuracy", "sensitivity", "specificity", "ece", "n"), "val": ("auc", "accuracy")}
+
+
+def headline_scores(metrics: dict) -> dict:
+    """metrics.json's headline numbers and the test AUC's 95 % interval; a score the task lacks is left out."""
+    scores = {split: {name: metrics[split][name] for name in names if _is_number(metrics[split].get(name))}
+              for split, names in HEADLINE_SCORES.items()}
+    interval = metrics["test"].get("ci95", {}).get("auc")
+    if isinstance(interval, list):
+        scores["test"] |= {"auc_ci95_low": interval[0], "auc_ci95_high": interval[1]}
+    return scores
 
 
 def _split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
@@ -149,18 +166,24 @@ def _subgroup(task: Task, scored: Scored, patients: np.ndarray, threshold: Thres
     return counts | {name: scores[name] for name in shown} | {"ci95": {name: intervals.get(name) for name in shown}}
 
 
-def _log_to_mlflow(paths: ProjectPaths, task: Task, metrics: dict, plot_paths: list[Path]) -> None:
-    """Every numeric metric of val and test (per-label ones as `test_auc_<label>`), the intervals, the threshold(s)
-    as metrics and how they were chosen as a tag (a tag: a rerun may choose another way), plus the files."""
+# The MLflow metric prefix of each split evaluate scores: validation's takes `eval_` so it never shares a key with the
+# per-epoch `val_auc` / `val_accuracy` training logs (those are at 0.5, these at the chosen operating point).
+MLFLOW_PREFIX = {"val": "eval_val", "test": "test"}
+
+
+def _log_to_mlflow(paths: ProjectPaths, task: Task, metrics: dict, plot_paths: list[Path], description: str) -> None:
+    """Every numeric metric of val (as `eval_val_*`) and test (per-label ones as `test_auc_<label>`), the intervals,
+    the threshold(s) as metrics and how they were chosen as a tag (a tag: a rerun may choose another way), the files,
+    and the run's one-line description."""
     from pipeline import tracking
 
     client = tracking.client(paths)
     run_id = tracking.read_run_id(paths)
     flat: dict[str, float] = {}
-    for split in ("val", "test"):
-        flat |= {f"{split}_{name}": value for name, value in metrics[split].items() if _is_number(value)}
+    for split, prefix in MLFLOW_PREFIX.items():
+        flat |= {f"{prefix}_{name}": value for name, value in metrics[split].items() if _is_number(value)}
         for label, scores in metrics[split].get("per_label", {}).items():
-            flat |= {f"{split}_{name}_{_metric_name(label)}": scores[name] for name in ("auc", "sensitivity", "specificity")
+            flat |= {f"{prefix}_{name}_{_metric_name(label)}": scores[name] for name in ("auc", "sensitivity", "specificity")
                      if _is_number(scores.get(name))}
     intervals = metrics["test"]["ci95"]
     flat |= {f"test_{name}_ci95_{end}": bound for name, interval in intervals.items() if isinstance(interval, list)
@@ -171,6 +194,7 @@ def _log_to_mlflow(paths: ProjectPaths, task: Task, metrics: dict, plot_paths: l
     client.log_artifact(run_id, str(paths.metrics), artifact_path="evaluation")
     for plot in plot_paths:
         client.log_artifact(run_id, str(plot), artifact_path="evaluation")
+    tracking.describe_run(client, run_id, description)
 
 
 def _is_number(value) -> bool:
@@ -182,14 +206,19 @@ def _metric_name(label: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", label)
 
 
-def _log_summary(task: Task, metrics: dict, where: Path) -> None:
+def _headline(task: Task, metrics: dict) -> str:
+    """The test AUC with its interval and the task's other headline metrics, in one line."""
     test = metrics["test"]
     auc_ci = test["ci95"]["auc"] or [None, None]
     headline = (f"test {task.metric_title('auc')} {format_metric(test['auc'])} "
                 f"(95% CI {format_metric(auc_ci[0], 3)} to {format_metric(auc_ci[1], 3)})")
-    headline += "".join(f", {task.metric_title(name)} {format_metric(test[name], 3)}" for name in task.headline[1:])
+    return headline + "".join(f", {task.metric_title(name)} {format_metric(test[name], 3)}" for name in task.headline[1:])
+
+
+def _log_summary(task: Task, metrics: dict, where: Path) -> None:
+    test = metrics["test"]
     log.info("evaluate: operating point %s (%s); %s (n=%d films of %d patients) → %s", task.describe_point(metrics["threshold"]),
-             describe_threshold(metrics), headline, test["n"], test["n_patients"], where)
+             describe_threshold(metrics), _headline(task, metrics), test["n"], test["n_patients"], where)
 
 
 def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Task, size: int, internal: dict,

@@ -103,6 +103,11 @@ class ProjectPaths:
         return self.reports / "metrics.json"
 
     @property
+    def scores(self) -> Path:
+        """Evaluate's DVC metrics: the headline numbers of metrics.json (pipeline.evaluate.headline_scores)."""
+        return self.reports / "scores.json"
+
+    @property
     def plots(self) -> Path:
         return self.reports / "plots"
 

@@ -152,6 +152,7 @@ def _describe_version(client, paths: ProjectPaths, trained: TrainedModel, name: 
     test = metrics["test"]
     tags = {
         "data.manifest_sha256": run.data.tags.get("data.manifest_sha256", "unknown"),
+        "data.dvc_md5.manifest": run.data.tags.get("data.dvc_md5.manifest", "unknown"),  # its run's dataset digest
         "git.commit": trained.git_commit,
         "git.dirty": trained.git_dirty,
         "params_sha256": trained.params_hash,

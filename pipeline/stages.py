@@ -65,13 +65,14 @@ STAGES: tuple[Stage, ...] = (
         "data/interim/manifest.parquet", "data/interim/images.npy", "data/interim/quarantine.csv",
         "data/interim/dropped_duplicates.csv", "data/splits.parquet")),
     Stage("validate", validate_stage, (
-        "reports/validation/results.json", "reports/validation/data_docs", "reports/validation/summary.json")),
+        "reports/validation/results.json", "reports/validation/data_docs", "reports/validation/summary.json",
+        "reports/validation/counts.json")),
     Stage("rebalance", rebalance_stage, ("data/processed/train_index.npy",)),
     # A retry resumes from the last epoch's state, so a dropped tracking server costs one epoch at most.
     Stage("train", train_stage, ("models/checkpoint.pt", "models/run.json", "reports/plots/history.csv"),
           retries=1, resumes=True),
     Stage("evaluate", evaluate_stage, (
-        "reports/metrics.json", "reports/predictions.csv",
+        "reports/metrics.json", "reports/scores.json", "reports/predictions.csv",
         *(f"reports/plots/{plot}.{kind}" for plot in ("roc", "pr", "calibration", "confusion") for kind in ("png", "csv")))),
     # Registering is idempotent (the same checkpoint reuses its version), so a retry cannot add a copy.
     Stage("register", register_stage, ("models/registered.json", "models/model_card.md"), retries=2),

@@ -25,6 +25,11 @@ from pipeline.files import md5_of, read_json, sha256_of, write_json
 from pipeline.paths import ProjectPaths
 
 QUIET = ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent")
+# MLflow 3's UI opens an experiment by this tag: the classic runs table (and its Dataset column) for this value,
+# its GenAI traces view when the tag is absent and nothing says otherwise.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
+DATASET_COLUMNS = ("label", "format", "modality", "view", "source")  # what a split's dataset shows: nothing identifying
 
 
 def store_uri(paths: ProjectPaths) -> str:
@@ -71,11 +76,44 @@ def fluent_store(paths: ProjectPaths) -> Iterator[None]:
 
 
 def experiment_id(client, name: str, paths: ProjectPaths) -> str:
-    """The experiment's id, creating it (with artifacts under mlartifacts/) the first time."""
+    """The experiment's id, creating it (with artifacts under mlartifacts/) the first time, tagged as a model
+    training experiment (an experiment made before the tag existed gets it too)."""
     existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        return existing.experiment_id
-    return client.create_experiment(name, artifact_location=config.artifact_location(paths.tracking_root))
+    if existing is None:
+        return client.create_experiment(name, artifact_location=config.artifact_location(paths.tracking_root),
+                                        tags=dict([EXPERIMENT_KIND]))
+    if existing.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(existing.experiment_id, *EXPERIMENT_KIND)
+    return existing.experiment_id
+
+
+def describe_run(client, run_id: str, text: str) -> None:
+    """The run's one-line description, as the UI shows it under the run's name."""
+    client.set_tag(run_id, NOTE_TAG, text)
+
+
+def log_splits_as_datasets(client, run_id: str, paths: ProjectPaths, manifest) -> None:
+    """Each split of the manifest as an MLflow dataset input of the run (context: the split), so the runs table's
+    Dataset column and the run page name the data. The digest is the manifest's md5, the data version dvc.lock
+    records (MLflow caps digests at 36 characters, so not the sha256); the sha256 goes along as an input tag.
+    Only the schema and row count of DATASET_COLUMNS leave the project: no film, path or patient."""
+    import warnings
+
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    digest, sha256 = md5_of(paths.manifest), sha256_of(paths.manifest)
+    source = paths.manifest.relative_to(paths.root).as_posix()  # the project's own path, where `dvc checkout` puts it
+    inputs = []
+    for split, rows in manifest.groupby("split", sort=True):
+        with warnings.catch_warnings():  # a relative path reads as either local-source kind; both are the same
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(rows[list(DATASET_COLUMNS)].reset_index(drop=True), source=source,
+                                              name=f"manifest-{split}", digest=digest)
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, str(split)),
+                                                                      InputTag("data.manifest_sha256", sha256)]))
+    client.log_inputs(run_id, datasets=inputs)
 
 
 def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

@@ -79,6 +79,11 @@ def _train(paths: ProjectPaths, config: Config, resume: bool, world: distributed
 
     with tracked_run(paths, config, state, device, world) as run_id:
         best, epochs_run = fit(trainer, data, config, paths, run_id, fingerprint, state, world)
+        if world.is_main:  # evaluate replaces it with the test score
+            from pipeline import tracking
+
+            tracking.describe_run(tracking.client(paths), run_id, f"{config.train.model}, {config.data.image_size} px: "
+                                  f"best val AUC {best['val_auc']:.4f} (epoch {best['epoch']})")
     if world.is_main:
         state_path.unlink(missing_ok=True)
         log.info("train: best epoch %d, val AUC %.4f, val accuracy %.4f → %s (MLflow run %s)",

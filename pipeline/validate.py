@@ -128,6 +128,7 @@ def run_validation(
                for c in checks}
     write_json(results_path, results)
     write_json(summary_path, summary)
+    write_json(out_dir / COUNTS_FILE, gate_counts(summary))
     return GateResult(passed, checks, summary, results_path, summary_path, docs_dir / "index.html")
 
 
@@ -430,6 +431,21 @@ def _duplicate_counts(manifest: pd.DataFrame, near_pairs: pd.DataFrame) -> dict:
         "near_within_by_split": {split: int((near_same == split).sum()) for split in splits},
         "near_cross_by_pair": {pair: near_cross_pairs[pair] for pair in pairs},
     }
+
+
+# The gate's DVC metrics file, next to summary.json: a few numbers, so `dvc exp show` stays readable.
+COUNTS_FILE = "counts.json"
+COUNTED_DUPLICATES = ("exact_cross_split", "near_cross_split", "exact_within_split", "near_within_split", "dropped_by_dedupe")
+
+
+def gate_counts(summary: dict) -> dict[str, int]:
+    """The summary's headline counts, numbers only (DVC shows every leaf of a metrics file as a column of
+    `dvc exp show`; the severities, per-split and per-pair details stay in summary.json)."""
+    failed = [check["severity"] for check in summary["checks"].values() if not check["success"]]
+    return {"passed": int(summary["passed"]), "n_images": summary["n_images"],
+            "failed_blocking": failed.count("blocking"), "failed_warning": failed.count("warning"),
+            "patient_leakage": summary["patient_leakage"],
+            **{name: summary["duplicates"][name] for name in COUNTED_DUPLICATES}}
 
 
 def _build_summary(

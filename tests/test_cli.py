@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 CXR = str(Path(sys.executable).parent / "cxr")
-COMMANDS = ["demo-data", "ingest", "validate", "rebalance", "train", "evaluate", "register", "pipeline", "predict", "promote", "rollback", "history", "summary"]
+COMMANDS = ["demo-data", "ingest", "validate", "rebalance", "train", "evaluate", "register", "pipeline", "predict", "promote", "rollback", "history", "summary", "status"]
 
 
 def cxr(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -28,7 +28,7 @@ def test_every_command_has_an_explaining_help(command):
     out = cxr(command, "--help")
     assert out.returncode == 0
     assert len(out.stdout.split()) > 25, out.stdout
-    if command not in ("demo-data", "predict", "promote", "rollback", "history", "summary"):
+    if command not in ("demo-data", "predict", "promote", "rollback", "history", "summary", "status"):
         assert "--set" in out.stdout
 
 
@@ -113,3 +113,41 @@ def test_summary_points_at_the_results(tiny_project):
     shown = re.search(r"Test AUC (\S+) \((\S+)-(\S+)\)", out.stdout)
     assert shown, out.stdout
     assert shown.groups() == (f"{test['auc']:.3f}", f"{low:.3f}", f"{high:.3f}")
+
+
+def test_status_json_says_what_is_live_and_why(tiny_project):
+    """`cxr status --json` on a project every stage ran in (in-process, so no dvc.lock and no flow record yet)."""
+    import time
+
+    import pandas as pd
+
+    from pipeline.files import md5_of, sha256_of
+    from pipeline.status import project_status
+
+    paths = tiny_project.paths
+    out = cxr("status", "--json", "--params", str(tiny_project.params))
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    assert found["data"]["version"] == sha256_of(paths.manifest) and found["data"]["dvc_md5"] == md5_of(paths.manifest)
+    assert found["runs"] == {"dvc": None, "flow": None}
+    registered = tiny_project.results["register"]
+    assert found["model"]["champion"] == registered.version and found["model"]["challenger"] is None
+    assert found["model"]["gate"]["metric"] == registered.gate_metric and found["model"]["gate"]["value"] == registered.value
+    assert found["model"]["gate"]["decision"] == registered.reason
+    reasons = pd.read_csv(paths.quarantine)["reason"].value_counts().to_dict()
+    assert found["quarantine"] == {"total": sum(reasons.values()), "out_of_scope": 0, "by_reason": dict(sorted(reasons.items()))}
+    assert found["quarantine"]["total"] >= 1  # the demo set's broken files
+
+    started = time.perf_counter()
+    assert project_status(paths) == found
+    assert time.perf_counter() - started < 2.0
+    text = cxr("status", "--params", str(tiny_project.params)).stdout
+    assert f"@champion v{registered.version}" in text and found["data"]["version"][:12] in text
+
+
+def test_status_of_an_empty_project_says_what_to_run(tmp_path):
+    (tmp_path / "params.yaml").write_text("{}\n")
+    out = cxr("status", "--params", str(tmp_path / "params.yaml"))
+    assert out.returncode == 0 and "run `cxr ingest`" in out.stdout and "nothing registered yet" in out.stdout
+    assert json.loads(cxr("status", "--json", "--params", str(tmp_path / "params.yaml")).stdout) == {
+        "data": None, "runs": {"dvc": None, "flow": None}, "model": None, "quarantine": None}

@@ -117,7 +117,22 @@ def test_the_mlflow_run_names_the_data_version_dvc_recorded(dvc_project):
     run = tracking_client(ProjectPaths(root)).get_run(json.loads((root / "models" / "run.json").read_text())["run_id"])
     assert run.data.tags["data.dvc_md5.images"] == outs["data/interim/images.npy"]
     assert run.data.tags["data.dvc_md5.manifest"] == outs["data/interim/manifest.parquet"]
+    # the runs table's Dataset column: each split's digest is the manifest's version in dvc.lock
+    assert {given.dataset.digest for given in run.inputs.dataset_inputs} == {outs["data/interim/manifest.parquet"]}
+    assert len(run.inputs.dataset_inputs) == 3
     assert len(run.data.tags["git.commit"]) == 40
+
+
+def test_status_after_dvc_repro_and_the_flow(prefect_project, dvc_project):
+    """`cxr status --json` names the last complete `dvc repro` and flow run, on the data they ran on."""
+    for root, entry in ((dvc_project[0], "dvc"), (prefect_project[0], "flow")):
+        found = json.loads(_run([str(BIN / "cxr"), "status", "--json"], root, _env(root)).stdout)
+        assert found["data"]["version"] == sha256_of(root / "data" / "interim" / "manifest.parquet")
+        assert found["model"]["champion"] == 1, entry
+        if entry == "dvc":
+            assert found["runs"]["dvc"]["complete"] and found["runs"]["flow"] is None
+        else:
+            assert found["runs"]["flow"]["data_version"] == found["data"]["version"] and found["runs"]["dvc"] is None
 
 
 def test_cxr_pipeline_and_dvc_repro_produce_the_same_artefacts(prefect_project, dvc_project):
@@ -171,18 +186,49 @@ def _experiments(tree) -> list[dict]:
     return found
 
 
-def test_dvc_experiment_with_a_changed_param(dvc_project, tmp_path):
-    """On a copy of the DVC project (the shared one stays as `dvc repro` left it), without its MLflow store."""
+def _metric_columns(shown: list) -> dict[str, object]:
+    """Every metric column `dvc exp show` draws (file:dotted.key) and the workspace's value in it."""
+    def leaves(tree, prefix: str) -> dict[str, object]:
+        if isinstance(tree, dict):
+            return {key: value for name, sub in tree.items() for key, value in leaves(sub, f"{prefix}.{name}").items()}
+        return {prefix: tree}
+
+    workspace = next(e for e in _experiments(shown) if e.get("rev") == "workspace")
+    return {key: value for path, found in workspace["metrics"].items()
+            for key, value in leaves(found["data"], path).items()}
+
+
+def test_readme_experiment_commands_work_on_a_fresh_clone(dvc_project, tmp_path):
+    """README: after `make demo`, `make baseline` and then `dvc exp run -S train.epochs=2 && dvc metrics diff`, as
+    written. On a copy of the DVC project (a clone after `dvc repro`; the shared one stays as it was), without its
+    MLflow store; `dvc exp show` has a few numeric metric columns, not one per subgroup and string."""
     root = tmp_path / "copy"
     shutil.copytree(dvc_project[0], root, symlinks=True, ignore=shutil.ignore_patterns("mlruns.db", "mlartifacts"))
+    shutil.copy2(REPO / "Makefile", root / "Makefile")
     env = _env(root)
-    run = _run([str(BIN / "dvc"), "exp", "run", "-S", "train.epochs=2"], root, env)
+    baseline = _run(["make", "baseline"], root, env)
+    assert "baseline:" in baseline.stdout
+    committed = _run(["git", "show", "--name-only", "--format=", "HEAD"], root, env).stdout.split()
+    assert {"dvc.lock", "reports/scores.json", "reports/validation/counts.json", "reports/metrics.json"} <= set(committed)
+    assert "Makefile" not in committed  # only the results: what else the user has stays uncommitted
+    _run(["make", "baseline"], root, env)  # nothing new to record: not an error
+    before = json.loads((root / "reports" / "scores.json").read_text())
+
+    run = _run(["bash", "-c", "dvc exp run -S train.epochs=2 && dvc metrics diff"], root, env)  # the README's line
     assert "Running stage 'train'" in run.stdout and "Running stage 'ingest'" not in run.stdout
+    assert "reports/scores.json" in run.stdout and "HEAD" in run.stdout
     history = pd.read_csv(root / "reports" / "plots" / "history.csv")
     assert list(history["epoch"]) == [1, 2]
+    diff = json.loads(_run([str(BIN / "dvc"), "metrics", "diff", "--all", "--json"], root, env).stdout)
+    assert diff["reports/scores.json"]["test.auc"]["old"] == before["test"]["auc"]  # HEAD's: the baseline loads
 
     shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], root, env).stdout)
     two_epochs = [e for e in _experiments(shown) if e["params"]["params.yaml"]["data"]["train"]["epochs"] == 2]
     assert two_epochs, "the experiment is missing from dvc exp show"
-    metrics = two_epochs[0]["metrics"]["reports/metrics.json"]["data"]
-    assert metrics["test"]["auc"] == json.loads((root / "reports" / "metrics.json").read_text())["test"]["auc"]
+    scores = two_epochs[0]["metrics"]["reports/scores.json"]["data"]
+    assert scores["test"]["auc"] == json.loads((root / "reports" / "metrics.json").read_text())["test"]["auc"]
+    columns = _metric_columns(shown)
+    assert 10 <= len(columns) < 30, sorted(columns)
+    assert all(isinstance(value, (int, float)) for value in columns.values()), columns
+    header = _run([str(BIN / "dvc"), "exp", "show", "--csv"], root, env).stdout.splitlines()[0].split(",")
+    assert "test.auc" in header and not [c for c in header if c.startswith(("checks.", "test.subgroups", "per_split"))]

@@ -274,6 +274,9 @@ def test_a_multilabel_table_project_reports_per_label_auc_and_serves_label_sets(
     assert test["auc"] == pytest.approx(np.mean([test["per_label"][label]["auc"] for label in MULTILABEL_LABELS]))
     summary = json.loads(project.paths.validation_summary.read_text())
     assert set(summary["per_split"]["val"]["label_fractions"]) == set(MULTILABEL_LABELS)
+    dvc_scores = json.loads(project.paths.scores.read_text())  # DVC's metrics: the macro scores, not one column per label
+    assert dvc_scores["test"]["auc"] == test["auc"] and "per_label" not in dvc_scores["test"]
+    assert all(isinstance(value, (int, float)) for split in dvc_scores.values() for value in split.values())
 
     version = client(project.paths).get_model_version("cxr-pneumonia", str(project.results["register"].version))
     assert json.loads(version.tags["threshold"]) == metrics["threshold"] and "| pneumonia |" in version.description

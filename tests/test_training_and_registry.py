@@ -49,12 +49,50 @@ def test_training_logs_params_and_per_epoch_metrics_to_mlflow(tiny_project):
     history = pd.read_csv(paths.history)
     assert list(history["epoch"]) == list(range(1, config.train.epochs + 1))
     for key in ("train_loss", "val_auc"):
-        # Training logs one value per epoch at step = epoch (evaluate logs its own val_* at step 0: not an epoch).
-        logged = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key) if m.step >= 1)
+        # Training logs one value per epoch at step = epoch, and nothing else shares the key (evaluate's are eval_val_*).
+        logged = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
         assert [step for step, _ in logged] == list(history["epoch"]), key
         assert [value for _, value in logged] == pytest.approx(list(history[key]), rel=1e-5), key  # history.csv: 6 digits
     assert run.data.tags["data.manifest_sha256"] == sha256_of(paths.manifest)
     assert run.data.metrics["gate.duplicates.exact_cross_split"] == 0  # the data gate's counts travel with the run
+
+
+def test_mlflow_ui_shows_the_runs_data_its_description_and_the_versions_model_card(tiny_project):
+    """What MLflow's own UI reads: dataset inputs (the runs table's Dataset column), the experiment kind (the
+    training-runs view, not GenAI), the run's note, and the version's description and tags."""
+    from pipeline.files import md5_of
+
+    paths, config = tiny_project.paths, tiny_project.config
+    client = tracking_client(paths)
+    run = client.get_run(read_run_id(paths))
+    metrics = json.loads(paths.metrics.read_text())
+    manifest = pd.read_parquet(paths.manifest)
+
+    inputs = {tag.value: given for given in run.inputs.dataset_inputs for tag in given.tags if tag.key == "mlflow.data.context"}
+    assert sorted(inputs) == ["test", "train", "val"]
+    for split, given in inputs.items():
+        assert given.dataset.digest == md5_of(paths.manifest) == run.data.tags["data.dvc_md5.manifest"]
+        assert {tag.key: tag.value for tag in given.tags}["data.manifest_sha256"] == sha256_of(paths.manifest)
+        assert given.dataset.name == f"manifest-{split}" and json.loads(given.dataset.source) == {"uri": "data/interim/manifest.parquet"}
+        assert json.loads(given.dataset.profile)["num_rows"] == int((manifest["split"] == split).sum())
+        columns = [column["name"] for column in json.loads(given.dataset.schema)["mlflow_colspec"]]
+        assert columns == ["label", "format", "modality", "view", "source"]  # no patient, path or image id
+
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith(f"{config.train.model}, {config.data.image_size} px: test AUC ") and "\n" not in note
+    assert f"{metrics['test']['auc']:.4f}" in note
+    # evaluate's validation scores at the operating point, apart from training's per-epoch val_auc
+    assert run.data.metrics["eval_val_auc"] == pytest.approx(metrics["val"]["auc"])
+    assert run.data.metrics["eval_val_accuracy"] == pytest.approx(metrics["val"]["accuracy"])
+
+    result = tiny_project.results["register"]
+    version = client.get_model_version("cxr-pneumonia", str(result.version))
+    assert version.description == (paths.models / "model_card.md").read_text() and "test" in version.description.lower()
+    assert version.tags["data.manifest_sha256"] == sha256_of(paths.manifest)
+    assert version.tags["data.dvc_md5.manifest"] == md5_of(paths.manifest)
+    assert version.tags["decision"] == result.reason
+    assert json.loads(version.tags["threshold"]) == metrics["threshold"]
 
 
 def test_metrics_json_has_the_keys_dvc_and_users_read(tiny_project):
@@ -71,6 +109,11 @@ def test_metrics_json_has_the_keys_dvc_and_users_read(tiny_project):
     assert metrics["test"]["auc"] == pytest.approx(roc_auc_score(test["truth"], test["probability"]), abs=1e-9)
     _, ece = calibration_table(test["truth"].to_numpy(), test["probability"].to_numpy(), tiny_project.config.evaluate.calibration_bins)
     assert metrics["test"]["ece"] == pytest.approx(ece, abs=1e-6)  # predictions.csv keeps 9 significant digits
+    # DVC's metrics file: metrics.json's headline numbers, few and numeric (`dvc exp show` makes a column of each)
+    scores = json.loads(tiny_project.paths.scores.read_text())
+    assert scores["val"] == {"auc": metrics["val"]["auc"], "accuracy": metrics["val"]["accuracy"]}
+    assert scores["test"] == {**{k: metrics["test"][k] for k in ("auc", "accuracy", "sensitivity", "specificity", "ece", "n")},
+                              "auc_ci95_low": metrics["test"]["ci95"]["auc"][0], "auc_ci95_high": metrics["test"]["ci95"]["auc"][1]}
     roc = pd.read_csv(tiny_project.paths.roc)
     assert list(roc.columns) == ["fpr", "tpr", "threshold"] and roc["tpr"].iloc[-1] == 1.0
     assert (tiny_project.paths.plots / "roc.png").stat().st_size > 1000

@@ -158,6 +158,13 @@ def test_summary_counts_duplicates_and_leaked_patients_exactly(tmp_path: Path) -
     outcomes = json.loads(gate.results_path.read_text())["near_duplicates"]["result"]["results"]
     named = {row["image_id"] for outcome in outcomes for row in outcome["result"]["partial_unexpected_index_list"]}
     assert named == {"img006", "img007", "img010", "img045", "img020", "img050"}
+    # DVC's metrics file: the same counts, numbers only, flat (one `dvc exp show` column each)
+    failed = [c.severity for c in gate.checks if not c.success]
+    assert json.loads((tmp_path / "counts.json").read_text()) == {
+        "passed": 0, "n_images": len(manifest), "failed_blocking": failed.count("blocking"), "failed_warning": 1,
+        "patient_leakage": 1, "exact_cross_split": 1, "near_cross_split": 2, "exact_within_split": 2,
+        "near_within_split": 1, "dropped_by_dedupe": 0}
+    assert failed.count("blocking") >= 2
 
 
 def test_validate_stage_raises_naming_the_failed_check(tmp_path: Path) -> None:
@@ -307,7 +314,7 @@ def test_data_docs_are_built_from_the_same_results_inside_the_output_folder(tmp_
     assert "modality_and_view" not in index
     validation_pages = sorted((out_dir / "data_docs" / "validations").rglob("*.html"))
     assert len(validation_pages) == len(ran)
-    assert sorted(p.name for p in out_dir.iterdir()) == ["data_docs", "results.json", "summary.json"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["counts.json", "data_docs", "results.json", "summary.json"]
     assert list(system_tmp.iterdir()) == []
 
 

@@ -46,6 +46,7 @@ def tracked_run(paths: ProjectPaths, config: Config, state: dict | None, device,
             _log_params(client, run_id, config)
             _log_gate_summary(client, run_id, paths)
             _log_environment(client, run_id)
+            _log_datasets(client, run_id, paths, config)
             client.log_batch(run_id, tags=[RunTag(key, value) for key, value in {
                 **tracking.data_version_tags(paths, [spec.path for spec in config.data.sources]),
                 **_split_registry_tags(paths),
@@ -84,6 +85,15 @@ def _log_gate_summary(client, run_id: str, paths: ProjectPaths) -> None:
     counts["gate.patient_leakage"] = summary.get("patient_leakage", 0)
     tracking.log_metrics(client, run_id, counts)
     client.log_artifact(run_id, str(paths.validation_summary), artifact_path="validation")
+
+
+def _log_datasets(client, run_id: str, paths: ProjectPaths, config: Config) -> None:
+    """The manifest's splits as the run's dataset inputs (pipeline.tracking.log_splits_as_datasets)."""
+    from pipeline import tracking
+    from pipeline.manifest import read_manifest
+
+    manifest = read_manifest(paths.manifest, config.data.task, config.data.labels, ["split", *tracking.DATASET_COLUMNS])
+    tracking.log_splits_as_datasets(client, run_id, paths, manifest)
 
 
 def _split_registry_tags(paths: ProjectPaths) -> dict[str, str]:
