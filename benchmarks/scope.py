@@ -12,8 +12,8 @@ CT, MR, NM and US test files as they are, the CT and MR slices re-saved as heade
 pipeline's own LUTs), matplotlib's sample images (a photograph in colour and in grey, elevation maps, an MR slice),
 uniform and Gaussian noise, blank black, white and grey images. Nothing in the repository changes.
 
-Run it from the repository root (about 3-4 minutes on 2 cores: ingest and validation ~1 min, 3 epochs ~1 min,
-evaluate and register ~1.5 min):
+Run it from the repository root (about 4 minutes of CPU; 4-9 minutes of wall time on 2 shared cores, most of it
+ingest, validation and training):
 
     .venv/bin/python benchmarks/scope.py
     .venv/bin/python benchmarks/scope.py --set train.model=seed_cnn --set train.epochs=5

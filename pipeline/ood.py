@@ -12,7 +12,7 @@ pass.
 
 Why this score, as measured by benchmarks/scope.py (a cnn_gru trained 3 epochs on PneumoniaMNIST at 28 px; README
 "Out-of-scope answers"): the Mahalanobis distance put CT and MR slices, a photograph, elevation maps, noise at the
-model's size and a black image 1.3 to 4 times above the threshold. An energy score (-logsumexp of the logits) refused
+model's size 1.3 to 3.9 times above the threshold. An energy score (-logsumexp of the logits) refused
 none of them: a two-class network is as confident on noise as on a film, and energy tracks confidence. Adding image
 statistics (a 7 x 7 thumbnail, contrast, pixel steps) to the Gaussian model refused no more and refused real
 full-resolution films the network accepts, because those statistics follow the resize, not the anatomy.
@@ -20,7 +20,7 @@ full-resolution films the network accepts, because those statistics follow the r
 What the features miss is an image without structure: a flat grey or white image, or noise larger than the model's
 input, which the resize averages to an almost flat grey, lands among the films' features (the network has nothing to
 respond to). `layout_spread` catches those: the spread of a 7 x 7 thumbnail, in grey levels. The least structured
-of PneumoniaMNIST's 3,800 training films has 4.4; a blank image has 0, 512 px uniform noise at 28 px 0.8. Under
+of PneumoniaMNIST's 3,992 training films has 4.4; a blank image has 0, 512 px uniform noise at 28 px 0.8. Under
 `MIN_LAYOUT_SPREAD` an image is refused as blank whatever its score.
 
 Score and threshold travel with the registered model (`Statistics`, an artifact, and the `ood` entry of its metadata

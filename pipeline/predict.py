@@ -99,8 +99,8 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
         try:
             image = decode_file(file, limits=limits)
         except UnreadableImage as exc:
-            refused = decode_refusal(exc)
-            results[position] = Prediction(path=str(file), out_of_scope=refused) if refused else \
+            blank = decode_refusal(exc)
+            results[position] = Prediction(path=str(file), out_of_scope=blank) if blank else \
                 Prediction(path=str(file), error=f"{exc.reason}: {exc}")
             continue
         reason = out_of_scope(image, scope)
