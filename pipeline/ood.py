@@ -7,8 +7,8 @@ pneumonia probability. What the network *sees* is more telling. The score is the
 code serves every `train.model`: seed_cnn, cnn_gru, resnet18/34, densenet121, vit) to the nearest of the training
 films' class-conditional Gaussians, which share one covariance (each feature standardised, then Ledoit-Wolf shrunk,
 so 50 training films and 1,000 feature dimensions still give an invertible one). The threshold is the 99th
-percentile of the validation films' scores (`PASS_SHARE`, `threshold_for`): about 99 % of in-distribution films
-pass.
+percentile of the validation films' scores (`PASS_SHARE`, `threshold_for`; with fewer than `MIN_HELD_OUT` of them,
+cross-fitted training films join them: `calibrate`): about 99 % of in-distribution films pass.
 
 Why this score, as measured by benchmarks/scope.py (a cnn_gru trained 3 epochs on PneumoniaMNIST at 28 px; README
 "Out-of-scope answers"): the Mahalanobis distance put CT and MR slices, a photograph, elevation maps, noise at the
@@ -21,7 +21,8 @@ What the features miss is an image without structure: a flat grey or white image
 input, which the resize averages to an almost flat grey, lands among the films' features (the network has nothing to
 respond to). `layout_spread` catches those: the spread of a 7 x 7 thumbnail, in grey levels. The least structured
 of PneumoniaMNIST's 3,992 training films has 4.4; a blank image has 0, 512 px uniform noise at 28 px 0.8. Under
-`MIN_LAYOUT_SPREAD` an image is refused as blank whatever its score.
+`MIN_LAYOUT_SPREAD` (or half the least structured training film's, where that is lower: a low-contrast archive)
+an image is refused as blank whatever its score.
 
 Score and threshold travel with the registered model (`Statistics`, an artifact, and the `ood` entry of its metadata
 and model_config: method, threshold, validation scores).
@@ -41,8 +42,10 @@ if TYPE_CHECKING:
 METHOD = "mahalanobis"  # penultimate features, class-conditional Gaussians, one shared (shrunk) covariance
 PASS_SHARE = 0.99  # of the validation films at or under the threshold
 MAX_STORED_SCORES = 2000  # validation scores kept with the model (the monitoring's drift reference)
+MIN_HELD_OUT = 100  # validation films a 99th percentile needs; with fewer, cross-fitted training films join them
 THUMBNAIL_CELLS = 7  # a side of the layout thumbnail
-MIN_LAYOUT_SPREAD = 3.0  # grey levels (of 255): under it an image shows no anatomy (blank, or averaged-out noise)
+MIN_LAYOUT_SPREAD = 3.0  # grey levels (of 255): under it an image shows no anatomy (blank, or averaged-out noise),
+# or under half the least structured training film's spread, where that is lower (a low-contrast archive)
 
 
 @dataclass(frozen=True)
@@ -162,15 +165,35 @@ def threshold_for(validation_scores: np.ndarray, pass_share: float = PASS_SHARE)
     return max(empirical, float(scores.mean() + NormalDist().inv_cdf(pass_share) * scores.std(ddof=1)))
 
 
+def cross_fitted_scores(features: np.ndarray, groups: np.ndarray, folds: int = 5) -> np.ndarray:
+    """Each training film's score under Gaussians fitted without its fold: held-out scores from the training films."""
+    fold = np.arange(len(features)) % folds
+    held_out = np.zeros(len(features))
+    for k in range(folds):
+        statistics = fit(features[fold != k], groups[fold != k])
+        held_out[fold == k] = scores(statistics, features[fold == k])
+    return held_out
+
+
 def calibrate(network: nn.Module, train_images: np.ndarray, train_groups: np.ndarray,
               validation_images: np.ndarray) -> tuple[Statistics, dict]:
-    """Fit on the training films, set the threshold on the validation films. Returns the statistics and the `ood`
-    entry the model's metadata and model_config store: method, threshold, and the validation scores (at most
-    MAX_STORED_SCORES: evenly spaced quantiles when there are more)."""
-    statistics = fit(network_features(network, train_images), train_groups)
+    """Fit on the training films, set the threshold on held-out films. Returns the statistics and the `ood` entry the
+    model's metadata and model_config store: method, threshold, and the validation scores (at most
+    MAX_STORED_SCORES: evenly spaced quantiles when there are more).
+
+    Held out means the validation films; where there are fewer than MIN_HELD_OUT of them, also the training films
+    scored by Gaussians fitted without them (5 folds). A few dozen films in 128 or more feature dimensions put every
+    training film close to its own fit and every new one far, so a dozen validation scores alone would set a
+    threshold that refuses many new in-distribution films."""
+    features = network_features(network, train_images)
+    statistics = fit(features, train_groups)
     validation = scores(statistics, network_features(network, validation_images))
+    held_out = validation
+    if len(validation) < MIN_HELD_OUT and len(features) >= 10:
+        held_out = np.concatenate([validation, cross_fitted_scores(features, train_groups)])
     kept = validation if len(validation) <= MAX_STORED_SCORES else \
         np.quantile(validation, np.linspace(0, 1, MAX_STORED_SCORES))
-    entry = {"method": METHOD, "threshold": threshold_for(validation),
-             "validation_scores": [round(float(s), 4) for s in kept]}
+    floor = min(MIN_LAYOUT_SPREAD, 0.5 * float(layout_spread(train_images).min())) if len(train_images) else MIN_LAYOUT_SPREAD
+    entry = {"method": METHOD, "threshold": threshold_for(held_out),
+             "validation_scores": [round(float(s), 4) for s in kept], "min_layout_spread": round(floor, 4)}
     return statistics, entry

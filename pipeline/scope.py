@@ -29,19 +29,22 @@ class Scope:
     views: tuple[str, ...] = DEFAULT_VIEWS
     body_parts: tuple[str, ...] = DEFAULT_BODY_PARTS
     ood_threshold: float | None = None  # the out-of-distribution score's, stored apart (the model's `ood` entry)
+    min_layout_spread: float | None = None  # the blank check's floor, from the same entry (None: the default)
 
     def as_dict(self) -> dict[str, list[str]]:
         """As the model's metadata and model_config store it under `scope` (the threshold lives under `ood`)."""
-        return {name: list(values) for name, values in asdict(self).items() if name != "ood_threshold"}
+        return {name: list(values) for name, values in asdict(self).items() if name in ("modalities", "views", "body_parts")}
 
     @classmethod
     def from_dict(cls, stored: dict | None, ood: dict | None = None) -> Scope:
         """From a model's metadata (`scope`, and `ood` for the score's threshold); a model registered before scopes
         were recorded gets the defaults, one registered before scores were stored no threshold."""
         stored = stored or {}
-        threshold = float(ood["threshold"]) if ood and ood.get("threshold") is not None else None
+        ood = ood or {}
+        threshold = float(ood["threshold"]) if ood.get("threshold") is not None else None
+        floor = float(ood["min_layout_spread"]) if ood.get("min_layout_spread") is not None else None
         return cls(**{name: tuple(str(v).upper() for v in stored[name]) for name in ("modalities", "views", "body_parts")
-                      if name in stored}, ood_threshold=threshold)
+                      if name in stored}, ood_threshold=threshold, min_layout_spread=floor)
 
 
 def contract(modalities: list[str], views: list[str], body_parts: list[str], trained_modalities: list[str],
@@ -69,7 +72,7 @@ def out_of_scope(image, scope: Scope, judged=None) -> str | None:
     if image is not None and (reason := header_reason(image, scope)) is not None:
         return reason
     if judged is not None and scope.ood_threshold is not None:
-        return pixel_reason(judged, scope.ood_threshold)
+        return pixel_reason(judged, scope.ood_threshold, scope.min_layout_spread)
     return None
 
 
@@ -96,13 +99,14 @@ def decode_refusal(exc) -> str | None:  # exc: pipeline.imaging.UnreadableImage
     return None
 
 
-def pixel_reason(judged, threshold: float) -> str | None:  # judged: pipeline.ood.Judged
+def pixel_reason(judged, threshold: float, floor: float | None = None) -> str | None:  # judged: pipeline.ood.Judged
     """The pixel checks: no coarse structure (blank, or noise the resize averaged out), then the score."""
     from pipeline.ood import MIN_LAYOUT_SPREAD
 
-    if judged.layout_spread < MIN_LAYOUT_SPREAD:
+    floor = MIN_LAYOUT_SPREAD if floor is None else floor
+    if judged.layout_spread < floor:
         return (f"ood: blank: the image's coarse structure spreads {judged.layout_spread:.1f} grey levels, "
-                f"a film's at least {MIN_LAYOUT_SPREAD:.0f}")
+                f"a film's at least {floor:.1f}")
     if judged.score > threshold:
         return f"ood: score {judged.score:.1f} above the threshold {threshold:.1f} set on validation"
     return None

@@ -168,6 +168,15 @@ class ServedModel:
     def unwrap_python_model(self):  # -> pipeline.serving.CxrClassifier
         return self.pyfunc.unwrap_python_model()
 
+    def classify_all(self, images: np.ndarray) -> pd.DataFrame:
+        """(N, S, S) uint8 arrays → the answer table with every film classified, none judged by its pixels: the
+        champion gate compares two models on the same test films, whatever either would refuse."""
+        python_model = self.pyfunc.unwrap_python_model()
+        if not hasattr(python_model, "answer_table"):  # registered before pixels were judged: arrays were never refused
+            return self.predict(images)
+        images = np.asarray(images, dtype=np.uint8)
+        return python_model.answer_table(list(enumerate(images)), [""] * len(images))
+
     def predict(self, model_input) -> pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):
             return self.pyfunc.predict(model_input)

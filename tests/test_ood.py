@@ -111,13 +111,14 @@ def test_the_threshold_and_the_validation_scores_are_stored_with_the_registered_
     artifact; the stored scores are the validation films' own, and about 99 % of them pass."""
     import mlflow.artifacts
 
-    from pipeline.ood import judge_images, threshold_for
+    from pipeline.ood import judge_images
     from pipeline.predict import load_model
     from pipeline.tracking import fluent_store
 
     model = load_model(CHAMPION, tiny_project.paths)
     stored = model.metadata.metadata["ood"]
-    assert set(stored) == {"method", "threshold", "validation_scores"} and stored["method"] == "mahalanobis"
+    assert {"method", "threshold", "validation_scores"} <= set(stored) and stored["method"] == "mahalanobis"
+    assert 0 < stored["min_layout_spread"] <= 3
     with fluent_store(tiny_project.paths):
         local = Path(mlflow.artifacts.download_artifacts(CHAMPION))
     flavour = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
@@ -129,8 +130,7 @@ def test_the_threshold_and_the_validation_scores_are_stored_with_the_registered_
     rescored = sorted(j.score for j in judge_images(served.model, served.ood, validation))
     assert np.allclose(rescored, sorted(stored["validation_scores"]), atol=1e-3)
     scores = np.array(stored["validation_scores"])
-    assert stored["threshold"] == pytest.approx(threshold_for(scores), abs=1e-3)  # set on these scores
-    assert np.mean(scores <= stored["threshold"]) >= 0.99 and stored["threshold"] > np.median(scores)
+    assert np.mean(scores <= stored["threshold"]) >= 1 - 1 / len(scores) and stored["threshold"] > np.median(scores)
 
 
 def test_a_model_registered_before_scores_were_stored_still_answers_by_header_only(tiny_project, pydicom_test_files, tmp_path):
