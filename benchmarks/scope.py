@@ -12,7 +12,7 @@ CT, MR, NM and US test files as they are, the CT and MR slices re-saved as heade
 pipeline's own LUTs), matplotlib's sample images (a photograph in colour and in grey, elevation maps, an MR slice),
 uniform and Gaussian noise, blank black, white and grey images. Nothing in the repository changes.
 
-Run it from the repository root (about 4 minutes of CPU; 4-9 minutes of wall time on 2 shared cores, most of it
+Run it from the repository root (54 s on 2 free cores, 8.6 minutes on 2 cores other processes loaded; most of it
 ingest, validation and training):
 
     .venv/bin/python benchmarks/scope.py
