@@ -445,7 +445,8 @@ def predict(
                                                          'the model was not trained for, with the reason) or {"path", "error"} per file '
                                                          '(multiclass and multilabel models add "probabilities" per label; '
                                                          'with --explain, also "explanation": the overlay PNG, or for a PACS film the '
-                                                         'instance URL of its Secondary Capture).')] = False,
+                                                         'instance URL of its Secondary Capture; films the model scored add "ood_score", '
+                                                         'its out-of-distribution score).')] = False,
     explain: Annotated[Path | None, typer.Option("--explain", metavar="OUT_DIR", help="Also write a Grad-CAM overlay PNG per classified file into "
                                                  "this folder (<stem>_gradcam.png): the film with a heat map of where the model found "
                                                  "evidence for the positive class. For DICOMweb URLs (with --store-results) the "
@@ -459,7 +460,8 @@ def predict(
 ) -> None:
     """Classify chest X-ray files, or the films of a study or series on a PACS (DICOMweb), with a registered model.
     A film outside what the model was trained for (by its DICOM header: modality, body part, view; colour or
-    multi-frame) gets out_of_scope and the reason, not a probability. Local files are answered first, then each
+    multi-frame; or by its pixels: the network's out-of-distribution score above the threshold set on validation,
+    or a blank image) gets out_of_scope and the reason, not a probability. Local files are answered first, then each
     URL's films. Each answer is appended to the monitoring log (see `cxr monitor`; no path or identifier is
     logged). Exit status 0 when at least one file was classified."""
 

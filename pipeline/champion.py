@@ -302,10 +302,11 @@ def _contract(metadata: dict) -> dict:
 
 
 def _served(model, films: dict[int, np.ndarray], task, batch: int = 256):  # -> tuple[np.ndarray, Threshold]
-    """The model's probabilities (as served) for the films at its own size, and its operating point."""
+    """The model's probabilities (as served) for the films at its own size, and its operating point. Every film is
+    scored, also one the model would refuse as out of distribution: both models are compared on the same films."""
     metadata = model.metadata.metadata
     images = films[int(metadata["image_size"])]
-    tables = [model.predict(images[start:start + batch]) for start in range(0, len(images), batch)]
+    tables = [model.classify_all(images[start:start + batch]) for start in range(0, len(images), batch)]
     return np.concatenate([task.served_probability(table) for table in tables]), metadata["threshold"]
 
 

@@ -2,8 +2,9 @@
 
 Each file is decoded and resized exactly as at ingest, to the size recorded in the model's
 metadata; a file that cannot be read gets its own error entry and the others go on, and one outside the model's
-scope (a CT, a lateral view, a colour photograph: pipeline.scope) gets `out_of_scope` with a reason, never a
-probability.
+scope (a CT, a lateral view, a colour photograph: pipeline.scope, by header; a photograph or a slice saved as PNG,
+noise, a blank image: pipeline.ood, by the network's out-of-distribution score, which the model computes) gets
+`out_of_scope` with a reason, never a probability.
 With `explain_dir`, each classified file also gets a Grad-CAM overlay PNG (see `pipeline.explain`).
 """
 
@@ -18,7 +19,7 @@ from pipeline.errors import CxrError
 from pipeline.explain import grad_cam, network_to_explain, overlay_paths, write_overlay
 from pipeline.imaging import DecodeLimits, UnreadableImage, decode_file, looks_like_image, resize
 from pipeline.paths import ProjectPaths
-from pipeline.scope import Scope, out_of_scope
+from pipeline.scope import Scope, decode_refusal, out_of_scope
 from pipeline.serving import ServedModel
 
 
@@ -35,13 +36,15 @@ class Prediction:
     explanation: str | None = None  # the Grad-CAM overlay PNG, when one was asked for
     probabilities: dict[str, float] | None = None  # multiclass and multilabel: per label
     out_of_scope: str | None = None  # why the model does not answer for this film (then no label or probability)
+    ood_score: float | None = None  # the out-of-distribution score (pipeline.ood), where the model computed one
 
     def as_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
+        scored = {} if self.ood_score is None else {"ood_score": self.ood_score}
         if self.out_of_scope is not None:
-            return {"path": self.path, "out_of_scope": self.out_of_scope}
-        result: dict = {"path": self.path, "label": self.label}
+            return {"path": self.path, "out_of_scope": self.out_of_scope, **scored}
+        result: dict = {"path": self.path, "label": self.label, **scored}
         if self.probability is not None:
             result["probability"] = self.probability
         if self.probabilities is not None:
@@ -88,7 +91,7 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
 
     metadata = model.metadata.metadata
     size, task = int(metadata["image_size"]), task_for(metadata["task"], metadata["labels"])
-    scope = Scope.from_dict(metadata.get("scope"))
+    scope = Scope.from_dict(metadata.get("scope"))  # the header's; the model judges the pixels (pipeline.serving)
     network = network_to_explain(model) if explain_dir is not None else None
     results: list[Prediction | None] = [None] * len(files)
     ready: list[tuple[int, np.ndarray]] = []
@@ -96,7 +99,9 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
         try:
             image = decode_file(file, limits=limits, size=size)
         except UnreadableImage as exc:
-            results[position] = Prediction(path=str(file), error=f"{exc.reason}: {exc}")
+            blank = decode_refusal(exc)
+            results[position] = Prediction(path=str(file), out_of_scope=blank) if blank else \
+                Prediction(path=str(file), error=f"{exc.reason}: {exc}")
             continue
         reason = out_of_scope(image, scope)
         if reason is not None:
@@ -108,11 +113,20 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
         chunk = ready[start : start + batch_size]
         images = np.stack([pixels for _, pixels in chunk])
         table = model.predict(images)
+        refused = [str(reason or "") for reason in table.get("out_of_scope", [""] * len(chunk))]
+        scores = [None if s is None or s != s else round(float(s), 4) for s in table.get("ood_score", [None] * len(chunk))]
         explanations: list[str | None] = [None] * len(chunk)
-        if network is not None:
-            explanations = write_explanations(network, images, table, overlays[start : start + len(chunk)], task)
-        for (position, _), row, explanation in zip(chunk, table.to_dict("records"), explanations):
-            results[position] = Prediction(path=str(files[position]), explanation=explanation, **task.answer(row))
+        answered = np.array([not reason for reason in refused], dtype=bool)
+        if network is not None and answered.any():
+            written = iter(write_explanations(network, images[answered], table[answered].reset_index(drop=True),
+                                              [p for p, keep in zip(overlays[start : start + len(chunk)], answered) if keep], task))
+            explanations = [next(written) if keep else None for keep in answered]
+        for (position, _), row, reason, score, explanation in zip(chunk, table.to_dict("records"), refused, scores, explanations):
+            if reason:
+                results[position] = Prediction(path=str(files[position]), out_of_scope=reason, ood_score=score)
+            else:
+                results[position] = Prediction(path=str(files[position]), explanation=explanation, ood_score=score,
+                                               **task.answer(row))
     return [r for r in results if r is not None]
 
 

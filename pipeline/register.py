@@ -34,10 +34,13 @@ from pipeline.provenance import TrainedModel, check_registrable, trained_model
 
 log = logging.getLogger(__name__)
 
+MAX_OOD_FILMS = 20_000  # per split, to fit the out-of-distribution statistics and set their threshold on
+
 # What the served model imports (a test checks the list against the imports): files, and the tasks package. It
-# decodes file bytes as ingest does (imaging, which reads deid's Identity, which reads config) and judges scope.
+# decodes file bytes as ingest does (imaging, which reads deid's Identity, which reads config) and judges scope, by
+# header and by the network's out-of-distribution score (ood).
 SERVING_MODULES = ("__init__.py", "errors.py", "labels.py", "tasks", "metrics.py", "losses.py", "models.py", "serving.py",
-                   "mlflow_model.py", "imaging.py", "deid.py", "config.py", "scope.py", "monitoring.py")
+                   "mlflow_model.py", "imaging.py", "deid.py", "config.py", "scope.py", "monitoring.py", "ood.py")
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,8 @@ def model_card_context(paths: ProjectPaths, trained: TrainedModel, name: str, ve
 def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
     """Log the pyfunc (with the code it runs, so it loads anywhere) into the training run and register it. Its
     signature and input example show the bytes form (pipeline.serving); its scope is the training data's contract
-    (`serve.*`, else the manifest's modalities and views) and travels with it, as do the decode limits."""
+    (`serve.*`, else the manifest's modalities and views) and travels with it, as do the decode limits and the
+    out-of-distribution statistics and threshold (pipeline.ood, fitted here on the films it trained and validated on)."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -234,31 +238,33 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
     from pipeline.models import load_checkpoint
     from pipeline.tasks import task_for
 
-    _, state = load_checkpoint(paths.checkpoint)  # describe the model that was trained, not today's params
+    network, state = load_checkpoint(paths.checkpoint)  # describe the model that was trained, not today's params
     metrics = read_json(paths.metrics, "`cxr evaluate`")  # the operating point evaluate chose on validation
     size, labels, threshold = int(state["image_size"]), list(state["labels"]), metrics["threshold"]
     task = task_for(state["task"], labels)
     temperature = float(metrics["temperature"])
     example = input_example(size)
-    output = task.serving_table(np.full((1, len(labels)), 0.5), threshold).assign(out_of_scope="", error="")
+    output = task.serving_table(np.full((1, len(labels)), 0.5), threshold).assign(out_of_scope="", error="", ood_score=0.0)
     scope = training_scope(paths, config, task).as_dict()
     limits = limits_of(config.data)
     with tempfile.TemporaryDirectory() as scratch:
         package = _serving_package(Path(scratch))
+        statistics, ood = out_of_distribution(paths, network, task)
+        ood_file = statistics.save(Path(scratch) / "ood.npz")
         with tracking.fluent_store(paths), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(package / "mlflow_model.py"),
-                artifacts={"checkpoint": str(paths.checkpoint)},
+                artifacts={"checkpoint": str(paths.checkpoint), "ood": str(ood_file)},
                 code_paths=[str(package)],
                 pip_requirements=serving_requirements(),
                 signature=infer_signature(example, output),
                 input_example=example,
-                model_config={"threshold": threshold, "temperature": temperature, "scope": scope,
+                model_config={"threshold": threshold, "temperature": temperature, "scope": scope, "ood": ood,
                               "limits": {"max_pixels": limits.max_pixels, "max_frames": limits.max_frames},
                               "identity": {"model": config.registry.model_name, "run_id": run_id}},  # for monitoring records
                 metadata={"image_size": size, "labels": labels, "task": task.name, "threshold": threshold, "temperature": temperature,
-                          "scope": scope},
+                          "scope": scope, "ood": ood},
                 registered_model_name=config.registry.model_name,
             )
     return int(info.registered_model_version)
@@ -278,6 +284,33 @@ def input_example(size: int):  # -> pd.DataFrame
     buffer = io.BytesIO()
     Image.fromarray(ramp, mode="L").save(buffer, format="PNG")
     return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+
+
+def out_of_distribution(paths: ProjectPaths, network, task):  # -> tuple[pipeline.ood.Statistics, dict]
+    """The out-of-distribution statistics of the training films (class-conditional Gaussians of the network's
+    features) and the threshold that about 99 % of the validation films pass (pipeline.ood.calibrate). A multilabel
+    task's films have no one class: one Gaussian."""
+    from pipeline.ood import calibrate
+
+    manifest = read_manifest(paths.manifest, task.name, task.labels, ["store_index", "split", "label"], "metrics.json's model")
+    images = np.load(paths.images, mmap_mode="r")
+    train, validation = (manifest[manifest["split"] == split] for split in ("train", "val"))
+    if train.empty or validation.empty:
+        raise CxrError(f"register: {paths.manifest} has no {'train' if train.empty else 'val'} films to set the "
+                       "out-of-distribution threshold on")
+    train, validation = (evenly_spaced(rows.sort_values("store_index"), MAX_OOD_FILMS) for rows in (train, validation))
+    groups = train["label"].astype(str).to_numpy() if task.name != "multilabel" else np.zeros(len(train), dtype=int)
+    statistics, entry = calibrate(network, np.asarray(images[train["store_index"].to_numpy()]), groups,
+                                  np.asarray(images[validation["store_index"].to_numpy()]))
+    log.info("register: out-of-distribution threshold %.2f (%s, %d validation films)", entry["threshold"],
+             entry["method"], len(validation))
+    return statistics, entry
+
+
+def evenly_spaced(rows, most: int):  # rows: pd.DataFrame
+    """At most `most` of `rows`, evenly spaced (deterministic): a Gaussian's mean and covariance need thousands of
+    films, not the whole of a large archive in memory."""
+    return rows if len(rows) <= most else rows.iloc[np.linspace(0, len(rows) - 1, most).round().astype(int)]
 
 
 def training_scope(paths: ProjectPaths, config: Config, task):  # -> pipeline.scope.Scope

@@ -5,8 +5,10 @@ training data's contract gets `out_of_scope` with a reason instead of a probabil
 views and body parts) is recorded with the model at registration (pipeline.register), from `serve.*` or, where those
 are empty, from the training manifest; `cxr predict` and the served pyfunc both call `out_of_scope`.
 
-Only the header is judged today. An image-based out-of-distribution score (the network's own features) belongs in
-`out_of_scope` too, after the header checks: a film without a header (PNG, JPEG) is judged by its pixels alone.
+After the header, the pixels: the network's out-of-distribution score (pipeline.ood) against the threshold set on
+validation and stored with the model, and a check for images without structure (blank). A film without a header
+(PNG, JPEG, an array) is judged by its pixels alone; a model registered before scores were stored (no `ood` entry)
+judges headers only.
 """
 
 from __future__ import annotations
@@ -26,17 +28,23 @@ class Scope:
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
     views: tuple[str, ...] = DEFAULT_VIEWS
     body_parts: tuple[str, ...] = DEFAULT_BODY_PARTS
+    ood_threshold: float | None = None  # the out-of-distribution score's, stored apart (the model's `ood` entry)
+    min_layout_spread: float | None = None  # the blank check's floor, from the same entry (None: the default)
 
     def as_dict(self) -> dict[str, list[str]]:
-        """As the model's metadata and model_config store it."""
-        return {name: list(values) for name, values in asdict(self).items()}
+        """As the model's metadata and model_config store it under `scope` (the threshold lives under `ood`)."""
+        return {name: list(values) for name, values in asdict(self).items() if name in ("modalities", "views", "body_parts")}
 
     @classmethod
-    def from_dict(cls, stored: dict | None) -> Scope:
-        """From a model's metadata; a model registered before scopes were recorded gets the defaults."""
+    def from_dict(cls, stored: dict | None, ood: dict | None = None) -> Scope:
+        """From a model's metadata (`scope`, and `ood` for the score's threshold); a model registered before scopes
+        were recorded gets the defaults, one registered before scores were stored no threshold."""
         stored = stored or {}
+        ood = ood or {}
+        threshold = float(ood["threshold"]) if ood.get("threshold") is not None else None
+        floor = float(ood["min_layout_spread"]) if ood.get("min_layout_spread") is not None else None
         return cls(**{name: tuple(str(v).upper() for v in stored[name]) for name in ("modalities", "views", "body_parts")
-                      if name in stored})
+                      if name in stored}, ood_threshold=threshold, min_layout_spread=floor)
 
 
 def contract(modalities: list[str], views: list[str], body_parts: list[str], trained_modalities: list[str],
@@ -53,9 +61,23 @@ def contract(modalities: list[str], views: list[str], body_parts: list[str], tra
                  body_parts=tuple(str(v).upper() for v in body_parts) or DEFAULT_BODY_PARTS)
 
 
-def out_of_scope(image, scope: Scope) -> str | None:  # image: pipeline.imaging.DecodedImage
-    """Why `image` is outside what the model was trained for, or None when it is inside. One reason, the first
-    found: a short code, then what the film carries against what the model accepts (no identifying value)."""
+def out_of_scope(image, scope: Scope, judged=None) -> str | None:
+    """Why a film is outside what the model was trained for, or None when it is inside. One reason, the first
+    found: a short code, then what the film carries against what the model accepts (no identifying value).
+
+    `image` (a pipeline.imaging.DecodedImage) is judged by its header; None where there is none (an array). `judged`
+    (a pipeline.ood.Judged) by its pixels, once the network has scored them; None before, or for a model without
+    a stored threshold.
+    """
+    if image is not None and (reason := header_reason(image, scope)) is not None:
+        return reason
+    if judged is not None and scope.ood_threshold is not None:
+        return pixel_reason(judged, scope.ood_threshold, scope.min_layout_spread)
+    return None
+
+
+def header_reason(image, scope: Scope) -> str | None:  # image: pipeline.imaging.DecodedImage
+    """The header checks: modality, body part, view, colour, frames."""
     if image.modality and image.modality.upper() not in scope.modalities:
         return f"modality: {image.modality.upper()} is not one of {', '.join(scope.modalities)}"
     if image.body_part and image.body_part.upper() not in scope.body_parts:
@@ -66,5 +88,25 @@ def out_of_scope(image, scope: Scope) -> str | None:  # image: pipeline.imaging.
         return "colour: the image holds colour; chest radiographs are grey"
     if image.frames > 1:
         return f"multi_frame: {image.frames} frames; a chest radiograph is one"
-    # The image-based out-of-distribution score goes here (films without a header are judged by it alone).
+    return None
+
+
+def decode_refusal(exc) -> str | None:  # exc: pipeline.imaging.UnreadableImage
+    """The out_of_scope reason for a file that decoded but was refused for what it shows (a blank image: decoding
+    stops there, as ingest quarantines it), or None for a file that could not be read (an error)."""
+    if exc.reason == "blank_image":
+        return "ood: blank: all pixels have nearly the same value"
+    return None
+
+
+def pixel_reason(judged, threshold: float, floor: float | None = None) -> str | None:  # judged: pipeline.ood.Judged
+    """The pixel checks: no coarse structure (blank, or noise the resize averaged out), then the score."""
+    from pipeline.ood import MIN_LAYOUT_SPREAD
+
+    floor = MIN_LAYOUT_SPREAD if floor is None else floor
+    if judged.layout_spread < floor:
+        return (f"ood: blank: the image's coarse structure spreads {judged.layout_spread:.1f} grey levels, "
+                f"a film's at least {floor:.1f}")
+    if judged.score > threshold:
+        return f"ood: score {judged.score:.1f} above the threshold {threshold:.1f} set on validation"
     return None

@@ -8,7 +8,11 @@ or the resize and drifts from training. Each row's answer is a probability, or `
 outside the training data's contract, pipeline.scope), or `error` with a reason (a broken or too-large file): one
 bad row never fails the others. As before it took bytes, it also takes (N, S, S) uint8 arrays already resized
 (`{"inputs": arrays}` over REST, which MLflow hands over as the `image` column; in this process through
-ServedModel, below); they carry no header and are not judged for scope.
+ServedModel, below); they carry no header and are judged by their pixels only.
+
+A film that passes its header is judged by its pixels (pipeline.ood: the network's out-of-distribution score
+against the threshold set on validation, and a blank check); every answer table carries its `ood_score` (None where
+none was computed: an error, a film refused by its header, a model registered before scores were stored).
 
 Over REST a request in which no film could be read (each row an `error`: a truncated DICOM, a header declaring an
 absurd size, bytes that are not base64) is the client's mistake: predict raises an MlflowException with
@@ -46,6 +50,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
         from pipeline.imaging import DecodeLimits
         from pipeline.models import load_checkpoint
         from pipeline.monitoring import ModelIdentity, log_path
+        from pipeline.ood import Statistics
         from pipeline.scope import Scope
         from pipeline.tasks import task_for
 
@@ -56,9 +61,10 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
         self.threshold = float(threshold) if isinstance(threshold, (int, float)) else threshold
         self.temperature = float(config["temperature"])
         self.image_size = int(state["image_size"])
-        self.scope = Scope.from_dict(config.get("scope"))
+        self.scope = Scope.from_dict(config.get("scope"), config.get("ood"))
         self.limits = DecodeLimits(**config.get("limits", {}))
         self.identity, self.monitor_log = ModelIdentity.from_config(config), log_path(None)
+        self.ood = Statistics.load(Path(context.artifacts["ood"])) if "ood" in context.artifacts else None
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         from pipeline.monitoring import LOG_ENV, table_records, try_append
@@ -78,8 +84,51 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
         return table
 
     def classify(self, images: np.ndarray) -> pd.DataFrame:
-        """(N, S, S) uint8 images at the model's size → the task's answer table (no scope: arrays have no header)."""
-        return self.task.serving_table(self.probabilities(images), self.threshold)
+        """(N, S, S) uint8 images at the model's size → the task's answer table, judged by their pixels only (arrays
+        have no header): `out_of_scope` says why a row has no answer, `ood_score` is each row's score."""
+        images = np.asarray(images)
+        if images.ndim == 2:
+            images = images[None]
+        self.check_shape(images)
+        refused = [""] * len(images)
+        ready, scores = self.judge_pixels(list(enumerate(images.astype(np.uint8))), refused)
+        return self.answer_table(ready, refused).assign(ood_score=scores)
+
+    def check_shape(self, images: np.ndarray) -> None:
+        if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
+            raise ValueError(f"expected images of shape (N, {self.image_size}, {self.image_size}), got {images.shape}")
+
+    def judge_pixels(self, ready: list[tuple[int, np.ndarray]], refused: list[str]) -> tuple[list[tuple[int, np.ndarray]], list]:
+        """The out-of-distribution check of the rows that passed their header (pipeline.ood, pipeline.scope): the
+        rows still to classify, and every row's score (None where none was computed). A refused row's reason goes
+        into `refused`. A model registered before scores were stored judges nothing here."""
+        from pipeline.ood import judge_images
+        from pipeline.scope import out_of_scope
+
+        scores: list = [None] * len(refused)
+        if self.ood is None or not ready:
+            return ready, scores
+        kept = []
+        for (row, pixels), judged in zip(ready, judge_images(self.model, self.ood, np.stack([p for _, p in ready]))):
+            scores[row] = judged.score
+            refused[row] = out_of_scope(None, self.scope, judged) or ""
+            if not refused[row]:
+                kept.append((row, pixels))
+        return kept, scores
+
+    def answer_table(self, ready: list[tuple[int, np.ndarray]], unanswered: list[str]) -> pd.DataFrame:
+        """The task's table for len(unanswered) rows: probabilities for the `ready` rows, None (JSON's null) in
+        every other row's label and probabilities (MLflow writes NaN as a bare NaN, which JSON lacks)."""
+        n = len(unanswered)
+        probability = np.full((n, len(self.task.labels)), np.nan)
+        if ready:
+            probability[[row for row, _ in ready]] = self.probabilities(np.stack([pixels for _, pixels in ready]))
+        table = self.task.serving_table(probability, self.threshold)
+        answered = np.zeros(n, dtype=bool)
+        answered[[row for row, _ in ready]] = True
+        if not answered.all():
+            table = table.astype(object).where(pd.DataFrame({c: answered for c in table.columns}), None)
+        return table.assign(out_of_scope=unanswered)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, S, S) uint8 images at the model's size → (N, K) calibrated probabilities."""
@@ -89,8 +138,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
 
         if images.ndim == 2:
             images = images[None]
-        if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
-            raise ValueError(f"expected images of shape (N, {self.image_size}, {self.image_size}), got {images.shape}")
+        self.check_shape(images)
         probability = predict_proba(self.model, images.astype(np.uint8), torch.device("cpu"), self.task.activation)
         return self.task.apply_temperature(probability, self.temperature)
 
@@ -98,7 +146,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
         """One answer per file: decode (as ingest does), judge its scope, resize, classify the ones in scope. Rows
         not classified have no label and NaN probabilities, and say why in `out_of_scope` or `error`."""
         from pipeline.imaging import UnreadableImage, decode_bytes, resize
-        from pipeline.scope import out_of_scope
+        from pipeline.scope import decode_refusal, out_of_scope
 
         n = len(contents)
         refused, errors = [""] * n, [""] * n
@@ -115,21 +163,16 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
             try:
                 image = decode_bytes(file_bytes(content, name), name, limits=self.limits, size=self.image_size)
             except UnreadableImage as exc:
-                errors[row] = f"{exc.reason}: {exc}"
+                refused[row] = decode_refusal(exc) or ""
+                errors[row] = "" if refused[row] else f"{exc.reason}: {exc}"
                 continue
             reason = out_of_scope(image, self.scope)
             if reason is not None:
                 refused[row] = reason
                 continue
             ready.append((row, resize(image.pixels, self.image_size)))
-        probability = np.full((n, len(self.task.labels)), np.nan)
-        if ready:
-            probability[[row for row, _ in ready]] = self.probabilities(np.stack([pixels for _, pixels in ready]))
-        table = self.task.serving_table(probability, self.threshold)
-        answered = np.array([not (refused[row] or errors[row]) for row in range(n)], dtype=bool)
-        if not answered.all():  # None, not NaN: JSON's null (MLflow writes NaN as a bare NaN, which JSON lacks)
-            table = table.astype(object).where(pd.DataFrame({c: answered for c in table.columns}), None)
-        return table.assign(out_of_scope=refused, error=errors)
+        ready, scores = self.judge_pixels(ready, refused)
+        return self.answer_table(ready, refused).assign(error=errors, ood_score=scores)
 
 
 @dataclass(frozen=True)
@@ -146,6 +189,15 @@ class ServedModel:
 
     def unwrap_python_model(self):  # -> pipeline.serving.CxrClassifier
         return self.pyfunc.unwrap_python_model()
+
+    def classify_all(self, images: np.ndarray) -> pd.DataFrame:
+        """(N, S, S) uint8 arrays → the answer table with every film classified, none judged by its pixels: the
+        champion gate compares two models on the same test films, whatever either would refuse."""
+        python_model = self.pyfunc.unwrap_python_model()
+        if not hasattr(python_model, "answer_table"):  # registered before pixels were judged: arrays were never refused
+            return self.predict(images)
+        images = np.asarray(images, dtype=np.uint8)
+        return python_model.answer_table(list(enumerate(images)), [""] * len(images))
 
     def predict(self, model_input) -> pd.DataFrame:
         if isinstance(model_input, pd.DataFrame):

@@ -183,5 +183,5 @@ def test_the_registered_model_runs_on_the_code_it_carries_without_the_project_in
     where, answer = out.stdout.strip().splitlines()[-2:]
     assert str(REPO) not in where and where.startswith(local)  # the copy inside the model, not the project
     answer = json.loads(answer)
-    assert set(answer) == {"probability", "label", "out_of_scope", "error"}
+    assert set(answer) == {"probability", "label", "out_of_scope", "error", "ood_score"}
     assert 0 <= answer["probability"]["0"] <= 1 and answer["error"]["0"] == ""  # decoded a DICOM with the code it carries

@@ -129,10 +129,11 @@ def test_first_registered_version_is_champion_with_signature(tiny_project):
     signature = model.metadata.signature
     assert not signature.inputs.is_tensor_spec()  # the bytes form: base64 file bytes in column `image`
     assert signature.inputs.input_names() == ["image"]
-    assert signature.outputs.input_names() == ["probability", "label", "out_of_scope", "error"]
+    assert signature.outputs.input_names() == ["probability", "label", "out_of_scope", "error", "ood_score"]
     assert model.metadata.metadata["image_size"] == size
-    table = model.predict(np.zeros((2, size, size), dtype=np.uint8))  # in this process, arrays at its size as before
-    assert list(table.columns) == ["probability", "label"] and table["probability"].between(0, 1).all()
+    table = model.predict(np.load(tiny_project.paths.images)[:2])  # in this process, arrays at its size as before
+    assert list(table.columns) == ["probability", "label", "out_of_scope", "ood_score"]  # arrays are judged by pixels
+    assert table["probability"].between(0, 1).all() and (table["out_of_scope"] == "").all()
 
 
 @pytest.mark.slow
