@@ -90,13 +90,13 @@ def plan_task(paths: ProjectPaths, config: Config):
 
 
 @task(name="ingest-decode")
-def decode_task(files: list, size: int, workers: int, limits, root: Path, key_scope: str) -> list:
+def decode_task(files: list, size: int, workers: int, limits, root: Path, key_scope: str, crop: str = "none") -> list:
     """Decode a shard of film files where the task runs (a Dask worker, maybe). The key is loaded here, never a
     task parameter or result (Prefect may persist those); the outcomes hold pseudonyms only (pipeline.ingest)."""
     from pipeline.deid import load_key
     from pipeline.ingest import decode_items
 
-    return decode_items(files, size, load_key(root, key_scope), workers, limits)
+    return decode_items(files, size, load_key(root, key_scope), workers, limits, crop)
 
 
 @task(name="ingest-finish")
@@ -133,7 +133,7 @@ def _fan_out_ingest(paths: ProjectPaths, config: Config):
     shards = [files[start : start + size] for start in range(0, len(files), size)]
     workers = 1 if on_cluster else config.data.num_workers
     futures = [decode_task.submit(shard, config.data.image_size, workers, limits_of(config.data), paths.root,
-                                  config.deid.key_scope) for shard in shards]
+                                  config.deid.key_scope, config.data.crop) for shard in shards]
     outcomes = [outcome for future in futures for outcome in future.result()]
     finished = finish_task(paths, config, plan, outcomes, return_state=True)
     if finished.is_failed():

@@ -231,7 +231,8 @@ def gate(paths: ProjectPaths, config: Config, client, champion, challenger_versi
     if (contract["task"], contract["labels"]) != (task.name, task.labels):
         return refused(f"it is a {contract['task']} model of {contract['labels']}, this one a {task.name} model of "
                        f"{task.labels}", **counts)
-    sizes = {int(model.metadata.metadata["image_size"]) for model in (ours_model, theirs_model)}
+    sizes = {(int(model.metadata.metadata["image_size"]), model.metadata.metadata.get("crop", "none"))
+             for model in (ours_model, theirs_model)}
     films = raw_films(paths, config, rows, sizes)
     if isinstance(films, str):
         return refused(films, **counts)
@@ -301,17 +302,18 @@ def _contract(metadata: dict) -> dict:
     return {"task": metadata["task"], "labels": list(metadata["labels"]), "image_size": int(metadata["image_size"])}
 
 
-def _served(model, films: dict[int, np.ndarray], task, batch: int = 256):  # -> tuple[np.ndarray, Threshold]
+def _served(model, films: dict[tuple[int, str], np.ndarray], task, batch: int = 256):  # -> tuple[np.ndarray, Threshold]
     """The model's probabilities (as served) for the films at its own size, and its operating point. Every film is
     scored, also one the model would refuse as out of distribution: both models are compared on the same films."""
     metadata = model.metadata.metadata
-    images = films[int(metadata["image_size"])]
+    images = films[(int(metadata["image_size"]), metadata.get("crop", "none"))]
     tables = [model.classify_all(images[start:start + batch]) for start in range(0, len(images), batch)]
     return np.concatenate([task.served_probability(table) for table in tables]), metadata["threshold"]
 
 
-def raw_films(paths: ProjectPaths, config: Config, rows, sizes: set[int]) -> dict[int, np.ndarray] | str:
-    """The manifest `rows`' films decoded from their source files as ingest decodes them, once per size; or why
+def raw_films(paths: ProjectPaths, config: Config, rows, sizes: set[tuple[int, str]]) -> dict[tuple[int, str], np.ndarray] | str:
+    """The manifest `rows`' films decoded from their source files as ingest decodes them, once per (size, crop)
+    a model takes (a model registered before data.crop was recorded: none); or why
     they cannot be (a source or file gone, a file that no longer decodes). Names only the manifest's (redacted) paths."""
     from pipeline.decode_cache import Failure
     from pipeline.imaging import limits_of
@@ -335,14 +337,14 @@ def raw_films(paths: ProjectPaths, config: Config, rows, sizes: set[int]) -> dic
         return (f"{len(gone)} of the {len(rows)} comparison films are no longer in data.sources (e.g. "
                 f"{gone['source'].iloc[0]}/{gone['path'].iloc[0]}), so the champion cannot be scored on the raw films")
     films = {}
-    for size in sorted(sizes):
+    for size, crop in sorted(sizes):
         stack = []
         for row in rows.itertuples():
-            outcome = decode_at_size(found[row.image_id], size, key, limits_of(config.data))
+            outcome = decode_at_size(found[row.image_id], size, key, limits_of(config.data), crop)
             if isinstance(outcome, Failure):
                 return f"{row.source}/{row.path} no longer decodes ({outcome.reason})"
             stack.append(outcome.pixels)
-        films[size] = np.stack(stack)
+        films[(size, crop)] = np.stack(stack)
     return films
 
 

@@ -39,6 +39,7 @@ class SplitFractions(Section):
 
 
 DedupeMode = Literal["report", "drop"]
+Crop = Literal["none", "center"]  # data.crop: how a film that is not square is made square (pipeline.imaging.resize)
 
 
 class SourceSpec(Section):
@@ -105,6 +106,9 @@ class DataConfig(Section):
     # gives by subtype_pattern, e.g. Kermany's bacteria / virus; films without one keep their label).
     class_from: Literal["label", "subtype"] = "label"
     image_size: int = Field(64, ge=16, le=1024)
+    # none: the whole film is squeezed into the square; center: its central square (side = the short edge) is kept,
+    # as MedMNIST made its images, so a model trained on them sees full-size films as it was trained.
+    crop: Crop = "none"
     split: SplitFractions = SplitFractions()
     seed: int = 0
     patient_pattern: str = r"^([A-Za-z]*\d+)_"

@@ -1,6 +1,6 @@
 """A cache of decoded, windowed, resized films, so re-ingesting after adding files decodes only the new ones.
 
-Keyed by the sha256 of each file's bytes, inside a folder named after the preprocessing (image size and
+Keyed by the sha256 of each file's bytes, inside a folder named after the preprocessing (image size, crop and
 decoder version). Pixels live in a few large memory-mapped shard files (one per ingest run that decoded
 something), never a file per image. Files that failed are remembered with their reason, so they are not
 retried until they change. Only technical fields, sex and the age band are cached: a DICOM's identity is
@@ -79,8 +79,11 @@ class DecodeCache:
             self.failures = pd.DataFrame()
 
     @classmethod
-    def for_size(cls, cache_root: Path, image_size: int) -> DecodeCache:
-        return cls(cache_root / f"decoded-{image_size}px-v{CACHE_VERSION}")
+    def for_size(cls, cache_root: Path, image_size: int, crop: str = "none") -> DecodeCache:
+        """The cache of films made at this size and crop (data.crop): a cropped run never reads squeezed pixels,
+        nor the reverse. `none` keeps the folder name it had before crops existed."""
+        cropped = "" if crop == "none" else f"-{crop}"
+        return cls(cache_root / f"decoded-{image_size}px{cropped}-v{CACHE_VERSION}")
 
     def has(self, file_key: str | None) -> bool:
         return file_key is not None and (file_key in self.index.index or file_key in self.failures.index)

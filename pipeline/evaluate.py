@@ -237,12 +237,12 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Ta
     files = [item for item in labelled if item.file is not None]
     key = load_key(paths.root, config.deid.key_scope)
     decoded = dict(zip(map(id, files), decode_items([item.file for item in files], size, key, config.data.num_workers,
-                                                    limits_of(config.data))))
+                                                    limits_of(config.data), config.data.crop)))
     images, read, patients = [], [], []
     for item in labelled:
         outcome = decoded.get(id(item))
         if item.file is None:
-            images.append(resize(np.asarray(item.pixels, dtype=np.uint8), size))
+            images.append(resize(np.asarray(item.pixels, dtype=np.uint8), size, config.data.crop))
         elif isinstance(outcome, Decoded):
             images.append(outcome.pixels)
         else:

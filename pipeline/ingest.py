@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config, DedupeMode, SourceFilters
+from pipeline.config import Config, Crop, DedupeMode, SourceFilters
 from pipeline.decode_cache import CACHE_VERSION, FILE, DecodeCache, Decoded, Failure
 from pipeline.deid import Identity, Redactor, identifier_hashes, key_check, load_key, patient_hash
 from pipeline.dvc_watch import check_sources_watched
@@ -91,7 +91,7 @@ def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = Fa
     key = load_key(paths.root, config.deid.key_scope)
     started = time.perf_counter()
     outcomes = decode_items([item.file for item in plan.todo], config.data.image_size, key, config.data.num_workers,
-                            limits_of(config.data))
+                            limits_of(config.data), config.data.crop)
     decoding = time.perf_counter() - started
     result = finish_ingest(paths, config, plan, outcomes, reassign_splits)
     finishing = time.perf_counter() - started - decoding
@@ -138,7 +138,7 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
         result = IngestResult(**{**previous, "split_counts": dict(previous["split_counts"])}, n_decoded=0,
                               manifest_path=paths.manifest, images_path=paths.images, quarantine_path=paths.quarantine)
         return IngestPlan(items, rejected, keys, [], fingerprint, result, seconds)
-    cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size)
+    cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop)
     cache.drop_unreadable(keys)
     todo, queued = [], set()
     for item, key in zip(items, keys):  # byte-identical files are decoded once; the others come from the cache
@@ -178,7 +178,7 @@ def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejecte
 
 
 def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
-                 limits: DecodeLimits = DecodeLimits()) -> list[Decoded | Failure]:
+                 limits: DecodeLimits = DecodeLimits(), crop: Crop = "none") -> list[Decoded | Failure]:
     """Decode films over `workers` local processes (0: one per core) with a progress bar; outcomes keep input order.
 
     Only the files' locations, the de-identification key and the decoding limits go to the workers (local
@@ -190,20 +190,21 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
         return []
     workers = min(workers or os.cpu_count() or 1, max(len(files), 1))
     if workers <= 1 or len(files) < 8:
-        return [decode_one(file, size, key, limits) for file in tqdm(files, desc="decoding", unit="img", disable=None)]
+        return [decode_one(file, size, key, limits, crop) for file in tqdm(files, desc="decoding", unit="img", disable=None)]
     from concurrent.futures import ProcessPoolExecutor
 
     # Small chunks: a worker left without work while the other finishes a long last chunk wastes a core.
     chunk = max(1, min(16, len(files) // (workers * 16)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         outcomes = pool.map(decode_one, files, [size] * len(files), [key] * len(files), [limits] * len(files),
-                            chunksize=chunk)
+                            [crop] * len(files), chunksize=chunk)
         return list(tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img", disable=None))
 
 
-def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded | Failure:
-    """Decode and resize one film file, decoded at the resolution `size` keeps (pipeline.imaging: the served model
-    decodes with the same `size`). Never raises: one bad file must not stop a run (or a worker).
+def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeLimits(),
+               crop: Crop = "none") -> Decoded | Failure:
+    """Decode and resize one film file (cropped to its central square first with `crop` center), decoded at the
+    resolution `size` keeps (pipeline.imaging: the served model decodes with the same `size` and `crop`). Never raises: one bad file must not stop a run (or a worker).
 
     What it returns may cross a process, task or network boundary (and be persisted by Prefect or spilled by
     Dask), so it holds the header's identity as pseudonyms only and names the film `{file}`, not by its path.
@@ -215,19 +216,20 @@ def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeL
         return Failure(exc.reason, message, exc.identity)
     except Exception as exc:  # an unforeseen decoder failure costs one file, not the run
         return Failure("decode_failed", f"{FILE}: unexpected {type(exc).__name__} while decoding")
-    stored = resize(decoded.pixels, size)
+    stored = resize(decoded.pixels, size, crop)
     header = {"bits_stored": decoded.bits_stored, "modality": decoded.modality, "photometric": decoded.photometric,
               "view": decoded.view, "body_part": decoded.body_part, "sex": decoded.sex, "age_band": decoded.age_band}
     return Decoded(stored, _decoded_fields(decoded.pixels, stored, decoded.format, header, (decoded.height, decoded.width)),
                    decoded.identity)
 
 
-def decode_at_size(item: SourceItem, size: int, key: bytes, limits: DecodeLimits = DecodeLimits()) -> Decoded | Failure:
-    """One listed film decoded exactly as ingest stores it, at any size: the champion gate feeds each model the
-    raw films at its own image size. Never raises, like decode_one."""
+def decode_at_size(item: SourceItem, size: int, key: bytes, limits: DecodeLimits = DecodeLimits(),
+                   crop: Crop = "none") -> Decoded | Failure:
+    """One listed film decoded exactly as ingest stores it, at any size and crop: the champion gate feeds each
+    model the raw films at its own image size and crop. Never raises, like decode_one."""
     if item.file is None:
-        return _cached_or_array(item, None, None, size, key)
-    return decode_one(item.file, size, key, limits)
+        return _cached_or_array(item, None, None, size, key, crop)
+    return decode_one(item.file, size, key, limits, crop)
 
 
 def image_id_of(item: SourceItem, key: bytes) -> str:
@@ -269,16 +271,16 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
         return plan.unchanged
     key = load_key(paths.root, config.deid.key_scope)
     erased = erased_patients(paths.erasures, key_check(key))
-    cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size)
+    cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop)
     fresh = {id(item): outcome for item, outcome in zip(plan.todo, outcomes)}
     cache.add([(file_key, fresh[id(item)]) for item, file_key in zip(plan.items, plan.keys)
                if file_key is not None and id(item) in fresh and not _erased(item, fresh[id(item)], key, erased)])
     settled: list[Decoded | Failure] = []
     repaired: list[tuple[str, Decoded | Failure]] = []
     for item, file_key in zip(plan.items, plan.keys):
-        outcome = fresh.get(id(item)) or _cached_or_array(item, file_key, cache, config.data.image_size, key)
+        outcome = fresh.get(id(item)) or _cached_or_array(item, file_key, cache, config.data.image_size, key, config.data.crop)
         if outcome is None:  # the cache held it damaged (it warned): decode it again
-            outcome = decode_one(item.file, config.data.image_size, key, limits_of(config.data))
+            outcome = decode_one(item.file, config.data.image_size, key, limits_of(config.data), config.data.crop)
             if not _erased(item, outcome, key, erased):
                 repaired.append((file_key, outcome))
         if _erased(item, outcome, key, erased):
@@ -354,7 +356,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
 
 
 def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache | None, size: int,
-                     key: bytes) -> Decoded | Failure | None:
+                     key: bytes, crop: Crop = "none") -> Decoded | Failure | None:
     """A film from the decode cache (a DICOM's identity re-read from its header: never cached), or an array from a
     .npz (no cache needed); None when the cache no longer holds an existing file's film."""
     if item.file is None:
@@ -363,7 +365,7 @@ def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache 
             check_usable(original, FILE)
         except UnreadableImage as exc:
             return Failure(exc.reason, str(exc))
-        stored = resize(original, size)
+        stored = resize(original, size, crop)
         no_header = {"bits_stored": 8, "modality": "", "photometric": "", "view": "", "body_part": "", "sex": "", "age_band": ""}
         return Decoded(stored, _decoded_fields(original, stored, "npz", no_header))
     cached = cache.get(file_key) if file_key else None

@@ -81,7 +81,7 @@ def load_model(model_uri: str, paths: ProjectPaths) -> ServedModel:
 
 def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: Path | None = None,
                   limits: DecodeLimits = DecodeLimits()) -> list[Prediction]:
-    """Decode, resize to the model's recorded size, predict in batches; keep input order.
+    """Decode, crop and resize as the model records (its size and data.crop), predict in batches; keep input order.
 
     With `explain_dir`, write a Grad-CAM overlay there for each classified file (of the positive class, or for
     multiclass and multilabel models of each film's most probable label); without it nothing extra runs. A model
@@ -91,6 +91,7 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
 
     metadata = model.metadata.metadata
     size, task = int(metadata["image_size"]), task_for(metadata["task"], metadata["labels"])
+    crop = metadata.get("crop", "none")  # as the model was trained (data.crop); registered before it was recorded: none
     scope = Scope.from_dict(metadata.get("scope"))  # the header's; the model judges the pixels (pipeline.serving)
     network = network_to_explain(model) if explain_dir is not None else None
     results: list[Prediction | None] = [None] * len(files)
@@ -107,7 +108,7 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
         if reason is not None:
             results[position] = Prediction(path=str(file), out_of_scope=reason)
         else:
-            ready.append((position, resize(image.pixels, size)))
+            ready.append((position, resize(image.pixels, size, crop)))
     overlays = overlay_paths([files[position] for position, _ in ready], explain_dir) if explain_dir is not None else []
     for start in range(0, len(ready), batch_size):
         chunk = ready[start : start + batch_size]

@@ -90,7 +90,7 @@ def register_stage(paths: ProjectPaths, config: Config, from_run: bool = False, 
         if not existing[0].tags.get(PATIENTS_TAG):  # a retry after a failure in between
             _record_patients(client, name, version, run_id, patients)
     else:
-        version = _log_model(paths, config, run_id)
+        version = _log_model(paths, config, run_id, trained.params.get("data.crop", "none"))
         client.set_model_version_tag(name, str(version), "fingerprint", fingerprint)
         _record_patients(client, name, version, run_id, patients)
         _describe_version(client, paths, trained, name, version, metrics, registered_with)
@@ -225,10 +225,12 @@ def model_card_context(paths: ProjectPaths, trained: TrainedModel, name: str, ve
     }
 
 
-def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
+def _log_model(paths: ProjectPaths, config: Config, run_id: str, crop: str) -> int:
     """Log the pyfunc (with the code it runs, so it loads anywhere) into the training run and register it. Its
     signature and input example show the bytes form (pipeline.serving); its scope is the training data's contract
-    (`serve.*`, else the manifest's modalities and views) and travels with it, as do the decode limits and the
+    (`serve.*`, else the manifest's modalities and views) and travels with it, as do the decode limits, the crop
+    (`crop`: the data.crop its training run logged, so the served model crops each film as the films it learnt
+    from were cropped; a run from before data.crop logged none, which squeezed) and the
     out-of-distribution statistics and threshold (pipeline.ood, fitted here on the films it trained and validated on)."""
     import mlflow
     from mlflow.models import infer_signature
@@ -260,11 +262,11 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str) -> int:
                 pip_requirements=serving_requirements(),
                 signature=infer_signature(example, output),
                 input_example=example,
-                model_config={"threshold": threshold, "temperature": temperature, "scope": scope, "ood": ood,
+                model_config={"threshold": threshold, "temperature": temperature, "scope": scope, "ood": ood, "crop": crop,
                               "limits": {"max_pixels": limits.max_pixels, "max_frames": limits.max_frames},
                               "identity": {"model": config.registry.model_name, "run_id": run_id}},  # for monitoring records
                 metadata={"image_size": size, "labels": labels, "task": task.name, "threshold": threshold, "temperature": temperature,
-                          "scope": scope, "ood": ood},
+                          "scope": scope, "ood": ood, "crop": crop},
                 registered_model_name=config.registry.model_name,
             )
     return int(info.registered_model_version)

@@ -61,6 +61,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
         self.threshold = float(threshold) if isinstance(threshold, (int, float)) else threshold
         self.temperature = float(config["temperature"])
         self.image_size = int(state["image_size"])
+        self.crop = config.get("crop", "none")  # data.crop it was trained with; a model registered before: squeeze
         self.scope = Scope.from_dict(config.get("scope"), config.get("ood"))
         self.limits = DecodeLimits(**config.get("limits", {}))
         self.identity, self.monitor_log = ModelIdentity.from_config(config), log_path(None)
@@ -170,7 +171,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
             if reason is not None:
                 refused[row] = reason
                 continue
-            ready.append((row, resize(image.pixels, self.image_size)))
+            ready.append((row, resize(image.pixels, self.image_size, self.crop)))
         ready, scores = self.judge_pixels(ready, refused)
         return self.answer_table(ready, refused).assign(error=errors, ood_score=scores)
 
