@@ -125,9 +125,10 @@ def test_the_registered_model_records_the_crop_and_serves_and_predicts_with_it(c
     served = np.stack([resize(decode_bytes(f.read_bytes(), f.name, size=SIZE).pixels, SIZE, "center") for f in wide])
     assert np.array_equal(served, stored)
     from_bytes = model.predict(pd.DataFrame({"image": [base64.b64encode(f.read_bytes()).decode() for f in wide]}))
-    from_arrays = model.classify_all(stored)
-    squeezed = model.classify_all(np.stack([resize(decode_file(f).pixels, SIZE, "none") for f in wide]))
+    from_arrays = model.predict(stored)
+    squeezed = model.predict(np.stack([resize(decode_file(f).pixels, SIZE, "none") for f in wide]))
     assert np.array_equal(from_bytes["ood_score"].to_numpy(), from_arrays["ood_score"].to_numpy())
+    assert from_bytes["probability"].equals(from_arrays["probability"]) and list(from_bytes["out_of_scope"]) == list(from_arrays["out_of_scope"])
     assert not np.allclose(from_arrays["ood_score"].to_numpy(), squeezed["ood_score"].to_numpy())
     predicted = predict_files(model, wide)
     assert [p.error for p in predicted] == [None, None]
