@@ -37,6 +37,7 @@ MIN_STD = 1.0  # a decoded image flatter than this (in 0..255) is blank
 # A reduced decode keeps both sides at least this many times the stored size, so the resize still averages several
 # decoded pixels into each stored one. At 2, real Kermany films at 64 px differ from the full decode by up to 2 grey
 # levels on average (non-square films are squashed, so one side is reduced further than its margin); at 4, under 1.
+# The margin holds for the short edge, so with data.crop center the cropped square keeps it on both sides.
 REDUCED_MARGIN = 4
 J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}  # JPEG 2000 lossless only / lossy
 
