@@ -204,7 +204,8 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
 def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeLimits(),
                crop: Crop = "none") -> Decoded | Failure:
     """Decode and resize one film file (cropped to its central square first with `crop` center), decoded at the
-    resolution `size` keeps (pipeline.imaging: the served model decodes with the same `size` and `crop`). Never raises: one bad file must not stop a run (or a worker).
+    resolution `size` keeps (pipeline.imaging: the served model decodes with the same `size` and `crop`). Never
+    raises: one bad file must not stop a run (or a worker).
 
     What it returns may cross a process, task or network boundary (and be persisted by Prefect or spilled by
     Dask), so it holds the header's identity as pseudonyms only and names the film `{file}`, not by its path.

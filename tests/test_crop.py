@@ -11,7 +11,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.imaging import REDUCED_MARGIN, center_square, decode_bytes, decode_file, resize
+from pipeline.imaging import (
+    REDUCED_MARGIN,
+    center_square,
+    decode_bytes,
+    decode_file,
+    resize,
+)
 from pipeline.ingest import decode_one
 
 SIZE = 32
