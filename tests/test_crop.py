@@ -151,3 +151,26 @@ def _ids_of(project, files: list[Path]) -> list[str]:
     found = {item.file.resolve(): image_id_of(item, key) for spec in project.config.data.sources
              for item in read_source(spec, project.paths.root, project.config.data)[0] if item.file is not None}
     return [found[f.resolve()] for f in files if f.resolve() in wanted]
+
+
+@pytest.mark.slow
+def test_a_model_registered_before_the_crop_was_recorded_squeezes_as_it_was_trained(cropped_project):
+    """A model_config without `crop` (every version registered before data.crop existed) serves squeezed films."""
+    import base64
+
+    from mlflow.pyfunc import PythonModelContext
+
+    from pipeline.predict import load_model
+    from pipeline.serving import CxrClassifier
+
+    project, _, wide = cropped_project
+    config = dict(load_model("models:/cxr-pneumonia@champion", project.paths).pyfunc.model_config)
+    del config["crop"]
+    old = CxrClassifier()
+    old.load_context(PythonModelContext({"checkpoint": str(project.paths.checkpoint)}, config))
+    assert old.crop == "none"
+    answered = old.answer_files([base64.b64encode(f.read_bytes()).decode() for f in wide])
+    squeezed = old.classify(np.stack([resize(decode_file(f).pixels, SIZE, "none") for f in wide]))
+    cropped = old.classify(np.stack([resize(decode_file(f).pixels, SIZE, "center") for f in wide]))
+    assert answered["probability"].equals(squeezed["probability"])
+    assert not cropped["probability"].equals(squeezed["probability"])
