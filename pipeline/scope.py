@@ -92,10 +92,13 @@ def header_reason(image, scope: Scope) -> str | None:  # image: pipeline.imaging
 
 
 def decode_refusal(exc) -> str | None:  # exc: pipeline.imaging.UnreadableImage
-    """The out_of_scope reason for a file that decoded but was refused for what it shows (a blank image: decoding
-    stops there, as ingest quarantines it), or None for a file that could not be read (an error)."""
+    """The out_of_scope reason for a file refused for what it is rather than because it could not be read: a blank
+    image (decoding stops there, as ingest quarantines it) or a multi-frame object (refused before decoding, by the
+    data.max_frames recorded with the model); None for a file that could not be read (an error)."""
     if exc.reason == "blank_image":
         return "ood: blank: all pixels have nearly the same value"
+    if exc.reason == "too_many_frames":
+        return "multi_frame: the header declares more frames than the model accepts; a chest radiograph is one"
     return None
 
 

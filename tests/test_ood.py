@@ -158,3 +158,17 @@ def test_a_model_registered_before_scores_were_stored_still_answers_by_header_on
     assert answers[0].out_of_scope.startswith("modality: CT") and answers[0].ood_score is None
     assert answers[1].out_of_scope is None and 0 <= answers[1].probability <= 1 and answers[1].ood_score is None
     assert "ood_score" not in answers[1].as_dict()
+
+
+def test_a_multi_frame_object_is_out_of_scope_not_an_error_for_cxr_predict_and_the_served_model(tiny_project, pydicom_test_files):
+    """data.max_frames refuses a multi-frame object before decoding it (a header costs nothing to forge); what that
+    object is (a cine loop, a colour capture) is still an answer about scope, not a broken file."""
+    from pipeline.predict import load_model
+
+    film = pydicom_test_files / "SC_rgb_rle_2frame.dcm"
+    out = cxr("predict", str(film), "--json", cwd=tiny_project.paths.root)
+    [answer] = json.loads(out.stdout)
+    assert answer["out_of_scope"].startswith("multi_frame: ") and "error" not in answer and "probability" not in answer
+    served = load_model(CHAMPION, tiny_project.paths).predict(pd.DataFrame({"image": [base64.b64encode(film.read_bytes()).decode()]}))
+    assert served["out_of_scope"].tolist() == [answer["out_of_scope"]] and served["error"].tolist() == [""]
+    assert served["probability"].isna().all()
