@@ -116,7 +116,11 @@ def test_films_on_a_pacs_are_classified_as_local_files_and_get_a_result_sr_each(
     for answer, header in zip(answers, headers):
         assert answer["path"] == (f"{pacs.dicomweb}/studies/{header.StudyInstanceUID}/series/{header.SeriesInstanceUID}"
                                   f"/instances/{header.SOPInstanceUID}")
-        assert {k: v for k, v in answer.items() if k != "path"} == {k: v for k, v in expected[header.SOPInstanceUID].items() if k != "path"}
+        local_answer = expected[header.SOPInstanceUID]
+        assert {k: v for k, v in answer.items() if k not in ("path", "ood_score")} == \
+            {k: v for k, v in local_answer.items() if k not in ("path", "ood_score")}
+        # the score's float32 features may differ in the last bits with the batch a film is scored in
+        assert answer["ood_score"] == pytest.approx(local_answer["ood_score"], abs=1e-3)
     # nothing identifying reaches the output, the logs or the project; the token is never shown; no films stay behind
     phi = {value for value in phi_values(root / "data" / "raw" / "demo") if value}
     shown = remote.stdout + remote.stderr

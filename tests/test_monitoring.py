@@ -219,23 +219,29 @@ def test_a_request_in_which_no_film_could_be_read_is_an_invalid_parameter_error(
 @pytest.mark.slow
 def test_cxr_monitor_finds_the_models_version_and_validation_probabilities_and_flags_a_shift(tiny_project, tmp_path):
     from pipeline import tracking
+    from pipeline.predict import load_model
 
     validation = pd.read_csv(tiny_project.paths.predictions).query("split == 'val'")["probability"].to_numpy()
     assert len(validation) >= 8 and validation.max() < 0.999
+    reference = np.asarray(load_model(CHAMPION, tiny_project.paths).metadata.metadata["ood"]["validation_scores"])
+    assert len(reference) >= 8  # recorded with the registered model (pipeline.ood)
     who = ModelIdentity("cxr-pneumonia", tracking.read_run_id(tiny_project.paths))
     rng = np.random.default_rng(0)
 
-    def monitor(probabilities) -> tuple[int, dict]:
+    def monitor(probabilities, scores) -> tuple[int, dict]:
         log = tmp_path / f"log-{rng.integers(1 << 30)}.jsonl"
-        append_records(log, [film_record(who, "serve", label="normal", probability=float(p)) for p in probabilities])
+        append_records(log, [film_record(who, "serve", label="normal", probability=float(p), ood_score=float(s))
+                             for p, s in zip(probabilities, scores)])
         out = CliRunner().invoke(app, ["monitor", "--json", "--log", str(log), "--params", str(tiny_project.params)])
         return out.exit_code, json.loads(out.stdout)
 
-    code, same = monitor(rng.choice(validation, 60))
+    code, same = monitor(rng.choice(validation, 60), rng.choice(reference, 60))
     assert code == 0 and same["drift"] is False
     (model,) = same["models"]
     assert model["version"].isdigit() and model["probability_drift"]["n_reference"] == len(validation)
-    assert model["probability_drift"]["p_value"] > 0.01
-    assert model["ood_score_drift"]["note"].startswith("no reference")  # no scores logged, none recorded with the model
-    code, shifted = monitor(np.full(60, 0.999))
+    assert model["probability_drift"]["p_value"] > 0.01 and model["ood_score_drift"]["p_value"] > 0.01
+    code, shifted = monitor(np.full(60, 0.999), rng.choice(reference, 60))
     assert code == 3 and shifted["drift"] is True and shifted["models"][0]["probability_drift"]["p_value"] < 0.01
+    assert shifted["models"][0]["ood_score_drift"]["p_value"] > 0.01  # only the probabilities moved
+    code, stranger = monitor(rng.choice(validation, 60), rng.choice(reference, 60) + 3 * reference.std() + 1)
+    assert code == 3 and stranger["models"][0]["ood_score_drift"]["p_value"] < 0.01  # films unlike validation's
