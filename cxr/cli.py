@@ -467,7 +467,7 @@ def predict(
 
     def action() -> list:
         from pipeline.config import dicomweb_credentials, load_config
-        from pipeline.dicomweb import is_url, model_identity, parse_address, predict_dicomweb
+        from pipeline.dicomweb import is_url, reported_model, parse_address, predict_dicomweb
         from pipeline.imaging import limits_of
         from pipeline.paths import ProjectPaths
         from pipeline.predict import expand_inputs, load_model, monitor_answers, predict_files
@@ -487,7 +487,7 @@ def predict(
         uri = model or f"models:/{config.registry.model_name}@champion"
         project = ProjectPaths(params.resolve().parent)
         loaded, limits = load_model(uri, project), limits_of(config.data)
-        identity = model_identity(loaded, uri, project) if store_results else None
+        identity = reported_model(loaded, uri, project) if store_results else None
         with private_umask(config.privacy.mask):  # Grad-CAM overlays show the films
             answers = predict_files(loaded, files, explain_dir=explain, limits=limits) if files else []
             if addresses:

@@ -71,7 +71,7 @@ class RemoteFilm:
 
 
 @dataclass(frozen=True)
-class ModelIdentity:
+class ReportedModel:
     """What a result SR says produced it."""
 
     name: str
@@ -123,7 +123,7 @@ def retrieve_films(client, address: DicomwebAddress, folder: Path) -> list[Remot
 
 
 def predict_dicomweb(model, addresses: list[DicomwebAddress], credentials: tuple[str, str] | str | None,
-                     identity: ModelIdentity | None = None, explain: bool = False,
+                     identity: ReportedModel | None = None, explain: bool = False,
                      limits: DecodeLimits = DecodeLimits()) -> list[Prediction]:
     """Retrieve each address's films into a private temporary folder, classify them as local files, name each
     answer by its instance URL, and with `identity` store one result SR per classified film back into its study
@@ -144,7 +144,7 @@ def predict_dicomweb(model, addresses: list[DicomwebAddress], credentials: tuple
     return answers
 
 
-def store_results(client, films: list[RemoteFilm], predictions: list[Prediction], identity: ModelIdentity) -> list[Prediction]:
+def store_results(client, films: list[RemoteFilm], predictions: list[Prediction], identity: ReportedModel) -> list[Prediction]:
     """One result SR per answered film (a probability, or out of scope and why), and a Grad-CAM Secondary Capture
     for each that has an overlay PNG (`explanation`), stored with STOW-RS into the film's study. Returns the
     answers as stored: `explanation` is the capture's WADO-RS URL (the PNG, in the temporary folder, is not kept)."""
@@ -167,7 +167,7 @@ def store_results(client, films: list[RemoteFilm], predictions: list[Prediction]
     return answers
 
 
-def result_report(film: RemoteFilm, prediction: Prediction, identity: ModelIdentity):  # -> highdicom.sr.ComprehensiveSR
+def result_report(film: RemoteFilm, prediction: Prediction, identity: ReportedModel):  # -> highdicom.sr.ComprehensiveSR
     """A Comprehensive SR in the film's study: a new series and instance, the film as source image, and the
     finding, probability (or why the film is out of scope), threshold and model name and version as text, so any
     PACS viewer can show it."""
@@ -242,7 +242,7 @@ def overlay_capture(film: RemoteFilm, overlay: Path):  # -> highdicom.sc.SCImage
     return capture
 
 
-def model_identity(model, model_uri: str, paths) -> ModelIdentity:  # paths: pipeline.paths.ProjectPaths
+def reported_model(model, model_uri: str, paths) -> ReportedModel:  # paths: pipeline.paths.ProjectPaths
     """The registered name and version behind `model_uri` (models:/name@alias or models:/name/version); any other
     URI is named as given, with its run id as the version."""
     from pipeline import tracking
@@ -250,11 +250,11 @@ def model_identity(model, model_uri: str, paths) -> ModelIdentity:  # paths: pip
     threshold = model.metadata.metadata.get("threshold")
     match = re.fullmatch(r"models:/([^/@]+)(?:@(.+)|/(\d+))", model_uri)
     if match is None:
-        return ModelIdentity(model_uri, f"run {model.metadata.run_id}", threshold)
+        return ReportedModel(model_uri, f"run {model.metadata.run_id}", threshold)
     name, alias, version = match.groups()
     if alias is not None:
         version = tracking.client(paths).get_model_version_by_alias(name, alias).version
-    return ModelIdentity(name, str(version), threshold)
+    return ReportedModel(name, str(version), threshold)
 
 
 def _as_evidence(header):  # -> pydicom.Dataset

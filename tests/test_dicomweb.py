@@ -198,13 +198,13 @@ def test_an_unknown_study_or_a_silent_server_is_a_clear_error(pacs, tmp_path):
 
 
 def test_a_result_sr_goes_into_the_films_study_and_a_film_that_failed_gets_none(pacs, one_study, tmp_path):
-    from pipeline.dicomweb import ModelIdentity, open_client, parse_address, retrieve_films, store_results
+    from pipeline.dicomweb import ReportedModel, open_client, parse_address, retrieve_films, store_results
     from pipeline.predict import Prediction
 
     address = parse_address(f"{pacs.dicomweb}/studies/{one_study.StudyInstanceUID}")
     client = open_client(address.base_url, TOKEN)
     films = retrieve_films(client, address, tmp_path)
-    identity = ModelIdentity("cxr-multilabel", "7", {"effusion": 0.5, "nodule": 0.25})
+    identity = ReportedModel("cxr-multilabel", "7", {"effusion": 0.5, "nodule": 0.25})
     failed = Prediction(path=films[0].url, error="unreadable_dicom: ...")
     assert store_results(client, films, [failed], identity) == [failed]
     assert pacs.reports(one_study.StudyInstanceUID) == []
@@ -239,7 +239,7 @@ def test_an_overlay_goes_into_the_films_study_as_a_capture_of_it_carrying_only_t
     from PIL import Image
 
     from pipeline.demo_data import write_demo_data
-    from pipeline.dicomweb import ModelIdentity, open_client, parse_address, retrieve_films, store_results
+    from pipeline.dicomweb import ReportedModel, open_client, parse_address, retrieve_films, store_results
     from pipeline.explain import write_overlay
     from pipeline.predict import Prediction
 
@@ -257,7 +257,7 @@ def test_an_overlay_goes_into_the_films_study_as_a_capture_of_it_carrying_only_t
     write_overlay(np.full((32, 32), 90, np.uint8), np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32), png,
                   "pneumonia  P(pneumonia) 0.800\nGrad-CAM: evidence for pneumonia")
     answer = Prediction(path=films[0].url, label="pneumonia", probability=0.8, explanation=str(png))
-    stored = store_results(client, films, [answer], ModelIdentity("cxr-pneumonia", "3", 0.5))
+    stored = store_results(client, films, [answer], ReportedModel("cxr-pneumonia", "3", 0.5))
 
     [capture] = captures(pacs, source.StudyInstanceUID)
     assert len(pacs.reports(source.StudyInstanceUID)) == 1
@@ -425,7 +425,7 @@ def test_a_film_out_of_scope_gets_an_sr_with_the_reason_and_no_probability(pacs,
     import pydicom
 
     from pipeline.demo_data import write_demo_data
-    from pipeline.dicomweb import ModelIdentity, open_client, parse_address, retrieve_films, store_results
+    from pipeline.dicomweb import ReportedModel, open_client, parse_address, retrieve_films, store_results
     from pipeline.predict import Prediction
 
     write_demo_data(tmp_path / "data" / "raw" / "demo", n=12, seed=12, size=32)
@@ -436,7 +436,7 @@ def test_a_film_out_of_scope_gets_an_sr_with_the_reason_and_no_probability(pacs,
     (tmp_path / "retrieved").mkdir()
     films = retrieve_films(client, address, tmp_path / "retrieved")
     refused = Prediction(path=films[0].url, out_of_scope="Modality CT is not one the model was trained on (CR, DX)")
-    assert store_results(client, films, [refused], ModelIdentity("cxr-pneumonia", "3", 0.5)) == [refused]
+    assert store_results(client, films, [refused], ReportedModel("cxr-pneumonia", "3", 0.5)) == [refused]
     [report] = pacs.reports(source.StudyInstanceUID)
     content = {item["ConceptNameCodeSequence"][0]["CodeMeaning"]: item.get("TextValue") for item in report["ContentSequence"]}
     assert content["Finding"] == "out of scope" and content["Out of scope"] == refused.out_of_scope
