@@ -274,7 +274,9 @@ def _decode_pillow(source: Path | bytes, name: str, kind: str, limits: DecodeLim
 
     # Pillow's own decompression-bomb check agrees with ours: it refuses at open what declares over twice the
     # limit, and only warns between once and twice the limit, where limits.check below refuses it, naming its size.
-    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    # Pillow's limit is process-wide: it is restored after the open, so a small data.max_pixels never refuses the
+    # overlays, thumbnails and captures that other code in this process draws with Pillow.
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limits.max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -286,6 +288,8 @@ def _decode_pillow(source: Path | bytes, name: str, kind: str, limits: DecodeLim
         raise UnreadableImage("not_an_image", f"{name}: not a readable {kind.upper()} image") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise UnreadableImage("decode_failed", f"{name}: {kind.upper()} data could not be decoded ({exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
     try:
         with image:
             limits.check(*image.size, 1, name)  # Pillow decodes only the first frame of an animated PNG

@@ -283,3 +283,21 @@ def test_npz_images_above_max_pixels_are_refused(tmp_path):
 def test_decode_limits_default_to_the_data_params_defaults():
     data = DataConfig()
     assert DecodeLimits() == DecodeLimits(max_pixels=data.max_pixels, max_frames=data.max_frames)
+
+
+def test_a_small_max_pixels_does_not_stay_pillows_limit_for_the_rest_of_the_process(tmp_path):
+    """data.max_pixels sets Pillow's process-wide bomb limit while a film is opened; left there, it refused later,
+    unrelated Pillow work in the same process (Grad-CAM overlays, report thumbnails) depending on test order."""
+    from PIL import Image
+
+    from pipeline.imaging import DecodeLimits, decode_file
+
+    film = tmp_path / "film.png"
+    Image.fromarray(np.full((64, 64), 100, dtype=np.uint8) + np.arange(64, dtype=np.uint8)).save(film)
+    before = Image.MAX_IMAGE_PIXELS
+    decode_file(film, limits=DecodeLimits(max_pixels=5000))
+    assert Image.MAX_IMAGE_PIXELS == before
+    Image.open(film).load()  # 4,096 px, under 5,000: fine either way; a larger one must open too
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((200, 200), dtype=np.uint8)).save(big)
+    Image.open(big).load()
