@@ -30,7 +30,7 @@ from pipeline.config import Config
 from pipeline.errors import CxrError
 from pipeline.files import write_json
 from pipeline.labels import split_labels
-from pipeline.manifest import manifest_labels, read_manifest, write_manifest
+from pipeline.manifest import label_review, manifest_labels, read_manifest, write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.splits import patient_labels
 
@@ -136,7 +136,7 @@ def _fold_project(paths: ProjectPaths, manifest: pd.DataFrame, pooled: pd.Series
     fold_paths.interim.mkdir(parents=True, exist_ok=True)
     fold_manifest = manifest.copy()
     fold_manifest.loc[pooled, "split"] = np.where(fold_of == fold, "val", "train")
-    write_manifest(fold_paths.manifest, fold_manifest, *manifest_labels(paths.manifest))
+    write_manifest(fold_paths.manifest, fold_manifest, *manifest_labels(paths.manifest), label_review(paths.manifest))
     fold_paths.images.unlink(missing_ok=True)
     fold_paths.images.symlink_to(paths.images.resolve())
     return fold_paths

@@ -30,7 +30,7 @@ from pipeline.erasures import append_erasure, erased_patients
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path
 from pipeline.lock import project_lock
-from pipeline.manifest import manifest_labels, write_manifest
+from pipeline.manifest import label_review, manifest_labels, write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.privacy import private_umask
 from pipeline.splits import read_registry, write_registry
@@ -124,7 +124,8 @@ def _rewrite_store(paths: ProjectPaths, manifest: pd.DataFrame, removed: pd.Inde
     with atomic_path(paths.images) as tmp, tmp.open("wb") as handle:
         np.save(handle, np.asarray(images[kept["store_index"].to_numpy()]))
     del images
-    write_manifest(paths.manifest, kept.assign(store_index=np.arange(len(kept))).reset_index(drop=True), task, labels)
+    write_manifest(paths.manifest, kept.assign(store_index=np.arange(len(kept))).reset_index(drop=True), task, labels,
+                   label_review(paths.manifest))
 
 
 def _drop_duplicates_of(path: Path, pixels: set[str]) -> int:

@@ -38,6 +38,7 @@ from pipeline.files import atomic_path, shown_path
 from pipeline.imaging import (DecodeLimits, UnreadableImage, check_usable, decode_file, limits_of, pixel_sha256, read_identity,
                               resize)
 from pipeline.manifest import write_manifest
+from pipeline.overrides import EXCLUDED, Overrides, check_all_found, exclusion_message, labelled, read_overrides, review_record
 from pipeline.paths import ProjectPaths
 from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
 from pipeline.splits import assign_splits, read_registry, write_registry
@@ -47,7 +48,7 @@ from pipeline.tasks import task_for
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = [
-    "store_index", "image_id", "split", "label", "label_index", "patient_hash", "sha256", "format",
+    "store_index", "image_id", "split", "label", "label_index", "label_original", "label_source", "patient_hash", "sha256", "format",
     "source", "path", "subtype", "width", "height", "bits_stored", "modality", "photometric", "view", "body_part",
     "sex", "age_band", "mean_intensity", "std_intensity",
 ]
@@ -79,6 +80,7 @@ class IngestPlan:
     fingerprint: str = ""  # of everything the outputs are made from (pipeline.stat_cache)
     unchanged: IngestResult | None = None  # the last ingest's result, when its outputs are this plan's: nothing to do
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of listing and hashing (`cxr ingest --profile`)
+    overrides: Overrides = field(default_factory=lambda: Overrides(""))  # a reviewer's decisions (pipeline.overrides)
 
 
 def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = False) -> IngestResult:
@@ -117,6 +119,8 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
         items += source_items
         rejected += source_rejected
     listed = time.perf_counter()
+    overrides = read_overrides(paths.label_overrides, task_for(config.data.task, config.data.labels),
+                               paths.label_overrides.relative_to(paths.root).as_posix())  # refused before any decoding
     hashes = FileHashes.load(paths.decode_cache / "file_hashes.parquet", deid_key)
     files = [item.file for item in items]
     keys = [hashes.remembered(file) if file is not None else None for file in files]  # unchanged stat: not read
@@ -131,13 +135,13 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
     hashes.save()
     log.info("ingest: hashed %d of %d files; the others are unchanged since they were hashed", hashes.n_hashed,
              len(files) - files.count(None))
-    fingerprint = _fingerprint(config, items, rejected, keys, deid_key)
+    fingerprint = _fingerprint(config, items, rejected, keys, deid_key, overrides.sha256)
     previous = unchanged_ingest(paths.decode_cache / "last_ingest.json", fingerprint, _outputs(paths)) if keep_unchanged else None
     seconds = {"listing": listed - started, "hashing": time.perf_counter() - listed}  # hashing: with the cache checks
     if previous is not None:
         result = IngestResult(**{**previous, "split_counts": dict(previous["split_counts"])}, n_decoded=0,
                               manifest_path=paths.manifest, images_path=paths.images, quarantine_path=paths.quarantine)
-        return IngestPlan(items, rejected, keys, [], fingerprint, result, seconds)
+        return IngestPlan(items, rejected, keys, [], fingerprint, result, seconds, overrides)
     cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop)
     cache.drop_unreadable(keys)
     todo, queued = [], set()
@@ -147,7 +151,7 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
             if key is not None:
                 queued.add(key)
     seconds["hashing"] = time.perf_counter() - listed
-    return IngestPlan(items, rejected, keys, todo, fingerprint, seconds=seconds)
+    return IngestPlan(items, rejected, keys, todo, fingerprint, seconds=seconds, overrides=overrides)
 
 
 def _outputs(paths: ProjectPaths) -> list[Path]:
@@ -156,10 +160,11 @@ def _outputs(paths: ProjectPaths) -> list[Path]:
 
 
 def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejected], keys: list[str | None],
-                 deid_key: bytes) -> str:
+                 deid_key: bytes, overrides_sha256: str | None = None) -> str:
     """A keyed hash (HMAC-SHA256) of everything ingest's outputs are made from: the data params, the code, the
-    de-identification key (another key, another fingerprint) and each listed film's place, patient, label and
-    bytes. Keyed, so the recorded fingerprint cannot confirm a guess at a path or a patient ID."""
+    de-identification key (another key, another fingerprint), each listed film's place, patient, label and
+    bytes, and the label decisions file. Keyed, so the recorded fingerprint cannot confirm a guess at a path or a
+    patient ID."""
     digest = hmac.new(deid_key, b"cxr ingest fingerprint", hashlib.sha256)
 
     def add(value) -> None:
@@ -174,6 +179,7 @@ def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejecte
             pixels = [array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest()]
         add([item.source, item.path, item.label, item.split, item.patient_id, item.subtype, item.file, key, pixels])
     add([rejected_item.__dict__ for rejected_item in rejected])
+    add(overrides_sha256)
     return digest.hexdigest()
 
 
@@ -295,14 +301,25 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     rows: list[dict] = []
     images: list[np.ndarray] = []
     rejected = [Rejected(r.source, redactor.path(r.path), r.reason, redactor.text(r.message)) for r in plan.rejected]
+    overrides, n_excluded = plan.overrides, 0
+    listed = {(r.source, r.path) for r in rejected}
     for item, outcome in zip(plan.items, settled):
         path = redactor.path(item.path)
+        listed.add((item.source, path))
         if isinstance(outcome, Failure):
             message = redactor.text(outcome.message).replace(FILE, f"{item.source}/{path}")
             rejected.append(Rejected(item.source, path, outcome.reason, message))
             continue
-        rows.append(_manifest_row(item, outcome, key, path))
+        decision = overrides.find(item.source, path)
+        if decision is not None and decision.exclude:
+            message = redactor.text(exclusion_message(decision, f"{item.source}/{path}", overrides.shown))
+            rejected.append(Rejected(item.source, path, EXCLUDED, message))
+            n_excluded += 1
+            continue
+        where = f"{overrides.shown} line {decision.line}: {item.source}/{path}" if decision else ""
+        rows.append({**_manifest_row(item, outcome, key, path), **labelled(decision, item.label, where)})
         images.append(outcome.pixels)
+    check_all_found(overrides, listed, [spec.path for spec in config.data.sources], redactor.text)
     if not rows:
         raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
 
@@ -312,6 +329,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
         reassign=reassign_splits, where=paths.split_registry.relative_to(paths.root).as_posix())
     manifest["label_index"] = task_for(config.data.task, config.data.labels).label_index(manifest["label"])
     manifest["label"] = manifest["label"].fillna("")
+    manifest["label_original"] = manifest["label_original"].fillna("")
     keep = _rows_to_keep(manifest, config.data.dedupe)
     dropped = manifest[~keep]
     manifest = manifest[keep].reset_index(drop=True)
@@ -324,7 +342,8 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     registry_written = write_registry(paths.split_registry, registry)
     with atomic_path(paths.images) as tmp, tmp.open("wb") as handle:
         np.save(handle, np.stack(images))
-    write_manifest(paths.manifest, manifest, config.data.task, config.data.labels)
+    review = review_record(overrides, manifest["label"], manifest["label_original"], manifest["label_source"], n_excluded)
+    write_manifest(paths.manifest, manifest, config.data.task, config.data.labels, review)
     with atomic_path(paths.quarantine) as tmp:
         quarantine.to_csv(tmp, index=False)
     with atomic_path(paths.dropped_duplicates) as tmp:

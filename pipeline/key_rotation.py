@@ -29,7 +29,7 @@ from pipeline.erasures import append_erasure, erased_patients
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path
 from pipeline.lock import project_lock
-from pipeline.manifest import manifest_labels, write_manifest
+from pipeline.manifest import label_review, manifest_labels, write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.privacy import private_umask
 from pipeline.sources import read_source
@@ -154,7 +154,7 @@ def _rewrite_manifest(paths: ProjectPaths, by_id: dict[str, _Film]) -> int:
                        "data.sources, or changed since they were ingested: run `cxr ingest` first, then rotate")
     rotated = manifest.assign(image_id=[film.new_id for film in films], patient_hash=[film.new_patient for film in films],
                               path=[_rekeyed_path(written, film) for written, film in zip(manifest["path"], films)])
-    write_manifest(paths.manifest, rotated, task, labels)
+    write_manifest(paths.manifest, rotated, task, labels, label_review(paths.manifest))
     return len(rotated)
 
 

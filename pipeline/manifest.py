@@ -17,17 +17,20 @@ from pipeline.errors import CxrError
 from pipeline.files import atomic_path
 
 METADATA_KEY = b"cxr.labels"
+REVIEW_KEY = b"cxr.label_review"  # the label decisions it was built with (pipeline.overrides.review_record)
 PARAMS = "params.yaml (data.task, data.labels)"
 
 
-def write_manifest(path: Path, manifest: pd.DataFrame, task: str, labels: list[str]) -> None:
-    """The manifest with its task and labels in the Parquet metadata, written atomically."""
+def write_manifest(path: Path, manifest: pd.DataFrame, task: str, labels: list[str], review: dict | None = None) -> None:
+    """The manifest with its task and labels in the Parquet metadata, written atomically; `review` says which label
+    decisions it was built with (a command rewriting a manifest passes on what it read: label_review)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(manifest, preserve_index=False)
     described = json.dumps({"task": task, "labels": list(labels)}).encode()
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: described})
+    extra = {REVIEW_KEY: json.dumps(review, sort_keys=True).encode()} if review is not None else {}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: described, **extra})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -43,6 +46,30 @@ def manifest_labels(path: Path) -> tuple[str, list[str]]:
         raise CxrError(f"{path} does not say which labels it was ingested with: run `cxr ingest` again")
     found = json.loads(described)
     return found["task"], list(found["labels"])
+
+
+def label_review(path: Path) -> dict | None:
+    """The label decisions the manifest was built with (file, sha256, labels changed and kept, films excluded), or
+    None for a manifest written before ingest recorded them."""
+    import pyarrow.parquet as pq
+
+    recorded = (pq.read_schema(path).metadata or {}).get(REVIEW_KEY)
+    return json.loads(recorded) if recorded is not None else None
+
+
+REVIEW_TAGS = ("data.overrides_sha256", "data.labels_changed_by_review", "data.labels_kept_by_review",
+               "data.films_excluded_by_review")
+
+
+def review_tags(path: Path) -> dict[str, str]:
+    """label_review as the training run's tags (REVIEW_TAGS; register copies them to the model version): the
+    overrides file's sha256 ('none' without one), labels review changed and kept, films it excluded. None of them
+    for a manifest ingested before decisions were recorded."""
+    review = label_review(path)
+    if review is None:
+        return {}
+    values = (review["sha256"] or "none", review["labels_changed"], review["labels_kept"], review["films_excluded"])
+    return {tag: str(value) for tag, value in zip(REVIEW_TAGS, values)}
 
 
 def check_labels(path: Path, task: str, labels: list[str], expected_by: str = PARAMS) -> None:

@@ -52,6 +52,11 @@ class ProjectPaths:
         return self.root / "data" / "erasures.jsonl"
 
     @property
+    def label_overrides(self) -> Path:
+        """A reviewer's label decisions (pipeline.overrides): versioned in git, a dependency of ingest."""
+        return self.root / "data" / "labels" / "overrides.csv"
+
+    @property
     def decode_cache(self) -> Path:
         """Decoded films by file content: a local speed-up, not versioned (ingest rebuilds it as needed)."""
         return self.root / "data" / "cache"

@@ -7,6 +7,7 @@ runs, torch training. Sizes are tiny (32 px, 1 epoch, ~80 images) so the suite s
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def write_tiny_project(root: Path, n: int = 80, seed: int = 0) -> Path:
     params = root / "params.yaml"
     params.write_text(tiny_params_text())
     write_demo_data(root / "data" / "raw" / "demo", n=n, seed=seed, size=64)
+    labels = root / "data" / "labels"  # as a clone has it: the header of the (empty) label decisions
+    labels.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / "data" / "labels" / "overrides.csv", labels / "overrides.csv")
     return params
 
 

@@ -68,6 +68,7 @@ def dvc_project(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
     shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "data" / "labels", root / "data" / "labels")  # the label decisions: in git, an ingest dep
     (root / "params.yaml").write_text(tiny_params_text())
     dvc_yaml = root / "dvc.yaml"
     dvc_yaml.write_text(dvc_yaml.read_text().replace("--n 600", "--n 80 --size 64"))
