@@ -321,6 +321,51 @@ def key_rotate(
     _run(action)
 
 
+review_app = typer.Typer(help="Record a reviewer's label decisions in data/labels/overrides.csv (README \"Correcting labels\").",
+                         no_args_is_help=True)
+app.add_typer(review_app, name="review")
+
+FilmsArgument = Annotated[list[str], typer.Argument(help="Films, by path as reports/label_issues.csv and the manifest "
+                                                     "show them (SOURCE/PATH where two sources hold the path).")]
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why: kept with the decision in overrides.csv.")]
+ReviewerOption = Annotated[str | None, typer.Option("--reviewer", help="Who decided; default: your user name.")]
+
+
+def _review(params: Path, verdict: str, films: list[str], reason: str, reviewer: str | None) -> None:
+    def action() -> None:
+        from pipeline.config import load_config
+        from pipeline.paths import ProjectPaths
+        from pipeline.review import review
+
+        done = review(ProjectPaths(params.resolve().parent), load_config(params), verdict, films, reason, reviewer)
+        kept = f" ({done.n_unchanged} already recorded)" if done.n_unchanged else ""
+        typer.echo(f"review {verdict}: {done.n_written} decision(s) written to {done.path}{kept}; "
+                   "`dvc repro` (or `cxr pipeline`) retrains on them")
+
+    _run(action)
+
+
+@review_app.command("accept")
+def review_accept(films: FilmsArgument, reason: ReasonOption, reviewer: ReviewerOption = None,
+                  params: ParamsOption = Path("params.yaml")) -> None:
+    """The films take the label `cxr audit-labels` suggested for them (reports/label_issues.csv)."""
+    _review(params, "accept", films, reason, reviewer)
+
+
+@review_app.command("reject")
+def review_reject(films: FilmsArgument, reason: ReasonOption, reviewer: ReviewerOption = None,
+                  params: ParamsOption = Path("params.yaml")) -> None:
+    """The films keep their given label; recorded as reviewed, so the audit need not suggest them again."""
+    _review(params, "reject", films, reason, reviewer)
+
+
+@review_app.command("exclude")
+def review_exclude(films: FilmsArgument, reason: ReasonOption, reviewer: ReviewerOption = None,
+                   params: ParamsOption = Path("params.yaml")) -> None:
+    """The films leave the data: ingest quarantines them as excluded_by_review."""
+    _review(params, "exclude", films, reason, reviewer)
+
+
 def _registry(params: Path):  # -> tuple[ProjectPaths, MlflowClient, str]
     """The project's paths, MLflow client and registered model name, for commands that move aliases by hand."""
     from pipeline import tracking
