@@ -91,7 +91,18 @@ def _data(paths: ProjectPaths, task: Task, gate: dict) -> dict:
         "duplicates": {key: duplicates.get(key, 0)
                        for key in ("exact_within_split", "exact_cross_split", "near_cross_split", "dropped_by_dedupe")},
         "patient_leakage": gate.get("patient_leakage", 0),
+        "review": _review(gate.get("label_review")),
     }
+
+
+def _review(review: dict | None) -> dict | None:
+    """What the data section says about labels a reviewer changed (data/labels/overrides.csv): None when review
+    changed none; the changed films per split, and `test` > 0 flags test labels that differ from the source's."""
+    if not review or not review.get("changed"):
+        return None
+    per_split = {split: sum(cell["changed"] for cell in labels.values()) for split, labels in review["per_split"].items()}
+    return {"changed": review["changed"], "reviewed": review["reviewed"], "test": review.get("test_changed", 0),
+            "per_split": sorted((split, n) for split, n in per_split.items() if n)}
 
 
 def _metrics(metrics: dict) -> dict:

@@ -25,6 +25,7 @@ import pandas as pd
 from pipeline.config import Config, DataConfig, ValidationConfig
 from pipeline.errors import CxrError
 from pipeline.files import write_json
+from pipeline.overrides import review_shares
 from pipeline.sources import UNLABELLED
 from pipeline.ingest import MANIFEST_COLUMNS
 from pipeline.manifest import read_manifest
@@ -455,6 +456,7 @@ def _build_summary(
     """Plain-JSON counts (no numpy types) so that a rerun on the same manifest writes the same bytes.
 
     Per split, how its labels are spread is the task's (binary: the positive label's fraction; else every label's).
+    `label_review`: how many films a reviewer's decision relabelled, per split and label (pipeline.overrides).
     """
     task = task_for(data.task, data.labels)
     dropped = dropped if dropped is not None else pd.DataFrame(columns=["split", "sha256"])
@@ -468,4 +470,5 @@ def _build_summary(
         "duplicates": duplicates,
         "patient_leakage": int((_splits_per_value(manifest, "patient_hash")["n_splits"] > 1).sum()),
         "checks": {check.name: {"severity": check.severity, "success": check.success} for check in checks},
+        "label_review": review_shares(manifest, task),
     }
