@@ -28,7 +28,7 @@ from pipeline.documents import (count_rows, describe_ece, describe_intervals, de
                                 headline_rows, per_label_rows, render, subgroup_tables)
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, read_json, sha256_of, write_json
-from pipeline.manifest import check_labels, read_manifest
+from pipeline.manifest import REVIEW_TAGS, check_labels, read_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.provenance import TrainedModel, check_registrable, trained_model
 
@@ -156,6 +156,7 @@ def _describe_version(client, paths: ProjectPaths, trained: TrainedModel, name: 
     tags = {
         "data.manifest_sha256": run.data.tags.get("data.manifest_sha256", "unknown"),
         "data.dvc_md5.manifest": run.data.tags.get("data.dvc_md5.manifest", "unknown"),  # its run's dataset digest
+        **{key: value for key, value in run.data.tags.items() if key in REVIEW_TAGS},  # the label decisions it learnt
         "git.commit": trained.git_commit,
         "git.dirty": trained.git_dirty,
         "params_sha256": trained.params_hash,
@@ -208,6 +209,10 @@ def model_card_context(paths: ProjectPaths, trained: TrainedModel, name: str, ve
         "registered_with": tags.get("registered_with", ""),
         "params_differ": tags.get("params_differ_from_run", ""),
         "data_version": tags["data.manifest_sha256"],
+        "overrides_sha256": tags.get("data.overrides_sha256"),
+        "labels_changed": tags.get("data.labels_changed_by_review", "0"),
+        "labels_kept": tags.get("data.labels_kept_by_review", "0"),
+        "films_excluded": tags.get("data.films_excluded_by_review", "0"),
         "sources": trained.sources,
         "formats": sorted(set(manifest["format"])),
         "dedupe": trained.dedupe,

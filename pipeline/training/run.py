@@ -28,6 +28,7 @@ def tracked_run(paths: ProjectPaths, config: Config, state: dict | None, device,
     from mlflow.tracking.context.registry import resolve_tags
 
     from pipeline import tracking
+    from pipeline.manifest import review_tags
 
     if not world.is_main:
         yield distributed.broadcast(None, world)
@@ -50,6 +51,7 @@ def tracked_run(paths: ProjectPaths, config: Config, state: dict | None, device,
             client.log_batch(run_id, tags=[RunTag(key, value) for key, value in {
                 **tracking.data_version_tags(paths, [spec.path for spec in config.data.sources]),
                 **_split_registry_tags(paths),
+                **review_tags(paths.manifest),
                 **_provenance_tags(paths, config),
                 "device": str(device),
                 "world_size": str(world.size),  # processes trained together under torchrun
