@@ -16,7 +16,7 @@ from pipeline.paths import ProjectPaths
 from pipeline.splits import assign_splits, write_registry
 from pipeline.validate import CheckResult, GateResult, run_validation, validate_stage
 
-SUMMARY_KEYS = {"passed", "n_images", "per_split", "duplicates", "patient_leakage", "checks"}
+SUMMARY_KEYS = {"passed", "n_images", "per_split", "duplicates", "patient_leakage", "checks", "label_review"}
 PNEUMONIAMNIST = Path("/work/shared/data/pneumoniamnist/pneumoniamnist_trainval.npz")
 
 
