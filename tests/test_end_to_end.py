@@ -233,3 +233,45 @@ def test_readme_experiment_commands_work_on_a_fresh_clone(dvc_project, tmp_path)
     assert all(isinstance(value, (int, float)) for value in columns.values()), columns
     header = _run([str(BIN / "dvc"), "exp", "show", "--csv"], root, env).stdout.splitlines()[0].split(",")
     assert "test.auc" in header and not [c for c in header if c.startswith(("checks.", "test.subgroups", "per_split"))]
+
+
+def test_accepting_a_suggestion_then_dvc_repro_retrains_on_the_corrected_label(dvc_project, tmp_path):
+    """Issue 13's done-when: a reviewer accepts the audit's suggestions (a training film and a test film; a
+    label_issues.csv as `cxr audit-labels` writes it), `dvc repro` reruns ingest onwards, and the new training run
+    learnt the corrected label and names the overrides file by its sha256; the model card says so, and the report
+    flags the changed test label. On a copy of the DVC project, with its own MLflow store."""
+    import yaml
+
+    from pipeline.files import md5_of
+
+    root = tmp_path / "copy"
+    shutil.copytree(dvc_project[0], root, symlinks=True, ignore=shutil.ignore_patterns("mlruns.db", "mlartifacts"))
+    env = _env(root)
+    before = pd.read_parquet(root / "data" / "interim" / "manifest.parquet")
+    flip = {"normal": "pneumonia", "pneumonia": "normal"}
+    films = pd.concat([before[before["split"] == split].head(1) for split in ("train", "test")])
+    films.assign(suggested_label=films["label"].map(flip), score=0.01, duplicate_of="")[
+        ["path", "source", "split", "label", "suggested_label", "score", "duplicate_of"]].to_csv(
+        root / "reports" / "label_issues.csv", index=False)
+    old_run = json.loads((root / "models" / "run.json").read_text())["run_id"]
+
+    _run([str(BIN / "cxr"), "review", "accept", *films["path"], "--reason", "consolidation", "--reviewer", "test"], root, env)
+    repro = _run([str(BIN / "dvc"), "repro"], root, env)
+
+    assert "Running stage 'ingest'" in repro.stdout and "Running stage 'train'" in repro.stdout
+    overrides = root / "data" / "labels" / "overrides.csv"
+    deps = {dep["path"]: dep["md5"] for dep in yaml.safe_load((root / "dvc.lock").read_text())["stages"]["ingest"]["deps"]}
+    assert deps["data/labels/overrides.csv"] == md5_of(overrides)
+    after = pd.read_parquet(root / "data" / "interim" / "manifest.parquet").set_index("path")
+    for path, label in zip(films["path"], films["label"]):
+        assert after.loc[path, ["label", "label_original", "label_source"]].tolist() == [flip[label], label, "override"]
+    run_id = json.loads((root / "models" / "run.json").read_text())["run_id"]
+    assert run_id != old_run
+    tags = tracking_client(ProjectPaths(root)).get_run(run_id).data.tags
+    sha = sha256_of(overrides)
+    assert tags["data.overrides_sha256"] == sha and tags["data.labels_changed_by_review"] == "2"
+    assert tags["data.manifest_sha256"] == sha256_of(root / "data" / "interim" / "manifest.parquet")  # trained on it
+    assert sha in (root / "models" / "model_card.md").read_text()
+    summary = json.loads((root / "reports" / "validation" / "summary.json").read_text())
+    assert summary["label_review"]["changed"] == 2 and summary["label_review"]["test_changed"] == 1
+    assert "Flagged: 1 test label(s) were changed by review" in (root / "reports" / "report.html").read_text()
