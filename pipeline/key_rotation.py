@@ -6,6 +6,7 @@ read where ingest reads it (a DICOM's header only, never its pixels; a table's c
 with both keys: the old pseudonym finds the rows, the new one replaces it. Nothing is decoded.
 
 Rewritten: the manifest (patient_hash, image_id, redacted paths), dropped_duplicates.csv (image_id, paths), the
+redacted paths data/labels/overrides.csv names films by, the
 redaction hashes in quarantine.csv (removed: they were made with the old key), the split registry (patient_hash,
 key_check; every split kept), and erasures of patients whose films are still listed (carried to the new key, so
 they stay skipped). Then the new key replaces the old key file in one atomic rename (CXR_DEID_KEY cannot be
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -30,10 +31,12 @@ from pipeline.errors import CxrError
 from pipeline.files import atomic_path
 from pipeline.lock import project_lock
 from pipeline.manifest import label_review, manifest_labels, write_manifest
+from pipeline.overrides import read_overrides, write_overrides
 from pipeline.paths import ProjectPaths
 from pipeline.privacy import private_umask
 from pipeline.sources import read_source
 from pipeline.splits import read_registry, write_registry
+from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class Rotation:
 class _Film:
     """One listed film under both keys."""
 
+    source: str
     old_path: str  # the path as ingest redacts it under each key
     new_path: str
     old_id: str
@@ -96,6 +100,7 @@ def _repseudonymise(paths: ProjectPaths, config: Config, old: bytes, new: bytes,
     pseudonyms = {film.old_patient: film.new_patient for film in films}
     n_films = _rewrite_manifest(paths, by_id)
     _rewrite_duplicates(paths.dropped_duplicates, by_id)
+    _rewrite_overrides(paths, config, films)
     _strip_old_tokens(paths.quarantine)
     carried = lost = 0
     for pseudonym in erased_patients(paths.erasures, key_check(old)):
@@ -134,7 +139,7 @@ def _listed_films(paths: ProjectPaths, config: Config, old: bytes, new: bytes) -
     identities = {key: [read_identity(item.file, key) if item.file is not None else NO_IDENTITY for item in items]
                   for key in (old, new)}
     redactors = {key: run_redactor(items, identities[key], rejected, key) for key in (old, new)}
-    return [_Film(redactors[old].path(item.path), redactors[new].path(item.path), image_id_of(item, old),
+    return [_Film(item.source, redactors[old].path(item.path), redactors[new].path(item.path), image_id_of(item, old),
                   image_id_of(item, new), patient_of(item, identities[old][i].patient, old),
                   patient_of(item, identities[new][i].patient, new))
             for i, item in enumerate(items)]
@@ -170,6 +175,18 @@ def _rewrite_duplicates(path: Path, by_id: dict[str, _Film]) -> None:
                                      path=[_rekeyed_path(w, film) for w, film in zip(dropped.loc[listed, "path"], films)])
     with atomic_path(path) as tmp:
         dropped.to_csv(tmp, index=False)
+
+
+def _rewrite_overrides(paths: ProjectPaths, config: Config, films: list[_Film]) -> None:
+    """data/labels/overrides.csv names films by their redacted paths: each listed film's under the new key. A row
+    naming no listed film is left as it is (the next ingest refuses it by its line); the file is rewritten only
+    when a path changes."""
+    task = task_for(config.data.task, config.data.labels)
+    decisions = read_overrides(paths.label_overrides, task, paths.label_overrides.relative_to(paths.root).as_posix()).decisions
+    new_paths = {(film.source, film.old_path): film.new_path for film in films}
+    rekeyed = [replace(d, path=new_paths.get((d.source, d.path), d.path)) for d in decisions.values()]
+    if any(d.path != before.path for d, before in zip(rekeyed, decisions.values())):
+        write_overrides(paths.label_overrides, rekeyed, task)
 
 
 def _rekeyed_path(written: str, film: _Film) -> str:
