@@ -162,9 +162,8 @@ def test_a_decision_for_a_source_not_in_use_is_only_a_warning(tmp_path, caplog):
     assert (pd.read_parquet(paths.manifest)["label_source"] == "source").all()
 
 
-def test_decisions_name_films_by_their_redacted_path_and_errors_never_repeat_an_identifier(tmp_path):
-    """A table's patient ID in a file name is redacted in the manifest; a decision names the film that way, and a
-    decision that names it by the raw ID is refused without the ID in the message."""
+def _table_project(tmp_path) -> tuple[ProjectPaths, object]:
+    """8 films listed by a table whose patient IDs (MRN7730100, ...) are in the file names: redacted in the manifest."""
     films = tmp_path / "data" / "raw" / "table"
     rows = []
     for i in range(8):
@@ -174,7 +173,13 @@ def test_decisions_name_films_by_their_redacted_path_and_errors_never_repeat_an_
     pd.DataFrame(rows).to_csv(films / "labels.csv", index=False)
     params = tmp_path / "params.yaml"
     params.write_text("data:\n  image_size: 32\n  sources: [data/raw/table/labels.csv]\n")
-    paths, config = ProjectPaths(tmp_path), load_config(params)
+    return ProjectPaths(tmp_path), load_config(params)
+
+
+def test_decisions_name_films_by_their_redacted_path_and_errors_never_repeat_an_identifier(tmp_path):
+    """A table's patient ID in a file name is redacted in the manifest; a decision names the film that way, and a
+    decision that names it by the raw ID is refused without the ID in the message."""
+    paths, config = _table_project(tmp_path)
     ingest_stage(paths, config)
     manifest = pd.read_parquet(paths.manifest)
     shown = manifest.loc[manifest["label"] == "normal", "path"].iloc[0]
@@ -188,6 +193,32 @@ def test_decisions_name_films_by_their_redacted_path_and_errors_never_repeat_an_
     with pytest.raises(CxrError) as caught:
         ingest_stage(paths, config)
     assert "lists no film" in str(caught.value) and "7730100" not in str(caught.value)
+
+
+def test_key_rotation_moves_decisions_to_the_paths_the_new_key_redacts(tmp_path, monkeypatch):
+    """Redacted paths carry a hash made with the de-identification key: `cxr key rotate` rewrites the decisions'
+    paths with the manifest's, or the next ingest would refuse every decision on a redacted path."""
+    from pipeline.key_rotation import rotate_key
+
+    paths, config = _table_project(tmp_path)
+    ingest_stage(paths, config)
+    manifest = pd.read_parquet(paths.manifest)
+    shown = manifest.loc[manifest["label"] == "normal", "path"].iloc[0]
+    _overrides(tmp_path, f"data/raw/table/labels.csv,{shown},pneumonia,,missed,ann,2026-12-01\n")
+    ingest_stage(paths, config)
+    new_key = tmp_path / "keys" / "new.key"
+    new_key.parent.mkdir()
+    new_key.write_text("rotated-key-" + "7f3a" * 10 + "\n")
+    new_key.chmod(0o600)
+
+    rotate_key(paths, config, new_key)
+    monkeypatch.setenv("CXR_DEID_KEY", new_key.read_text().strip())  # rotate asks for it: the key is in the environment
+    ingest_stage(paths, config)
+
+    decided = pd.read_csv(paths.label_overrides, dtype=str)["path"].tolist()
+    manifest = pd.read_parquet(paths.manifest)
+    assert manifest.loc[manifest["label_source"] == "override", "path"].tolist() == decided
+    assert decided != [shown] and "redacted-" in decided[0]
 
 
 # --- cxr review -------------------------------------------------------------------------------------------------
@@ -271,10 +302,9 @@ def test_review_waits_for_the_project_lock_and_gives_up_without_writing(ingested
     import time
 
     paths, config = ingested
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from pipeline.lock import project_lock\n"
-                               f"with project_lock(Path({str(paths.root)!r})):\n print('held', flush=True); time.sleep(30)"],
-                              stdout=subprocess.PIPE, text=True)
+    script = ("import time; from pathlib import Path; from pipeline.lock import project_lock\n"
+              f"with project_lock(Path({str(paths.root)!r})):\n print('held', flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         monkeypatch.setenv("CXR_LOCK_TIMEOUT", "1")
