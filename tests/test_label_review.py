@@ -272,6 +272,36 @@ def test_a_later_decision_replaces_the_films_row_and_reject_keeps_the_given_labe
     assert review(paths, config, "exclude", ["normal/p3_film.png"], "not a chest film", "bob").n_unchanged == 1
 
 
+def test_multilabel_accept_writes_no_findings_as_none_and_ingest_reads_it_back(tmp_path):
+    films = tmp_path / "data" / "raw" / "nih"
+    sets = ["effusion|pneumonia", "", "pneumonia", "effusion"] * 2
+    for i, found in enumerate(sets):
+        _write_png(films / f"f{i}.png", 200 + i)
+    pd.DataFrame({"path": [f"f{i}.png" for i in range(8)], "label": [s or "No Finding" for s in sets]}).to_csv(
+        films / "labels.csv", index=False)
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  task: multilabel\n  labels: [effusion, pneumonia]\n"
+                      "  sources: [data/raw/nih/labels.csv]\n")
+    paths, config = ProjectPaths(tmp_path), load_config(params)
+    ingest_stage(paths, config)
+    paths.reports.mkdir()
+    pd.DataFrame([{"path": "f0.png", "source": "data/raw/nih/labels.csv", "split": "train", "label": "effusion|pneumonia",
+                   "suggested_label": "", "score": 0.2, "duplicate_of": ""},
+                  {"path": "f1.png", "source": "data/raw/nih/labels.csv", "split": "train", "label": "",
+                   "suggested_label": "pneumonia|effusion", "score": 0.3, "duplicate_of": ""}]).to_csv(
+        paths.reports / "label_issues.csv", index=False)
+
+    review(paths, config, "accept", ["f0.png", "f1.png"], "read again", "ann")
+    review(paths, config, "reject", ["f2.png"], "holds", "ann")
+
+    assert pd.read_csv(paths.label_overrides, dtype=str, keep_default_na=False)["new_label"].tolist() == [
+        NO_FINDINGS, "effusion|pneumonia", "pneumonia"]
+    ingest_stage(paths, config)
+    manifest = pd.read_parquet(paths.manifest).set_index("path")
+    assert manifest.loc[["f0.png", "f1.png", "f2.png"], "label"].tolist() == ["", "effusion|pneumonia", "pneumonia"]
+    assert manifest.loc[["f0.png", "f1.png"], "label_original"].tolist() == ["effusion|pneumonia", ""]
+
+
 def test_review_refuses_an_unknown_film_and_writes_nothing(ingested):
     paths, config = ingested
     review(paths, config, "accept", ["normal/p0_film.png"], "x", "ann")
