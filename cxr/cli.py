@@ -430,12 +430,15 @@ def summary(params: ParamsOption = Path("params.yaml")) -> None:
 def status(params: ParamsOption = Path("params.yaml"),
            as_json: Annotated[bool, typer.Option("--json", help="The same as one JSON object, for scripts.")] = False) -> None:
     """What is live and why: data version, last DVC and flow runs, champion and challenger with the gate's numbers,
-    quarantine counts. Reads only the project's small files, so it answers at once."""
+    quarantine counts, and with a Prefect server (PREFECT_API_URL) the last failed flow runs with their reasons and
+    the deployment's next scheduled run. Reads only the project's small files and asks the server with a short
+    timeout, so it answers at once."""
     def action() -> None:
+        from pipeline.config import prefect_api_url
         from pipeline.paths import ProjectPaths
         from pipeline.status import project_status, status_lines
 
-        found = project_status(ProjectPaths(params.resolve().parent))
+        found = project_status(ProjectPaths(params.resolve().parent), prefect_api_url())
         typer.echo(json.dumps(found, indent=2) if as_json else "\n".join(status_lines(found)))
 
     _run(action)
