@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.paths import ProjectPaths
+from pipeline.status import project_status
 from tests.conftest import write_tiny_project
 from tests.servers import free_port, stop, wait_for
 
@@ -29,6 +31,13 @@ from flows.pipeline_flow import create_alerts
 CustomWebhookNotificationBlock(name="ops", url=sys.argv[1], json_data={"subject": "{{subject}}", "body": "{{body}}"}).save("ops")
 create_alerts("custom-webhook/ops")
 print(json.dumps(create_alerts("custom-webhook/ops")))  # twice: a redeploy replaces the automations, never adds
+"""
+
+APPLY_DEPLOYMENT = """
+import sys
+from flows.pipeline_flow import cxr_pipeline
+
+cxr_pipeline.to_deployment(name="scheduled", cron="0 2 * * *", parameters={"params_path": sys.argv[1]}).apply()
 """
 
 READ_RUNS = """
@@ -84,6 +93,19 @@ class Webhook:
         return list(self.received)
 
 
+def _status_once_scheduled(params: Path, env: dict, seconds: float) -> dict:
+    """`cxr status --json`, once the server's scheduler has scheduled the deployment's next run."""
+    deadline = time.monotonic() + seconds
+    while True:
+        out = subprocess.run([str(BIN / "cxr"), "status", "--json", "--params", str(params)], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-3000:]
+        found = json.loads(out.stdout)
+        if found["prefect"]["next_scheduled"] or time.monotonic() > deadline:
+            return found
+        time.sleep(2)
+
+
 def test_prefect_shows_the_stages_lines_graph_artifacts_and_alerts(tmp_path):
     params = write_tiny_project(tmp_path / "project", n=48)
     broken = tmp_path / "broken" / "params.yaml"
@@ -94,7 +116,8 @@ def test_prefect_shows_the_stages_lines_graph_artifacts_and_alerts(tmp_path):
                PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     env.pop("MLFLOW_TRACKING_URI", None)
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=dict(env, PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(f"http://127.0.0.1:{port}/api/health", server)
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
@@ -112,9 +135,22 @@ def test_prefect_shows_the_stages_lines_graph_artifacts_and_alerts(tmp_path):
         notes = list(webhook.received)
         read = subprocess.run([sys.executable, "-c", READ_RUNS], env=env, capture_output=True, text=True, timeout=300)
         assert read.returncode == 0, read.stderr[-3000:]
+        applied = subprocess.run([sys.executable, "-c", APPLY_DEPLOYMENT, str(params)], env=env, capture_output=True,
+                                 text=True, timeout=300)
+        assert applied.returncode == 0, applied.stderr[-3000:]
+        status = _status_once_scheduled(params, env, seconds=90)
+        started = time.perf_counter()
+        assert project_status(ProjectPaths(params.parent), env["PREFECT_API_URL"]) == status
+        status_seconds = time.perf_counter() - started
     finally:
         stop(server)
         webhook.server.shutdown()
+    assert status["prefect"]["error"] is None and status_seconds < 2.0
+    assert status["prefect"]["next_scheduled"]["deployment"] == "scheduled"
+    assert status["prefect"]["next_scheduled"]["at"][11:16] == "02:00", status["prefect"]  # the cron's hour, in UTC
+    assert [run["message"] for run in status["prefect"]["failed_runs"]] == [
+        "ingest: data.sources: 'nowhere' does not exist (run `cxr demo-data` for the demo set, or fix the path)"]
+    assert status["runs"]["flow"]["data_version"] == status["data"]["version"]
     seen = json.loads(read.stdout.strip().splitlines()[-1])
     (Path(os.environ.get("CXR_TEST_DUMP", tmp_path)) / "seen.json").write_text(json.dumps([seen, notes], indent=1))
     assert sorted(seen["automations"]) == ["cxr: champion changed", "cxr: cxr-pipeline run failed"]
