@@ -374,6 +374,7 @@ def create_alerts(notify_block: str, flow_name: str = "cxr-pipeline") -> list[st
     Replaces the automations an earlier deploy made (same names), so redeploying never doubles a message.
     Returns their names.
     """
+    import httpx
     from prefect.client.orchestration import get_client
     from prefect.events.actions import SendNotification
     from prefect.events.schemas.automations import AutomationCore, EventTrigger
@@ -399,6 +400,8 @@ def create_alerts(notify_block: str, flow_name: str = "cxr-pipeline") -> list[st
             block = client.read_block_document_by_name(name=name, block_type_slug=block_type, include_secrets=False)
         except ObjectNotFound:
             raise CxrError(f"--notify-block '{notify_block}': no such block on the Prefect server (`prefect block ls` lists them)") from None
+        except httpx.HTTPError as exc:
+            raise CxrError(f"no Prefect server answered at {client.api_url} ({type(exc).__name__}: {exc})") from None
         for title, (trigger, subject, body) in alerts.items():
             for old in client.read_automations_by_name(title):
                 client.delete_automation(old.id)

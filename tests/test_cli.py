@@ -178,3 +178,19 @@ def test_status_answers_quickly_when_the_prefect_server_does_not(tmp_path):
                              timeout=60, env=dict(os.environ, PREFECT_API_URL=api))
     assert out.returncode == 0, out.stderr
     assert f"Prefect:     no Prefect server answered at {api}" in out.stdout
+
+
+def test_deploy_documents_its_alerts_and_refuses_a_block_without_its_type_in_one_line(tmp_path):
+    import os
+
+    from tests.servers import free_port
+
+    helped = cxr("deploy", "--help").stdout
+    assert "--notify-block" in helped and "BLOCK_TYPE/NAME" in helped and "cxr.champion.changed" in helped
+    (tmp_path / "params.yaml").write_text("{}\n")
+    out = subprocess.run([CXR, "deploy", "--notify-block", "ops", "--params", str(tmp_path / "params.yaml")],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("error: --notify-block 'ops': give BLOCK_TYPE/NAME, e.g. slack-webhook/ops "
+                                  "(`prefect block ls` lists them)")

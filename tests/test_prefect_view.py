@@ -29,6 +29,12 @@ from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from flows.pipeline_flow import create_alerts
 
 CustomWebhookNotificationBlock(name="ops", url=sys.argv[1], json_data={"subject": "{{subject}}", "body": "{{body}}"}).save("ops")
+from pipeline.errors import CxrError
+
+try:
+    create_alerts("custom-webhook/nobody")
+except CxrError as exc:
+    print(exc)
 create_alerts("custom-webhook/ops")
 print(json.dumps(create_alerts("custom-webhook/ops")))  # twice: a redeploy replaces the automations, never adds
 """
@@ -54,6 +60,8 @@ with get_client(sync_client=True) as client:
         tasks = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=ids))
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=ids), sort=LogSort.TIMESTAMP_ASC)
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ids))
+        ingest_logs = client.read_logs(log_filter=LogFilter(flow_run_id={"any_": [child.id for child in children]}),
+                                       sort=LogSort.TIMESTAMP_ASC) if children else []
         runs.append({
             "state": run.state.type.value, "message": run.state.message,
             "subflows": {str(child.parent_task_run_id): child.name for child in children},
@@ -61,6 +69,7 @@ with get_client(sync_client=True) as client:
                       for t in tasks},
             "logs": [{"task_run_id": str(log.task_run_id), "message": log.message} for log in logs],
             "artifacts": {a.key: {"type": a.type, "data": a.data} for a in artifacts},
+            "ingest_logs": [log.message for log in ingest_logs],
         })
     automations = [a.name for a in client.read_automations()]
 print(json.dumps({"runs": runs, "automations": automations}))
@@ -124,6 +133,7 @@ def test_prefect_shows_the_stages_lines_graph_artifacts_and_alerts(tmp_path):
         alerts = subprocess.run([sys.executable, "-c", SET_UP_ALERTS, webhook.url], env=env, capture_output=True,
                                 text=True, timeout=300)
         assert alerts.returncode == 0, alerts.stderr[-3000:]
+        assert "--notify-block 'custom-webhook/nobody': no such block on the Prefect server" in alerts.stdout
         good = subprocess.run([str(BIN / "cxr"), "pipeline", "--params", str(params)], cwd=params.parent, env=env,
                               capture_output=True, text=True, timeout=900)
         assert good.returncode == 0, good.stderr[-3000:]
@@ -152,7 +162,6 @@ def test_prefect_shows_the_stages_lines_graph_artifacts_and_alerts(tmp_path):
         "ingest: data.sources: 'nowhere' does not exist (run `cxr demo-data` for the demo set, or fix the path)"]
     assert status["runs"]["flow"]["data_version"] == status["data"]["version"]
     seen = json.loads(read.stdout.strip().splitlines()[-1])
-    (Path(os.environ.get("CXR_TEST_DUMP", tmp_path)) / "seen.json").write_text(json.dumps([seen, notes], indent=1))
     assert sorted(seen["automations"]) == ["cxr: champion changed", "cxr: cxr-pipeline run failed"]
     runs = {run["state"]: run for run in seen["runs"]}
     assert sorted(runs) == ["COMPLETED", "FAILED"]
@@ -169,6 +178,8 @@ def test_prefect_shows_the_stages_lines_graph_artifacts_and_alerts(tmp_path):
     train_lines = [log["message"] for log in run["logs"] if log["task_run_id"] == by_name["train"]]
     assert any(line.startswith("train: best epoch 1, val AUC ") for line in train_lines), train_lines
     assert any(line.startswith("train: epoch 1 of 1: train loss ") for line in train_lines), train_lines
+    assert any(line.startswith("ingest: decoded 6 of 51 new files") for line in run["ingest_logs"]), run["ingest_logs"]
+    assert any(line.startswith("ingest: 48 images") for line in run["ingest_logs"]), run["ingest_logs"]
     register_lines = " ".join(log["message"] for log in run["logs"] if log["task_run_id"] == by_name["register"])
     assert "champion" in register_lines, register_lines
 
