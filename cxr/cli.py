@@ -441,11 +441,17 @@ def history(
 
 
 @app.command()
-def deploy(params: ParamsOption = Path("params.yaml")) -> None:
+def deploy(params: ParamsOption = Path("params.yaml"),
+           notify_block: Annotated[str | None, typer.Option(
+               "--notify-block", metavar="BLOCK_TYPE/NAME",
+               help="A Prefect notification block (e.g. slack-webhook/ops; `prefect block ls`) to alert when a run "
+                    "fails (with the stage's reason) or moves the champion: made as two Prefect automations "
+                    "named 'cxr: ...', replaced on every deploy.")] = None) -> None:
     """Serve the pipeline as a scheduled Prefect deployment (cxr-pipeline/<orchestration.deployment_name>,
     cron orchestration.cron) until stopped. A scheduled run skips training when the data version and params are
     unchanged since its last complete run. Needs a Prefect server: `prefect server start`, then
-    PREFECT_API_URL=http://127.0.0.1:4200/api cxr deploy.
+    PREFECT_API_URL=http://127.0.0.1:4200/api cxr deploy. Alerts: --notify-block; a flow run emits the Prefect
+    event cxr.champion.changed when it moves the champion, for automations of your own.
     """
 
     def action() -> None:
@@ -454,7 +460,7 @@ def deploy(params: ParamsOption = Path("params.yaml")) -> None:
 
         if not prefect_api_url():
             raise CxrError("cxr deploy needs a Prefect server: run `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
-        serve_deployment(params.resolve())
+        serve_deployment(params.resolve(), notify_block)
 
     _run(action)
 
@@ -469,12 +475,15 @@ def summary(params: ParamsOption = Path("params.yaml")) -> None:
 def status(params: ParamsOption = Path("params.yaml"),
            as_json: Annotated[bool, typer.Option("--json", help="The same as one JSON object, for scripts.")] = False) -> None:
     """What is live and why: data version, last DVC and flow runs, champion and challenger with the gate's numbers,
-    quarantine counts. Reads only the project's small files, so it answers at once."""
+    quarantine counts, and with a Prefect server (PREFECT_API_URL) the last failed flow runs with their reasons and
+    the deployment's next scheduled run. Reads only the project's small files and asks the server with a short
+    timeout, so it answers at once."""
     def action() -> None:
+        from pipeline.config import prefect_api_url
         from pipeline.paths import ProjectPaths
         from pipeline.status import project_status, status_lines
 
-        found = project_status(ProjectPaths(params.resolve().parent))
+        found = project_status(ProjectPaths(params.resolve().parent), prefect_api_url())
         typer.echo(json.dumps(found, indent=2) if as_json else "\n".join(status_lines(found)))
 
     _run(action)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import os
-from collections.abc import Callable
-from contextlib import ExitStack
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,56 @@ from pipeline.privacy import private_umask  # noqa: E402
 from pipeline.stages import STAGES, stage  # noqa: E402
 
 
+log = logging.getLogger(__name__)
 USER_ERROR = "UserError"
+CHAMPION_CHANGED = "cxr.champion.changed"  # the Prefect event a flow run emits when the champion alias moves
+LIBRARY_LOGGER = "pipeline"  # every stage logs under pipeline.<module>
+
+
+class _RunLogHandler(logging.Handler):
+    """Sends a library record to the Prefect run (task or flow) of the thread that logged it, and drops records
+    logged outside any run (a record Prefect's own handler cannot place would cost a warning each)."""
+
+    def __init__(self) -> None:
+        from prefect.logging.handlers import APILogHandler
+
+        super().__init__(logging.INFO)
+        self._api = APILogHandler()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if TaskRunContext.get() is not None or FlowRunContext.get() is not None:
+            self._api.handle(record)
+
+
+_forwarding = {"flows": 0, "handler": None, "level": logging.NOTSET}
+_forwarding_lock = threading.Lock()
+
+
+@contextmanager
+def library_logs_to_prefect() -> Iterator[None]:
+    """While a flow runs, the stages' own lines (logging.getLogger("pipeline.*"): "train: best epoch ..., val AUC
+    ...", the gate's decision, quarantine counts, progress) reach the task run's logs in the Prefect UI, as they
+    reach the shell under `cxr`. Prefect's PREFECT_LOGGING_EXTRA_LOGGERS does this only when set before Prefect
+    is first imported, and also copies the lines to Prefect's console, twice beside the CLI's own handler.
+    Nested and concurrent flows in one process share one handler."""
+    library = logging.getLogger(LIBRARY_LOGGER)
+    with _forwarding_lock:
+        if _forwarding["flows"] == 0:
+            _forwarding["handler"], _forwarding["level"] = _RunLogHandler(), library.level
+            library.addHandler(_forwarding["handler"])
+            if library.getEffectiveLevel() > logging.INFO:
+                library.setLevel(logging.INFO)
+        _forwarding["flows"] += 1
+    try:
+        yield
+    finally:
+        with _forwarding_lock:
+            _forwarding["flows"] -= 1
+            if _forwarding["flows"] == 0:
+                library.removeHandler(_forwarding["handler"])
+                library.setLevel(_forwarding["level"])
 
 
 def _as_state(body: Callable[[], Any]) -> Any:
@@ -116,7 +167,8 @@ def ingest_flow(paths: ProjectPaths, config: Config):
     `orchestration.ingest_shard_size` files is a task the cluster's workers take. Workers need the
     de-identification key (CXR_DEID_KEY or the key file) where they run.
     """
-    with private_umask(config.privacy.mask):  # its tasks call the ingest steps directly, not through Stage.run
+    # its tasks call the ingest steps directly, not through Stage.run
+    with private_umask(config.privacy.mask), library_logs_to_prefect():
         return _fan_out_ingest(paths, config)
 
 
@@ -181,13 +233,20 @@ def cxr_pipeline(params_path: str = "params.yaml", overrides: list[str] | None =
 
     Stops at the first failed stage; the flow run then ends Failed with that stage's message. With
     `skip_if_unchanged` (scheduled deployments), training is skipped when the ingested data and the params
-    are those of the last complete run.
+    are those of the last complete run. Each stage's task waits for the one before it, so the Prefect UI
+    draws the stages' real order; the stages' own log lines go to their task runs (library_logs_to_prefect).
     """
+    with library_logs_to_prefect():
+        return _run_stages(params_path, overrides, skip_if_unchanged)
+
+
+def _run_stages(params_path: str, overrides: list[str] | None, skip_if_unchanged: bool) -> dict | State:
     params = Path(params_path).resolve()
     config = load_config(params, overrides or [])
     paths = ProjectPaths(params.parent)
     logger = get_run_logger()
     results: dict[str, Any] = {}
+    previous: list[State] = []  # the stage before: an edge of the task graph, as the stages depend on each other
     for each in STAGES:
         if each.name == TRAINING_STARTS and skip_if_unchanged and _unchanged_since_last_success(paths, config):
             logger.info("data version and params unchanged since the last complete run: training skipped")
@@ -197,13 +256,15 @@ def cxr_pipeline(params_path: str = "params.yaml", overrides: list[str] | None =
         else:
             run = stage_task.with_options(name=each.name, retries=each.retries, retry_delay_seconds=5,
                                           retry_condition_fn=_is_transient)
-            state = run(each.name, paths, config, return_state=True)
+            state = run(each.name, paths, config, return_state=True, wait_for=previous)
         if state.is_failed():
             logger.error("%s failed: %s", each.name, state.message)
             return Failed(message=f"{each.name}: {state.message}")
         results[each.name] = state.result()
+        previous = [state]
     registered = results["register"]
     write_json(paths.last_success, _fingerprint(paths, config))
+    _announce_champion_change(registered)
     _publish_artifacts(paths, results)
     logger.info("done: test AUC %s; %s version %d%s", results["evaluate"].metrics["test"]["auc"],
                 registered.model_name, registered.version, " is @champion" if registered.is_champion else "")
@@ -226,8 +287,25 @@ def _unchanged_since_last_success(paths: ProjectPaths, config: Config) -> bool:
     return json.loads(paths.last_success.read_text()) == _fingerprint(paths, config)
 
 
+def _announce_champion_change(registered) -> None:
+    """Emit CHAMPION_CHANGED when this run's version became @champion, for an automation to notify on (cxr deploy
+    --notify-block). A rerun whose version already was the champion moves nothing and emits nothing."""
+    from prefect.events import emit_event
+
+    if not registered.is_champion or registered.previous_champion == registered.version:
+        return
+    emit_event(
+        event=CHAMPION_CHANGED,
+        resource={"prefect.resource.id": f"cxr.model.{registered.model_name}", "prefect.resource.name": registered.model_name},
+        payload={"version": registered.version, "previous_champion": registered.previous_champion,
+                 "gate_metric": registered.gate_metric, "value": registered.value,
+                 "previous_value": registered.previous_value, "reason": registered.reason},
+    )
+
+
 def _publish_artifacts(paths: ProjectPaths, results: dict[str, Any]) -> None:
-    """What a person sees on the flow run's page in the Prefect UI: the metrics table and where the results are."""
+    """What a person sees on the flow run's page in the Prefect UI: the metrics table with its intervals, the
+    champion gate's decision, the data gate's checks, the films quarantined per reason, and a link to the report."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
     metrics = results["evaluate"].metrics
@@ -239,19 +317,98 @@ def _publish_artifacts(paths: ProjectPaths, results: dict[str, Any]) -> None:
         f"{'@champion' if registered.is_champion else '@challenger'} ({registered.reason})",
     ])
     create_markdown_artifact(key="cxr-metrics", markdown=markdown, description="Test metrics of this run")
-    create_link_artifact(key="cxr-report", link=results["report"].resolve().as_uri(), description="reports/report.html")
+    create_markdown_artifact(key="cxr-gate", markdown=_gate_markdown(registered),
+                             description="The champion gate's decision")
+    create_markdown_artifact(key="cxr-data-gate", markdown=_data_gate_markdown(results["validate"], results["ingest"]),
+                             description="reports/validation/summary.json and data/interim/quarantine.csv in short")
+    create_link_artifact(key="cxr-report", link=results["report"].resolve().as_uri(), link_text="reports/report.html",
+                         description="The run's report")
 
 
-def deploy(params_path: Path) -> None:
-    """Serve the flow as a scheduled deployment (needs a Prefect server: PREFECT_API_URL); blocks until stopped."""
+def _gate_markdown(registered) -> str:
+    """The champion gate: the decision, and the numbers it was taken on."""
+    rows = [("decision", "@champion" if registered.is_champion else "@challenger"), ("version", registered.version),
+            ("previous champion", registered.previous_champion), (f"{registered.gate_metric} (new)", registered.value),
+            (f"{registered.gate_metric} (champion)", registered.previous_value),
+            ("difference, 95% CI", registered.difference_ci95), ("margin", registered.margin),
+            ("films compared", registered.n_films), ("patients compared", registered.n_patients)]
+    table = "\n".join(f"| {name} | {'–' if value is None else value} |" for name, value in rows)
+    return f"## Champion gate: {registered.model_name}\n\n{registered.reason}\n\n| | |\n|---|---|\n{table}\n"
+
+
+def _data_gate_markdown(gate, ingested) -> str:
+    """The data gate's checks (summary.json) and the films ingest quarantined, counted per reason."""
+    checks = "\n".join(f"| {check.name} | {check.severity} | {'passed' if check.success else 'FAILED'} | {check.details} |"
+                        for check in gate.checks)
+    reasons = "\n".join(f"| {reason} | {n} |" for reason, n in sorted(ingested.quarantine_reasons.items())) or "| none | 0 |"
+    return (f"## Data gate: {'passed' if gate.passed else 'failed'} ({gate.summary.get('n_images')} images)\n\n"
+            f"| check | severity | result | details |\n|---|---|---|---|\n{checks}\n\n"
+            f"## Quarantined films: {sum(ingested.quarantine_reasons.values())}\n\n| reason | films |\n|---|---|\n{reasons}\n")
+
+
+def deploy(params_path: Path, notify_block: str | None = None) -> None:
+    """Serve the flow as a scheduled deployment (needs a Prefect server: PREFECT_API_URL); blocks until stopped.
+    With `notify_block`, first (re)creates the failure and champion-change alerts (create_alerts)."""
     config = load_config(params_path)
     settings = config.orchestration
+    if notify_block:
+        for name in create_alerts(notify_block, cxr_pipeline.name):
+            log.info("automation '%s' notifies %s", name, notify_block)
     cxr_pipeline.serve(
         name=settings.deployment_name,
         cron=settings.cron,
         parameters={"params_path": str(params_path.resolve()), "overrides": [], "skip_if_unchanged": True},
         description="Scheduled retraining: skips training when data and params are unchanged since the last complete run.",
     )
+
+
+ALERT_PREFIX = "cxr: "  # the automations `cxr deploy --notify-block` owns, by name (replaced on every deploy)
+
+
+def create_alerts(notify_block: str, flow_name: str = "cxr-pipeline") -> list[str]:
+    """Prefect automations that send the notification block `notify_block` ("BLOCK_TYPE/NAME", e.g.
+    slack-webhook/ops, made in the Prefect UI or with `prefect block create`) a message when a run of the flow
+    fails (with the failing stage's one-line reason) and when a run moves the champion alias (CHAMPION_CHANGED).
+
+    Alerts go through the Prefect server the operator already runs, to the channel they chose: no new system.
+    Replaces the automations an earlier deploy made (same names), so redeploying never doubles a message.
+    Returns their names.
+    """
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.events.actions import SendNotification
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger
+    from prefect.exceptions import ObjectNotFound
+
+    block_type, _, name = notify_block.partition("/")
+    if not block_type or not name:
+        raise CxrError(f"--notify-block '{notify_block}': give BLOCK_TYPE/NAME, e.g. slack-webhook/ops (`prefect block ls` lists them)")
+    alerts = {
+        f"{ALERT_PREFIX}{flow_name} run failed": (
+            EventTrigger(expect={"prefect.flow-run.Failed"}, posture="Reactive", threshold=1, within=0,
+                         match_related={"prefect.resource.role": "flow", "prefect.resource.name": flow_name}),
+            f"{flow_name} run failed",
+            "Flow run {{ flow_run.name }} of " + flow_name + " failed: {{ flow_run.state.message }}"),
+        f"{ALERT_PREFIX}champion changed": (
+            EventTrigger(expect={CHAMPION_CHANGED}, posture="Reactive", threshold=1, within=0),
+            "new champion model",
+            ("{{ event.resource['prefect.resource.name'] }} version {{ event.payload.version }} is @champion "
+             "(was {{ event.payload.previous_champion or 'none' }}): {{ event.payload.reason }}")),
+    }
+    with get_client(sync_client=True) as client:
+        try:
+            block = client.read_block_document_by_name(name=name, block_type_slug=block_type, include_secrets=False)
+        except ObjectNotFound:
+            raise CxrError(f"--notify-block '{notify_block}': no such block on the Prefect server (`prefect block ls` lists them)") from None
+        except httpx.HTTPError as exc:
+            raise CxrError(f"no Prefect server answered at {client.api_url} ({type(exc).__name__}: {exc})") from None
+        for title, (trigger, subject, body) in alerts.items():
+            for old in client.read_automations_by_name(title):
+                client.delete_automation(old.id)
+            client.create_automation(AutomationCore(
+                name=title, description=f"Made by `cxr deploy --notify-block {notify_block}`", trigger=trigger,
+                actions=[SendNotification(block_document_id=block.id, subject=subject, body=body)]))
+    return list(alerts)
 
 
 def run_pipeline(params_path: Path, overrides: list[str]) -> dict:

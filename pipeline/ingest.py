@@ -22,6 +22,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -196,7 +197,8 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
         return []
     workers = min(workers or os.cpu_count() or 1, max(len(files), 1))
     if workers <= 1 or len(files) < 8:
-        return [decode_one(file, size, key, limits, crop) for file in tqdm(files, desc="decoding", unit="img", disable=None)]
+        return list(_logged_progress((decode_one(file, size, key, limits, crop) for file in
+                                      tqdm(files, desc="decoding", unit="img", disable=None)), len(files)))
     from concurrent.futures import ProcessPoolExecutor
 
     # Small chunks: a worker left without work while the other finishes a long last chunk wastes a core.
@@ -204,7 +206,18 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
     with ProcessPoolExecutor(max_workers=workers) as pool:
         outcomes = pool.map(decode_one, files, [size] * len(files), [key] * len(files), [limits] * len(files),
                             [crop] * len(files), chunksize=chunk)
-        return list(tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img", disable=None))
+        return list(_logged_progress(tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img",
+                                          disable=None), len(files)))
+
+
+def _logged_progress(outcomes: Iterable, total: int, steps: int = 10) -> Iterator:
+    """The outcomes, logging "decoded n of total" every tenth of the way: tqdm's bar reaches a terminal only, and a
+    long ingest in a Prefect task run or a cron job's log would otherwise say nothing for an hour."""
+    every = max(1, -(-total // steps))
+    for done, outcome in enumerate(outcomes, 1):
+        if done % every == 0 and done < total:
+            log.info("ingest: decoded %d of %d new files", done, total)
+        yield outcome
 
 
 def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeLimits(),

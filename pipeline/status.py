@@ -4,13 +4,16 @@ Only small files are read (no MLflow, Prefect or DVC import: importing MLflow al
 answer should), so what is shown is what the project folder records: the data version of the manifest, the last
 `dvc repro` (dvc.lock), the last complete flow run (models/last_success.json), the last registration and its gate
 (models/registered.json), and the quarantine list. A scheduled run through a deployment records the same files
-as the flow it runs. A run that failed leaves no record here: its reason is in Prefect or the shell that ran it.
+as the flow it runs. A run that failed leaves no record here: when a Prefect server is configured (PREFECT_API_URL),
+its last failed flow runs with their one-line reasons and the deployment's next scheduled run come from the server's
+REST API, over plain HTTP with a short timeout (no Prefect import: it alone would take most of the time allowed).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,13 +22,15 @@ from pipeline.files import md5_of, sha256_of
 from pipeline.paths import ProjectPaths
 
 
-def project_status(paths: ProjectPaths) -> dict:
-    """The project's state as plain JSON data; None where nothing has written the file it comes from yet."""
+def project_status(paths: ProjectPaths, prefect_api: str | None = None) -> dict:
+    """The project's state as plain JSON data; None where nothing has written the file it comes from yet, and for
+    "prefect" when no Prefect server is configured (`prefect_api`, PREFECT_API_URL)."""
     return {
         "data": _data(paths),
         "runs": {"dvc": _dvc_run(paths), "flow": _flow_run(paths)},
         "model": _model(paths),
         "quarantine": _quarantine(paths.quarantine),
+        "prefect": _prefect(prefect_api, _deployment_name(paths.root / "params.yaml")) if prefect_api else None,
     }
 
 
@@ -80,6 +85,68 @@ def _model(paths: ProjectPaths) -> dict | None:
     }
 
 
+FLOW_NAME = "cxr-pipeline"  # flows.pipeline_flow.cxr_pipeline's name (no Prefect import here)
+PREFECT_TIMEOUT_S = 0.7  # per request; `cxr status` answers within 2 s even when the server hangs
+FAILED_RUNS_SHOWN = 3
+
+
+def _deployment_name(params: Path) -> str:
+    """orchestration.deployment_name from params.yaml, read as YAML: pipeline.config's typed models take longer to
+    build than this whole answer should (its default is the same "scheduled")."""
+    import yaml
+
+    loaded = yaml.safe_load(params.read_text()) if params.exists() else None
+    return ((loaded or {}).get("orchestration") or {}).get("deployment_name") or "scheduled"
+
+
+def _prefect(api: str, deployment: str) -> dict:
+    """The flow's last failed runs (newest first, with the state's one-line message: the failing stage's reason)
+    and the deployment's next scheduled run, from the Prefect server at `api`; "error" says why there are none
+    when the server did not answer in time."""
+    found: dict = {"api_url": api, "error": None, "failed_runs": [], "next_scheduled": None}
+    flow = {"name": {"any_": [FLOW_NAME]}}
+    try:
+        failed = _prefect_post(api, "/flow_runs/filter", {
+            "flows": flow, "flow_runs": {"state": {"type": {"any_": ["FAILED", "CRASHED"]}}},
+            "sort": "START_TIME_DESC", "limit": FAILED_RUNS_SHOWN})
+        scheduled = _prefect_post(api, "/flow_runs/filter", {
+            "flows": flow, "deployments": {"name": {"any_": [deployment]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 1})
+    except (OSError, ValueError) as exc:  # refused, timed out, not HTTP, not JSON
+        found["error"] = f"no Prefect server answered at {api} within {PREFECT_TIMEOUT_S} s ({_reason(exc)})"
+        return found
+    found["failed_runs"] = [{"name": run["name"], "started": run.get("start_time") or run.get("expected_start_time"),
+                             "state": (run.get("state") or {}).get("name"), "message": (run.get("state") or {}).get("message")}
+                            for run in failed]
+    if scheduled:
+        found["next_scheduled"] = {"name": scheduled[0]["name"], "deployment": deployment,
+                                   "at": scheduled[0].get("next_scheduled_start_time") or scheduled[0].get("expected_start_time")}
+    return found
+
+
+def _prefect_post(api: str, route: str, body: dict) -> list[dict]:
+    """POST a JSON body to the Prefect REST API; the decoded JSON answer. PREFECT_API_KEY, when set, authenticates
+    (Prefect Cloud)."""
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("PREFECT_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['PREFECT_API_KEY']}"
+    request = urllib.request.Request(api.rstrip("/") + route, data=json.dumps(body).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=PREFECT_TIMEOUT_S) as response:
+        return json.loads(response.read())
+
+
+def _reason(exc: Exception) -> str:
+    """An HTTP or connection error in a few words."""
+    import urllib.error
+
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}"
+    reason = getattr(exc, "reason", None) or exc
+    return str(reason).strip() or type(exc).__name__
+
+
 OUT_OF_SCOPE = "filtered_"  # the reasons of films data.filters left out (modality, view, body part): pipeline.ingest
 
 
@@ -117,4 +184,20 @@ def status_lines(status: dict) -> list[str]:
     if quarantine is not None:
         reasons = ", ".join(f"{reason} {n}" for reason, n in quarantine["by_reason"].items()) or "none"
         lines.append(f"Quarantine:  {quarantine['total']} film(s), {quarantine['out_of_scope']} of them out of scope: {reasons}")
+    return lines + _prefect_lines(status["prefect"])
+
+
+def _prefect_lines(prefect: dict | None) -> list[str]:
+    """The Prefect server's part: the next scheduled run and the last failed ones, or why there are none."""
+    if prefect is None:
+        return ["Prefect:     no Prefect server configured (PREFECT_API_URL): no failed or scheduled runs to show"]
+    if prefect["error"]:
+        return [f"Prefect:     {prefect['error']}"]
+    scheduled = prefect["next_scheduled"]
+    lines = [f"Next run:    {scheduled['at']} ({FLOW_NAME}/{scheduled['deployment']})" if scheduled else
+             "Next run:    none scheduled (`cxr deploy` serves the scheduled deployment)"]
+    if not prefect["failed_runs"]:
+        lines.append("Failed runs: none")
+    for run in prefect["failed_runs"]:
+        lines.append(f"Failed run:  {run['started']} {run['name']}: {run['message']}")
     return lines

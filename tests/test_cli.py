@@ -150,4 +150,47 @@ def test_status_of_an_empty_project_says_what_to_run(tmp_path):
     out = cxr("status", "--params", str(tmp_path / "params.yaml"))
     assert out.returncode == 0 and "run `cxr ingest`" in out.stdout and "nothing registered yet" in out.stdout
     assert json.loads(cxr("status", "--json", "--params", str(tmp_path / "params.yaml")).stdout) == {
-        "data": None, "runs": {"dvc": None, "flow": None}, "model": None, "quarantine": None}
+        "data": None, "runs": {"dvc": None, "flow": None}, "model": None, "quarantine": None, "prefect": None}
+    assert "no Prefect server configured (PREFECT_API_URL)" in out.stdout
+
+
+def test_status_answers_quickly_when_the_prefect_server_does_not(tmp_path):
+    """A server that accepts the connection and never answers (a hung Prefect server) costs `cxr status` its short
+    timeout, once, not the whole screen: the JSON says why there are no runs, the text says so in a line."""
+    import os
+    import socket
+    import time
+
+    from pipeline.paths import ProjectPaths
+    from pipeline.status import project_status
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        api = f"http://127.0.0.1:{hung.getsockname()[1]}/api"
+        started = time.perf_counter()
+        found = project_status(ProjectPaths(tmp_path), api)
+        assert time.perf_counter() - started < 2.0
+        assert found["prefect"]["error"].startswith(f"no Prefect server answered at {api} within 0.7 s")
+        assert found["prefect"]["failed_runs"] == [] and found["prefect"]["next_scheduled"] is None
+        out = subprocess.run([CXR, "status", "--params", str(tmp_path / "params.yaml")], capture_output=True, text=True,
+                             timeout=60, env=dict(os.environ, PREFECT_API_URL=api))
+    assert out.returncode == 0, out.stderr
+    assert f"Prefect:     no Prefect server answered at {api}" in out.stdout
+
+
+def test_deploy_documents_its_alerts_and_refuses_a_block_without_its_type_in_one_line(tmp_path):
+    import os
+
+    from tests.servers import free_port
+
+    helped = cxr("deploy", "--help").stdout
+    assert "--notify-block" in helped and "BLOCK_TYPE/NAME" in helped and "cxr.champion.changed" in helped
+    (tmp_path / "params.yaml").write_text("{}\n")
+    out = subprocess.run([CXR, "deploy", "--notify-block", "ops", "--params", str(tmp_path / "params.yaml")],
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("error: --notify-block 'ops': give BLOCK_TYPE/NAME, e.g. slack-webhook/ops "
+                                  "(`prefect block ls` lists them)")

@@ -169,3 +169,23 @@ def test_prefect_with_persisted_results_and_dask_spilling_everything_write_no_id
     output = (run.stdout + run.stderr).lower()
     assert not [needle for needle in PACS_IDENTIFIERS if needle.lower() in output]
     assert leaked_identifiers(tmp_path, skip=("demo", "pacs", "params.yaml", "keep_spilled.py")) == {}
+
+
+def test_a_stage_task_that_refuses_ends_the_flow_with_its_own_one_line_message(prefect_engine, tmp_path):
+    """validate (a task of the flow, not the ingest subflow) refuses the data: the flow run's state message is
+    "validate: " and the gate's own one-line message, the very one `cxr validate` gives; no later stage runs."""
+    from pipeline.config import load_config
+    from pipeline.paths import ProjectPaths
+    from pipeline.validate import validate_stage
+    from tests.conftest import write_tiny_project
+
+    params = write_tiny_project(tmp_path / "project", n=24)
+    strict = ["validation.class_ratio.min=0.9"]  # no demo split is 90 % one class: the blocking check fails
+    with pytest.raises(CxrError) as in_the_flow:
+        run_pipeline(params, strict)
+    with pytest.raises(CxrError) as on_its_own:
+        validate_stage(ProjectPaths(params.parent), load_config(params, strict))
+
+    assert "class_ratio" in str(on_its_own.value) and "\n" not in str(on_its_own.value)
+    assert str(in_the_flow.value) == f"validate: {on_its_own.value}"
+    assert not (params.parent / "data" / "processed" / "train_index.npy").exists()  # rebalance never ran

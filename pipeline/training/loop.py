@@ -56,6 +56,9 @@ def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPath
         metrics = {k: v for k, v in row.items() if k != "epoch"} | {"train_images_per_second": len(labels) / seconds}
         if world.is_main:
             tracking.log_metrics(client, run_id, metrics, step=epoch)
+            # a line per epoch, for logs that are no terminal (a Prefect task run's, a cron job's): tqdm draws none there
+            log.info("train: epoch %d of %d: train loss %.4f, val AUC %.4f (%.0f s)", epoch, settings.epochs, train_loss,
+                     row["val_auc"], seconds)
         if row["val_auc"] > best["val_auc"]:  # NaN never wins, ties keep the earlier epoch
             best = {"epoch": epoch, "val_auc": row["val_auc"], "val_accuracy": row["val_accuracy"]}
             if world.is_main:
