@@ -169,3 +169,69 @@ def test_prefect_with_persisted_results_and_dask_spilling_everything_write_no_id
     output = (run.stdout + run.stderr).lower()
     assert not [needle for needle in PACS_IDENTIFIERS if needle.lower() in output]
     assert leaked_identifiers(tmp_path, skip=("demo", "pacs", "params.yaml", "keep_spilled.py")) == {}
+
+
+@pytest.mark.slow
+def test_ingest_on_a_separately_started_dask_scheduler_and_two_workers_gives_the_same_outputs(prefect_engine, tmp_path):
+    """The multi-machine setup of the README, on one machine: `dask scheduler` and two `dask worker` processes started
+    on their own (each in its own folder, the key in its environment, as on another host), and the flow pointed at
+    them by orchestration.dask_address. The outputs are the bytes of the thread runner's, and the films were decoded
+    by those workers, not by a cluster the flow started itself."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from flows.pipeline_flow import ingest_flow, task_runner_for
+    from pipeline.config import load_config
+    from pipeline.demo_data import write_demo_data
+    from pipeline.paths import ProjectPaths
+    from tests.conftest import REPO
+
+    write_demo_data(tmp_path / "data" / "raw" / "demo", n=30, seed=7, size=64)
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n")
+    paths = ProjectPaths(tmp_path)
+    on_threads = load_config(params, ["data.num_workers=1"])
+    state = ingest_flow.with_options(task_runner=task_runner_for(on_threads))(paths, on_threads, return_state=True)
+    assert state.is_completed(), state.message
+    expected = [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine, paths.dropped_duplicates)]
+    shutil.rmtree(paths.decode_cache)
+
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    scheduler_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DASK_TEMPORARY_DIRECTORY": str(tmp_path / "dask-tmp")}
+    started = [subprocess.Popen([*dask, "--scheduler-file", str(scheduler_file), "--port", "0", "--dashboard-address", ":0"],
+                                env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 120
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for name in ("host-a", "host-b"):
+            (tmp_path / name).mkdir()
+            started.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--nworkers", "1",
+                 "--name", name, "--no-dashboard"], env=env, cwd=tmp_path / name, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            on_dask = load_config(params, ["orchestration.task_runner=dask", f"orchestration.dask_address={address}",
+                                           "orchestration.ingest_shard_size=5"])
+            state = ingest_flow.with_options(task_runner=task_runner_for(on_dask))(paths, on_dask, return_state=True)
+            assert state.is_completed(), state.message
+            assert state.result().n_decoded == 33  # 30 films and the 3 broken ones, in 7 shards
+            assert len(client.scheduler_info()["workers"]) == 2  # the flow used these, it started no cluster of its own
+            done = client.run(lambda dask_worker: len(dask_worker.data) + dask_worker.state.executed_count)
+            assert all(count > 0 for count in done.values()), done  # both "machines" decoded shards
+    finally:
+        for process in reversed(started):
+            process.terminate()
+        for process in started:
+            process.wait(timeout=60)
+
+    assert [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine, paths.dropped_duplicates)] == expected
