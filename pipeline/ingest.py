@@ -34,14 +34,14 @@ from pipeline.deid import Identity, Redactor, identifier_hashes, key_check, load
 from pipeline.dvc_watch import check_sources_watched
 from pipeline.erasures import erased_patients
 from pipeline.errors import CxrError
-from pipeline.files import atomic_path, shown_path
-from pipeline.imaging import (DecodeLimits, UnreadableImage, check_usable, decode_file, limits_of, pixel_sha256, read_identity,
-                              resize)
+from pipeline.files import atomic_path, shown_path, write_npy_rows
+from pipeline.imaging import (DecodeLimits, UnreadableImage, check_usable, decode_content, limits_of, pixel_sha256, read_film,
+                              read_identity, resize)
 from pipeline.manifest import write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
 from pipeline.splits import assign_splits, read_registry, write_registry
-from pipeline.stat_cache import FileHashes, code_fingerprint, record_ingest, unchanged_ingest
+from pipeline.stat_cache import FileHashes, Seen, before_reading, code_fingerprint, record_ingest, unchanged_ingest
 from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,9 @@ class IngestPlan:
     fingerprint: str = ""  # of everything the outputs are made from (pipeline.stat_cache)
     unchanged: IngestResult | None = None  # the last ingest's result, when its outputs are this plan's: nothing to do
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of listing and hashing (`cxr ingest --profile`)
+    # Items (by position) whose files were not hashed ahead, as the decode cache was empty: their decoders hash the
+    # bytes they read (one read per film, not two), and finish learns their keys, stat (taken here) and fingerprint.
+    unread: dict[int, Seen] = field(default_factory=dict)
 
 
 def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = False) -> IngestResult:
@@ -121,7 +124,11 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
     files = [item.file for item in items]
     keys = [hashes.remembered(file) if file is not None else None for file in files]  # unchanged stat: not read
     unknown = [i for i, (file, key) in enumerate(zip(files, keys)) if file is not None and key is None]
-    if unknown:
+    cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop) if unknown else None
+    unread: dict[int, Seen] = {}
+    if cache is not None and cache.is_empty():  # nothing a hash could find: the decoders hash what they read
+        unread = {i: seen for i in unknown if (seen := before_reading(files[i])) is not None}
+    elif unknown:
         workers = config.data.num_workers or os.cpu_count() or 1
         with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib releases the GIL: threads hash in parallel
             hashed = tqdm(pool.map(hashes.sha256, [files[i] for i in unknown]), total=len(unknown), desc="hashing",
@@ -131,14 +138,15 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
     hashes.save()
     log.info("ingest: hashed %d of %d files; the others are unchanged since they were hashed", hashes.n_hashed,
              len(files) - files.count(None))
-    fingerprint = _fingerprint(config, items, rejected, keys, deid_key)
-    previous = unchanged_ingest(paths.decode_cache / "last_ingest.json", fingerprint, _outputs(paths)) if keep_unchanged else None
+    fingerprint = "" if unread else _fingerprint(config, items, rejected, keys, deid_key)  # unread: finish makes it
+    previous = (unchanged_ingest(paths.decode_cache / "last_ingest.json", fingerprint, _outputs(paths))
+                if keep_unchanged and fingerprint else None)
     seconds = {"listing": listed - started, "hashing": time.perf_counter() - listed}  # hashing: with the cache checks
     if previous is not None:
         result = IngestResult(**{**previous, "split_counts": dict(previous["split_counts"])}, n_decoded=0,
                               manifest_path=paths.manifest, images_path=paths.images, quarantine_path=paths.quarantine)
         return IngestPlan(items, rejected, keys, [], fingerprint, result, seconds)
-    cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop)
+    cache = cache or DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop)
     cache.drop_unreadable(keys)
     todo, queued = [], set()
     for item, key in zip(items, keys):  # byte-identical files are decoded once; the others come from the cache
@@ -147,7 +155,7 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
             if key is not None:
                 queued.add(key)
     seconds["hashing"] = time.perf_counter() - listed
-    return IngestPlan(items, rejected, keys, todo, fingerprint, seconds=seconds)
+    return IngestPlan(items, rejected, keys, todo, fingerprint, seconds=seconds, unread=unread)
 
 
 def _outputs(paths: ProjectPaths) -> list[Path]:
@@ -210,18 +218,21 @@ def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeL
     What it returns may cross a process, task or network boundary (and be persisted by Prefect or spilled by
     Dask), so it holds the header's identity as pseudonyms only and names the film `{file}`, not by its path.
     """
+    file_key = None
     try:
-        decoded = decode_file(file, key, limits, size)
+        data = read_film(file)
+        file_key = hashlib.sha256(data).hexdigest()  # hashed as read: ingest never reads a new film twice
+        decoded = decode_content(data, file, key, limits, size)
     except UnreadableImage as exc:
         message = shown_path(Redactor(exc.identity.hashes, key).text(str(exc).replace(str(file), FILE)))
-        return Failure(exc.reason, message, exc.identity)
+        return Failure(exc.reason, message, exc.identity, file_key)
     except Exception as exc:  # an unforeseen decoder failure costs one file, not the run
-        return Failure("decode_failed", f"{FILE}: unexpected {type(exc).__name__} while decoding")
+        return Failure("decode_failed", f"{FILE}: unexpected {type(exc).__name__} while decoding", file_key=file_key)
     stored = resize(decoded.pixels, size, crop)
     header = {"bits_stored": decoded.bits_stored, "modality": decoded.modality, "photometric": decoded.photometric,
               "view": decoded.view, "body_part": decoded.body_part, "sex": decoded.sex, "age_band": decoded.age_band}
     return Decoded(stored, _decoded_fields(decoded.pixels, stored, decoded.format, header, (decoded.height, decoded.width)),
-                   decoded.identity)
+                   decoded.identity, file_key)
 
 
 def decode_at_size(item: SourceItem, size: int, key: bytes, limits: DecodeLimits = DecodeLimits(),
@@ -274,6 +285,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     erased = erased_patients(paths.erasures, key_check(key))
     cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop)
     fresh = {id(item): outcome for item, outcome in zip(plan.todo, outcomes)}
+    plan = _with_keys_read(paths, config, plan, fresh, key)
     cache.add([(file_key, fresh[id(item)]) for item, file_key in zip(plan.items, plan.keys)
                if file_key is not None and id(item) in fresh and not _erased(item, fresh[id(item)], key, erased)])
     settled: list[Decoded | Failure] = []
@@ -322,8 +334,8 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
 
     # The registry first: a patient recorded but not yet in a manifest is harmless, the reverse is not.
     registry_written = write_registry(paths.split_registry, registry)
-    with atomic_path(paths.images) as tmp, tmp.open("wb") as handle:
-        np.save(handle, np.stack(images))
+    with atomic_path(paths.images) as tmp, tmp.open("wb") as handle:  # streamed: the films are never stacked
+        write_npy_rows(handle, images, (len(images), *images[0].shape))
     write_manifest(paths.manifest, manifest, config.data.task, config.data.labels)
     with atomic_path(paths.quarantine) as tmp:
         quarantine.to_csv(tmp, index=False)
@@ -354,6 +366,24 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     elif registry_written:
         log.info("ingest: %d patients in the split registry → %s", len(registry), paths.split_registry)
     return result
+
+
+def _with_keys_read(paths: ProjectPaths, config: Config, plan: IngestPlan, fresh: dict[int, Decoded | Failure],
+                    key: bytes) -> IngestPlan:
+    """The plan with the keys its decoders hashed as they read (plan.unread) filled in, its fingerprint made and
+    those hashes remembered in the file-hash table, so the next run reads none of these files."""
+    if not plan.unread:
+        return plan
+    keys = list(plan.keys)
+    learned = []
+    for position, seen in plan.unread.items():
+        item = plan.items[position]
+        outcome = fresh.get(id(item))
+        if outcome is not None and outcome.file_key is not None:
+            keys[position] = outcome.file_key
+            learned.append((item.file, seen, outcome.file_key))
+    FileHashes.add_to(paths.decode_cache / "file_hashes.parquet", key, learned)
+    return replace(plan, keys=keys, fingerprint=_fingerprint(config, plan.items, plan.rejected, keys, key), unread={})
 
 
 def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache | None, size: int,
