@@ -275,7 +275,10 @@ def _decoded_fields(decoded: np.ndarray, stored: np.ndarray, kind: str, header: 
 def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcomes: list[Decoded | Failure],
                   reassign_splits: bool = False) -> IngestResult:
     """Cache the new decodes; build, split, de-duplicate and write the manifest, image store and quarantine list,
-    recording each new patient's split in the split registry."""
+    recording each new patient's split in the split registry.
+
+    `outcomes` (decode_items', in plan.todo order) is consumed: the list is emptied, and each film's pixels are
+    freed once spooled to disk (PixelSpool), so an archive's films are never all in memory at once, twice over."""
     if plan.unchanged is not None and not reassign_splits:
         log.info("ingest: the %d listed files and the data params are as at the last ingest, whose outputs are "
                  "intact: kept them as they are", len(plan.items))
@@ -285,13 +288,15 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     erased = erased_patients(paths.erasures, key_check(key))
     cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop)
     fresh = {id(item): outcome for item, outcome in zip(plan.todo, outcomes)}
+    outcomes.clear()  # consumed: each film's pixels are freed once spooled below, so memory stays flat
     plan = _with_keys_read(paths, config, plan, fresh, key)
     cache.add([(file_key, fresh[id(item)]) for item, file_key in zip(plan.items, plan.keys)
                if file_key is not None and id(item) in fresh and not _erased(item, fresh[id(item)], key, erased)])
     settled: list[Decoded | Failure] = []
+    spool = PixelSpool(paths.images.parent, config.data.image_size)
     repaired: list[tuple[str, Decoded | Failure]] = []
     for item, file_key in zip(plan.items, plan.keys):
-        outcome = fresh.get(id(item)) or _cached_or_array(item, file_key, cache, config.data.image_size, key, config.data.crop)
+        outcome = fresh.pop(id(item), None) or _cached_or_array(item, file_key, cache, config.data.image_size, key, config.data.crop)
         if outcome is None:  # the cache held it damaged (it warned): decode it again
             outcome = decode_one(item.file, config.data.image_size, key, limits_of(config.data), config.data.crop)
             if not _erased(item, outcome, key, erased):
@@ -300,12 +305,11 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
             outcome = _erasure_failure(item, outcome, key, erased)
         if isinstance(outcome, Decoded):
             outcome = _apply_filters(outcome, config.data.filters)
-        settled.append(outcome)
+        settled.append(spool.keep(outcome))
     cache.add(repaired)
     # Only now does the run know every identifier: a PNG beside a DICOM in an MRN folder is redacted too.
     redactor = run_redactor(plan.items, [outcome.identity for outcome in settled], plan.rejected, key)
     rows: list[dict] = []
-    images: list[np.ndarray] = []
     rejected = [Rejected(r.source, redactor.path(r.path), r.reason, redactor.text(r.message)) for r in plan.rejected]
     for item, outcome in zip(plan.items, settled):
         path = redactor.path(item.path)
@@ -314,7 +318,6 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
             rejected.append(Rejected(item.source, path, outcome.reason, message))
             continue
         rows.append(_manifest_row(item, outcome, key, path))
-        images.append(outcome.pixels)
     if not rows:
         raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
 
@@ -327,15 +330,14 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     keep = _rows_to_keep(manifest, config.data.dedupe)
     dropped = manifest[~keep]
     manifest = manifest[keep].reset_index(drop=True)
-    images = [image for image, kept in zip(images, keep) if kept]
     manifest["store_index"] = np.arange(len(manifest))
     manifest = manifest[MANIFEST_COLUMNS]
     quarantine = pd.DataFrame([r.__dict__ for r in rejected], columns=QUARANTINE_COLUMNS)
 
     # The registry first: a patient recorded but not yet in a manifest is harmless, the reverse is not.
     registry_written = write_registry(paths.split_registry, registry)
-    with atomic_path(paths.images) as tmp, tmp.open("wb") as handle:  # streamed: the films are never stacked
-        write_npy_rows(handle, images, (len(images), *images[0].shape))
+    with atomic_path(paths.images) as tmp, tmp.open("wb") as handle, spool:  # streamed: never all in memory
+        write_npy_rows(handle, spool.rows(keep.to_numpy()), (len(manifest), config.data.image_size, config.data.image_size))
     write_manifest(paths.manifest, manifest, config.data.task, config.data.labels)
     with atomic_path(paths.quarantine) as tmp:
         quarantine.to_csv(tmp, index=False)
@@ -366,6 +368,53 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     elif registry_written:
         log.info("ingest: %d patients in the split registry → %s", len(registry), paths.split_registry)
     return result
+
+
+SPOOLED = np.empty((0, 0), dtype=np.uint8)  # a Decoded's pixels once PixelSpool holds them
+
+
+class PixelSpool:
+    """The stored films of one ingest, in manifest row order, in an anonymous temporary file beside the outputs
+    rather than in memory: a 200,000-film ingest at 64 px would otherwise hold 800 MB of pixels (more with numpy's
+    per-array overhead) until images.npy is written. Plain file I/O, not a memory map, whose pages would count in
+    the process's resident memory."""
+
+    def __init__(self, folder: Path, size: int) -> None:
+        import tempfile
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = tempfile.TemporaryFile(dir=folder, prefix=".images-spool-")  # deleted when closed, or if we die
+        self.shape = (size, size)
+        self.count = 0
+
+    def keep(self, outcome: Decoded | Failure) -> Decoded | Failure:
+        """Spool a decoded film's pixels (row `count`) and return it without them; a failure passes through."""
+        if not isinstance(outcome, Decoded):
+            return outcome
+        pixels = np.ascontiguousarray(outcome.pixels, dtype=np.uint8)
+        if pixels.shape != self.shape:
+            raise ValueError(f"a stored film of shape {pixels.shape}, not {self.shape}")
+        self.file.write(pixels.data)
+        self.count += 1
+        return replace(outcome, pixels=SPOOLED)
+
+    def rows(self, keep: np.ndarray):  # -> Iterator[np.ndarray]
+        """The spooled films whose `keep` entry is true, in order, read back one at a time."""
+        if len(keep) != self.count:
+            raise ValueError(f"{len(keep)} rows to keep or drop, {self.count} spooled")
+        self.file.flush()
+        self.file.seek(0)
+        width = self.shape[0] * self.shape[1]
+        for kept in keep:
+            data = self.file.read(width)
+            if kept:
+                yield np.frombuffer(data, dtype=np.uint8).reshape(self.shape)
+
+    def __enter__(self) -> PixelSpool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
 
 
 def _with_keys_read(paths: ProjectPaths, config: Config, plan: IngestPlan, fresh: dict[int, Decoded | Failure],

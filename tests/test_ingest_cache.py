@@ -267,3 +267,23 @@ def test_streamed_npy_rows_are_the_bytes_np_save_writes_and_a_short_stream_is_re
         write_npy_rows(io.BytesIO(), films[:4], (5, 7, 7))
     with pytest.raises(ValueError, match=r"row 1 has shape \(6, 7\)"):
         write_npy_rows(io.BytesIO(), [films[0], films[1][:6]], (2, 7, 7))
+
+
+def test_the_pixel_spool_gives_back_the_kept_films_in_order_and_refuses_a_miscount(tmp_path):
+    """finish_ingest spools each stored film to disk as it settles and writes images.npy from the spool: the rows it
+    reads back must be the films it was given, in order, less the dropped ones; failures pass through unspooled."""
+    from pipeline.decode_cache import Decoded, Failure
+    from pipeline.ingest import SPOOLED, PixelSpool
+
+    films = [np.full((4, 4), value, dtype=np.uint8) for value in (10, 20, 30)]
+    with PixelSpool(tmp_path, 4) as spool:
+        kept = [spool.keep(Decoded(film, {})) for film in films]
+        failure = Failure("blank_image", "{file}: blank")
+        assert spool.keep(failure) is failure
+        assert all(outcome.pixels is SPOOLED for outcome in kept) and spool.count == 3
+        assert [row[0, 0] for row in spool.rows(np.array([True, False, True]))] == [10, 30]
+        with pytest.raises(ValueError, match="2 rows to keep or drop, 3 spooled"):
+            list(spool.rows(np.array([True, True])))
+        with pytest.raises(ValueError, match=r"shape \(5, 5\)"):
+            spool.keep(Decoded(np.zeros((5, 5), dtype=np.uint8), {}))
+    assert not list(tmp_path.iterdir())  # an anonymous file: nothing left beside the outputs
