@@ -235,3 +235,20 @@ def test_ingest_on_a_separately_started_dask_scheduler_and_two_workers_gives_the
             process.wait(timeout=60)
 
     assert [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine, paths.dropped_duplicates)] == expected
+
+
+def test_a_decode_task_whose_key_is_not_the_flows_refuses_in_one_line(tmp_path, monkeypatch):
+    """A Dask worker on another host without the flow's key would make its own and return pseudonyms nothing else
+    matches: the decode task compares key fingerprints (deid.key_check) and refuses, naming the fix."""
+    from flows.pipeline_flow import decode_task
+    from pipeline.deid import key_check, load_key
+    from pipeline.demo_data import write_demo_data
+    from pipeline.imaging import DecodeLimits
+
+    write_demo_data(tmp_path / "demo", n=4, seed=1, size=32)
+    films = sorted(p for p in (tmp_path / "demo").rglob("*") if p.is_file())[:2]
+    flows_key = key_check(load_key(tmp_path, "project"))
+    assert len(decode_task.fn(films, 16, 1, DecodeLimits(), tmp_path, "project", "none", flows_key)) == 2
+    monkeypatch.setenv("CXR_DEID_KEY", "another-key-on-another-host-0123456789abcdef")
+    with pytest.raises(CxrError, match=r"^ingest: the de-identification key on .* is not the flow's .*same CXR_DEID_KEY"):
+        decode_task.fn(films, 16, 1, DecodeLimits(), tmp_path, "project", "none", flows_key)
