@@ -322,6 +322,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
         raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
 
     manifest = pd.DataFrame(rows)
+    del rows, settled  # per-film dicts and outcomes: at archive scale, hundreds of MB the steps below can reuse
     manifest["split"], registry = assign_splits(
         manifest, read_registry(paths.split_registry), config.data.split, config.data.seed, key_check(key),
         reassign=reassign_splits, where=paths.split_registry.relative_to(paths.root).as_posix())
