@@ -198,7 +198,8 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
         return []
     workers = min(workers or os.cpu_count() or 1, max(len(files), 1))
     if workers <= 1 or len(files) < 8:
-        return [decode_one(file, size, key, limits, crop) for file in tqdm(files, desc="decoding", unit="img", disable=None)]
+        return _packed((decode_one(file, size, key, limits, crop) for file in tqdm(files, desc="decoding", unit="img",
+                                                                              disable=None)), len(files), size)
     from concurrent.futures import ProcessPoolExecutor
 
     # Small chunks: a worker left without work while the other finishes a long last chunk wastes a core.
@@ -206,7 +207,22 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
     with ProcessPoolExecutor(max_workers=workers) as pool:
         outcomes = pool.map(decode_one, files, [size] * len(files), [key] * len(files), [limits] * len(files),
                             [crop] * len(files), chunksize=chunk)
-        return list(tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img", disable=None))
+        return _packed(tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img", disable=None),
+                       len(files), size)
+
+
+def _packed(outcomes, count: int, size: int) -> list[Decoded | Failure]:
+    """The outcomes, each decoded film's pixels copied, as it arrives, into one pre-sized block (count x size x size)
+    and its own small array freed: 200,000 separately allocated 4 KB films cost about 40% more resident memory
+    than their pixels (allocator overhead and fragmentation), which decided whether an archive fits in 2 GiB."""
+    block = np.empty((count, size, size), dtype=np.uint8)
+    packed: list[Decoded | Failure] = []
+    for row, outcome in enumerate(outcomes):
+        if isinstance(outcome, Decoded) and outcome.pixels.shape == (size, size):
+            block[row] = outcome.pixels
+            outcome = replace(outcome, pixels=block[row])
+        packed.append(outcome)
+    return packed
 
 
 def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeLimits(),
