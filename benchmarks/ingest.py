@@ -14,6 +14,7 @@ Run it from the repository root, on an otherwise idle machine:
 
     .venv/bin/python benchmarks/ingest.py            # 200 films per kind, 1024 px, best of 3
     .venv/bin/python benchmarks/ingest.py --real     # real films from ../shared/data/samples (see real_main)
+    .venv/bin/python benchmarks/ingest.py --synthetic-large 200000   # peak RSS of a 200,000-film ingest (large_main)
     .venv/bin/python benchmarks/ingest.py --help
 
 It builds its inputs in a temporary folder (synthetic chests from pipeline.demo_data; the JPEG 2000
@@ -129,6 +130,10 @@ def parse_args() -> argparse.Namespace:
                         help=f"real-film mode: the Kermany JPEGs of {REAL_SAMPLES} copied byte-distinct to --copies "
                              "files, against bare Pillow loops in the same run; and the real JPEG 2000 film, reduced "
                              "against full decoding (--n, --side, --j2k and --kinds do not apply)")
+    parser.add_argument("--synthetic-large", type=int, nargs="+", metavar="N",
+                        help="memory mode: ingest N small synthetic PNG films (each N given, e.g. 20000 200000) with "
+                             "`cxr ingest` in a fresh process and print its peak RSS (see large_main)")
+    parser.add_argument("--workers", type=int, default=1, help="memory mode: data.num_workers (default 1)")
     parser.add_argument("--copies", type=int, default=2000, help="real-film mode: JPEG files to make (default 2000)")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                         help="which kinds of film to measure (default: all four); the target lines need jpeg")
@@ -468,8 +473,107 @@ def real_main(args: argparse.Namespace) -> None:
     print(f"real_j2k_reduced_vs_full={j2k:.2f}")
 
 
+LARGE_SIDE = 96  # the synthetic films' side: small, so 200,000 of them are made and decoded in minutes
+TARGET_LARGE_RSS_MIB = 2048  # a 200,000-film ingest at 64 px
+
+
+def large_films(dest: Path, n: int) -> None:
+    """`n` small grey PNGs, pixel-distinct (the film's number is written into its first row, so none is a duplicate
+    and the store keeps every one), half under normal/, half under pneumonia/, each its own patient."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.add.outer(np.arange(LARGE_SIDE), np.arange(LARGE_SIDE)).astype(np.float32) * (200 / (2 * LARGE_SIDE))
+    bases = [(ramp + rng.normal(0, 6, ramp.shape)).clip(0, 255).astype(np.uint8) for _ in range(16)]
+    for label in ("normal", "pneumonia"):
+        (dest / label).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pixels = bases[i % len(bases)].copy()
+        pixels[0, :8] = np.frombuffer(i.to_bytes(8, "little"), dtype=np.uint8)
+        Image.fromarray(pixels, mode="L").save(dest / ("normal", "pneumonia")[i % 2] / f"film{i:06d}.png", compress_level=1)
+
+
+def large_ingest(scratch: Path, n: int, workers: int) -> tuple[float, float, str]:
+    """Seconds and peak RSS (MiB) of a cold `cxr ingest` of `n` synthetic films in a fresh process, and its profile.
+
+    The RSS is getrusage(RUSAGE_CHILDREN).ru_maxrss read here after the ingest process ended: the peak of the largest
+    single process in its tree (the ingest process, or a decode worker it waited for), the benchmark's own memory
+    excluded. Run one size per process: that peak is the largest of every child this process waited for."""
+    import resource
+    import subprocess
+
+    source = scratch / f"films-{n}"
+    started = time.perf_counter()
+    large_films(source, n)
+    print(f"  {n} films of {LARGE_SIDE} px written in {time.perf_counter() - started:.0f} s, {file_size_kb(source):.1f} KB/file")
+    paths = new_project(scratch / f"project-{n}")
+    command = [sys.executable, "-m", "cxr", "ingest", "--params", str(paths.root / "params.yaml"),
+               "--set", f"data.sources=[{source}]", "--set", f"data.num_workers={workers}", "--profile"]
+    started = time.perf_counter()
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if run.returncode != 0:
+        raise SystemExit(f"cxr ingest failed:\n{run.stderr[-3000:]}")
+    import numpy as np
+
+    stored = np.load(paths.images, mmap_mode="r").shape
+    if stored[0] != n:
+        raise SystemExit(f"the store holds {stored[0]} films, not {n}")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    shutil.rmtree(source)
+    shutil.rmtree(paths.root)
+    return seconds, rss, run.stdout.strip()
+
+
+def large_main(args: argparse.Namespace) -> None:
+    """Memory at archive scale: peak RSS of a cold `cxr ingest` of N small synthetic films stored at 64 px (target
+    for 200,000: under 2 GiB). Each size runs in its own benchmark process (see large_ingest); when the largest N is
+    under 200,000, the line through the two largest sizes is extrapolated to 200,000, and says so."""
+    if len(args.synthetic_large) > 1:  # one size per process: ru_maxrss of children is a maximum over all of them
+        rows = []
+        for n in args.synthetic_large:
+            run = subprocess_self(["--synthetic-large", str(n), "--workers", str(args.workers)])
+            print(run, end="")
+            rows.append((n, float(run.split("large_peak_rss_mib=")[1].split()[0])))
+        if max(n for n, _ in rows) < 200_000 and len(rows) >= 2:
+            (n1, r1), (n2, r2) = sorted(rows)[-2:]
+            slope = (r2 - r1) / (n2 - n1)
+            print(f"extrapolated from {n1:,} and {n2:,} films: {r2 + slope * (200_000 - n2):.0f} MiB at 200,000 "
+                  f"({slope * 1024 * 1024 / 1000:.1f} KB per film)")
+        return
+    (n,) = args.synthetic_large
+    print(f"ingest memory benchmark: {n} synthetic films, stored at {IMAGE_SIZE} px, {args.workers} worker(s), "
+          f"{os.cpu_count()} CPU cores")
+    with tempfile.TemporaryDirectory(prefix="cxr-ingest-large-") as tmp:
+        cpu = cpu_snapshot()
+        started = time.perf_counter()
+        seconds, rss, profile = large_ingest(Path(tmp), n, args.workers)
+        others = others_cpu_s(cpu) / ((time.perf_counter() - started) * (os.cpu_count() or 1))
+    print(profile)
+    print(f"cold ingest of {n} films: {seconds:.0f} s ({n / seconds:.0f} img/s, process start included), "
+          f"peak RSS {rss:.0f} MiB; other processes took {others:.0%} of the CPU")
+    if n >= 200_000:
+        print(f"target: 200,000-film ingest under {TARGET_LARGE_RSS_MIB} MiB: {rss:.0f} MiB  "
+              f"{'PASS' if rss < TARGET_LARGE_RSS_MIB else 'FAIL'}")
+    print(f"large_peak_rss_mib={rss:.0f} n={n}")
+
+
+def subprocess_self(arguments: list[str]) -> str:
+    """This benchmark run again with `arguments`, in its own process; its output."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise SystemExit(run.stdout + run.stderr[-3000:])
+    return run.stdout
+
+
 def main() -> None:
     args = parse_args()
+    if args.synthetic_large:
+        large_main(args)
+        return
     if args.real:
         real_main(args)
         return

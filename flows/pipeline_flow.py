@@ -141,13 +141,24 @@ def plan_task(paths: ProjectPaths, config: Config):
 
 
 @task(name="ingest-decode")
-def decode_task(files: list, size: int, workers: int, limits, root: Path, key_scope: str, crop: str = "none") -> list:
+def decode_task(files: list, size: int, workers: int, limits, root: Path, key_scope: str, crop: str = "none",
+                key_fingerprint: str | None = None) -> list:
     """Decode a shard of film files where the task runs (a Dask worker, maybe). The key is loaded here, never a
-    task parameter or result (Prefect may persist those); the outcomes hold pseudonyms only (pipeline.ingest)."""
-    from pipeline.deid import load_key
+    task parameter or result (Prefect may persist those); the outcomes hold pseudonyms only (pipeline.ingest).
+
+    `key_fingerprint` (deid.key_check of the flow's key, which reveals nothing a pseudonym does not) must match the
+    key found here: a worker on another machine without CXR_DEID_KEY would otherwise make a key of its own and
+    return pseudonyms no other film's match, silently splitting one patient's films across splits."""
+    from pipeline.deid import key_check, load_key
     from pipeline.ingest import decode_items
 
-    return decode_items(files, size, load_key(root, key_scope), workers, limits, crop)
+    key = load_key(root, key_scope)
+    if key_fingerprint is not None and key_check(key) != key_fingerprint:
+        import socket
+
+        raise CxrError(f"ingest: the de-identification key on {socket.gethostname()} (check {key_check(key)}) is not the "
+                       f"flow's (check {key_fingerprint}): give every Dask worker the same CXR_DEID_KEY or key file")
+    return decode_items(files, size, key, workers, limits, crop)
 
 
 @task(name="ingest-finish")
@@ -173,6 +184,7 @@ def ingest_flow(paths: ProjectPaths, config: Config):
 
 
 def _fan_out_ingest(paths: ProjectPaths, config: Config):
+    from pipeline.deid import key_check, load_key
     from pipeline.imaging import limits_of
 
     plan = plan_task(paths, config, return_state=True)
@@ -184,8 +196,9 @@ def _fan_out_ingest(paths: ProjectPaths, config: Config):
     files = [item.file for item in plan.todo]  # a worker needs where each film is, nothing else about it
     shards = [files[start : start + size] for start in range(0, len(files), size)]
     workers = 1 if on_cluster else config.data.num_workers
+    fingerprint = key_check(load_key(paths.root, config.deid.key_scope))
     futures = [decode_task.submit(shard, config.data.image_size, workers, limits_of(config.data), paths.root,
-                                  config.deid.key_scope, config.data.crop) for shard in shards]
+                                  config.deid.key_scope, config.data.crop, fingerprint) for shard in shards]
     outcomes = [outcome for future in futures for outcome in future.result()]
     finished = finish_task(paths, config, plan, outcomes, return_state=True)
     if finished.is_failed():

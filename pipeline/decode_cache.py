@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.deid import NO_IDENTITY, Identity
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, write_npy_rows
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Decoded:
     pixels: np.ndarray
     fields: dict
     identity: Identity = NO_IDENTITY
+    file_key: str | None = None  # sha256 of the file's bytes, when the decoder read them (never from the cache)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Failure:
     reason: str
     message: str
     identity: Identity = NO_IDENTITY
+    file_key: str | None = None  # sha256 of the file's bytes, when the decoder read them
 
 
 FILE = "{file}"  # stands for the film's name in a failure's message
@@ -84,6 +87,10 @@ class DecodeCache:
         nor the reverse. `none` keeps the folder name it had before crops existed."""
         cropped = "" if crop == "none" else f"-{crop}"
         return cls(cache_root / f"decoded-{image_size}px{cropped}-v{CACHE_VERSION}")
+
+    def is_empty(self) -> bool:
+        """Whether it holds no film and no failure (a first ingest at this size and crop)."""
+        return self.index.empty and self.failures.empty
 
     def has(self, file_key: str | None) -> bool:
         return file_key is not None and (file_key in self.index.index or file_key in self.failures.index)
@@ -131,10 +138,7 @@ class DecodeCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         decoded = [(key, outcome) for key, outcome in entries if isinstance(outcome, Decoded)]
         if decoded:
-            pixels = np.stack([outcome.pixels for _, outcome in decoded])
-            shard_name = f"shard-{hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()}.npy"
-            with atomic_path(self.folder / shard_name) as tmp, tmp.open("wb") as handle:
-                np.save(handle, pixels)
+            shard_name = _write_shard(self.folder, [outcome.pixels for _, outcome in decoded])
             rows = [{"file_key": key, "shard": shard_name, "row": row,
                      "checksum": _checksum(key, outcome.fields, outcome.pixels), **outcome.fields}
                     for row, (key, outcome) in enumerate(decoded)]
@@ -161,10 +165,7 @@ class DecodeCache:
             if shard is None:  # nothing else in it, or unreadable: its other films are decoded again
                 kept = kept.drop(rows)
                 continue
-            pixels = np.stack([np.array(shard[int(row)]) for row in kept.loc[rows, "row"]])
-            renamed = f"shard-{hashlib.blake2b(pixels.tobytes(), digest_size=16).hexdigest()}.npy"
-            with atomic_path(self.folder / renamed) as tmp, tmp.open("wb") as handle:
-                np.save(handle, pixels)
+            renamed = _write_shard(self.folder, [shard[int(row)] for row in kept.loc[rows, "row"]])
             kept.loc[rows, "shard"], kept.loc[rows, "row"] = renamed, np.arange(len(rows))
         self.index = kept.set_index("file_key")
         with atomic_path(self.folder / "index.parquet") as tmp:  # the index first: it never names a missing shard
@@ -195,6 +196,21 @@ class DecodeCache:
         self.index = self.index[~np.asarray(rows)]
         with atomic_path(self.folder / "index.parquet") as tmp:
             self.index.reset_index().to_parquet(tmp, index=False)
+
+
+def _write_shard(folder: Path, films: list[np.ndarray]) -> str:
+    """Write films of one shape to a new shard named after their bytes (blake2b, as np.stack(films).tobytes()
+    would hash), streamed so no stacked copy is made; its name. Written under a temporary name, then renamed."""
+    digest = hashlib.blake2b(digest_size=16)
+    tmp = folder / f".shard-writing.tmp{os.getpid()}.npy"  # its name is known only once it is written
+    try:
+        with tmp.open("wb") as handle:
+            write_npy_rows(handle, films, (len(films), *films[0].shape), digest)
+        name = f"shard-{digest.hexdigest()}.npy"
+        os.replace(tmp, folder / name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return name
 
 
 def _checksum(file_key: str, fields: dict, pixels: np.ndarray) -> str:

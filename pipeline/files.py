@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 @contextmanager
@@ -21,6 +21,28 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_npy_rows(handle: BinaryIO, rows: Iterable, shape: tuple[int, ...], digest=None) -> None:
+    """Write a uint8 array of `shape` to an open file as .npy (the very bytes np.save writes) one row at a time, from
+    `rows` (arrays of shape[1:]): nothing is stacked, so writing 200,000 films takes one film's memory, not a second
+    copy of all of them. Plain writes, not a memory map, whose pages would count in the process's resident memory.
+    `digest` (a hashlib object), when given, is fed the data bytes as written (the decode cache names shards by them).
+    """
+    import numpy as np
+
+    np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+    written = 0
+    for row in rows:
+        data = np.ascontiguousarray(row, dtype=np.uint8)
+        if data.shape != tuple(shape[1:]):
+            raise ValueError(f"row {written} has shape {data.shape}, not {tuple(shape[1:])}")
+        handle.write(data.data)
+        if digest is not None:
+            digest.update(data.data)
+        written += 1
+    if written != shape[0]:
+        raise ValueError(f"{written} rows written, {shape[0]} declared")
 
 
 def shown_path(path: str | os.PathLike) -> str:

@@ -119,6 +119,12 @@ def decode_file(path: Path, key: bytes | None = None, limits: DecodeLimits = Dec
     With `size` (the side it will be resized to), it may be decoded at a reduced scale (see the module's docstring).
     The file is read once, whole: every decoder then works on its bytes in memory.
     """
+    return decode_content(read_film(path), path, key, limits, size)
+
+
+def read_film(path: Path) -> bytes:
+    """A film file's bytes, read once and whole (ingest hashes them and decodes them from memory), or
+    UnreadableImage (missing_file, unreadable_file) naming the file; an empty file is decode_content's to refuse."""
     if not path.is_file():  # a folder, a missing file, or a FIFO that would block the read
         raise UnreadableImage("missing_file", f"{path}: no such file")
     try:
@@ -127,6 +133,13 @@ def decode_file(path: Path, key: bytes | None = None, limits: DecodeLimits = Dec
         raise UnreadableImage("missing_file", f"{path}: no such file") from None
     except OSError as exc:  # e.g. no read permission
         raise UnreadableImage("unreadable_file", f"{path}: could not be read ({exc.strerror or type(exc).__name__})") from None
+    return data
+
+
+def decode_content(data: bytes, path: Path, key: bytes | None = None, limits: DecodeLimits = DecodeLimits(),
+                   size: int | None = None) -> DecodedImage:
+    """Decode the bytes `read_film` read from `path` exactly as decode_file decodes the file (the format from the
+    magic bytes, else the file's suffix); `path` names the film in messages."""
     if not data:
         raise UnreadableImage("empty_file", f"{path}: the file is empty (0 bytes)")
     return _decode(data, format_of_head(data[:132]) or _format_of_suffix(path), str(path), key, limits, size)

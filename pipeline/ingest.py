@@ -35,15 +35,15 @@ from pipeline.deid import Identity, Redactor, identifier_hashes, key_check, load
 from pipeline.dvc_watch import check_sources_watched
 from pipeline.erasures import erased_patients
 from pipeline.errors import CxrError
-from pipeline.files import atomic_path, shown_path
-from pipeline.imaging import (DecodeLimits, UnreadableImage, check_usable, decode_file, limits_of, pixel_sha256, read_identity,
-                              resize)
+from pipeline.files import atomic_path, shown_path, write_npy_rows
+from pipeline.imaging import (DecodeLimits, UnreadableImage, check_usable, decode_content, limits_of, pixel_sha256, read_film,
+                              read_identity, resize)
 from pipeline.manifest import write_manifest
 from pipeline.overrides import EXCLUDED, Overrides, check_all_found, exclusion_message, labelled, read_overrides, review_record
 from pipeline.paths import ProjectPaths
 from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
 from pipeline.splits import assign_splits, read_registry, write_registry
-from pipeline.stat_cache import FileHashes, code_fingerprint, record_ingest, unchanged_ingest
+from pipeline.stat_cache import FileHashes, Seen, before_reading, code_fingerprint, record_ingest, unchanged_ingest
 from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,9 @@ class IngestPlan:
     unchanged: IngestResult | None = None  # the last ingest's result, when its outputs are this plan's: nothing to do
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of listing and hashing (`cxr ingest --profile`)
     overrides: Overrides = field(default_factory=lambda: Overrides(""))  # a reviewer's decisions (pipeline.overrides)
+    # Items (by position) whose files were not hashed ahead, as the decode cache was empty: their decoders hash the
+    # bytes they read (one read per film, not two), and finish learns their keys, stat (taken here) and fingerprint.
+    unread: dict[int, Seen] = field(default_factory=dict)
 
 
 def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = False) -> IngestResult:
@@ -126,7 +129,11 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
     files = [item.file for item in items]
     keys = [hashes.remembered(file) if file is not None else None for file in files]  # unchanged stat: not read
     unknown = [i for i, (file, key) in enumerate(zip(files, keys)) if file is not None and key is None]
-    if unknown:
+    cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop) if unknown else None
+    unread: dict[int, Seen] = {}
+    if cache is not None and cache.is_empty():  # nothing a hash could find: the decoders hash what they read
+        unread = {i: seen for i in unknown if (seen := before_reading(files[i])) is not None}
+    elif unknown:
         workers = config.data.num_workers or os.cpu_count() or 1
         with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib releases the GIL: threads hash in parallel
             hashed = tqdm(pool.map(hashes.sha256, [files[i] for i in unknown]), total=len(unknown), desc="hashing",
@@ -136,14 +143,15 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
     hashes.save()
     log.info("ingest: hashed %d of %d files; the others are unchanged since they were hashed", hashes.n_hashed,
              len(files) - files.count(None))
-    fingerprint = _fingerprint(config, items, rejected, keys, deid_key, overrides.sha256)
-    previous = unchanged_ingest(paths.decode_cache / "last_ingest.json", fingerprint, _outputs(paths)) if keep_unchanged else None
+    fingerprint = "" if unread else _fingerprint(config, items, rejected, keys, deid_key, overrides.sha256)  # unread: finish makes it
+    previous = (unchanged_ingest(paths.decode_cache / "last_ingest.json", fingerprint, _outputs(paths))
+                if keep_unchanged and fingerprint else None)
     seconds = {"listing": listed - started, "hashing": time.perf_counter() - listed}  # hashing: with the cache checks
     if previous is not None:
         result = IngestResult(**{**previous, "split_counts": dict(previous["split_counts"])}, n_decoded=0,
                               manifest_path=paths.manifest, images_path=paths.images, quarantine_path=paths.quarantine)
         return IngestPlan(items, rejected, keys, [], fingerprint, result, seconds, overrides)
-    cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop)
+    cache = cache or DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop)
     cache.drop_unreadable(keys)
     todo, queued = [], set()
     for item, key in zip(items, keys):  # byte-identical files are decoded once; the others come from the cache
@@ -152,7 +160,7 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
             if key is not None:
                 queued.add(key)
     seconds["hashing"] = time.perf_counter() - listed
-    return IngestPlan(items, rejected, keys, todo, fingerprint, seconds=seconds, overrides=overrides)
+    return IngestPlan(items, rejected, keys, todo, fingerprint, seconds=seconds, overrides=overrides, unread=unread)
 
 
 def _outputs(paths: ProjectPaths) -> list[Path]:
@@ -197,8 +205,8 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
         return []
     workers = min(workers or os.cpu_count() or 1, max(len(files), 1))
     if workers <= 1 or len(files) < 8:
-        return list(_logged_progress((decode_one(file, size, key, limits, crop) for file in
-                                      tqdm(files, desc="decoding", unit="img", disable=None)), len(files)))
+        return _packed(_logged_progress((decode_one(file, size, key, limits, crop) for file in
+                                         tqdm(files, desc="decoding", unit="img", disable=None)), len(files)), len(files), size)
     from concurrent.futures import ProcessPoolExecutor
 
     # Small chunks: a worker left without work while the other finishes a long last chunk wastes a core.
@@ -206,8 +214,8 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
     with ProcessPoolExecutor(max_workers=workers) as pool:
         outcomes = pool.map(decode_one, files, [size] * len(files), [key] * len(files), [limits] * len(files),
                             [crop] * len(files), chunksize=chunk)
-        return list(_logged_progress(tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img",
-                                          disable=None), len(files)))
+        return _packed(_logged_progress(tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img",
+                                             disable=None), len(files)), len(files), size)
 
 
 def _logged_progress(outcomes: Iterable, total: int, steps: int = 10) -> Iterator:
@@ -220,6 +228,20 @@ def _logged_progress(outcomes: Iterable, total: int, steps: int = 10) -> Iterato
         yield outcome
 
 
+def _packed(outcomes, count: int, size: int) -> list[Decoded | Failure]:
+    """The outcomes, each decoded film's pixels copied, as it arrives, into one pre-sized block (count x size x size)
+    and its own small array freed: 200,000 separately allocated 4 KB films cost about 40% more resident memory
+    than their pixels (allocator overhead and fragmentation), which decided whether an archive fits in 2 GiB."""
+    block = np.empty((count, size, size), dtype=np.uint8)
+    packed: list[Decoded | Failure] = []
+    for row, outcome in enumerate(outcomes):
+        if isinstance(outcome, Decoded) and outcome.pixels.shape == (size, size):
+            block[row] = outcome.pixels
+            outcome = replace(outcome, pixels=block[row])
+        packed.append(outcome)
+    return packed
+
+
 def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeLimits(),
                crop: Crop = "none") -> Decoded | Failure:
     """Decode and resize one film file (cropped to its central square first with `crop` center), decoded at the
@@ -229,18 +251,21 @@ def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeL
     What it returns may cross a process, task or network boundary (and be persisted by Prefect or spilled by
     Dask), so it holds the header's identity as pseudonyms only and names the film `{file}`, not by its path.
     """
+    file_key = None
     try:
-        decoded = decode_file(file, key, limits, size)
+        data = read_film(file)
+        file_key = hashlib.sha256(data).hexdigest()  # hashed as read: ingest never reads a new film twice
+        decoded = decode_content(data, file, key, limits, size)
     except UnreadableImage as exc:
         message = shown_path(Redactor(exc.identity.hashes, key).text(str(exc).replace(str(file), FILE)))
-        return Failure(exc.reason, message, exc.identity)
+        return Failure(exc.reason, message, exc.identity, file_key)
     except Exception as exc:  # an unforeseen decoder failure costs one file, not the run
-        return Failure("decode_failed", f"{FILE}: unexpected {type(exc).__name__} while decoding")
+        return Failure("decode_failed", f"{FILE}: unexpected {type(exc).__name__} while decoding", file_key=file_key)
     stored = resize(decoded.pixels, size, crop)
     header = {"bits_stored": decoded.bits_stored, "modality": decoded.modality, "photometric": decoded.photometric,
               "view": decoded.view, "body_part": decoded.body_part, "sex": decoded.sex, "age_band": decoded.age_band}
     return Decoded(stored, _decoded_fields(decoded.pixels, stored, decoded.format, header, (decoded.height, decoded.width)),
-                   decoded.identity)
+                   decoded.identity, file_key)
 
 
 def decode_at_size(item: SourceItem, size: int, key: bytes, limits: DecodeLimits = DecodeLimits(),
@@ -283,7 +308,10 @@ def _decoded_fields(decoded: np.ndarray, stored: np.ndarray, kind: str, header: 
 def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcomes: list[Decoded | Failure],
                   reassign_splits: bool = False) -> IngestResult:
     """Cache the new decodes; build, split, de-duplicate and write the manifest, image store and quarantine list,
-    recording each new patient's split in the split registry."""
+    recording each new patient's split in the split registry.
+
+    `outcomes` (decode_items', in plan.todo order) is consumed: the list is emptied, and each film's pixels are
+    freed once spooled to disk (PixelSpool), so an archive's films are never all in memory at once, twice over."""
     if plan.unchanged is not None and not reassign_splits:
         log.info("ingest: the %d listed files and the data params are as at the last ingest, whose outputs are "
                  "intact: kept them as they are", len(plan.items))
@@ -293,12 +321,15 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     erased = erased_patients(paths.erasures, key_check(key))
     cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop)
     fresh = {id(item): outcome for item, outcome in zip(plan.todo, outcomes)}
+    outcomes.clear()  # consumed: each film's pixels are freed once spooled below, so memory stays flat
+    plan = _with_keys_read(paths, config, plan, fresh, key)
     cache.add([(file_key, fresh[id(item)]) for item, file_key in zip(plan.items, plan.keys)
                if file_key is not None and id(item) in fresh and not _erased(item, fresh[id(item)], key, erased)])
     settled: list[Decoded | Failure] = []
+    spool = PixelSpool(paths.images.parent, config.data.image_size)
     repaired: list[tuple[str, Decoded | Failure]] = []
     for item, file_key in zip(plan.items, plan.keys):
-        outcome = fresh.get(id(item)) or _cached_or_array(item, file_key, cache, config.data.image_size, key, config.data.crop)
+        outcome = fresh.pop(id(item), None) or _cached_or_array(item, file_key, cache, config.data.image_size, key, config.data.crop)
         if outcome is None:  # the cache held it damaged (it warned): decode it again
             outcome = decode_one(item.file, config.data.image_size, key, limits_of(config.data), config.data.crop)
             if not _erased(item, outcome, key, erased):
@@ -307,15 +338,15 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
             outcome = _erasure_failure(item, outcome, key, erased)
         if isinstance(outcome, Decoded):
             outcome = _apply_filters(outcome, config.data.filters)
-        settled.append(outcome)
+        settled.append(spool.keep(outcome))
     cache.add(repaired)
     # Only now does the run know every identifier: a PNG beside a DICOM in an MRN folder is redacted too.
     redactor = run_redactor(plan.items, [outcome.identity for outcome in settled], plan.rejected, key)
     rows: list[dict] = []
-    images: list[np.ndarray] = []
     rejected = [Rejected(r.source, redactor.path(r.path), r.reason, redactor.text(r.message)) for r in plan.rejected]
     overrides, n_excluded = plan.overrides, 0
     listed = {(r.source, r.path) for r in rejected}
+    in_manifest: list[bool] = []  # per spooled film, in spool order: False for a film a reviewer excluded
     for item, outcome in zip(plan.items, settled):
         path = redactor.path(item.path)
         listed.add((item.source, path))
@@ -328,15 +359,17 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
             message = redactor.text(exclusion_message(decision, f"{item.source}/{path}", overrides.shown))
             rejected.append(Rejected(item.source, path, EXCLUDED, message))
             n_excluded += 1
+            in_manifest.append(False)
             continue
+        in_manifest.append(True)
         where = f"{overrides.shown} line {decision.line}: {item.source}/{path}" if decision else ""
         rows.append({**_manifest_row(item, outcome, key, path), **labelled(decision, item.label, where)})
-        images.append(outcome.pixels)
     check_all_found(overrides, listed, [spec.path for spec in config.data.sources], redactor.text)
     if not rows:
         raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
 
     manifest = pd.DataFrame(rows)
+    del rows, settled  # per-film dicts and outcomes: at archive scale, hundreds of MB the steps below can reuse
     manifest["split"], registry = assign_splits(
         manifest, read_registry(paths.split_registry), config.data.split, config.data.seed, key_check(key),
         reassign=reassign_splits, where=paths.split_registry.relative_to(paths.root).as_posix())
@@ -346,15 +379,16 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     keep = _rows_to_keep(manifest, config.data.dedupe)
     dropped = manifest[~keep]
     manifest = manifest[keep].reset_index(drop=True)
-    images = [image for image, kept in zip(images, keep) if kept]
     manifest["store_index"] = np.arange(len(manifest))
     manifest = manifest[MANIFEST_COLUMNS]
     quarantine = pd.DataFrame([r.__dict__ for r in rejected], columns=QUARANTINE_COLUMNS)
 
     # The registry first: a patient recorded but not yet in a manifest is harmless, the reverse is not.
     registry_written = write_registry(paths.split_registry, registry)
-    with atomic_path(paths.images) as tmp, tmp.open("wb") as handle:
-        np.save(handle, np.stack(images))
+    with atomic_path(paths.images) as tmp, tmp.open("wb") as handle, spool:  # streamed: never all in memory
+        stored = np.array(in_manifest, dtype=bool)
+        stored[stored] = keep.to_numpy()  # of the films in the manifest, the ones dedupe kept
+        write_npy_rows(handle, spool.rows(stored), (len(manifest), config.data.image_size, config.data.image_size))
     review = review_record(overrides, manifest["label"], manifest["label_original"], manifest["label_source"], n_excluded)
     write_manifest(paths.manifest, manifest, config.data.task, config.data.labels, review)
     with atomic_path(paths.quarantine) as tmp:
@@ -386,6 +420,71 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     elif registry_written:
         log.info("ingest: %d patients in the split registry → %s", len(registry), paths.split_registry)
     return result
+
+
+SPOOLED = np.empty((0, 0), dtype=np.uint8)  # a Decoded's pixels once PixelSpool holds them
+
+
+class PixelSpool:
+    """The stored films of one ingest, in manifest row order, in an anonymous temporary file beside the outputs
+    rather than in memory: a 200,000-film ingest at 64 px would otherwise hold 800 MB of pixels (more with numpy's
+    per-array overhead) until images.npy is written. Plain file I/O, not a memory map, whose pages would count in
+    the process's resident memory."""
+
+    def __init__(self, folder: Path, size: int) -> None:
+        import tempfile
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = tempfile.TemporaryFile(dir=folder, prefix=".images-spool-")  # deleted when closed, or if we die
+        self.shape = (size, size)
+        self.count = 0
+
+    def keep(self, outcome: Decoded | Failure) -> Decoded | Failure:
+        """Spool a decoded film's pixels (row `count`) and return it without them; a failure passes through."""
+        if not isinstance(outcome, Decoded):
+            return outcome
+        pixels = np.ascontiguousarray(outcome.pixels, dtype=np.uint8)
+        if pixels.shape != self.shape:
+            raise ValueError(f"a stored film of shape {pixels.shape}, not {self.shape}")
+        self.file.write(pixels.data)
+        self.count += 1
+        return replace(outcome, pixels=SPOOLED)
+
+    def rows(self, keep: np.ndarray):  # -> Iterator[np.ndarray]
+        """The spooled films whose `keep` entry is true, in order, read back one at a time."""
+        if len(keep) != self.count:
+            raise ValueError(f"{len(keep)} rows to keep or drop, {self.count} spooled")
+        self.file.flush()
+        self.file.seek(0)
+        width = self.shape[0] * self.shape[1]
+        for kept in keep:
+            data = self.file.read(width)
+            if kept:
+                yield np.frombuffer(data, dtype=np.uint8).reshape(self.shape)
+
+    def __enter__(self) -> PixelSpool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def _with_keys_read(paths: ProjectPaths, config: Config, plan: IngestPlan, fresh: dict[int, Decoded | Failure],
+                    key: bytes) -> IngestPlan:
+    """The plan with the keys its decoders hashed as they read (plan.unread) filled in, its fingerprint made and
+    those hashes remembered in the file-hash table, so the next run reads none of these files."""
+    if not plan.unread:
+        return plan
+    keys = list(plan.keys)
+    learned = []
+    for position, seen in plan.unread.items():
+        item = plan.items[position]
+        outcome = fresh.get(id(item))
+        if outcome is not None and outcome.file_key is not None:
+            keys[position] = outcome.file_key
+            learned.append((item.file, seen, outcome.file_key))
+    FileHashes.add_to(paths.decode_cache / "file_hashes.parquet", key, learned)
+    return replace(plan, keys=keys, fingerprint=_fingerprint(config, plan.items, plan.rejected, keys, key, plan.overrides.sha256), unread={})
 
 
 def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache | None, size: int,

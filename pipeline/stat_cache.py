@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 RACY_NS = 2_000_000_000  # FAT keeps mtimes to 2 s; ext4, XFS and tmpfs tick every few milliseconds
 StatKey = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
+Seen = tuple[StatKey, int]  # a file's stat, and the time (ns) before it was read
 
 
 def stat_key(path: Path) -> StatKey | None:
@@ -99,9 +100,29 @@ class FileHashes:
         except OSError:  # e.g. no read permission: one file's problem, not the run's
             return None
         self.n_hashed += 1  # a counter for the log: a lost update under threads costs nothing
-        if max(key[1], key[2]) < started - RACY_NS:  # else it may change again within the same timestamp tick
-            self._used[name] = (key, digest)
+        self.learn(file, (key, started), digest)
         return digest
+
+    def learn(self, file: Path, seen: Seen, digest: str) -> None:
+        """Remember the sha256 of what was read from `file` after `seen` (its stat and the time before the read,
+        from `before_reading`): a file changed after that stat shows another stat next run, so is read again; a
+        hash taken within RACY_NS of its last change is not kept (the same timestamp tick may hide a change)."""
+        key, started = seen
+        if max(key[1], key[2]) < started - RACY_NS:
+            self._used[self._name(file)] = (key, digest)
+
+    @classmethod
+    def add_to(cls, path: Path, key: bytes, learned: list[tuple[Path, Seen, str]]) -> None:
+        """Add hashes taken elsewhere (decode workers hash the bytes they decode) to the table at `path`, keeping
+        the entries it holds."""
+        if not learned:
+            return
+        hashes = cls.load(path, key)
+        hashes._used = dict(hashes.known)
+        hashes.known = {}  # so save() writes
+        for file, seen, digest in learned:
+            hashes.learn(file, seen, digest)
+        hashes.save()
 
     def save(self) -> None:
         """Keep the entries of the files seen this run (older ones are dropped); writes only when something changed."""
@@ -120,6 +141,13 @@ class FileHashes:
     def _name(self, file: Path) -> str:
         """How the table knows a file: another key (or a rotated one) makes every file unknown, so hashed again."""
         return hmac.new(self.key, os.fsencode(file), hashlib.sha256).hexdigest()[:32]
+
+
+def before_reading(file: Path) -> Seen | None:
+    """A file's stat and the time it was taken, before another process reads the file (FileHashes.learn); None
+    when it is not a regular file."""
+    key = stat_key(file)
+    return None if key is None else (key, time.time_ns())
 
 
 @functools.cache  # the code this process runs is the code it imported

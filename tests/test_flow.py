@@ -189,3 +189,86 @@ def test_a_stage_task_that_refuses_ends_the_flow_with_its_own_one_line_message(p
     assert "class_ratio" in str(on_its_own.value) and "\n" not in str(on_its_own.value)
     assert str(in_the_flow.value) == f"validate: {on_its_own.value}"
     assert not (params.parent / "data" / "processed" / "train_index.npy").exists()  # rebalance never ran
+
+
+@pytest.mark.slow
+def test_ingest_on_a_separately_started_dask_scheduler_and_two_workers_gives_the_same_outputs(prefect_engine, tmp_path):
+    """The multi-machine setup of the README, on one machine: `dask scheduler` and two `dask worker` processes started
+    on their own (each in its own folder, the key in its environment, as on another host), and the flow pointed at
+    them by orchestration.dask_address. The outputs are the bytes of the thread runner's, and the films were decoded
+    by those workers, not by a cluster the flow started itself."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from flows.pipeline_flow import ingest_flow, task_runner_for
+    from pipeline.config import load_config
+    from pipeline.demo_data import write_demo_data
+    from pipeline.paths import ProjectPaths
+    from tests.conftest import REPO
+
+    write_demo_data(tmp_path / "data" / "raw" / "demo", n=30, seed=7, size=64)
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n")
+    paths = ProjectPaths(tmp_path)
+    on_threads = load_config(params, ["data.num_workers=1"])
+    state = ingest_flow.with_options(task_runner=task_runner_for(on_threads))(paths, on_threads, return_state=True)
+    assert state.is_completed(), state.message
+    expected = [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine, paths.dropped_duplicates)]
+    shutil.rmtree(paths.decode_cache)
+
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    scheduler_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DASK_TEMPORARY_DIRECTORY": str(tmp_path / "dask-tmp")}
+    started = [subprocess.Popen([*dask, "--scheduler-file", str(scheduler_file), "--port", "0", "--dashboard-address", ":0"],
+                                env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 120
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for name in ("host-a", "host-b"):
+            (tmp_path / name).mkdir()
+            started.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--nworkers", "1",
+                 "--name", name, "--no-dashboard"], env=env, cwd=tmp_path / name, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            on_dask = load_config(params, ["orchestration.task_runner=dask", f"orchestration.dask_address={address}",
+                                           "orchestration.ingest_shard_size=5"])
+            state = ingest_flow.with_options(task_runner=task_runner_for(on_dask))(paths, on_dask, return_state=True)
+            assert state.is_completed(), state.message
+            assert state.result().n_decoded == 33  # 30 films and the 3 broken ones, in 7 shards
+            assert len(client.scheduler_info()["workers"]) == 2  # the flow used these, it started no cluster of its own
+            done = client.run(lambda dask_worker: len(dask_worker.data) + dask_worker.state.executed_count)
+            assert all(count > 0 for count in done.values()), done  # both "machines" decoded shards
+    finally:
+        for process in reversed(started):
+            process.terminate()
+        for process in started:
+            process.wait(timeout=60)
+
+    assert [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine, paths.dropped_duplicates)] == expected
+
+
+def test_a_decode_task_whose_key_is_not_the_flows_refuses_in_one_line(tmp_path, monkeypatch):
+    """A Dask worker on another host without the flow's key would make its own and return pseudonyms nothing else
+    matches: the decode task compares key fingerprints (deid.key_check) and refuses, naming the fix."""
+    from flows.pipeline_flow import decode_task
+    from pipeline.deid import key_check, load_key
+    from pipeline.demo_data import write_demo_data
+    from pipeline.imaging import DecodeLimits
+
+    write_demo_data(tmp_path / "demo", n=4, seed=1, size=32)
+    films = sorted(p for p in (tmp_path / "demo").rglob("*") if p.is_file())[:2]
+    flows_key = key_check(load_key(tmp_path, "project"))
+    assert len(decode_task.fn(films, 16, 1, DecodeLimits(), tmp_path, "project", "none", flows_key)) == 2
+    monkeypatch.setenv("CXR_DEID_KEY", "another-key-on-another-host-0123456789abcdef")
+    with pytest.raises(CxrError, match=r"^ingest: the de-identification key on .* is not the flow's .*same CXR_DEID_KEY"):
+        decode_task.fn(films, 16, 1, DecodeLimits(), tmp_path, "project", "none", flows_key)

@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from pipeline.config import load_config
 from pipeline.demo_data import write_demo_data
@@ -93,10 +94,17 @@ def test_byte_identical_files_are_decoded_once_and_reingest_works(tmp_path):
     paths, config = _project(tmp_path, "data.sources=[data/raw/demo]", "data.num_workers=1", "data.dedupe=report")
 
     first = ingest_stage(paths, config)
+    shutil.copy2(films[1], films[1].with_name("copy_of_" + films[1].name))  # a byte copy added after the first ingest
     second = ingest_stage(paths, config)
+    third = ingest_stage(paths, config)
 
-    assert first.n_decoded == 33  # 30 films and 3 broken files; the byte copy of one film is not decoded again
-    assert second.n_decoded == 0 and second.n_images == first.n_images == 31
+    # Into an empty cache each file is read once, hashed as it is decoded, so both copies are decoded (30 films, the
+    # copy and 3 broken files), and the cache keeps one.
+    assert first.n_decoded == 34 and first.n_images == 31
+    # With films in the cache, new files are hashed first: the new byte copy is served from the cache.
+    assert second.n_decoded == 0 and second.n_images == 32
+    assert third.n_decoded == 0 and third.n_images == 32
+    assert len(pd.read_parquet(next(paths.decode_cache.glob("decoded-*")) / "index.parquet")) == 30
 
 
 def _cold_and_cached(tmp_path):
@@ -197,3 +205,85 @@ def test_a_new_shard_never_takes_the_name_of_an_existing_one(tmp_path):
     reopened = DecodeCache(tmp_path)
     assert (reopened.get("key-b").pixels == 2).all()
     assert (reopened.get("key-c").pixels == 3).all()
+
+
+def test_a_cold_ingest_reads_each_film_once_and_the_next_ingest_reads_none(tmp_path):
+    """Hash while reading: into an empty decode cache, each film file is opened once (the decoder hashes the bytes
+    it decodes), not once to hash it and again to decode it; the hashes it learned spare the next ingest reading
+    any film (outputs deleted, so it really runs, served by the decode cache). Counted with a real audit hook."""
+    import sys
+
+    import time
+
+    from pipeline.stat_cache import RACY_NS
+
+    write_demo_data(tmp_path / "data" / "raw" / "demo", n=12, seed=4, size=64)
+    time.sleep(RACY_NS / 1e9 + 0.1)  # a hash taken in the same timestamp tick as the file's last change is not kept
+    root = tmp_path / "data" / "raw" / "demo"
+    films = {str(p) for p in root.rglob("*") if p.is_file() and p.suffix in (".png", ".jpg", ".jpeg", ".dcm")}
+    paths, config = _project(tmp_path, "data.sources=[data/raw/demo]", "data.num_workers=1")  # decoded in this process
+    opened: list[str] = []
+    counting = [True]
+
+    def count(event, args):
+        if counting[0] and event == "open" and isinstance(args[0], (str, bytes)) and str(args[0]) in films:
+            opened.append(str(args[0]))
+
+    sys.addaudithook(count)  # cannot be removed: switched off below
+    try:
+        cold = ingest_stage(paths, config)
+        cold_opens = list(opened)
+        written = _outputs(paths)
+        opened.clear()
+        again = _reingest_from_the_cache(paths, config)
+    finally:
+        counting[0] = False
+
+    assert cold.n_decoded >= 12
+    per_file = pd.Series(cold_opens).value_counts()
+    assert len(per_file) >= 12 and per_file.max() == 1, per_file[per_file > 1]
+    # Only DICOM headers, and quarantined files' for a header identity, are read again (identities are never cached).
+    assert again.n_decoded == 0 and {f for f in opened if not f.endswith(".dcm") and "/broken_" not in f} == set()
+    assert _outputs(paths) == written
+
+
+def test_streamed_npy_rows_are_the_bytes_np_save_writes_and_a_short_stream_is_refused(tmp_path):
+    """images.npy and the cache shards are written a film at a time (never stacked): the file must still be the
+    exact .npy np.save makes (readers, DVC hashes and byte-for-byte test comparisons depend on it), its digest the
+    blake2b of the stacked bytes (a shard's name), and a stream with fewer rows than declared must not pass."""
+    import hashlib
+    import io
+
+    from pipeline.files import write_npy_rows
+
+    films = [np.random.default_rng(seed).integers(0, 256, (7, 7), dtype=np.uint8) for seed in range(5)]
+    expected = io.BytesIO()
+    np.save(expected, np.stack(films))
+    streamed, digest = io.BytesIO(), hashlib.blake2b(digest_size=16)
+    write_npy_rows(streamed, iter(films), (5, 7, 7), digest)
+    assert streamed.getvalue() == expected.getvalue()
+    assert digest.hexdigest() == hashlib.blake2b(np.stack(films).tobytes(), digest_size=16).hexdigest()
+    with pytest.raises(ValueError, match="4 rows written, 5 declared"):
+        write_npy_rows(io.BytesIO(), films[:4], (5, 7, 7))
+    with pytest.raises(ValueError, match=r"row 1 has shape \(6, 7\)"):
+        write_npy_rows(io.BytesIO(), [films[0], films[1][:6]], (2, 7, 7))
+
+
+def test_the_pixel_spool_gives_back_the_kept_films_in_order_and_refuses_a_miscount(tmp_path):
+    """finish_ingest spools each stored film to disk as it settles and writes images.npy from the spool: the rows it
+    reads back must be the films it was given, in order, less the dropped ones; failures pass through unspooled."""
+    from pipeline.decode_cache import Decoded, Failure
+    from pipeline.ingest import SPOOLED, PixelSpool
+
+    films = [np.full((4, 4), value, dtype=np.uint8) for value in (10, 20, 30)]
+    with PixelSpool(tmp_path, 4) as spool:
+        kept = [spool.keep(Decoded(film, {})) for film in films]
+        failure = Failure("blank_image", "{file}: blank")
+        assert spool.keep(failure) is failure
+        assert all(outcome.pixels is SPOOLED for outcome in kept) and spool.count == 3
+        assert [row[0, 0] for row in spool.rows(np.array([True, False, True]))] == [10, 30]
+        with pytest.raises(ValueError, match="2 rows to keep or drop, 3 spooled"):
+            list(spool.rows(np.array([True, True])))
+        with pytest.raises(ValueError, match=r"shape \(5, 5\)"):
+            spool.keep(Decoded(np.zeros((5, 5), dtype=np.uint8), {}))
+    assert not list(tmp_path.iterdir())  # an anonymous file: nothing left beside the outputs
