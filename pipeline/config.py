@@ -270,7 +270,8 @@ class EvaluateConfig(Section):
     # The operating point, chosen on the validation split (never on test): `youden` maximises sensitivity +
     # specificity - 1, `sensitivity` takes the highest threshold whose validation sensitivity reaches
     # target_sensitivity, `fixed` uses `threshold` as given. Multilabel tasks choose one threshold per label.
-    threshold_method: Literal["fixed", "youden", "sensitivity"] = "youden"
+    # `youden_mid` takes the middle of the interval of thresholds reaching the best J, not its lowest edge.
+    threshold_method: Literal["fixed", "youden", "youden_mid", "sensitivity"] = "youden_mid"
     threshold: float = Field(0.5, gt=0, lt=1)  # fixed only
     target_sensitivity: float = Field(0.95, gt=0, le=1)  # sensitivity only
     # Other labelled sources (same forms as data.sources) scored as external validation: never trained on,

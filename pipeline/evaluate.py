@@ -68,6 +68,8 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     metrics: dict = {"task": task.name, "labels": task.labels, "threshold": threshold, "threshold_method": method}
     if method == "sensitivity":
         metrics["target_sensitivity"] = settings.target_sensitivity
+    # How well validation pins the operating point down: the threshold chosen again on resampled val patients.
+    metrics["threshold_spread"] = task.threshold_spread(scored["val"], settings, rows["val"]["patient_hash"].to_numpy())
     metrics |= {"temperature": temperature, "model": state["model"], "best_epoch": state["epoch"],
                 "checkpoint_sha256": sha256_of(paths.checkpoint)}
     for split in ("val", "test"):

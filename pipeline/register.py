@@ -25,6 +25,7 @@ from pipeline.champion import (CHALLENGER, CONTRACT_TAG, PATIENTS_ARTIFACT_TAG, 
                                first_decision, gate, move_champion, patient_record)
 from pipeline.config import Config
 from pipeline.documents import (count_rows, describe_ece, describe_intervals, describe_operating_point, describe_threshold,
+                                describe_threshold_spread,
                                 headline_rows, per_label_rows, render, subgroup_tables)
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, read_json, sha256_of, write_json
@@ -214,6 +215,7 @@ def model_card_context(paths: ProjectPaths, trained: TrainedModel, name: str, ve
         "count_labels": count_labels,
         "counts": counts,
         "operating_point": describe_operating_point(metrics),
+        "threshold_spread": describe_threshold_spread(metrics),
         "n": metrics["test"].get("n"),
         "headline": headline_rows(metrics),
         "per_label_header": per_label_header,
