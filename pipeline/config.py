@@ -115,6 +115,11 @@ class DataConfig(Section):
     subtype_pattern: str = r"_(bacteria|virus)_"  # Kermany file names carry the pneumonia subtype
     filters: SourceFilters = SourceFilters()
     dedupe: DedupeMode = "drop"  # drop: keep one copy of identical films (train first); report: keep all, the gate counts them
+    # Films no header, table or file name gives a patient (MedMNIST's .npz) are each their own patient, so a film and
+    # its near-identical copy (validation.near_duplicate_distance) can land in two splits or two crossval folds.
+    # true: such films are grouped into pseudo-patients first (pipeline.splits.pseudo_patients); a source's own
+    # split is kept, and other films of one person stay apart: the reports still say patients are not known.
+    group_near_duplicates: bool = True
     num_workers: int = Field(0, ge=0)  # decoding processes; 0 = one per core
     # Refused before decoding (quarantined as too_large / too_many_frames): a header costs nothing to forge and can
     # declare gigabytes. max_pixels bounds one frame's width x height (50 million: 7000 x 7000, above any chest

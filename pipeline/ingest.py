@@ -40,14 +40,14 @@ from pipeline.imaging import (DecodeLimits, UnreadableImage, check_usable, decod
 from pipeline.manifest import write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
-from pipeline.splits import assign_splits, read_registry, write_registry
+from pipeline.splits import assign_splits, pseudo_patients, read_registry, write_registry
 from pipeline.stat_cache import FileHashes, code_fingerprint, record_ingest, unchanged_ingest
 from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = [
-    "store_index", "image_id", "split", "label", "label_index", "patient_hash", "sha256", "format",
+    "store_index", "image_id", "split", "label", "label_index", "patient_hash", "patient_from", "sha256", "format",
     "source", "path", "subtype", "width", "height", "bits_stored", "modality", "photometric", "view", "body_part",
     "sex", "age_band", "mean_intensity", "std_intensity",
 ]
@@ -166,6 +166,7 @@ def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejecte
         digest.update(json.dumps(value, sort_keys=True, default=str).encode() + b"\n")
 
     add(config.data.model_dump(mode="json", exclude={"num_workers"}))  # workers change speed, never outputs
+    add(config.validation.near_duplicate_distance)  # data.group_near_duplicates groups by it
     add([CACHE_VERSION, code_fingerprint()])
     for item, key in zip(items, keys):
         pixels = None
@@ -307,8 +308,13 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
         raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
 
     manifest = pd.DataFrame(rows)
+    registry = read_registry(paths.split_registry)
+    if config.data.group_near_duplicates:
+        recorded = {} if registry is None or reassign_splits else dict(zip(registry["patient_hash"], registry["split"]))
+        manifest = pseudo_patients(manifest, np.stack(images), config.validation.near_duplicate_distance, recorded,
+                                   manifest["split"])
     manifest["split"], registry = assign_splits(
-        manifest, read_registry(paths.split_registry), config.data.split, config.data.seed, key_check(key),
+        manifest, registry, config.data.split, config.data.seed, key_check(key),
         reassign=reassign_splits, where=paths.split_registry.relative_to(paths.root).as_posix())
     manifest["label_index"] = task_for(config.data.task, config.data.labels).label_index(manifest["label"])
     manifest["label"] = manifest["label"].fillna("")
@@ -409,12 +415,20 @@ def patient_of(item: SourceItem, header_patient: str | None, key: bytes) -> str:
     return header_patient or patient_hash(item.patient_id or f"{item.source}/{item.path}", key)
 
 
+def patient_origin(item: SourceItem, header_patient: str | None) -> str:
+    """Where patient_of found the film's patient (pipeline.splits.KNOWN_PATIENT): `header`, `source` (a table's column
+    or the file name) or `film` (nowhere: the film is its own patient, so other films of that person may sit in
+    other splits). Reports say so wherever validation and test may share patients with train."""
+    return "header" if header_patient else "source" if item.patient_id else "film"
+
+
 def _manifest_row(item: SourceItem, decoded: Decoded, key: bytes, redacted_path: str) -> dict:
     return {
         "image_id": image_id_of(item, key),
         "split": item.split,
         "label": item.label,
         "patient_hash": patient_of(item, decoded.identity.patient, key),
+        "patient_from": patient_origin(item, decoded.identity.patient),
         "source": item.source,
         "path": redacted_path,
         "subtype": item.subtype,

@@ -35,6 +35,66 @@ HELD_OUT_FIRST = ("test", "val", "train")  # a patient a source puts in several 
 REASSIGN_FIX = "run `cxr ingest --reassign-splits` to reshuffle every patient deliberately (recorded in MLflow)"
 
 
+# How each film's patient was known (the manifest's patient_from). `header`: the DICOM PatientID; `source`: a table's
+# patient column or data.patient_pattern in the file name; `film`: nothing named one, the film is its own patient;
+# `near_duplicates`: nothing named one, and the film was grouped with its near-duplicates into a pseudo-patient
+# (data.group_near_duplicates). Only the first two keep other films of one person out of the other splits.
+KNOWN_PATIENT = ("header", "source")
+UNKNOWN_PATIENT = ("film", "near_duplicates")
+
+
+def near_duplicate_groups(hashes: np.ndarray, max_distance: int, eligible: np.ndarray, strata: np.ndarray) -> np.ndarray:
+    """A group number per film: `eligible` films of one stratum linked by a chain of near-duplicate pairs (perceptual
+    hashes within `max_distance` bits, pipeline.phash) share one; every other film is a group of its own.
+
+    The pairs come from phash.close_pairs (a numpy block scan, about a second for 10,000 films) and the chains from
+    scipy's connected components (a union-find in C), so no Python loop runs over films or pairs.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from pipeline.phash import close_pairs
+
+    pairs = close_pairs(hashes, max_distance)
+    first, second = pairs[:, 0], pairs[:, 1]
+    keep = eligible[first] & eligible[second] & (strata[first] == strata[second])
+    n = len(hashes)
+    graph = coo_matrix((np.ones(int(keep.sum()), dtype=np.int8), (first[keep], second[keep])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def pseudo_patients(frame: pd.DataFrame, images: np.ndarray, max_distance: int, recorded: dict[str, str],
+                    strata: pd.Series) -> pd.DataFrame:
+    """`frame` (patient_hash, patient_from per film, in data order) with near-duplicate films that no patient ID
+    links merged into pseudo-patients, so that a film and its re-saved, re-windowed or slightly shifted copy can
+    never be split apart (or fall into two cross-validation folds).
+
+    Only films without a patient (patient_from `film` or `near_duplicates`) of one stratum (the split their source
+    gave them: a source's own train/val/test is kept) are grouped. A group takes the pseudonym of its first member
+    the split registry (`recorded`: patient_hash -> split) knows, else of its first member, so a grouped film
+    already recorded keeps its split; a member recorded in another split keeps its own pseudonym and split
+    (the registry fixes a patient's split once; `cxr ingest --reassign-splits` regroups it).
+    """
+    from pipeline.phash import phash
+
+    eligible = frame["patient_from"].isin(UNKNOWN_PATIENT).to_numpy()
+    if eligible.sum() < 2:
+        return frame
+    groups = near_duplicate_groups(phash(images), max_distance, eligible, strata.fillna("").astype(str).to_numpy())
+    hashes = frame["patient_hash"].to_numpy(dtype=object)
+    known = frame["patient_hash"].map(recorded).to_numpy(dtype=object)
+    order = np.arange(len(frame)) + np.where(pd.isna(known), len(frame), 0)  # recorded members first, then data order
+    representative = pd.Series(order).groupby(groups).transform("idxmin").to_numpy()
+    size = np.bincount(groups)[groups]
+    apart = ~pd.isna(known) & (known != known[representative])
+    joined = (size > 1) & ~apart
+    if apart.any():
+        log.warning("ingest: %d near-duplicate film(s) stay in the split %s recorded for them apart from their "
+                    "group; `cxr ingest --reassign-splits` groups them", int(apart.sum()), "the split registry")
+    return frame.assign(patient_hash=np.where(joined, hashes[representative], hashes),
+                        patient_from=np.where(joined, "near_duplicates", frame["patient_from"].to_numpy(dtype=object)))
+
+
 def split_patients(frame: pd.DataFrame, fractions: SplitFractions, seed: int) -> pd.Series:
     """Assign train/val/test to every row by patient, stratified on each patient's most common label.
 

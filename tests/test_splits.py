@@ -269,3 +269,81 @@ def test_hash_buckets_follow_the_split_fractions_and_the_seed():
     assert abs(shares["train"] - 0.6) < 0.02 and abs(shares["val"] - 0.1) < 0.02 and abs(shares["test"] - 0.3) < 0.02
     assert [hash_bucket(p, fractions, 0) for p in pseudonyms[:50]] == buckets[:50].tolist()  # a patient alone decides
     assert [hash_bucket(p, fractions, 1) for p in pseudonyms[:200]] != buckets[:200].tolist()
+
+
+def _films_with_near_copies(path: Path, n: int = 80, copies: int = 16) -> None:
+    """A MedMNIST-style train-only archive (no patient ids): n distinct smooth 128-px films, then a copy of each of
+    the first `copies` films, half shifted by 1 px, half 12 grey levels brighter (perceptual hashes within 8 bits of
+    their original; the closest two distinct films are 17 bits apart)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(3)
+    films = np.stack([gaussian_filter(rng.normal(size=(128, 128)), 6) for _ in range(n)])
+    films = ((films - films.min(axis=(1, 2), keepdims=True)) / np.ptp(films, axis=(1, 2), keepdims=True) * 180 + 30)
+    films = films.astype(np.uint8)
+    half = copies // 2
+    near = np.concatenate([np.roll(films[:half], 1, axis=1),
+                           np.clip(films[half:copies].astype(int) + 12, 0, 255).astype(np.uint8)])
+    labels = (np.arange(n) % 3 != 0).astype(np.uint8)
+    np.savez(path, train_images=np.concatenate([films, near]),
+             train_labels=np.concatenate([labels, labels[:copies]]).reshape(-1, 1))
+
+
+def _pairs_in_one_split(paths: ProjectPaths, n: int = 80, copies: int = 16) -> tuple[int, pd.DataFrame]:
+    """How many (film, near copy) pairs share a split, and the manifest by npz row."""
+    manifest = pd.read_parquet(paths.manifest).set_index("path").loc[[f"train/{i}" for i in range(n + copies)]]
+    split = manifest["split"].to_numpy()
+    return int(sum(split[i] == split[n + i] for i in range(copies))), manifest
+
+
+def test_near_duplicate_films_without_patient_ids_are_one_pseudo_patient_in_one_split(tmp_path):
+    _films_with_near_copies(tmp_path / "near.npz")
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  sources: [near.npz]\n  group_near_duplicates: false\n"
+                      "validation:\n  near_duplicate_distance: 8\n")
+    paths = ProjectPaths(tmp_path)
+    ingest_stage(paths, load_config(params))
+    together, manifest = _pairs_in_one_split(paths)
+    assert together < 16  # each film its own patient: val and test carved from train split some pairs apart
+    assert set(manifest["patient_from"]) == {"film"}
+
+    ingest_stage(paths, load_config(params, ["data.group_near_duplicates=true"]), reassign_splits=True)
+    together, manifest = _pairs_in_one_split(paths)
+    assert together == 16
+    pseudo = manifest["patient_hash"].to_numpy()
+    assert all(pseudo[i] == pseudo[80 + i] for i in range(16))  # the copy takes its original's pseudonym
+    assert len(set(pseudo)) == 80
+    assert (manifest["patient_from"] == "near_duplicates").sum() == 32
+    assert set(manifest["patient_from"].iloc[16:80]) == {"film"}
+    registry = read_registry(paths.split_registry)
+    assert len(registry) == 80 and set(registry["patient_hash"]) == set(pseudo)  # one registry row per pseudo-patient
+
+
+def test_a_recorded_film_keeps_its_split_when_grouping_would_move_it(tmp_path):
+    """The registry fixes a patient's split once: a film recorded apart from its near copy stays where it was."""
+    _films_with_near_copies(tmp_path / "near.npz")
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  sources: [near.npz]\n  group_near_duplicates: false\n"
+                      "validation:\n  near_duplicate_distance: 8\n")
+    paths = ProjectPaths(tmp_path)
+    ingest_stage(paths, load_config(params))
+    _, before = _pairs_in_one_split(paths)
+    ingest_stage(paths, load_config(params, ["data.group_near_duplicates=true"]))
+    _, after = _pairs_in_one_split(paths)
+    assert (after["split"] == before["split"]).all()
+
+
+def test_grouping_5000_films_into_pseudo_patients_takes_under_3_seconds():
+    """phash + block pair scan + connected components on 5,000 28-px films (PneumoniaMNIST's train + val)."""
+    import time
+
+    from pipeline.splits import pseudo_patients
+
+    images = np.random.default_rng(0).integers(0, 255, (5000, 28, 28), dtype=np.uint8)
+    images[4000:] = images[:1000]  # 1,000 exact copies: 1,000 groups of two
+    frame = pd.DataFrame({"patient_hash": [f"p{i}" for i in range(5000)], "patient_from": "film"})
+    started = time.perf_counter()
+    grouped = pseudo_patients(frame, images, 4, {}, pd.Series([None] * 5000))
+    assert time.perf_counter() - started < 3
+    assert grouped["patient_hash"].nunique() == 4000
+    assert (grouped["patient_hash"].iloc[4000:].to_numpy() == frame["patient_hash"].iloc[:1000].to_numpy()).all()
