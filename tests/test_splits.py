@@ -271,10 +271,10 @@ def test_hash_buckets_follow_the_split_fractions_and_the_seed():
     assert [hash_bucket(p, fractions, 1) for p in pseudonyms[:200]] != buckets[:200].tolist()
 
 
-def _films_with_near_copies(path: Path, n: int = 80, copies: int = 16) -> None:
-    """A MedMNIST-style train-only archive (no patient ids): n distinct smooth 128-px films, then a copy of each of
-    the first `copies` films, half shifted by 1 px, half 12 grey levels brighter (perceptual hashes within 8 bits of
-    their original; the closest two distinct films are 17 bits apart)."""
+def near_copy_films(n: int = 80, copies: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n distinct smooth 128-px films, a near copy of each of the first `copies` (half shifted by 1 px, half 12 grey
+    levels brighter: perceptual hashes within 8 bits of their original at 32 px, while the closest two distinct films
+    are 17 bits apart), and the films' labels (one in three normal)."""
     from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng(3)
@@ -284,7 +284,12 @@ def _films_with_near_copies(path: Path, n: int = 80, copies: int = 16) -> None:
     half = copies // 2
     near = np.concatenate([np.roll(films[:half], 1, axis=1),
                            np.clip(films[half:copies].astype(int) + 12, 0, 255).astype(np.uint8)])
-    labels = (np.arange(n) % 3 != 0).astype(np.uint8)
+    return films, near, (np.arange(n) % 3 != 0).astype(np.uint8)
+
+
+def _films_with_near_copies(path: Path, n: int = 80, copies: int = 16) -> None:
+    """A MedMNIST-style train-only archive (no patient ids): near_copy_films, the copies after the originals."""
+    films, near, labels = near_copy_films(n, copies)
     np.savez(path, train_images=np.concatenate([films, near]),
              train_labels=np.concatenate([labels, labels[:copies]]).reshape(-1, 1))
 
