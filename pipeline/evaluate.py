@@ -9,6 +9,7 @@ follows the task the checkpoint was trained for (pipeline.tasks).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pipeline.files import sha256_of, write_json
 from pipeline.manifest import read_manifest
 from pipeline.metrics import SUBGROUP_METRICS, TOO_SMALL, format_metric
 from pipeline.paths import ProjectPaths
+from pipeline.splits import patient_knowledge
 from pipeline.tasks import Scored, Task, Threshold
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     metrics["threshold_spread"] = task.threshold_spread(scored["val"], settings, rows["val"]["patient_hash"].to_numpy())
     metrics |= {"temperature": temperature, "model": state["model"], "best_epoch": state["epoch"],
                 "checkpoint_sha256": sha256_of(paths.checkpoint)}
+    metrics |= patient_knowledge(paths.manifest)  # patients_known and the caveat every report repeats
     for split in ("val", "test"):
         metrics[split] = task.metrics(scored[split], threshold)
     test, patients = scored["test"], rows["test"]["patient_hash"].to_numpy()
@@ -193,6 +196,10 @@ def _log_to_mlflow(paths: ProjectPaths, task: Task, metrics: dict, plot_paths: l
     flat |= {_metric_name(name): value for name, value in task.threshold_metrics(metrics["threshold"]).items()}
     tracking.log_metrics(client, run_id, flat)
     client.set_tag(run_id, "threshold_method", describe_threshold(metrics))
+    client.set_tag(run_id, "patients_known", json.dumps(metrics.get("patients_known")))
+    if metrics.get("patient_caveat"):
+        client.set_tag(run_id, "patient_caveat", metrics["patient_caveat"])
+        description += f". Caveat: {metrics['patient_caveat']}"
     client.log_artifact(run_id, str(paths.metrics), artifact_path="evaluation")
     for plot in plot_paths:
         client.log_artifact(run_id, str(plot), artifact_path="evaluation")
@@ -219,6 +226,8 @@ def _headline(task: Task, metrics: dict) -> str:
 
 def _log_summary(task: Task, metrics: dict, where: Path) -> None:
     test = metrics["test"]
+    if metrics.get("patient_caveat"):
+        log.warning("evaluate: %s", metrics["patient_caveat"])
     log.info("evaluate: operating point %s (%s); %s (n=%d films of %d patients) → %s", task.describe_point(metrics["threshold"]),
              describe_threshold(metrics), _headline(task, metrics), test["n"], test["n_patients"], where)
 

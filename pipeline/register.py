@@ -166,6 +166,7 @@ def _describe_version(client, paths: ProjectPaths, trained: TrainedModel, name: 
         "test_metrics": json.dumps({k: test.get(k) for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "n")
                                     if k in test}),
         "test_ci95": json.dumps(test.get("ci95", {})),
+        "patients_known": json.dumps(metrics.get("patients_known")),  # false: val/test may share patients with train
         # what rollback checks a target against
         CONTRACT_TAG: json.dumps({"task": trained.task, "labels": trained.labels, "image_size": trained.image_size}),
         **registered_with,
@@ -216,6 +217,7 @@ def model_card_context(paths: ProjectPaths, trained: TrainedModel, name: str, ve
         "counts": counts,
         "operating_point": describe_operating_point(metrics),
         "threshold_spread": describe_threshold_spread(metrics),
+        "patient_caveat": metrics.get("patient_caveat"),
         "n": metrics["test"].get("n"),
         "headline": headline_rows(metrics),
         "per_label_header": per_label_header,

@@ -103,6 +103,8 @@ def _metrics(metrics: dict) -> dict:
         "operating_point": describe_operating_point(metrics),
         "threshold_method": describe_threshold(metrics),
         "threshold_spread": describe_threshold_spread(metrics),
+        "patients_known": metrics.get("patients_known"),
+        "patient_caveat": metrics.get("patient_caveat"),
         "headline": headline_rows(metrics),
         "per_label_header": header,
         "per_label_rows": per_label,

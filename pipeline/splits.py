@@ -43,6 +43,38 @@ KNOWN_PATIENT = ("header", "source")
 UNKNOWN_PATIENT = ("film", "near_duplicates")
 
 
+def patient_knowledge(manifest_path: Path) -> dict:
+    """Whether validation and test can share patients with train, from the manifest's patient_from: a flag and a
+    one-line caveat every report repeats (metrics.json, the report, the MLflow run, the model card).
+
+    Patients are known when every labelled film's patient came from a DICOM header, a table column or the file name
+    (data.patient_pattern). A film with none is its own patient (grouped with its near-duplicates at best), so
+    other films of the same person can sit in other splits, as MedMNIST's validation split (a random 10 % of
+    Kermany's training images, not patients) shares patients with train: scores there are optimistic, and a model,
+    epoch or threshold chosen on them rewards memorising. `patients_known` is None for a manifest older than
+    patient_from (nothing says how its patients were found).
+    """
+    import pyarrow.parquet as pq
+
+    if "patient_from" not in pq.read_schema(manifest_path).names:
+        return {"patients_known": None, "patient_caveat": "whether validation and test share patients with train is "
+                "unknown: the manifest predates its patient_from column (run `cxr ingest` again)"}
+    manifest = pd.read_parquet(manifest_path, columns=["split", "source", "patient_from"])
+    labelled = manifest[manifest["split"].isin(["train", "val", "test"])]
+    unknown = labelled[labelled["patient_from"].isin(UNKNOWN_PATIENT)]
+    knowledge: dict = {"patients_known": unknown.empty, "films_without_patient": int(len(unknown)),
+                       "films_grouped_by_near_duplicates": int((unknown["patient_from"] == "near_duplicates").sum()),
+                       "sources_without_patients": sorted(set(unknown["source"]))}
+    if unknown.empty:
+        return knowledge | {"patient_caveat": None}
+    grouped = (" (near-duplicate films grouped into pseudo-patients, data.group_near_duplicates)"
+               if knowledge["films_grouped_by_near_duplicates"] else "")
+    return knowledge | {"patient_caveat": (
+        f"validation and test may share patients with train: {len(unknown):,} of {len(labelled):,} films "
+        f"({', '.join(knowledge['sources_without_patients'])}) name no patient, so they were split by film{grouped}; "
+        "their validation and test scores are optimistic, and choices made on validation may not hold for new patients")}
+
+
 def near_duplicate_groups(hashes: np.ndarray, max_distance: int, eligible: np.ndarray, strata: np.ndarray) -> np.ndarray:
     """A group number per film: `eligible` films of one stratum linked by a chain of near-duplicate pairs (perceptual
     hashes within `max_distance` bits, pipeline.phash) share one; every other film is a group of its own.
