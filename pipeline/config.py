@@ -271,6 +271,14 @@ def _as_source_specs(sources: Any) -> Any:
     return sources
 
 
+class TtaView(Section):
+    """One test-time view of a film (pipeline.tta): small moves only, never a flip."""
+
+    shift_x: float = Field(0.0, ge=-0.2, le=0.2)  # fraction of the side; + moves the film right
+    shift_y: float = Field(0.0, ge=-0.2, le=0.2)  # + moves it down
+    scale: float = Field(1.0, ge=0.8, le=1.25)  # above 1 zooms in
+
+
 class EvaluateConfig(Section):
     # The operating point, chosen on the validation split (never on test): `youden` maximises sensitivity +
     # specificity - 1, `sensitivity` takes the highest threshold whose validation sensitivity reaches
@@ -283,6 +291,9 @@ class EvaluateConfig(Section):
     # reported beside the internal test split with the shift between them.
     external: list[SourceSpec] = Field(default_factory=list)
     temperature_scaling: bool = False  # recalibrate probabilities with a temperature fitted on val (kept with the model)
+    # Test-time augmentation: each film's probability averaged over itself and these views (pipeline.tta), at evaluate
+    # and wherever the registered model serves; [] = off.
+    tta: list[TtaView] = Field(default_factory=list)
     bootstrap_rounds: int = Field(1000, ge=100)  # resamples (of patients) behind the 95 % confidence intervals
     calibration_bins: int = Field(10, ge=2)
     # A subgroup (sex, age band, view, ...) of fewer test patients shows "n too small" instead of numbers: the

@@ -91,6 +91,17 @@ def describe_threshold_spread(metrics: dict) -> str | None:
             "range means validation cannot pin the operating point down")
 
 
+def describe_tta(metrics: dict) -> str | None:
+    """The test-time views evaluate averaged over (pipeline.tta), in words; None when off."""
+    views = metrics.get("tta") or []
+    if not views:
+        return None
+    shown = "; ".join(", ".join(f"{key} {value:g}" for key, value in view.items() if value != (1.0 if key == "scale" else 0.0))
+                      or "itself" for view in views)
+    return (f"each film's probability is the mean over the film and {len(views)} moved copies ({shown}), at "
+            "evaluation and wherever the registered model serves")
+
+
 def describe_ece(metrics: dict) -> str:
     """The expected calibration error with its patient-clustered interval: '0.052 (95 % CI 0.031 to 0.080)'."""
     test = metrics["test"]

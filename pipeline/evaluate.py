@@ -60,7 +60,9 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     images = np.load(paths.images, mmap_mode="r")
     settings = config.evaluate
     rows = {split: _split_rows(manifest, split) for split in ("val", "test")}
-    raw = {split: score_films(model, task, part, np.asarray(images[part["store_index"].to_numpy()])) for split, part in rows.items()}
+    views = tta_views(settings)
+    raw = {split: score_films(model, task, part, np.asarray(images[part["store_index"].to_numpy()]), views)
+           for split, part in rows.items()}
     temperature = task.fit_temperature(raw["val"]) if settings.temperature_scaling else 1.0
     scored = {split: Scored(s.truth, task.apply_temperature(s.probability, temperature)) for split, s in raw.items()}
     # On the calibrated validation probabilities: the threshold is served together with the temperature.
@@ -72,7 +74,7 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
         metrics["target_sensitivity"] = settings.target_sensitivity
     # How well validation pins the operating point down: the threshold chosen again on resampled val patients.
     metrics["threshold_spread"] = task.threshold_spread(scored["val"], settings, rows["val"]["patient_hash"].to_numpy())
-    metrics |= {"temperature": temperature, "model": state["model"], "best_epoch": state["epoch"],
+    metrics |= {"temperature": temperature, "tta": views, "model": state["model"], "best_epoch": state["epoch"],
                 "checkpoint_sha256": sha256_of(paths.checkpoint)}
     metrics |= patient_knowledge(paths.manifest)  # patients_known and the caveat every report repeats
     for split in ("val", "test"):
@@ -120,13 +122,17 @@ def _split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     return rows
 
 
-def score_films(model, task: Task, rows: pd.DataFrame, images: np.ndarray) -> Scored:
-    """The model's probabilities for `images` and the targets of their manifest `rows` (label, label_index)."""
-    import torch
+def tta_views(settings: EvaluateConfig) -> list[dict]:
+    """evaluate.tta as plain data: what metrics.json records and register stores with the model (pipeline.tta)."""
+    return [view.model_dump() for view in settings.tta]
 
-    from pipeline.models import predict_proba
 
-    return task.scored(rows, predict_proba(model, images, torch.device("cpu"), task.activation))
+def score_films(model, task: Task, rows: pd.DataFrame, images: np.ndarray, views: list[dict]) -> Scored:
+    """The model's probabilities for `images` (averaged over the test-time `views`, as the served model averages
+    them) and the targets of their manifest `rows` (label, label_index)."""
+    from pipeline.tta import tta_probabilities
+
+    return task.scored(rows, tta_probabilities(model, images, task.activation, views))
 
 
 def _count_patients(patients: np.ndarray) -> int:
@@ -265,7 +271,7 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Ta
         raise CxrError(f"evaluate.external: none of the films in '{spec.path}' could be read")
     rows = pd.DataFrame({"label": read})
     rows["label_index"] = task.label_index(rows["label"])
-    raw = score_films(model, task, rows, np.stack(images))
+    raw = score_films(model, task, rows, np.stack(images), tta_views(config.evaluate))
     scored = Scored(raw.truth, task.apply_temperature(raw.probability, temperature))
     scores = task.metrics(scored, threshold)
     rounds, clusters = config.evaluate.bootstrap_rounds, np.asarray(patients)
