@@ -278,6 +278,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     cache.add([(file_key, fresh[id(item)]) for item, file_key in zip(plan.items, plan.keys)
                if file_key is not None and id(item) in fresh and not _erased(item, fresh[id(item)], key, erased)])
     settled: list[Decoded | Failure] = []
+    forgotten: list[tuple[SourceItem, Decoded]] = []
     repaired: list[tuple[str, Decoded | Failure]] = []
     for item, file_key in zip(plan.items, plan.keys):
         outcome = fresh.get(id(item)) or _cached_or_array(item, file_key, cache, config.data.image_size, key, config.data.crop)
@@ -286,6 +287,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
             if not _erased(item, outcome, key, erased):
                 repaired.append((file_key, outcome))
         if _erased(item, outcome, key, erased):
+            forgotten.append((item, outcome))  # its near copies are its pseudo-patient's: dropped with it below
             outcome = _erasure_failure(item, outcome, key, erased)
         if isinstance(outcome, Decoded):
             outcome = _apply_filters(outcome, config.data.filters)
@@ -311,8 +313,13 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     registry = read_registry(paths.split_registry)
     if config.data.group_near_duplicates:
         recorded = {} if registry is None or reassign_splits else dict(zip(registry["patient_hash"], registry["split"]))
-        manifest = pseudo_patients(manifest, np.stack(images), config.validation.near_duplicate_distance, recorded,
-                                   manifest["split"])
+        # Erased films join the grouping (then leave with their group): their copies were that pseudo-patient's too.
+        extra = pd.DataFrame([_manifest_row(item, decoded, key, "") for item, decoded in forgotten],
+                             columns=manifest.columns)
+        pooled = pd.concat([manifest, extra], ignore_index=True)
+        pooled = pseudo_patients(pooled, np.stack(images + [decoded.pixels for _, decoded in forgotten]),
+                                 config.validation.near_duplicate_distance, recorded, pooled["split"], set(erased))
+        manifest, images = _drop_erased_groups(pooled.iloc[:len(manifest)], images, erased, rejected)
     manifest["split"], registry = assign_splits(
         manifest, registry, config.data.split, config.data.seed, key_check(key),
         reassign=reassign_splits, where=paths.split_registry.relative_to(paths.root).as_posix())
@@ -389,6 +396,20 @@ def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache 
 def _erased(item: SourceItem, outcome: Decoded | Failure, key: bytes, erased: dict[str, str]) -> bool:
     """Whether a decoded film belongs to a patient `cxr forget` erased: never cached, stored or split again."""
     return bool(erased) and isinstance(outcome, Decoded) and patient_of(item, outcome.identity.patient, key) in erased
+
+
+def _drop_erased_groups(manifest: pd.DataFrame, images: list[np.ndarray], erased: dict[str, str],
+                        rejected: list[Rejected]) -> tuple[pd.DataFrame, list[np.ndarray]]:
+    """The films of an erased pseudo-patient (`cxr forget` of a near-duplicate group's pseudonym) quarantined as
+    `erased`: the film whose own pseudonym it was is caught before decoding, its copies only once grouped again."""
+    gone = manifest["patient_hash"].isin(list(erased)).to_numpy()
+    if not gone.any():
+        return manifest, images
+    for row in manifest[gone].itertuples():
+        rejected.append(Rejected(row.source, row.path, "erased", f"{row.source}/{row.path}: patient {row.patient_hash} was "
+                                 f"erased by `cxr forget` on {erased[row.patient_hash]} (data/erasures.jsonl); remove "
+                                 "their source files"))
+    return manifest[~gone].reset_index(drop=True), [image for image, drop in zip(images, gone) if not drop]
 
 
 def _erasure_failure(item: SourceItem, decoded: Decoded, key: bytes, erased: dict[str, str]) -> Failure:

@@ -96,7 +96,7 @@ def near_duplicate_groups(hashes: np.ndarray, max_distance: int, eligible: np.nd
 
 
 def pseudo_patients(frame: pd.DataFrame, images: np.ndarray, max_distance: int, recorded: dict[str, str],
-                    strata: pd.Series) -> pd.DataFrame:
+                    strata: pd.Series, erased: set[str] = frozenset()) -> pd.DataFrame:
     """`frame` (patient_hash, patient_from per film, in data order) with near-duplicate films that no patient ID
     links merged into pseudo-patients, so that a film and its re-saved, re-windowed or slightly shifted copy can
     never be split apart (or fall into two cross-validation folds).
@@ -105,7 +105,8 @@ def pseudo_patients(frame: pd.DataFrame, images: np.ndarray, max_distance: int, 
     gave them: a source's own train/val/test is kept) are grouped. A group takes the pseudonym of its first member
     the split registry (`recorded`: patient_hash -> split) knows, else of its first member, so a grouped film
     already recorded keeps its split; a member recorded in another split keeps its own pseudonym and split
-    (the registry fixes a patient's split once; `cxr ingest --reassign-splits` regroups it).
+    (the registry fixes a patient's split once; `cxr ingest --reassign-splits` regroups it). A group holding an
+    `erased` pseudonym (`cxr forget`) takes it, so the caller drops the whole group.
     """
     from pipeline.phash import phash
 
@@ -120,10 +121,16 @@ def pseudo_patients(frame: pd.DataFrame, images: np.ndarray, max_distance: int, 
     size = np.bincount(groups)[groups]
     apart = ~pd.isna(known) & (known != known[representative])
     joined = (size > 1) & ~apart
+    hashes_out = np.where(joined, hashes[representative], hashes)
+    if erased:
+        gone = frame["patient_hash"].isin(list(erased)).to_numpy()
+        first_gone = pd.Series(np.where(gone, np.arange(len(frame)), len(frame))).groupby(groups).transform("min").to_numpy()
+        hit = first_gone < len(frame)
+        hashes_out = np.where(hit, hashes[np.minimum(first_gone, len(frame) - 1)], hashes_out)
     if apart.any():
         log.warning("ingest: %d near-duplicate film(s) stay in the split %s recorded for them apart from their "
                     "group; `cxr ingest --reassign-splits` groups them", int(apart.sum()), "the split registry")
-    return frame.assign(patient_hash=np.where(joined, hashes[representative], hashes),
+    return frame.assign(patient_hash=hashes_out,
                         patient_from=np.where(joined, "near_duplicates", frame["patient_from"].to_numpy(dtype=object)))
 
 

@@ -352,3 +352,25 @@ def test_grouping_5000_films_into_pseudo_patients_takes_under_3_seconds():
     assert time.perf_counter() - started < 3
     assert grouped["patient_hash"].nunique() == 4000
     assert (grouped["patient_hash"].iloc[4000:].to_numpy() == frame["patient_hash"].iloc[:1000].to_numpy()).all()
+
+
+def test_forgetting_a_pseudo_patient_keeps_every_film_of_the_group_out_of_later_ingests(tmp_path):
+    """`cxr forget` takes a manifest patient_hash; for a near-duplicate group that is the group's, and the copies
+    (whose own pseudonyms differ) must not come back as a new group at the next ingest."""
+    from pipeline.forget import forget_patient
+
+    _films_with_near_copies(tmp_path / "near.npz")
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  sources: [near.npz]\nvalidation:\n  near_duplicate_distance: 8\n")
+    paths, config = ProjectPaths(tmp_path), load_config(params)
+    ingest_stage(paths, config)
+    _, manifest = _pairs_in_one_split(paths)
+    pseudonym = manifest["patient_hash"].iloc[0]
+    assert manifest["patient_hash"].iloc[80] == pseudonym
+    forget_patient(paths, config, pseudonym)
+    ingest_stage(paths, config)
+    after = pd.read_parquet(paths.manifest)
+    assert "train/0" not in set(after["path"]) and "train/80" not in set(after["path"])
+    assert len(after) == 94
+    quarantine = pd.read_csv(paths.quarantine)
+    assert set(quarantine.loc[quarantine["reason"] == "erased", "path"]) == {"train/0", "train/80"}
