@@ -33,7 +33,7 @@ from pipeline.files import write_json
 from pipeline.labels import split_labels
 from pipeline.manifest import manifest_labels, read_manifest, write_manifest
 from pipeline.paths import ProjectPaths
-from pipeline.splits import patient_labels
+from pipeline.splits import patient_knowledge, patient_labels
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def _crossval(paths: ProjectPaths, config: Config, folds: int) -> CrossvalResult
                                   float(last["val_auc"]), float(last["val_accuracy"]), trained.best_val_auc,
                                   trained.best_epoch, trained.run_id))
     result = CrossvalResult(results, paths.reports / "crossval.json")
-    _write_summary(result, config, folds)
+    _write_summary(result, config, folds, patient_knowledge(paths.manifest))
     return result
 
 
@@ -164,7 +164,9 @@ def _fold_project(paths: ProjectPaths, manifest: pd.DataFrame, pooled: pd.Series
     return fold_paths
 
 
-def _write_summary(result: CrossvalResult, config: Config, folds: int) -> None:
+def _write_summary(result: CrossvalResult, config: Config, folds: int, patients: dict) -> None:
+    """reports/crossval.json, with patients_known and the caveat (pipeline.splits.patient_knowledge): folds drawn
+    by film share patients as validation does."""
     auc, auc_sd = result.mean_sd("val_auc")
     accuracy, accuracy_sd = result.mean_sd("val_accuracy")
     best, best_sd = result.mean_sd("best_val_auc")
@@ -179,6 +181,10 @@ def _write_summary(result: CrossvalResult, config: Config, folds: int) -> None:
         "val_accuracy": {"mean": accuracy, "sd": accuracy_sd},
         "best_val_auc": {"mean": best, "sd": best_sd},
         "per_fold": [fold.__dict__ for fold in result.folds],
+        "patients_known": patients["patients_known"],
+        "patient_caveat": patients["patient_caveat"],
     })
+    if patients["patient_caveat"]:
+        log.warning("crossval: %s", patients["patient_caveat"])
     log.info("crossval: %d folds, val AUC %.4f ± %.4f, val accuracy %.4f ± %.4f (mean ± sd) → %s",
              folds, auc, auc_sd, accuracy, accuracy_sd, result.summary_path)

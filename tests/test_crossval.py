@@ -96,6 +96,7 @@ def test_crossval_trains_every_fold_and_writes_the_summary(tmp_path):
 
     summary = json.loads((paths.reports / "crossval.json").read_text())
     assert summary["folds"] == 3 and len(summary["per_fold"]) == 3
+    assert summary["patients_known"] is True and summary["patient_caveat"] is None  # the demo names every patient
     manifest = pd.read_parquet(paths.manifest)
     pooled = int(manifest["split"].isin(["train", "val"]).sum())
     assert sum(fold["n_val"] for fold in summary["per_fold"]) == pooled  # every pooled film held out once
