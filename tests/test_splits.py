@@ -338,8 +338,9 @@ def test_a_recorded_film_keeps_its_split_when_grouping_would_move_it(tmp_path):
     assert (after["split"] == before["split"]).all()
 
 
-def test_grouping_5000_films_into_pseudo_patients_takes_under_3_seconds():
-    """phash + block pair scan + connected components on 5,000 28-px films (PneumoniaMNIST's train + val)."""
+def test_grouping_5000_films_into_pseudo_patients_takes_under_5_cpu_seconds():
+    """phash + block pair scan + connected components on 5,000 28-px films (PneumoniaMNIST's train + val): 1.4 s
+    measured on a loaded 2-core machine. CPU time, so another process sharing the cores does not fail it."""
     import time
 
     from pipeline.splits import pseudo_patients
@@ -347,9 +348,9 @@ def test_grouping_5000_films_into_pseudo_patients_takes_under_3_seconds():
     images = np.random.default_rng(0).integers(0, 255, (5000, 28, 28), dtype=np.uint8)
     images[4000:] = images[:1000]  # 1,000 exact copies: 1,000 groups of two
     frame = pd.DataFrame({"patient_hash": [f"p{i}" for i in range(5000)], "patient_from": "film"})
-    started = time.perf_counter()
+    started = time.process_time()
     grouped = pseudo_patients(frame, images, 4, {}, pd.Series([None] * 5000))
-    assert time.perf_counter() - started < 3
+    assert time.process_time() - started < 5
     assert grouped["patient_hash"].nunique() == 4000
     assert (grouped["patient_hash"].iloc[4000:].to_numpy() == frame["patient_hash"].iloc[:1000].to_numpy()).all()
 
