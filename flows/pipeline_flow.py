@@ -325,7 +325,9 @@ def _publish_artifacts(paths: ProjectPaths, results: dict[str, Any]) -> None:
     test = metrics["test"]
     registered = results["register"]
     markdown = "\n".join([
-        f"## Test metrics (n = {test.get('n')})", "", render("metrics_table.md.j2", headline=headline_rows(metrics)),
+        f"## Test metrics (n = {test.get('n')})", "",
+        *([f"**Caveat: {metrics['patient_caveat']}.**", ""] if metrics.get("patient_caveat") else []),
+        render("metrics_table.md.j2", headline=headline_rows(metrics)),
         f"**{registered.model_name} version {registered.version}**: "
         f"{'@champion' if registered.is_champion else '@challenger'} ({registered.reason})",
     ])

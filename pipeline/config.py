@@ -115,6 +115,11 @@ class DataConfig(Section):
     subtype_pattern: str = r"_(bacteria|virus)_"  # Kermany file names carry the pneumonia subtype
     filters: SourceFilters = SourceFilters()
     dedupe: DedupeMode = "drop"  # drop: keep one copy of identical films (train first); report: keep all, the gate counts them
+    # Films no header, table or file name gives a patient (MedMNIST's .npz) are each their own patient, so a film and
+    # its near-identical copy (validation.near_duplicate_distance) can land in two splits or two crossval folds.
+    # true: such films are grouped into pseudo-patients first (pipeline.splits.pseudo_patients); a source's own
+    # split is kept, and other films of one person stay apart: the reports still say patients are not known.
+    group_near_duplicates: bool = True
     num_workers: int = Field(0, ge=0)  # decoding processes; 0 = one per core
     # Refused before decoding (quarantined as too_large / too_many_frames): a header costs nothing to forge and can
     # declare gigabytes. max_pixels bounds one frame's width x height (50 million: 7000 x 7000, above any chest
@@ -266,17 +271,29 @@ def _as_source_specs(sources: Any) -> Any:
     return sources
 
 
+class TtaView(Section):
+    """One test-time view of a film (pipeline.tta): small moves only, never a flip."""
+
+    shift_x: float = Field(0.0, ge=-0.2, le=0.2)  # fraction of the side; + moves the film right
+    shift_y: float = Field(0.0, ge=-0.2, le=0.2)  # + moves it down
+    scale: float = Field(1.0, ge=0.8, le=1.25)  # above 1 zooms in
+
+
 class EvaluateConfig(Section):
     # The operating point, chosen on the validation split (never on test): `youden` maximises sensitivity +
     # specificity - 1, `sensitivity` takes the highest threshold whose validation sensitivity reaches
     # target_sensitivity, `fixed` uses `threshold` as given. Multilabel tasks choose one threshold per label.
-    threshold_method: Literal["fixed", "youden", "sensitivity"] = "youden"
+    # `youden_mid` takes the middle of the interval of thresholds reaching the best J, not its lowest edge.
+    threshold_method: Literal["fixed", "youden", "youden_mid", "sensitivity"] = "youden_mid"
     threshold: float = Field(0.5, gt=0, lt=1)  # fixed only
     target_sensitivity: float = Field(0.95, gt=0, le=1)  # sensitivity only
     # Other labelled sources (same forms as data.sources) scored as external validation: never trained on,
     # reported beside the internal test split with the shift between them.
     external: list[SourceSpec] = Field(default_factory=list)
     temperature_scaling: bool = False  # recalibrate probabilities with a temperature fitted on val (kept with the model)
+    # Test-time augmentation: each film's probability averaged over itself and these views (pipeline.tta), at evaluate
+    # and wherever the registered model serves; [] = off.
+    tta: list[TtaView] = Field(default_factory=list)
     bootstrap_rounds: int = Field(1000, ge=100)  # resamples (of patients) behind the 95 % confidence intervals
     calibration_bins: int = Field(10, ge=2)
     # A subgroup (sex, age band, view, ...) of fewer test patients shows "n too small" instead of numbers: the

@@ -10,7 +10,8 @@ fold: the best epoch's score is kept too, but it was picked on the same films an
 Each fold is a small project under models/crossval/fold-<k>/ that reuses the project's image store (a
 symbolic link, never a copy) and runs the same rebalance and train stages as `cxr train`: the fold's
 films are `val`, the other folds' are `train`, and the test split stays untouched and unused. Folds are
-drawn by patient (no patient in two folds) and stratified on the label, seeded with data.seed. Every
+drawn by patient (no patient in two folds; films without a patient ID grouped with their near-duplicates first,
+data.group_near_duplicates) and stratified on the label, seeded with data.seed. Every
 fold is its own MLflow run in the project's experiment, tagged `crossval.fold`, and the summary goes to
 reports/crossval.json. The fold checkpoints are kept (models/crossval/fold-<k>/models/checkpoint.pt).
 """
@@ -32,7 +33,7 @@ from pipeline.files import write_json
 from pipeline.labels import split_labels
 from pipeline.manifest import label_review, manifest_labels, read_manifest, write_manifest
 from pipeline.paths import ProjectPaths
-from pipeline.splits import patient_labels
+from pipeline.splits import patient_knowledge, patient_labels
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _crossval(paths: ProjectPaths, config: Config, folds: int) -> CrossvalResult
         raise CxrError(f"{paths.manifest} or {paths.images} is missing: run `cxr ingest` first")
     manifest = read_manifest(paths.manifest, config.data.task, config.data.labels)
     pooled = manifest["split"].isin(["train", "val"])
-    fold_of = assign_folds(manifest[pooled], folds, config.data.seed)
+    fold_of = assign_folds(fold_groups(paths, config, manifest[pooled]), folds, config.data.seed)
 
     client = tracking.client(paths)
     results = []
@@ -96,8 +97,30 @@ def _crossval(paths: ProjectPaths, config: Config, folds: int) -> CrossvalResult
                                   float(last["val_auc"]), float(last["val_accuracy"]), trained.best_val_auc,
                                   trained.best_epoch, trained.run_id))
     result = CrossvalResult(results, paths.reports / "crossval.json")
-    _write_summary(result, config, folds)
+    _write_summary(result, config, folds, patient_knowledge(paths.manifest))
     return result
+
+
+def fold_groups(paths: ProjectPaths, config: Config, pooled: pd.DataFrame) -> pd.DataFrame:
+    """The pooled train+val rows with the patient_hash folds are drawn by: with data.group_near_duplicates, films
+    without a patient ID grouped with their near-duplicates (pipeline.splits.pseudo_patients) across train and val.
+
+    Ingest groups only within a source's own split (MedMNIST's val is its own, drawn by image), so a film in train
+    and its copy in val are two pseudo-patients there; pooled here, they would otherwise land in two folds and
+    the held-out fold would score films its model trained on. The fold projects keep the manifest's pseudonyms.
+    """
+    from pipeline.phash import phash
+    from pipeline.splits import pseudo_patients
+
+    if not config.data.group_near_duplicates or "patient_from" not in pooled:
+        return pooled
+    images = np.load(paths.images, mmap_mode="r")
+    grouped = pseudo_patients(pooled[["patient_hash", "patient_from"]], phash(images[pooled["store_index"].to_numpy()]),
+                              config.validation.near_duplicate_distance, {}, pd.Series(None, index=pooled.index))
+    merged = int((grouped["patient_hash"] != pooled["patient_hash"]).sum())
+    if merged:
+        log.info("crossval: %d film(s) without a patient ID join a near-duplicate's pseudo-patient for the folds", merged)
+    return pooled.assign(patient_hash=grouped["patient_hash"].to_numpy())
 
 
 def assign_folds(frame: pd.DataFrame, folds: int, seed: int) -> pd.Series:
@@ -142,7 +165,9 @@ def _fold_project(paths: ProjectPaths, manifest: pd.DataFrame, pooled: pd.Series
     return fold_paths
 
 
-def _write_summary(result: CrossvalResult, config: Config, folds: int) -> None:
+def _write_summary(result: CrossvalResult, config: Config, folds: int, patients: dict) -> None:
+    """reports/crossval.json, with patients_known and the caveat (pipeline.splits.patient_knowledge): folds drawn
+    by film share patients as validation does."""
     auc, auc_sd = result.mean_sd("val_auc")
     accuracy, accuracy_sd = result.mean_sd("val_accuracy")
     best, best_sd = result.mean_sd("best_val_auc")
@@ -157,6 +182,10 @@ def _write_summary(result: CrossvalResult, config: Config, folds: int) -> None:
         "val_accuracy": {"mean": accuracy, "sd": accuracy_sd},
         "best_val_auc": {"mean": best, "sd": best_sd},
         "per_fold": [fold.__dict__ for fold in result.folds],
+        "patients_known": patients["patients_known"],
+        "patient_caveat": patients["patient_caveat"],
     })
+    if patients["patient_caveat"]:
+        log.warning("crossval: %s", patients["patient_caveat"])
     log.info("crossval: %d folds, val AUC %.4f ± %.4f, val accuracy %.4f ± %.4f (mean ± sd) → %s",
              folds, auc, auc_sd, accuracy, accuracy_sd, result.summary_path)

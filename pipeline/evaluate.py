@@ -9,6 +9,7 @@ follows the task the checkpoint was trained for (pipeline.tasks).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pipeline.files import sha256_of, write_json
 from pipeline.manifest import read_manifest
 from pipeline.metrics import SUBGROUP_METRICS, TOO_SMALL, format_metric
 from pipeline.paths import ProjectPaths
+from pipeline.splits import patient_knowledge
 from pipeline.tasks import Scored, Task, Threshold
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,9 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     images = np.load(paths.images, mmap_mode="r")
     settings = config.evaluate
     rows = {split: _split_rows(manifest, split) for split in ("val", "test")}
-    raw = {split: score_films(model, task, part, np.asarray(images[part["store_index"].to_numpy()])) for split, part in rows.items()}
+    views = tta_views(settings)
+    raw = {split: score_films(model, task, part, np.asarray(images[part["store_index"].to_numpy()]), views)
+           for split, part in rows.items()}
     temperature = task.fit_temperature(raw["val"]) if settings.temperature_scaling else 1.0
     scored = {split: Scored(s.truth, task.apply_temperature(s.probability, temperature)) for split, s in raw.items()}
     # On the calibrated validation probabilities: the threshold is served together with the temperature.
@@ -68,8 +72,11 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     metrics: dict = {"task": task.name, "labels": task.labels, "threshold": threshold, "threshold_method": method}
     if method == "sensitivity":
         metrics["target_sensitivity"] = settings.target_sensitivity
-    metrics |= {"temperature": temperature, "model": state["model"], "best_epoch": state["epoch"],
+    # How well validation pins the operating point down: the threshold chosen again on resampled val patients.
+    metrics["threshold_spread"] = task.threshold_spread(scored["val"], settings, rows["val"]["patient_hash"].to_numpy())
+    metrics |= {"temperature": temperature, "tta": views, "model": state["model"], "best_epoch": state["epoch"],
                 "checkpoint_sha256": sha256_of(paths.checkpoint)}
+    metrics |= patient_knowledge(paths.manifest)  # patients_known and the caveat every report repeats
     for split in ("val", "test"):
         metrics[split] = task.metrics(scored[split], threshold)
     test, patients = scored["test"], rows["test"]["patient_hash"].to_numpy()
@@ -115,13 +122,17 @@ def _split_rows(manifest: pd.DataFrame, split: str) -> pd.DataFrame:
     return rows
 
 
-def score_films(model, task: Task, rows: pd.DataFrame, images: np.ndarray) -> Scored:
-    """The model's probabilities for `images` and the targets of their manifest `rows` (label, label_index)."""
-    import torch
+def tta_views(settings: EvaluateConfig) -> list[dict]:
+    """evaluate.tta as plain data: what metrics.json records and register stores with the model (pipeline.tta)."""
+    return [view.model_dump() for view in settings.tta]
 
-    from pipeline.models import predict_proba
 
-    return task.scored(rows, predict_proba(model, images, torch.device("cpu"), task.activation))
+def score_films(model, task: Task, rows: pd.DataFrame, images: np.ndarray, views: list[dict]) -> Scored:
+    """The model's probabilities for `images` (averaged over the test-time `views`, as the served model averages
+    them) and the targets of their manifest `rows` (label, label_index)."""
+    from pipeline.tta import tta_probabilities
+
+    return task.scored(rows, tta_probabilities(model, images, task.activation, views))
 
 
 def _count_patients(patients: np.ndarray) -> int:
@@ -191,6 +202,10 @@ def _log_to_mlflow(paths: ProjectPaths, task: Task, metrics: dict, plot_paths: l
     flat |= {_metric_name(name): value for name, value in task.threshold_metrics(metrics["threshold"]).items()}
     tracking.log_metrics(client, run_id, flat)
     client.set_tag(run_id, "threshold_method", describe_threshold(metrics))
+    client.set_tag(run_id, "patients_known", json.dumps(metrics.get("patients_known")))
+    if metrics.get("patient_caveat"):
+        client.set_tag(run_id, "patient_caveat", metrics["patient_caveat"])
+        description += f". Caveat: {metrics['patient_caveat']}"
     client.log_artifact(run_id, str(paths.metrics), artifact_path="evaluation")
     for plot in plot_paths:
         client.log_artifact(run_id, str(plot), artifact_path="evaluation")
@@ -217,6 +232,8 @@ def _headline(task: Task, metrics: dict) -> str:
 
 def _log_summary(task: Task, metrics: dict, where: Path) -> None:
     test = metrics["test"]
+    if metrics.get("patient_caveat"):
+        log.warning("evaluate: %s", metrics["patient_caveat"])
     log.info("evaluate: operating point %s (%s); %s (n=%d films of %d patients) → %s", task.describe_point(metrics["threshold"]),
              describe_threshold(metrics), _headline(task, metrics), test["n"], test["n_patients"], where)
 
@@ -254,7 +271,7 @@ def _external_metrics(paths: ProjectPaths, config: Config, spec, model, task: Ta
         raise CxrError(f"evaluate.external: none of the films in '{spec.path}' could be read")
     rows = pd.DataFrame({"label": read})
     rows["label_index"] = task.label_index(rows["label"])
-    raw = score_films(model, task, rows, np.stack(images))
+    raw = score_films(model, task, rows, np.stack(images), tta_views(config.evaluate))
     scored = Scored(raw.truth, task.apply_temperature(raw.probability, temperature))
     scores = task.metrics(scored, threshold)
     rounds, clusters = config.evaluate.bootstrap_rounds, np.asarray(patients)

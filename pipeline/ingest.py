@@ -42,14 +42,14 @@ from pipeline.manifest import write_manifest
 from pipeline.overrides import EXCLUDED, Overrides, check_all_found, exclusion_message, labelled, read_overrides, review_record
 from pipeline.paths import ProjectPaths
 from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
-from pipeline.splits import assign_splits, read_registry, write_registry
+from pipeline.splits import assign_splits, pseudo_patients, read_registry, write_registry
 from pipeline.stat_cache import FileHashes, Seen, before_reading, code_fingerprint, record_ingest, unchanged_ingest
 from pipeline.tasks import task_for
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = [
-    "store_index", "image_id", "split", "label", "label_index", "label_original", "label_source", "patient_hash", "sha256", "format",
+    "store_index", "image_id", "split", "label", "label_index", "label_original", "label_source", "patient_hash", "patient_from", "sha256", "format",
     "source", "path", "subtype", "width", "height", "bits_stored", "modality", "photometric", "view", "body_part",
     "sex", "age_band", "mean_intensity", "std_intensity",
 ]
@@ -180,6 +180,7 @@ def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejecte
         digest.update(json.dumps(value, sort_keys=True, default=str).encode() + b"\n")
 
     add(config.data.model_dump(mode="json", exclude={"num_workers"}))  # workers change speed, never outputs
+    add(config.validation.near_duplicate_distance)  # data.group_near_duplicates groups by it
     add([CACHE_VERSION, code_fingerprint()])
     for item, key in zip(items, keys):
         pixels = None
@@ -327,6 +328,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
                if file_key is not None and id(item) in fresh and not _erased(item, fresh[id(item)], key, erased)])
     settled: list[Decoded | Failure] = []
     spool = PixelSpool(paths.images.parent, config.data.image_size)
+    forgotten: list[tuple[SourceItem, Decoded]] = []
     repaired: list[tuple[str, Decoded | Failure]] = []
     for item, file_key in zip(plan.items, plan.keys):
         outcome = fresh.pop(id(item), None) or _cached_or_array(item, file_key, cache, config.data.image_size, key, config.data.crop)
@@ -335,6 +337,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
             if not _erased(item, outcome, key, erased):
                 repaired.append((file_key, outcome))
         if _erased(item, outcome, key, erased):
+            forgotten.append((item, outcome))  # its near copies are its pseudo-patient's: dropped with it below
             outcome = _erasure_failure(item, outcome, key, erased)
         if isinstance(outcome, Decoded):
             outcome = _apply_filters(outcome, config.data.filters)
@@ -370,8 +373,21 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
 
     manifest = pd.DataFrame(rows)
     del rows, settled  # per-film dicts and outcomes: at archive scale, hundreds of MB the steps below can reuse
+    in_store = np.array(in_manifest, dtype=bool)  # spooled films that are manifest rows, in spool order
+    registry = read_registry(paths.split_registry)
+    if config.data.group_near_duplicates:
+        recorded = {} if registry is None or reassign_splits else dict(zip(registry["patient_hash"], registry["split"]))
+        # Erased films join the grouping (then leave with their group): their copies were that pseudo-patient's too.
+        extra = pd.DataFrame([_manifest_row(item, decoded, key, "") for item, decoded in forgotten],
+                             columns=manifest.columns)
+        pooled = pd.concat([manifest, extra], ignore_index=True)
+        hashes = _perceptual_hashes(spool, in_store, [decoded.pixels for _, decoded in forgotten])
+        pooled = pseudo_patients(pooled, hashes, config.validation.near_duplicate_distance, recorded, pooled["split"],
+                                 set(erased))
+        manifest, gone = _drop_erased_groups(pooled.iloc[:len(manifest)], erased, rejected)
+        in_store[in_store] = ~gone
     manifest["split"], registry = assign_splits(
-        manifest, read_registry(paths.split_registry), config.data.split, config.data.seed, key_check(key),
+        manifest, registry, config.data.split, config.data.seed, key_check(key),
         reassign=reassign_splits, where=paths.split_registry.relative_to(paths.root).as_posix())
     manifest["label_index"] = task_for(config.data.task, config.data.labels).label_index(manifest["label"])
     manifest["label"] = manifest["label"].fillna("")
@@ -386,9 +402,8 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     # The registry first: a patient recorded but not yet in a manifest is harmless, the reverse is not.
     registry_written = write_registry(paths.split_registry, registry)
     with atomic_path(paths.images) as tmp, tmp.open("wb") as handle, spool:  # streamed: never all in memory
-        stored = np.array(in_manifest, dtype=bool)
-        stored[stored] = keep.to_numpy()  # of the films in the manifest, the ones dedupe kept
-        write_npy_rows(handle, spool.rows(stored), (len(manifest), config.data.image_size, config.data.image_size))
+        in_store[in_store] = keep.to_numpy()  # of the films in the manifest, the ones dedupe kept
+        write_npy_rows(handle, spool.rows(in_store), (len(manifest), config.data.image_size, config.data.image_size))
     review = review_record(overrides, manifest["label"], manifest["label_original"], manifest["label_source"], n_excluded)
     write_manifest(paths.manifest, manifest, config.data.task, config.data.labels, review)
     with atomic_path(paths.quarantine) as tmp:
@@ -516,6 +531,39 @@ def _erased(item: SourceItem, outcome: Decoded | Failure, key: bytes, erased: di
     return bool(erased) and isinstance(outcome, Decoded) and patient_of(item, outcome.identity.patient, key) in erased
 
 
+def _drop_erased_groups(manifest: pd.DataFrame, erased: dict[str, str],
+                        rejected: list[Rejected]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The manifest without the films of an erased pseudo-patient (`cxr forget` of a near-duplicate group's
+    pseudonym), which are quarantined as `erased`, and which rows went: the film whose own pseudonym it was is
+    caught before decoding, its copies only once grouped again."""
+    gone = manifest["patient_hash"].isin(list(erased)).to_numpy()
+    for row in manifest[gone].itertuples():
+        rejected.append(Rejected(row.source, row.path, "erased", f"{row.source}/{row.path}: patient {row.patient_hash} was "
+                                 f"erased by `cxr forget` on {erased[row.patient_hash]} (data/erasures.jsonl); remove "
+                                 "their source files"))
+    return manifest[~gone].reset_index(drop=True), gone
+
+
+def _perceptual_hashes(spool: PixelSpool, in_store: np.ndarray, others: list[np.ndarray]) -> np.ndarray:
+    """Perceptual hashes of the spooled films that are manifest rows, then of `others`, in one set (the hashes are
+    relative to their set): the films are read back from the spool in batches, never all in memory."""
+    from pipeline.phash import phash_batches
+
+    def batches():  # -> Iterator[np.ndarray]
+        batch: list[np.ndarray] = []
+        for image in spool.rows(in_store):
+            batch.append(image)
+            if len(batch) == 4096:
+                yield np.stack(batch)
+                batch = []
+        if batch:
+            yield np.stack(batch)
+        if others:
+            yield np.stack(others)
+
+    return phash_batches(batches())
+
+
 def _erasure_failure(item: SourceItem, decoded: Decoded, key: bytes, erased: dict[str, str]) -> Failure:
     pseudonym = patient_of(item, decoded.identity.patient, key)
     return Failure("erased", f"{FILE}: patient {pseudonym} was erased by `cxr forget` on {erased[pseudonym]} "
@@ -540,12 +588,20 @@ def patient_of(item: SourceItem, header_patient: str | None, key: bytes) -> str:
     return header_patient or patient_hash(item.patient_id or f"{item.source}/{item.path}", key)
 
 
+def patient_origin(item: SourceItem, header_patient: str | None) -> str:
+    """Where patient_of found the film's patient (pipeline.splits.KNOWN_PATIENT): `header`, `source` (a table's column
+    or the file name) or `film` (nowhere: the film is its own patient, so other films of that person may sit in
+    other splits). Reports say so wherever validation and test may share patients with train."""
+    return "header" if header_patient else "source" if item.patient_id else "film"
+
+
 def _manifest_row(item: SourceItem, decoded: Decoded, key: bytes, redacted_path: str) -> dict:
     return {
         "image_id": image_id_of(item, key),
         "split": item.split,
         "label": item.label,
         "patient_hash": patient_of(item, decoded.identity.patient, key),
+        "patient_from": patient_origin(item, decoded.identity.patient),
         "source": item.source,
         "path": redacted_path,
         "subtype": item.subtype,

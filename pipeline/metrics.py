@@ -161,6 +161,11 @@ def choose_threshold(y_true: np.ndarray, probability: np.ndarray, method: str, f
 
     youden: the threshold maximising Youden's J = sensitivity + specificity - 1 over the distinct validation
     probabilities; ties go to the lowest such threshold (the highest sensitivity: missing disease costs more).
+    youden_mid: the middle of the widest interval of thresholds that all reach the maximum J. Where validation
+    separates the classes (almost) perfectly, every threshold between the highest negative and the lowest
+    positive is optimal, and `youden` takes the very edge of that gap: the lowest positive's probability, so any
+    unseen positive a hair lower is missed. The middle keeps a margin on both sides; where one threshold alone
+    is optimal its interval is the gap below it, and the two methods nearly agree.
     sensitivity: the highest threshold at which validation sensitivity still reaches `target_sensitivity`,
     i.e. the k-th highest positive probability with k = ceil(target x positives). fixed: `fixed` as given.
     """
@@ -169,7 +174,7 @@ def choose_threshold(y_true: np.ndarray, probability: np.ndarray, method: str, f
     y_true = np.asarray(y_true).astype(int)
     probability = np.asarray(probability, dtype=float)
     positives, negatives = np.sort(probability[y_true == 1]), np.sort(probability[y_true == 0])
-    if not len(positives) or (method == "youden" and not len(negatives)):
+    if not len(positives) or (method in ("youden", "youden_mid") and not len(negatives)):
         missing = "positive" if not len(positives) else "negative"
         raise CxrError(f"evaluate.threshold_method={method}: the validation split holds no {missing} films of {name}, "
                        "so no threshold can be chosen there; add validation data or use evaluate.threshold_method=fixed")
@@ -180,7 +185,48 @@ def choose_threshold(y_true: np.ndarray, probability: np.ndarray, method: str, f
     sensitivity = 1 - np.searchsorted(positives, candidates, side="left") / len(positives)  # share of positives >= t
     specificity = np.searchsorted(negatives, candidates, side="left") / len(negatives)  # share of negatives < t
     youden = sensitivity + specificity - 1
-    return float(candidates[np.flatnonzero(youden >= youden.max() - 1e-12)[0]])
+    best = np.flatnonzero(youden >= youden.max() - 1e-12)
+    if method == "youden":
+        return float(candidates[best[0]])
+    return _middle_of_widest_run(candidates, best)
+
+
+def _middle_of_widest_run(candidates: np.ndarray, best: np.ndarray) -> float:
+    """The middle of the widest interval of thresholds reaching the best J. Every threshold in (candidates[i - 1],
+    candidates[i]] calls the same films positive as candidates[i], so a run of consecutive optimal candidates
+    i..j is optimal over (candidates[i - 1], candidates[j]]; below the lowest probability nothing changes, so a run
+    starting there starts at its own first candidate."""
+    runs = np.split(best, np.flatnonzero(np.diff(best) > 1) + 1)
+    lows = [candidates[run[0] - 1] if run[0] > 0 else candidates[run[0]] for run in runs]
+    highs = [candidates[run[-1]] for run in runs]
+    widths = np.subtract(highs, lows)
+    widest = int(np.flatnonzero(widths >= widths.max() - 1e-12)[0])  # a tie goes to the lower run (more sensitive)
+    return float((lows[widest] + highs[widest]) / 2)
+
+
+def threshold_spread(y_true: np.ndarray, probability: np.ndarray, method: str, rounds: int, seed: int, *,
+                     clusters: np.ndarray, fixed: float = 0.5, target_sensitivity: float = 0.95) -> dict | None:
+    """How far the validation-chosen threshold moves when validation's patients are resampled (`rounds` cluster
+    resamples, as the metric intervals): its 95 % percentile interval and standard deviation. A threshold that
+    swings widely says the validation split cannot pin the operating point down; None for `fixed` (nothing chosen).
+    A resample holding one class only chooses nothing and is skipped."""
+    if method == "fixed":
+        return None
+    y_true, probability = np.asarray(y_true).astype(int), np.asarray(probability, dtype=float)
+    chosen: list[float] = []
+
+    def score(pick: np.ndarray) -> dict[str, float | None]:
+        try:
+            value = choose_threshold(y_true[pick], probability[pick], method, fixed, target_sensitivity)
+        except CxrError:
+            return {"threshold": None}
+        chosen.append(value)
+        return {"threshold": value}
+
+    interval = bootstrap(score, len(y_true), rounds, seed, clusters=clusters)["threshold"]
+    if interval is None:
+        return None
+    return {"ci95": interval, "sd": float(np.std(chosen)), "rounds": rounds}
 
 
 def one_hot(class_index: np.ndarray, n_classes: int) -> np.ndarray:

@@ -19,6 +19,8 @@ bits): it changes the film more than the two most alike different films differ, 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 HASH_SIDE = 32  # the classic pHash works on a 32×32 thumbnail ...
@@ -31,9 +33,20 @@ def phash(images: np.ndarray) -> np.ndarray:
     """One uint64 hash per image of a (N, S, S) uint8 array, relative to the whole array (see the module)."""
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"expected square images shaped (N, S, S), got {images.shape}")
-    if len(images) == 0:
+    return _bits(_low_frequencies(images))
+
+
+def phash_batches(batches: Iterable[np.ndarray]) -> np.ndarray:
+    """phash of the images of all `batches` as one set, holding only their 63 coefficients each (250 bytes), not
+    their pixels: ingest reads an archive's films back from disk in batches."""
+    low = [_low_frequencies(batch) for batch in batches if len(batch)]
+    return _bits(np.concatenate(low)) if low else np.empty(0, dtype=np.uint64)
+
+
+def _bits(coefficients: np.ndarray) -> np.ndarray:
+    """One uint64 per row: a bit set where a coefficient is above its median over the set (see the module)."""
+    if len(coefficients) == 0:
         return np.empty(0, dtype=np.uint64)
-    coefficients = _low_frequencies(images)
     bits = coefficients > np.median(coefficients, axis=0)
     padded = np.concatenate([np.zeros((len(bits), 64 - bits.shape[1]), dtype=bool), bits], axis=1)
     return np.packbits(padded, axis=1).view(">u8").ravel().astype(np.uint64)

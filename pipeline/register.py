@@ -12,6 +12,7 @@ a dirty work tree, is refused unless `--from-run` or `--allow-dirty` says otherw
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -25,6 +26,7 @@ from pipeline.champion import (CHALLENGER, CONTRACT_TAG, PATIENTS_ARTIFACT_TAG, 
                                first_decision, gate, move_champion, patient_record)
 from pipeline.config import Config
 from pipeline.documents import (count_rows, describe_ece, describe_intervals, describe_operating_point, describe_threshold,
+                                describe_threshold_spread, describe_tta,
                                 headline_rows, per_label_rows, render, subgroup_tables)
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, read_json, sha256_of, write_json
@@ -40,7 +42,7 @@ MAX_OOD_FILMS = 20_000  # per split, to fit the out-of-distribution statistics a
 # decodes file bytes as ingest does (imaging, which reads deid's Identity, which reads config) and judges scope, by
 # header and by the network's out-of-distribution score (ood).
 SERVING_MODULES = ("__init__.py", "errors.py", "labels.py", "tasks", "metrics.py", "losses.py", "models.py", "serving.py",
-                   "mlflow_model.py", "imaging.py", "deid.py", "config.py", "scope.py", "monitoring.py", "ood.py")
+                   "mlflow_model.py", "imaging.py", "deid.py", "config.py", "scope.py", "monitoring.py", "ood.py", "tta.py")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ def register_stage(paths: ProjectPaths, config: Config, from_run: bool = False, 
     patients = _patients_trained_on(paths, client, run_id, config.deid.key_scope)
 
     fingerprint = f"{sha256_of(paths.checkpoint)}@{json.dumps(metrics['threshold'], sort_keys=True)}@{metrics['temperature']}"
+    if metrics.get("tta"):  # another set of test-time views serves other probabilities: another version
+        fingerprint += "@tta:" + hashlib.sha256(json.dumps(metrics["tta"], sort_keys=True).encode()).hexdigest()[:12]
     existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}' and tags.fingerprint='{fingerprint}'")
     if existing:
         version = int(existing[0].version)
@@ -166,6 +170,7 @@ def _describe_version(client, paths: ProjectPaths, trained: TrainedModel, name: 
         "test_metrics": json.dumps({k: test.get(k) for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1", "n")
                                     if k in test}),
         "test_ci95": json.dumps(test.get("ci95", {})),
+        "patients_known": json.dumps(metrics.get("patients_known")),  # false: val/test may share patients with train
         # what rollback checks a target against
         CONTRACT_TAG: json.dumps({"task": trained.task, "labels": trained.labels, "image_size": trained.image_size}),
         **registered_with,
@@ -219,6 +224,9 @@ def model_card_context(paths: ProjectPaths, trained: TrainedModel, name: str, ve
         "count_labels": count_labels,
         "counts": counts,
         "operating_point": describe_operating_point(metrics),
+        "threshold_spread": describe_threshold_spread(metrics),
+        "tta": describe_tta(metrics),
+        "patient_caveat": metrics.get("patient_caveat"),
         "n": metrics["test"].get("n"),
         "headline": headline_rows(metrics),
         "per_label_header": per_label_header,
@@ -250,6 +258,7 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str, crop: str) -> i
     size, labels, threshold = int(state["image_size"]), list(state["labels"]), metrics["threshold"]
     task = task_for(state["task"], labels)
     temperature = float(metrics["temperature"])
+    tta = metrics.get("tta") or []  # the test-time views evaluate scored with: the served model averages over them too
     example = input_example(size)
     output = task.serving_table(np.full((1, len(labels)), 0.5), threshold).assign(out_of_scope="", error="", ood_score=0.0)
     scope = training_scope(paths, config, task).as_dict()
@@ -267,11 +276,11 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str, crop: str) -> i
                 pip_requirements=serving_requirements(),
                 signature=infer_signature(example, output),
                 input_example=example,
-                model_config={"threshold": threshold, "temperature": temperature, "scope": scope, "ood": ood, "crop": crop,
+                model_config={"threshold": threshold, "temperature": temperature, "scope": scope, "ood": ood, "crop": crop, "tta": tta,
                               "limits": {"max_pixels": limits.max_pixels, "max_frames": limits.max_frames},
                               "identity": {"model": config.registry.model_name, "run_id": run_id}},  # for monitoring records
                 metadata={"image_size": size, "labels": labels, "task": task.name, "threshold": threshold, "temperature": temperature,
-                          "scope": scope, "ood": ood, "crop": crop},
+                          "scope": scope, "ood": ood, "crop": crop, "tta": tta},
                 registered_model_name=config.registry.model_name,
             )
     return int(info.registered_model_version)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.documents import (count_rows, describe_ece, describe_intervals, describe_operating_point, describe_threshold,
+                                describe_threshold_spread, describe_tta,
                                 headline_rows, per_label_rows, render, subgroup_tables)
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, read_json
@@ -112,6 +113,10 @@ def _metrics(metrics: dict) -> dict:
         "n": test.get("n"),
         "operating_point": describe_operating_point(metrics),
         "threshold_method": describe_threshold(metrics),
+        "threshold_spread": describe_threshold_spread(metrics),
+        "tta": describe_tta(metrics),
+        "patients_known": metrics.get("patients_known"),
+        "patient_caveat": metrics.get("patient_caveat"),
         "headline": headline_rows(metrics),
         "per_label_header": header,
         "per_label_rows": per_label,

@@ -20,8 +20,8 @@ INVALID_PARAMETER_VALUE, which MLflow's scoring server answers with HTTP 400 and
 one readable film answers 200, its bad rows with their `error`. Each answer is appended to the monitoring log
 (pipeline.monitoring; where $CXR_MONITOR_LOG says).
 
-The operating point chosen on validation (a threshold, or one per label), the temperature, the scope and the decode
-limits travel in the model's `model_config`; what the answer table holds is the task's (pipeline.tasks:
+The operating point chosen on validation (a threshold, or one per label), the temperature, the test-time views
+(pipeline.tta), the scope and the decode limits travel in the model's `model_config`; what the answer table holds is the task's (pipeline.tasks:
 Task.serving_table).
 """
 
@@ -62,6 +62,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
         self.temperature = float(config["temperature"])
         self.image_size = int(state["image_size"])
         self.crop = config.get("crop", "none")  # data.crop it was trained with; a model registered before: squeeze
+        self.tta = list(config.get("tta") or [])  # evaluate.tta's views, as evaluate scored it; before: none
         self.scope = Scope.from_dict(config.get("scope"), config.get("ood"))
         self.limits = DecodeLimits(**config.get("limits", {}))
         self.identity, self.monitor_log = ModelIdentity.from_config(config), log_path(None)
@@ -133,14 +134,12 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """(N, S, S) uint8 images at the model's size → (N, K) calibrated probabilities."""
-        import torch
-
-        from pipeline.models import predict_proba
+        from pipeline.tta import tta_probabilities
 
         if images.ndim == 2:
             images = images[None]
         self.check_shape(images)
-        probability = predict_proba(self.model, images.astype(np.uint8), torch.device("cpu"), self.task.activation)
+        probability = tta_probabilities(self.model, images.astype(np.uint8), self.task.activation, self.tta)
         return self.task.apply_temperature(probability, self.temperature)
 
     def answer_files(self, contents: list) -> pd.DataFrame:

@@ -35,6 +35,104 @@ HELD_OUT_FIRST = ("test", "val", "train")  # a patient a source puts in several 
 REASSIGN_FIX = "run `cxr ingest --reassign-splits` to reshuffle every patient deliberately (recorded in MLflow)"
 
 
+# How each film's patient was known (the manifest's patient_from). `header`: the DICOM PatientID; `source`: a table's
+# patient column or data.patient_pattern in the file name; `film`: nothing named one, the film is its own patient;
+# `near_duplicates`: nothing named one, and the film was grouped with its near-duplicates into a pseudo-patient
+# (data.group_near_duplicates). Only the first two keep other films of one person out of the other splits.
+KNOWN_PATIENT = ("header", "source")
+UNKNOWN_PATIENT = ("film", "near_duplicates")
+
+
+def patient_knowledge(manifest_path: Path) -> dict:
+    """Whether validation and test can share patients with train, from the manifest's patient_from: a flag and a
+    one-line caveat every report repeats (metrics.json, the report, the MLflow run, the model card).
+
+    Patients are known when every labelled film's patient came from a DICOM header, a table column or the file name
+    (data.patient_pattern). A film with none is its own patient (grouped with its near-duplicates at best), so
+    other films of the same person can sit in other splits, as MedMNIST's validation split (a random 10 % of
+    Kermany's training images, not patients) shares patients with train: scores there are optimistic, and a model,
+    epoch or threshold chosen on them rewards memorising. `patients_known` is None for a manifest older than
+    patient_from (nothing says how its patients were found).
+    """
+    import pyarrow.parquet as pq
+
+    if "patient_from" not in pq.read_schema(manifest_path).names:
+        return {"patients_known": None, "patient_caveat": "whether validation and test share patients with train is "
+                "unknown: the manifest predates its patient_from column (run `cxr ingest` again)"}
+    manifest = pd.read_parquet(manifest_path, columns=["split", "source", "patient_from"])
+    labelled = manifest[manifest["split"].isin(["train", "val", "test"])]
+    unknown = labelled[labelled["patient_from"].isin(UNKNOWN_PATIENT)]
+    knowledge: dict = {"patients_known": unknown.empty, "films_without_patient": int(len(unknown)),
+                       "films_grouped_by_near_duplicates": int((unknown["patient_from"] == "near_duplicates").sum()),
+                       "sources_without_patients": sorted(set(unknown["source"]))}
+    if unknown.empty:
+        return knowledge | {"patient_caveat": None}
+    grouped = (" (near-duplicate films grouped into pseudo-patients, data.group_near_duplicates)"
+               if knowledge["films_grouped_by_near_duplicates"] else "")
+    return knowledge | {"patient_caveat": (
+        f"validation and test may share patients with train: {len(unknown):,} of {len(labelled):,} films "
+        f"({', '.join(knowledge['sources_without_patients'])}) name no patient, so they were split by film{grouped}; "
+        "their validation and test scores are optimistic, and choices made on validation may not hold for new patients")}
+
+
+def near_duplicate_groups(hashes: np.ndarray, max_distance: int, eligible: np.ndarray, strata: np.ndarray) -> np.ndarray:
+    """A group number per film: `eligible` films of one stratum linked by a chain of near-duplicate pairs (perceptual
+    hashes within `max_distance` bits, pipeline.phash) share one; every other film is a group of its own.
+
+    The pairs come from phash.close_pairs (a numpy block scan, about a second for 10,000 films) and the chains from
+    scipy's connected components (a union-find in C), so no Python loop runs over films or pairs.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from pipeline.phash import close_pairs
+
+    pairs = close_pairs(hashes, max_distance)
+    first, second = pairs[:, 0], pairs[:, 1]
+    keep = eligible[first] & eligible[second] & (strata[first] == strata[second])
+    n = len(hashes)
+    graph = coo_matrix((np.ones(int(keep.sum()), dtype=np.int8), (first[keep], second[keep])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def pseudo_patients(frame: pd.DataFrame, perceptual: np.ndarray, max_distance: int, recorded: dict[str, str],
+                    strata: pd.Series, erased: set[str] = frozenset()) -> pd.DataFrame:
+    """`frame` (patient_hash, patient_from per film, in data order) with near-duplicate films that no patient ID
+    links merged into pseudo-patients, so that a film and its re-saved, re-windowed or slightly shifted copy can
+    never be split apart (or fall into two cross-validation folds).
+
+    Only films without a patient (patient_from `film` or `near_duplicates`) of one stratum (the split their source
+    gave them: a source's own train/val/test is kept) are grouped. A group takes the pseudonym of its first member
+    the split registry (`recorded`: patient_hash -> split) knows, else of its first member, so a grouped film
+    already recorded keeps its split; a member recorded in another split keeps its own pseudonym and split
+    (the registry fixes a patient's split once; `cxr ingest --reassign-splits` regroups it). A group holding an
+    `erased` pseudonym (`cxr forget`) takes it, so the caller drops the whole group. `perceptual`: the films'
+    perceptual hashes (pipeline.phash), computed as one set.
+    """
+    eligible = frame["patient_from"].isin(UNKNOWN_PATIENT).to_numpy()
+    if eligible.sum() < 2:
+        return frame
+    groups = near_duplicate_groups(perceptual, max_distance, eligible, strata.fillna("").astype(str).to_numpy())
+    hashes = frame["patient_hash"].to_numpy(dtype=object)
+    known = frame["patient_hash"].map(recorded).to_numpy(dtype=object)
+    order = np.arange(len(frame)) + np.where(pd.isna(known), len(frame), 0)  # recorded members first, then data order
+    representative = pd.Series(order).groupby(groups).transform("idxmin").to_numpy()
+    size = np.bincount(groups)[groups]
+    apart = ~pd.isna(known) & (known != known[representative])
+    joined = (size > 1) & ~apart
+    hashes_out = np.where(joined, hashes[representative], hashes)
+    if erased:
+        gone = frame["patient_hash"].isin(list(erased)).to_numpy()
+        first_gone = pd.Series(np.where(gone, np.arange(len(frame)), len(frame))).groupby(groups).transform("min").to_numpy()
+        hit = first_gone < len(frame)
+        hashes_out = np.where(hit, hashes[np.minimum(first_gone, len(frame) - 1)], hashes_out)
+    if apart.any():
+        log.warning("ingest: %d near-duplicate film(s) stay in the split %s recorded for them apart from their "
+                    "group; `cxr ingest --reassign-splits` groups them", int(apart.sum()), "the split registry")
+    return frame.assign(patient_hash=hashes_out,
+                        patient_from=np.where(joined, "near_duplicates", frame["patient_from"].to_numpy(dtype=object)))
+
+
 def split_patients(frame: pd.DataFrame, fractions: SplitFractions, seed: int) -> pd.Series:
     """Assign train/val/test to every row by patient, stratified on each patient's most common label.
 

@@ -33,6 +33,35 @@ def test_folds_keep_patients_together_and_each_label_in_every_fold():
     assert not assign_folds(frame, 5, seed=1).equals(fold_of)  # and the seed decides the folds
 
 
+def test_a_film_in_train_and_its_near_copy_in_val_fall_in_one_fold(tmp_path):
+    """MedMNIST's val is drawn by image: a film's copy can sit in val while it sits in train. Ingest keeps the source's
+    split, so only the folds can keep them together: pooled, grouped as one pseudo-patient, one fold."""
+    from pipeline.crossval import fold_groups
+    from tests.test_splits import near_copy_films
+
+    films, near, labels = near_copy_films()
+    np.savez(tmp_path / "medmnist.npz", train_images=films, train_labels=labels.reshape(-1, 1),
+             val_images=near, val_labels=labels[:16].reshape(-1, 1))
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  sources: [medmnist.npz]\nvalidation:\n  near_duplicate_distance: 8\n")
+    paths, config = ProjectPaths(tmp_path), load_config(params)
+    ingest_stage(paths, config)
+    manifest = pd.read_parquet(paths.manifest)
+    pooled = manifest[manifest["split"].isin(["train", "val"])].set_index("path", drop=False)
+    pairs = [(f"train/{i}", f"val/{i}") for i in range(16) if f"train/{i}" in pooled.index]  # the others were carved to test
+    assert len(pairs) >= 8
+
+    def together(frame: pd.DataFrame) -> int:
+        fold_of = pd.Series(assign_folds(frame, 5, seed=0).to_numpy(), index=frame.index)
+        return sum(fold_of[film] == fold_of[copy] for film, copy in pairs)
+
+    assert together(pooled) < len(pairs)  # each film its own patient: copies are scattered over the folds
+    grouped = fold_groups(paths, config, pooled)
+    assert together(grouped) == len(pairs)
+    assert grouped["patient_hash"].nunique() == len(pooled) - len(pairs)
+    assert fold_groups(paths, load_config(params, ["data.group_near_duplicates=false"]), pooled) is pooled
+
+
 def test_a_label_held_by_fewer_patients_than_folds_is_refused():
     # 6 films of `normal`, but from 2 patients: some folds would validate without a single normal film
     frame = pd.DataFrame({"patient_hash": ["a", "a", "a", "b", "b", "b"] + [f"p{i}" for i in range(10)],
@@ -67,6 +96,7 @@ def test_crossval_trains_every_fold_and_writes_the_summary(tmp_path):
 
     summary = json.loads((paths.reports / "crossval.json").read_text())
     assert summary["folds"] == 3 and len(summary["per_fold"]) == 3
+    assert summary["patients_known"] is True and summary["patient_caveat"] is None  # the demo names every patient
     manifest = pd.read_parquet(paths.manifest)
     pooled = int(manifest["split"].isin(["train", "val"]).sum())
     assert sum(fold["n_val"] for fold in summary["per_fold"]) == pooled  # every pooled film held out once

@@ -178,10 +178,14 @@ def test_the_threshold_chosen_on_validation_is_reported_and_stored_with_the_serv
     paths = tiny_project.paths
     metrics = json.loads(paths.metrics.read_text())
     threshold = metrics["threshold"]
-    assert metrics["threshold_method"] == "youden"
+    assert metrics["threshold_method"] == "youden_mid"
     predictions = pd.read_csv(paths.predictions)
     val = predictions[predictions["split"] == "val"]
-    assert threshold == pytest.approx(choose_threshold(val["truth"], val["probability"], "youden"), abs=1e-6)
+    assert threshold == pytest.approx(choose_threshold(val["truth"], val["probability"], "youden_mid"), abs=1e-6)
+    spread = metrics["threshold_spread"]
+    rounds = tiny_project.config.evaluate.bootstrap_rounds
+    assert spread["ci95"][0] <= threshold <= spread["ci95"][1] and spread["rounds"] == rounds and spread["sd"] >= 0
+    assert f"threshold chosen again on {rounds} resamples of validation patients" in (paths.reports / "report.html").read_text()
     assert np.allclose(predictions["threshold"], threshold, atol=1e-6)
     test = predictions[predictions["split"] == "test"]
     assert metrics["test"]["tp"] == int(((test["probability"] >= threshold) & (test["truth"] == 1)).sum())
@@ -189,10 +193,11 @@ def test_the_threshold_chosen_on_validation_is_reported_and_stored_with_the_serv
     client = tracking_client(paths)
     run = client.get_run(read_run_id(paths))
     assert run.data.metrics["threshold"] == pytest.approx(threshold)
-    assert run.data.tags["threshold_method"] == "chosen on validation by Youden's J"
+    assert run.data.tags["threshold_method"] == "chosen on validation in the middle of the thresholds of maximal Youden's J"
     version = client.get_model_version("cxr-pneumonia", str(tiny_project.results["register"].version))
     assert float(version.tags["threshold"]) == threshold
     assert f"{threshold:.4f}" in version.description and "Youden" in version.description
+    assert "resamples of validation patients: 95 % range" in version.description
     served = load_model("models:/cxr-pneumonia@champion", paths)
     assert served.metadata.metadata["threshold"] == threshold
     films = np.load(paths.images)[:20]
@@ -333,3 +338,38 @@ def test_metrics_json_and_report_say_what_was_resampled_and_n_too_small(tiny_pro
     assert all(group == {"n": group["n"], "n_patients": group["n_patients"], "note": "n too small"} for group in small)
     page = (tiny_project.paths.reports / "report.html").read_text()
     assert "<td>n too small</td>" in page and "patient-clustered percentile bootstrap, 1000 rounds" in page
+
+
+def test_youden_mid_takes_the_middle_of_the_optimal_gap_where_youden_takes_its_edge():
+    """Perfect separation: every threshold in (0.30, 0.90] has J = 1. youden takes 0.90 (the lowest positive), so a
+    positive at 0.89 is missed; youden_mid takes 0.60 and calls the same validation films as youden."""
+    from pipeline.metrics import choose_threshold
+
+    truth = np.array([0, 0, 0, 1, 1, 1])
+    probability = np.array([0.05, 0.2, 0.3, 0.9, 0.95, 0.99])
+    assert choose_threshold(truth, probability, "youden") == 0.9
+    assert choose_threshold(truth, probability, "youden_mid") == pytest.approx(0.6)
+    assert binary_metrics(truth, probability, 0.6) == binary_metrics(truth, probability, 0.9)
+    # One optimal threshold (0.4, J 0.75 in the hand-computed case): the middle of the gap below it, (0.35, 0.4]
+    truth = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    probability = np.array([0.1, 0.3, 0.35, 0.6, 0.4, 0.55, 0.7, 0.9])
+    assert choose_threshold(truth, probability, "youden_mid") == pytest.approx(0.375)
+    # Two optimal runs, (0.2, 0.4] and (0.6, 0.8]: equally wide, the lower (more sensitive) one
+    assert choose_threshold(np.array([0, 1, 0, 1]), np.array([0.2, 0.4, 0.6, 0.8]), "youden_mid") == pytest.approx(0.3)
+
+
+def test_the_threshold_spread_is_wide_where_validation_pins_nothing_and_narrow_where_it_does():
+    """Resampling patients moves youden's edge with the lowest drawn positive; the spread says so, in probability."""
+    from pipeline.metrics import threshold_spread
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1], 100)
+    separated = np.concatenate([rng.uniform(0.0, 0.1, 100), rng.uniform(0.3, 1.0, 100)])
+    patients = np.arange(200)
+    edge = threshold_spread(truth, separated, "youden", 200, 0, clusters=patients)
+    middle = threshold_spread(truth, separated, "youden_mid", 200, 0, clusters=patients)
+    assert edge["ci95"][0] >= 0.29 and middle["ci95"][1] < 0.25  # youden sits on the positives, the middle in the gap
+    assert edge["rounds"] == 200 and 0 < middle["sd"] < 0.05
+    assert threshold_spread(truth, separated, "fixed", 200, 0, clusters=patients) is None
+    # Films of one patient are drawn together: 200 films of 2 patients cannot pin anything, most draws hold one class
+    assert threshold_spread(truth, separated, "youden", 200, 0, clusters=np.repeat([0, 1], 100)) is None

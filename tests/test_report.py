@@ -82,3 +82,45 @@ def test_every_image_loads_in_headless_chromium(report, tmp_path):
     loaded = json.loads(images)
     assert len(loaded) >= 6
     assert all(complete and width > 0 for complete, width in loaded), loaded
+
+
+def test_a_project_whose_patients_are_known_carries_no_caveat(tiny_project, report):
+    """The demo names every patient (DICOM PatientID, P0003_1.png): no caveat anywhere."""
+    metrics = json.loads(tiny_project.paths.metrics.read_text())
+    assert metrics["patients_known"] is True and metrics["patient_caveat"] is None
+    assert metrics["films_without_patient"] == 0
+    assert "may share patients" not in report.read_text()
+
+
+@pytest.mark.slow
+def test_a_source_without_patient_ids_is_flagged_in_every_report(tmp_path):
+    """A MedMNIST-style archive names no patient: metrics.json, the report, the MLflow run and the model card say
+    that validation and test may share patients with train."""
+    import numpy as np
+
+    from pipeline.tracking import client as tracking_client, read_run_id
+    from tests.conftest import run_all_stages, tiny_params_text
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 96), ("val", 32), ("test", 32)):
+        labels = (np.arange(n) % 3 != 0).astype(np.uint8)
+        base = rng.normal(120, 30, (n, 28, 28)) + labels[:, None, None] * 30  # learnable, and films differ
+        arrays |= {f"{split}_images": np.clip(base, 0, 255).astype(np.uint8), f"{split}_labels": labels.reshape(-1, 1)}
+    np.savez(tmp_path / "mnist_like.npz", **arrays)
+    params = tmp_path / "params.yaml"
+    params.write_text(tiny_params_text())
+    project = run_all_stages(params, ["data.sources=[mnist_like.npz]", "data.image_size=28", "train.epochs=1"])
+
+    metrics = json.loads(project.paths.metrics.read_text())
+    assert metrics["patients_known"] is False and metrics["films_without_patient"] == 160
+    assert metrics["sources_without_patients"] == ["mnist_like.npz"]
+    caveat = metrics["patient_caveat"]
+    assert caveat.startswith("validation and test may share patients with train: 160 of 160 films (mnist_like.npz)")
+    assert caveat in (project.paths.reports / "report.html").read_text()
+    client = tracking_client(project.paths)
+    run = client.get_run(read_run_id(project.paths))
+    assert run.data.tags["patients_known"] == "false" and run.data.tags["patient_caveat"] == caveat
+    assert caveat in run.data.tags["mlflow.note.content"]
+    version = client.get_model_version("cxr-pneumonia", str(project.results["register"].version))
+    assert version.tags["patients_known"] == "false" and f"**Caveat: {caveat}.**" in version.description

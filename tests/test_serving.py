@@ -185,3 +185,42 @@ def test_the_registered_model_runs_on_the_code_it_carries_without_the_project_in
     answer = json.loads(answer)
     assert set(answer) == {"probability", "label", "out_of_scope", "error", "ood_score"}
     assert 0 <= answer["probability"]["0"] <= 1 and answer["error"]["0"] == ""  # decoded a DICOM with the code it carries
+
+
+def test_with_tta_evaluate_and_the_served_model_give_the_same_probabilities_for_the_same_film(tmp_path):
+    """evaluate.tta averages each film over moved copies; the registered model records the views and averages over
+    them too, for arrays and for file bytes, so the threshold chosen on validation means the same when served."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.models import load_checkpoint, predict_proba
+    from pipeline.paths import ProjectPaths
+    from pipeline.predict import load_model
+    from pipeline.stages import run_stages
+    from tests.conftest import write_tiny_project
+
+    params = write_tiny_project(tmp_path / "tta", n=48)
+    views = [{"shift_x": 0.06, "shift_y": 0.0, "scale": 1.0}, {"shift_x": 0.0, "shift_y": -0.06, "scale": 1.1}]
+    config = load_config(params, ["evaluate.tta=[{shift_x: 0.06}, {shift_y: -0.06, scale: 1.1}]"])
+    paths = ProjectPaths(params.parent)
+    run_stages(paths, config, until="register")
+
+    metrics = json.loads(paths.metrics.read_text())
+    assert metrics["tta"] == views
+    predictions = pd.read_csv(paths.predictions)
+    test = predictions[predictions["split"] == "test"]
+    films = np.load(paths.images)[test["store_index"].to_numpy()]
+    model = load_model(CHAMPION, paths)
+    assert model.metadata.metadata["tta"] == views
+    served = model.predict(films)["probability"].to_numpy(dtype=float)
+    assert np.allclose(served, test["probability"], atol=1e-6)
+    network, _ = load_checkpoint(paths.checkpoint)
+    plain = predict_proba(network, films, torch.device("cpu"), lambda logits: torch.softmax(logits, dim=1))[:, -1]
+    assert np.abs(plain - served).max() > 1e-4  # the views change the probabilities: the test above could fail
+
+    manifest = pd.read_parquet(paths.manifest).set_index("store_index")
+    png = manifest.loc[test["store_index"], "format"].to_numpy() == "png"
+    row = int(np.flatnonzero(png)[0])
+    file = source_files(paths, config, manifest.loc[[test["store_index"].iloc[row]]].reset_index())[0]
+    from_bytes = model.predict(pd.DataFrame({"image": [_b64(file)]}))["probability"].to_numpy(dtype=float)
+    assert from_bytes[0] == pytest.approx(test["probability"].iloc[row], abs=1e-6)  # as `cxr predict` answers a file

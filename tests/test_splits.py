@@ -269,3 +269,109 @@ def test_hash_buckets_follow_the_split_fractions_and_the_seed():
     assert abs(shares["train"] - 0.6) < 0.02 and abs(shares["val"] - 0.1) < 0.02 and abs(shares["test"] - 0.3) < 0.02
     assert [hash_bucket(p, fractions, 0) for p in pseudonyms[:50]] == buckets[:50].tolist()  # a patient alone decides
     assert [hash_bucket(p, fractions, 1) for p in pseudonyms[:200]] != buckets[:200].tolist()
+
+
+def near_copy_films(n: int = 80, copies: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n distinct smooth 128-px films, a near copy of each of the first `copies` (half shifted by 1 px, half 12 grey
+    levels brighter: perceptual hashes within 8 bits of their original at 32 px, while the closest two distinct films
+    are 17 bits apart), and the films' labels (one in three normal)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(3)
+    films = np.stack([gaussian_filter(rng.normal(size=(128, 128)), 6) for _ in range(n)])
+    films = ((films - films.min(axis=(1, 2), keepdims=True)) / np.ptp(films, axis=(1, 2), keepdims=True) * 180 + 30)
+    films = films.astype(np.uint8)
+    half = copies // 2
+    near = np.concatenate([np.roll(films[:half], 1, axis=1),
+                           np.clip(films[half:copies].astype(int) + 12, 0, 255).astype(np.uint8)])
+    return films, near, (np.arange(n) % 3 != 0).astype(np.uint8)
+
+
+def _films_with_near_copies(path: Path, n: int = 80, copies: int = 16) -> None:
+    """A MedMNIST-style train-only archive (no patient ids): near_copy_films, the copies after the originals."""
+    films, near, labels = near_copy_films(n, copies)
+    np.savez(path, train_images=np.concatenate([films, near]),
+             train_labels=np.concatenate([labels, labels[:copies]]).reshape(-1, 1))
+
+
+def _pairs_in_one_split(paths: ProjectPaths, n: int = 80, copies: int = 16) -> tuple[int, pd.DataFrame]:
+    """How many (film, near copy) pairs share a split, and the manifest by npz row."""
+    manifest = pd.read_parquet(paths.manifest).set_index("path").loc[[f"train/{i}" for i in range(n + copies)]]
+    split = manifest["split"].to_numpy()
+    return int(sum(split[i] == split[n + i] for i in range(copies))), manifest
+
+
+def test_near_duplicate_films_without_patient_ids_are_one_pseudo_patient_in_one_split(tmp_path):
+    _films_with_near_copies(tmp_path / "near.npz")
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  sources: [near.npz]\n  group_near_duplicates: false\n"
+                      "validation:\n  near_duplicate_distance: 8\n")
+    paths = ProjectPaths(tmp_path)
+    ingest_stage(paths, load_config(params))
+    together, manifest = _pairs_in_one_split(paths)
+    assert together < 16  # each film its own patient: val and test carved from train split some pairs apart
+    assert set(manifest["patient_from"]) == {"film"}
+
+    ingest_stage(paths, load_config(params, ["data.group_near_duplicates=true"]), reassign_splits=True)
+    together, manifest = _pairs_in_one_split(paths)
+    assert together == 16
+    pseudo = manifest["patient_hash"].to_numpy()
+    assert all(pseudo[i] == pseudo[80 + i] for i in range(16))  # the copy takes its original's pseudonym
+    assert len(set(pseudo)) == 80
+    assert (manifest["patient_from"] == "near_duplicates").sum() == 32
+    assert set(manifest["patient_from"].iloc[16:80]) == {"film"}
+    registry = read_registry(paths.split_registry)
+    assert len(registry) == 80 and set(registry["patient_hash"]) == set(pseudo)  # one registry row per pseudo-patient
+
+
+def test_a_recorded_film_keeps_its_split_when_grouping_would_move_it(tmp_path):
+    """The registry fixes a patient's split once: a film recorded apart from its near copy stays where it was."""
+    _films_with_near_copies(tmp_path / "near.npz")
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  sources: [near.npz]\n  group_near_duplicates: false\n"
+                      "validation:\n  near_duplicate_distance: 8\n")
+    paths = ProjectPaths(tmp_path)
+    ingest_stage(paths, load_config(params))
+    _, before = _pairs_in_one_split(paths)
+    ingest_stage(paths, load_config(params, ["data.group_near_duplicates=true"]))
+    _, after = _pairs_in_one_split(paths)
+    assert (after["split"] == before["split"]).all()
+
+
+def test_grouping_5000_films_into_pseudo_patients_joins_every_copy_and_nothing_else():
+    """phash + block pair scan + connected components on 5,000 28-px films (PneumoniaMNIST's train + val size);
+    hashed in batches as ingest does (phash_batches), which must give the one-set hashes. Its speed is measured
+    where speed belongs, not here (a timed unit test fails on a busy machine)."""
+    from pipeline.phash import phash, phash_batches
+    from pipeline.splits import pseudo_patients
+
+    images = np.random.default_rng(0).integers(0, 255, (5000, 28, 28), dtype=np.uint8)
+    images[4000:] = images[:1000]  # 1,000 exact copies: 1,000 groups of two
+    frame = pd.DataFrame({"patient_hash": [f"p{i}" for i in range(5000)], "patient_from": "film"})
+    hashes = phash_batches(images[start:start + 1500] for start in range(0, 5000, 1500))
+    assert (hashes == phash(images)).all()
+    grouped = pseudo_patients(frame, hashes, 4, {}, pd.Series([None] * 5000))
+    assert grouped["patient_hash"].nunique() == 4000
+    assert (grouped["patient_hash"].iloc[4000:].to_numpy() == frame["patient_hash"].iloc[:1000].to_numpy()).all()
+
+
+def test_forgetting_a_pseudo_patient_keeps_every_film_of_the_group_out_of_later_ingests(tmp_path):
+    """`cxr forget` takes a manifest patient_hash; for a near-duplicate group that is the group's, and the copies
+    (whose own pseudonyms differ) must not come back as a new group at the next ingest."""
+    from pipeline.forget import forget_patient
+
+    _films_with_near_copies(tmp_path / "near.npz")
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  sources: [near.npz]\nvalidation:\n  near_duplicate_distance: 8\n")
+    paths, config = ProjectPaths(tmp_path), load_config(params)
+    ingest_stage(paths, config)
+    _, manifest = _pairs_in_one_split(paths)
+    pseudonym = manifest["patient_hash"].iloc[0]
+    assert manifest["patient_hash"].iloc[80] == pseudonym
+    forget_patient(paths, config, pseudonym)
+    ingest_stage(paths, config)
+    after = pd.read_parquet(paths.manifest)
+    assert "train/0" not in set(after["path"]) and "train/80" not in set(after["path"])
+    assert len(after) == 94
+    quarantine = pd.read_csv(paths.quarantine)
+    assert set(quarantine.loc[quarantine["reason"] == "erased", "path"]) == {"train/0", "train/80"}

@@ -271,6 +271,9 @@ def test_a_multilabel_table_project_reports_per_label_auc_and_serves_label_sets(
         scores = test["per_label"][label]
         assert 0 <= scores["auc"] <= 1 and scores["threshold"] == metrics["threshold"][label]
         assert scores["tp"] + scores["fn"] + scores["tn"] + scores["fp"] == test["n"]
+        spread = metrics["threshold_spread"][label]  # each label's threshold chosen again on resampled val patients
+        assert spread is None or spread["ci95"][0] <= spread["ci95"][1]
+    assert any(metrics["threshold_spread"].values())
     assert test["auc"] == pytest.approx(np.mean([test["per_label"][label]["auc"] for label in MULTILABEL_LABELS]))
     summary = json.loads(project.paths.validation_summary.read_text())
     assert set(summary["per_split"]["val"]["label_fractions"]) == set(MULTILABEL_LABELS)

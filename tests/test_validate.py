@@ -29,7 +29,8 @@ def clean_manifest() -> pd.DataFrame:
         label = "pneumonia" if patient % 2 == 0 else "normal"
         rows.append({
             "store_index": i, "image_id": f"img{i:03d}", "split": split, "label": label,
-            "label_index": int(label == "pneumonia"), "label_original": label, "label_source": "source", "patient_hash": f"patient{patient:02d}",
+            "label_index": int(label == "pneumonia"), "label_original": label, "label_source": "source",
+            "patient_hash": f"patient{patient:02d}", "patient_from": "source",
             "sha256": f"{i:064x}", "format": "png", "source": "demo", "path": f"demo/img{i:03d}.png", "subtype": "",
             "width": 256, "height": 256, "bits_stored": 8, "modality": "", "photometric": "MONOCHROME2", "view": "",
             "body_part": "", "sex": "", "age_band": "",

@@ -153,6 +153,11 @@ class Task(ABC):
     def threshold_method(self, settings: EvaluateConfig) -> str:
         return settings.threshold_method
 
+    def threshold_spread(self, val: Scored, settings: EvaluateConfig, patients: np.ndarray) -> dict | None:
+        """How far the operating point moves over validation's patient resamples (metrics.threshold_spread); None
+        where nothing is chosen (a fixed threshold, or the most probable class)."""
+        return None
+
     @abstractmethod
     def describe_point(self, threshold: Threshold) -> str:
         """The operating point in words: '0.4231', 'effusion 0.31, pneumonia 0.42' or 'most probable class'."""
@@ -305,6 +310,15 @@ def threshold_on_validation(truth: np.ndarray, probability: np.ndarray, settings
 
     return choose_threshold(truth, probability, settings.threshold_method, settings.threshold,
                             settings.target_sensitivity, label)
+
+
+def spread_on_validation(truth: np.ndarray, probability: np.ndarray, settings: EvaluateConfig,
+                         patients: np.ndarray) -> dict | None:
+    """One label's threshold spread over validation's patient resamples, chosen as threshold_on_validation does."""
+    from pipeline.metrics import threshold_spread
+
+    return threshold_spread(truth, probability, settings.threshold_method, settings.bootstrap_rounds, settings.seed,
+                            clusters=patients, fixed=settings.threshold, target_sensitivity=settings.target_sensitivity)
 
 
 def in_split_order(counts: pd.DataFrame) -> pd.DataFrame:

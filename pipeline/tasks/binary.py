@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipeline.tasks.base import ExampleFilms, LabelBalance, Scored, Threshold, threshold_on_validation
+from pipeline.tasks.base import (ExampleFilms, LabelBalance, Scored, Threshold, spread_on_validation,
+                                 threshold_on_validation)
 from pipeline.tasks.one_label import OneLabelPerFilm
 
 if TYPE_CHECKING:
@@ -65,6 +66,9 @@ class Binary(OneLabelPerFilm):
 
     def operating_point(self, val: Scored, settings: EvaluateConfig) -> float:
         return threshold_on_validation(val.truth, val.probability, settings, self.positive)
+
+    def threshold_spread(self, val: Scored, settings: EvaluateConfig, patients: np.ndarray) -> dict | None:
+        return spread_on_validation(val.truth, val.probability, settings, patients)
 
     def metrics(self, scored: Scored, threshold: Threshold) -> dict:
         from pipeline.metrics import binary_metrics

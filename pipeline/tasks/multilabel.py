@@ -9,7 +9,8 @@ import pandas as pd
 
 from pipeline.errors import CxrError
 from pipeline.labels import UNLABELLED, join_labels, multi_hot, split_labels
-from pipeline.tasks.base import ExampleFilms, Scored, Task, Threshold, in_split_order, threshold_on_validation
+from pipeline.tasks.base import (ExampleFilms, Scored, Task, Threshold, in_split_order, spread_on_validation,
+                                 threshold_on_validation)
 
 if TYPE_CHECKING:
     from pipeline.config import EvaluateConfig, SourceSpec, TrainConfig
@@ -85,6 +86,12 @@ class Multilabel(Task):
     def operating_point(self, val: Scored, settings: EvaluateConfig) -> dict[str, float]:
         """One threshold per label, each chosen as a binary task's."""
         return {label: threshold_on_validation(val.truth[:, k], val.probability[:, k], settings, label) for k, label in enumerate(self.labels)}
+
+    def threshold_spread(self, val: Scored, settings: EvaluateConfig, patients: np.ndarray) -> dict | None:
+        """Each label's threshold spread; None when every threshold is fixed."""
+        spreads = {label: spread_on_validation(val.truth[:, k], val.probability[:, k], settings, patients)
+                   for k, label in enumerate(self.labels)}
+        return spreads if any(spread is not None for spread in spreads.values()) else None
 
     def metrics(self, scored: Scored, threshold: Threshold) -> dict:
         """Macro AUC, mean per-label accuracy, and each label's binary table at its threshold."""
