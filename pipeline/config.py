@@ -239,7 +239,7 @@ class AugmentConfig(Section):
 
 class TrainConfig(Section):
     # The same names as pipeline.models.MODEL_NAMES (spelled out so reading params never imports torch).
-    model: Literal["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru", "vit"] = "cnn_gru"
+    model: Literal["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru", "vit", "vgg_gap"] = "cnn_gru"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=2)  # a batch of one breaks batch norm, so such batches are skipped
     lr: float = Field(1e-3, gt=0)  # the peak learning rate when a schedule changes it
