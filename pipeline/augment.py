@@ -1,5 +1,5 @@
 """Batch augmentation on the training device: small affine moves, random resized crop, optional flip, gamma,
-brightness and contrast.
+brightness and contrast, random erasing; and mixup, which blends images and therefore their targets.
 
 Applied to whole batches as tensors (on the GPU when training runs there), so augmentation never
 becomes the bottleneck of a data loader. Every geometric change (rotation, zoom, shift, crop, flip) is
@@ -47,7 +47,50 @@ def augment_batch(images: torch.Tensor, settings: AugmentConfig, generator: torc
         gamma = (1 + uniform(settings.gamma)).view(-1, 1, 1, 1)
         moved = moved.clamp(0, 1) ** gamma  # below 1 brightens the dark lungs, above 1 darkens them
     mean = moved.mean(dim=(1, 2, 3), keepdim=True)
-    return ((moved - mean) * contrast + mean + brightness).clamp(0, 1)
+    adjusted = ((moved - mean) * contrast + mean + brightness).clamp(0, 1)
+    return erase_some(adjusted, settings.erasing, generator) if settings.erasing > 0 else adjusted
+
+
+ERASE_AREA = (0.02, 0.2)  # of the image; aspect ratio 0.3-3.3, as torchvision's RandomErasing
+
+
+def erase_some(images: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020): in each image, with `probability`, one rectangle of 2-20 % of the area is
+    set to that image's mean grey level, so no single region (a marker, a tube, one lung) can decide alone.
+
+    The mean rather than black: a black patch on a radiograph reads as air, a strong feature of its own.
+    """
+    batch, _, height, width = images.shape
+    chosen = torch.rand(batch, generator=generator) < probability
+    area = ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * torch.rand(batch, generator=generator)
+    log_ratio = math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * torch.rand(batch, generator=generator)
+    box_h = (area * height * width * log_ratio.exp()).sqrt().clamp(1, height)
+    box_w = (area * height * width / log_ratio.exp()).sqrt().clamp(1, width)
+    top = torch.rand(batch, generator=generator) * (height - box_h)
+    left = torch.rand(batch, generator=generator) * (width - box_w)
+    rows = torch.arange(height).view(1, -1, 1)
+    columns = torch.arange(width).view(1, 1, -1)
+    inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + box_h).view(-1, 1, 1))
+              & (columns >= left.view(-1, 1, 1)) & (columns < (left + box_w).view(-1, 1, 1)) & chosen.view(-1, 1, 1))
+    inside = inside.unsqueeze(1).to(images.device)
+    return torch.where(inside, images.mean(dim=(1, 2, 3), keepdim=True), images)
+
+
+def mixup_pairs(batch: int, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018): a partner for each image of the batch (a random permutation) and the weight
+    λ ~ Beta(alpha, alpha) of the image itself; the input is λ·image + (1 − λ)·partner and the loss
+    λ·loss(target) + (1 − λ)·loss(partner's target) (pipeline.training.loop), which equals the loss against
+    the blended target for cross-entropy and binary cross-entropy, weighted or not, and is well defined for
+    focal loss and label smoothing too, so every task and loss takes mixup unchanged.
+
+    Both come from `generator` (numpy's Beta sampler seeded from it), so a run and its resume draw the same.
+    """
+    import numpy as np
+
+    partner = torch.randperm(batch, generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    weight = float(np.random.default_rng(seed).beta(alpha, alpha))
+    return partner, weight
 
 
 def crop_then(theta: torch.Tensor, min_area: float, generator: torch.Generator) -> torch.Tensor:

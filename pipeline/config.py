@@ -240,11 +240,13 @@ class AugmentConfig(Section):
     crop_scale: float = Field(1.0, ge=0.3, le=1)  # random resized crop: smallest area kept (0.85: 85-100 %); 1 = off
     gamma: float = Field(0.0, ge=0, le=0.9)  # gamma drawn from 1 ± this; 0 = off
     hflip: bool = False  # off: anatomy is not left-right symmetric (heart on the left)
+    erasing: float = Field(0.0, ge=0, le=1)  # random erasing: chance per image of one rectangle (2-20 % of the area) set to its mean; 0 = off
+    mixup_alpha: float = Field(0.0, ge=0, le=10)  # mixup: each batch blended with a shuffled copy of itself, weight ~ Beta(alpha, alpha); 0 = off
 
 
 class TrainConfig(Section):
     # The same names as pipeline.models.MODEL_NAMES (spelled out so reading params never imports torch).
-    model: Literal["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru", "vit"] = "cnn_gru"
+    model: Literal["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru", "vit", "vgg_gap"] = "cnn_gru"
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=2)  # a batch of one breaks batch norm, so such batches are skipped
     lr: float = Field(1e-3, gt=0)  # the peak learning rate when a schedule changes it
@@ -257,6 +259,8 @@ class TrainConfig(Section):
     class_weights: Literal["none", "balanced"] = "none"  # balanced: inverse class frequency in the training index
     early_stopping_patience: int = Field(0, ge=0)  # stop after this many epochs without a better val AUC; 0 = off
     dropout: float = Field(0.5, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy against (1 - this) on the true class, the rest spread evenly; 0 = off
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # exponential moving average of the weights, what validation and the checkpoint use; 0 = off
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # on CUDA, training runs in mixed precision (bfloat16, or float16 with loss scaling)
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 means one per core")
@@ -416,6 +420,18 @@ class Config(Section):
     def _model_fits_image_size(self) -> Config:
         if self.train.model == "vit" and self.data.image_size % 2:
             raise ValueError(f"train.model vit needs an even data.image_size (patches must tile it), got {self.data.image_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _label_smoothing_fits_the_loss(self) -> Config:
+        """Label smoothing is cross-entropy's (PyTorch's label_smoothing) over one-label classes: refused where it
+        would mean something else (focal's modulation, or independent sigmoids' targets)."""
+        if self.train.label_smoothing > 0 and self.train.loss == "focal":
+            raise ValueError("train.label_smoothing works with train.loss cross_entropy only; set one of them back "
+                             "(train.label_smoothing=0 or train.loss=cross_entropy)")
+        if self.train.label_smoothing > 0 and self.data.task == "multilabel":
+            raise ValueError("train.label_smoothing is for binary and multiclass tasks (one class per film); "
+                             "with data.task multilabel set train.label_smoothing=0")
         return self
 
     @model_validator(mode="after")

@@ -42,6 +42,7 @@ def target_layer(network: nn.Module) -> str:
     |---------------|---------------------|-----------------------------------------------------------------------|
     | `seed_cnn`    | `features`          | the last conv block's output (conv, ReLU, pool), what Flatten reads   |
     | `cnn_gru`     | `features`          | the CNN part's last map; after it the GRU turns rows into a sequence  |
+    | `vgg_gap`     | `features`          | the last conv block's map (¼ of the side), what the head averages    |
     | `resnet18/34` | `layer4`            | the last residual layer, before global average pooling                |
     | `densenet121` | `class_layers.relu` | the last dense block after norm5 and ReLU: the map the head pools     |
     |               |                     | (MONAI's own Grad-CAM example uses it)                                |
@@ -52,10 +53,10 @@ def target_layer(network: nn.Module) -> str:
     """
     from monai.networks.nets import DenseNet, ResNet
 
-    from pipeline.models import CNNGRU, LogitsOnly, SeedCNN, UpsampleTo
+    from pipeline.models import CNNGRU, VGGGAP, LogitsOnly, SeedCNN, UpsampleTo
 
     inner, prefix = (network.network, "network.") if isinstance(network, UpsampleTo) else (network, "")
-    if isinstance(inner, (SeedCNN, CNNGRU)):
+    if isinstance(inner, (SeedCNN, CNNGRU, VGGGAP)):
         layer = "features"
     elif isinstance(inner, ResNet):
         layer = "layer4"
@@ -65,7 +66,7 @@ def target_layer(network: nn.Module) -> str:
         raise CxrError(
             "Grad-CAM explanations are not available for vit models yet (a transformer has no convolutional "
             "feature map to weigh); run `cxr predict` without --explain, or explain a CNN model "
-            "(train.model: seed_cnn, resnet18, resnet34, densenet121 or cnn_gru)"
+            "(train.model: seed_cnn, resnet18, resnet34, densenet121, cnn_gru or vgg_gap)"
         )
     else:
         raise CxrError(f"cannot explain a {type(inner).__name__} network: Grad-CAM knows the cxr model families only")

@@ -119,3 +119,23 @@ def test_a_gate_setting_changed_on_the_command_line_says_so_and_what_the_params_
 def test_the_gate_compares_on_test_films_only(tmp_path):
     with pytest.raises(CxrError, match="register.gate_metric"):
         load_config(tmp_path / "params.yaml", ["register.gate_metric=val_auc"])
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["train.label_smoothing=0.1", "train.loss=focal"], "train.label_smoothing works with train.loss cross_entropy only"),
+    (["train.label_smoothing=0.1", "data.task=multilabel"], "train.label_smoothing is for binary and multiclass"),
+])
+def test_label_smoothing_is_refused_where_it_would_mean_something_else(tmp_path, overrides, message):
+    with pytest.raises(CxrError, match=message) as raised:
+        load_config(tmp_path / "params.yaml", overrides)
+    assert "\n" not in str(raised.value)
+    smoothed = load_config(tmp_path / "params.yaml", ["train.label_smoothing=0.1", "data.labels=[a, b, c]", "data.task=multiclass"])
+    assert smoothed.train.label_smoothing == 0.1
+
+
+def test_the_generalisation_switches_are_off_by_default_and_bounded(tmp_path):
+    config = load_config(tmp_path / "params.yaml")
+    assert (config.train.ema_decay, config.train.label_smoothing, config.augment.mixup_alpha, config.augment.erasing) == (0, 0, 0, 0)
+    for bad in ("train.ema_decay=1", "train.label_smoothing=-0.1", "augment.mixup_alpha=-1", "augment.erasing=1.5"):
+        with pytest.raises(CxrError, match=bad.split("=")[0].split(".")[1]):
+            load_config(tmp_path / "params.yaml", [bad])

@@ -16,7 +16,7 @@ from pipeline.models import SeedCNN, build_model
 from pipeline.predict import load_model
 from tests.test_cli import cxr
 
-CNN_FAMILIES = ["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru"]
+CNN_FAMILIES = ["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru", "vgg_gap"]
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,7 @@ def test_grad_cam_works_for_every_cnn_family(tiny_project, name, size):
 def test_target_layers_are_found_by_name():
     assert target_layer(build_model("seed_cnn", 32, 2, 0.5)) == "features"
     assert target_layer(build_model("cnn_gru", 32, 2, 0.5)) == "features"
+    assert target_layer(build_model("vgg_gap", 32, 2, 0.5)) == "features"
     assert target_layer(build_model("resnet18", 32, 2, 0.5)) == "layer4"
     assert target_layer(build_model("densenet121", 64, 2, 0.5)) == "class_layers.relu"
     assert target_layer(build_model("densenet121", 32, 2, 0.5)) == "network.class_layers.relu"  # inside UpsampleTo

@@ -35,7 +35,8 @@ def test_parameter_counts_fit_what_each_model_is_for():
     assert counts["vit"] < 1_000_000 and counts["cnn_gru"] < 1_000_000  # small enough to train on a CPU
     assert counts["vit"] * 10 < counts["densenet121"]
     assert 5_000_000 < counts["densenet121"] < counts["resnet18"] < counts["resnet34"]
-    for name in ("densenet121", "cnn_gru"):  # no layer depends on the image size
+    assert counts["vgg_gap"] < 500_000  # small: its head has 128 inputs, not a flattened map
+    for name in ("densenet121", "cnn_gru", "vgg_gap"):  # no layer depends on the image size
         assert parameter_count(build_model(name, 28, 2, 0.5)) == counts[name]
 
 
@@ -64,6 +65,20 @@ def test_state_dict_round_trip_through_build_model_gives_the_same_outputs(name):
     rebuilt.load_state_dict(trained.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(images), trained.eval()(images), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [28, 64])
+def test_vgg_gap_keeps_a_quarter_side_map_for_grad_cam_and_pools_it_to_128_features(size):
+    """The last conv map stays 2-D (¼ of the side, what Grad-CAM needs) and the output layer reads 128 pooled numbers."""
+    from pipeline.models import VGGGAP
+
+    model = build_model("vgg_gap", size, 2, 0.5).eval()
+    assert isinstance(model, VGGGAP)
+    with torch.no_grad():
+        maps = model.features(torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0)))
+    assert maps.shape == (2, 128, size // 4, size // 4)
+    assert [module for module in model.modules() if isinstance(module, nn.Linear)][-1].in_features == 128
+    assert sum(isinstance(module, nn.BatchNorm2d) for module in model.modules()) == 6
 
 
 def test_densenet_trains_on_a_batch_of_one_small_image():

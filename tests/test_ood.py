@@ -15,7 +15,7 @@ from tests.test_cli import cxr
 CHAMPION = "models:/cxr-pneumonia@champion"
 
 
-@pytest.mark.parametrize("family", ["seed_cnn", "cnn_gru", "resnet18", "densenet121", "vit"])
+@pytest.mark.parametrize("family", ["seed_cnn", "cnn_gru", "resnet18", "densenet121", "vit", "vgg_gap"])
 def test_the_features_are_what_the_output_layer_reads_in_every_model_family(family):
     """The hook finds the layer before the head by type: fed to the head, the features give the network's logits."""
     import torch

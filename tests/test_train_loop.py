@@ -18,15 +18,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import augment_batch
-from pipeline.config import AugmentConfig, RebalanceConfig, load_config
+from pipeline.augment import augment_batch, mixup_pairs
+from pipeline.config import AugmentConfig, RebalanceConfig, TrainConfig, load_config
 from pipeline.errors import CxrError
 from pipeline.losses import FocalLoss, balanced_class_weights
 from pipeline.rebalance import rebalance_indices
 from pipeline.paths import ProjectPaths
 from pipeline.tracking import client as tracking_client, read_run_id
 from pipeline.train import train_stage
-from pipeline.training.loop import patience_ran_out
+from pipeline.training.average import WeightAverage
+from pipeline.training.loop import mixed_loss, patience_ran_out
 from pipeline.training.optim import warmup_cosine
 from pipeline.training.state import train_state_path
 from tests.conftest import REPO, ingest_and_rebalance
@@ -188,6 +189,111 @@ def test_gamma_stays_within_its_range():
     assert len(set(out[:, 0, 0, 0].tolist())) > 1  # each image its own gamma
 
 
+def test_random_erasing_sets_one_rectangle_per_chosen_image_to_its_mean_and_leaves_the_rest():
+    images = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    plain = augment_batch(images, AugmentConfig(**NOTHING), torch.Generator().manual_seed(0))
+    erased = augment_batch(images, AugmentConfig(**NOTHING, erasing=0.5), torch.Generator().manual_seed(0))
+    changed = erased != plain  # the other moves drew the same numbers first: only the rectangles differ
+    touched = changed.flatten(1).any(dim=1)
+    assert 0 < int(touched.sum()) < 32  # about half the images
+    for image, was, mask in zip(erased[touched], plain[touched], changed[touched]):
+        rows, columns = mask[0].any(dim=1).nonzero()[:, 0], mask[0].any(dim=0).nonzero()[:, 0]
+        box = image[0, rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+        assert torch.allclose(box, was.mean().expand_as(box))  # a solid rectangle of the image's mean
+        assert 0.005 <= box.numel() / 28**2 <= 0.25
+    assert torch.equal(erased[~touched], plain[~touched])
+
+
+def test_mixup_pairs_are_seeded_a_permutation_and_a_weight_in_0_1():
+    partner, weight = mixup_pairs(16, 0.4, torch.Generator().manual_seed(0))
+    again, same = mixup_pairs(16, 0.4, torch.Generator().manual_seed(0))
+    assert torch.equal(partner, again) and weight == same
+    assert sorted(partner.tolist()) == list(range(16)) and 0 <= weight <= 1
+    weights = [mixup_pairs(4, 0.4, torch.Generator().manual_seed(seed))[1] for seed in range(50)]
+    assert min(weights) < 0.2 and max(weights) > 0.8  # Beta(0.4, 0.4) puts most weight near 0 and 1
+
+
+def test_mixed_loss_is_the_loss_against_blended_targets_for_weighted_cross_entropy_and_multilabel_bce():
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    own, partners = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([2, 2, 0, 1, 0, 1])
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    blended = 0.7 * F.one_hot(own, 3).float() + 0.3 * F.one_hot(partners, 3).float()
+    unweighted = mixed_loss(torch.nn.CrossEntropyLoss(), logits, own, (partners, 0.7))
+    assert unweighted == pytest.approx(float(F.cross_entropy(logits, blended)), rel=1e-5)
+    assert unweighted != pytest.approx(float(F.cross_entropy(logits, own)), rel=1e-3)  # the targets did change
+    weighted = mixed_loss(torch.nn.CrossEntropyLoss(weight=weight), logits, own, (partners, 0.7))
+    assert weighted == pytest.approx(0.7 * float(F.cross_entropy(logits, own, weight=weight))
+                                     + 0.3 * float(F.cross_entropy(logits, partners, weight=weight)), rel=1e-5)
+    multi_own, multi_partner = torch.tensor([[1.0, 0.0, 1.0]] * 6), torch.tensor([[0.0, 1.0, 1.0]] * 6)
+    bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([2.0, 1.0, 3.0]))
+    assert mixed_loss(bce, logits, multi_own, (multi_partner, 0.25)) == pytest.approx(
+        float(bce(logits, 0.25 * multi_own + 0.75 * multi_partner)), rel=1e-5)
+
+
+def test_label_smoothing_is_cross_entropys_and_raises_the_loss_of_confident_right_answers():
+    from pipeline.tasks import task_for
+
+    targets = np.array([0, 1, 1, 0])
+    logits = torch.tensor([[6.0, -6.0], [-6.0, 6.0], [-5.0, 5.0], [4.0, -4.0]])
+    plain = task_for("binary", ["normal", "pneumonia"]).loss(TrainConfig(), targets)
+    smoothed = task_for("binary", ["normal", "pneumonia"]).loss(TrainConfig(label_smoothing=0.2), targets)
+    target_tensor = torch.as_tensor(targets)
+    assert float(smoothed(logits, target_tensor)) > 10 * float(plain(logits, target_tensor))
+    soft = F.one_hot(target_tensor, 2).float() * 0.8 + 0.1
+    assert float(smoothed(logits, target_tensor)) == pytest.approx(float(F.cross_entropy(logits, soft)), rel=1e-5)
+
+
+# --- weight averaging -----------------------------------------------------------------------------
+
+
+def test_weight_average_follows_the_live_weights_with_the_warmed_up_decay_and_copies_integer_buffers():
+    live = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = WeightAverage(live, decay=0.99)
+    start = {k: v.clone() for k, v in live.state_dict().items()}
+    with torch.no_grad():
+        live[0].weight.add_(1.0)
+    live.train()(torch.randn(4, 3))  # running statistics and num_batches_tracked move
+    average.update(live)
+    decay = 1 / 10  # the first update's warm-up decay, (1 + 0) / (10 + 0)
+    assert torch.allclose(average.model[0].weight, decay * start["0.weight"] + (1 - decay) * live[0].weight)
+    assert torch.allclose(average.model[1].running_mean, decay * start["1.running_mean"] + (1 - decay) * live[1].running_mean)
+    assert int(average.model[1].num_batches_tracked) == 1
+    assert not average.model.training and not any(p.requires_grad for p in average.model.parameters())
+    for _ in range(2000):
+        average.update(live)
+    assert average.current_decay() == 0.99  # the warm-up has passed the configured decay
+    assert torch.allclose(average.model[0].weight, live[0].weight, atol=1e-6)
+
+
+def test_with_ema_validation_and_the_checkpoint_are_the_average_not_the_raw_weights(project):
+    """EMA draws no random numbers, so the raw weights are exactly those of the run without it: the EMA run's
+    checkpoint must differ from them, and its history's val_loss must be the checkpoint's own."""
+    from pipeline.models import load_checkpoint, predict_proba
+    from pipeline.training.data import load_training_data
+
+    params, paths = project
+    train_stage(paths, load_config(params, ["train.epochs=1"]))
+    raw = torch.load(paths.checkpoint, weights_only=True)["state_dict"]
+    config = load_config(params, ["train.epochs=1", "train.ema_decay=0.9"])
+    train_stage(paths, config)
+    model, state = load_checkpoint(paths.checkpoint)
+    assert state["state_dict"].keys() == raw.keys()
+    moved = [key for key, value in raw.items() if value.is_floating_point() and not torch.equal(state["state_dict"][key], value)]
+    assert len(moved) > len(raw) // 2  # the weights and the batch-norm statistics
+    data = load_training_data(paths, config.data)
+    probability = predict_proba(model, data.val_images, torch.device("cpu"), data.task.activation)
+    scores = data.task.validation_scores(data.val_labels, probability)
+    assert pd.read_csv(paths.history)["val_loss"].iloc[-1] == pytest.approx(scores["val_loss"], rel=1e-5)
+
+
+def test_mixup_changes_what_the_epoch_trains_on(project):
+    params, paths = project
+    train_stage(paths, load_config(params, ["train.epochs=1"]))
+    plain = pd.read_csv(paths.history)["train_loss"].iloc[0]
+    train_stage(paths, load_config(params, ["train.epochs=1", "augment.mixup_alpha=0.4"]))
+    assert pd.read_csv(paths.history)["train_loss"].iloc[0] != pytest.approx(plain, rel=1e-4)
+
+
 # --- early stopping -----------------------------------------------------------------------------
 
 
@@ -233,9 +339,13 @@ CRASH_AFTER_EPOCH_1 = textwrap.dedent("""
 """)
 
 
-def test_resume_after_a_crash_gives_the_same_weights_as_an_uninterrupted_run(project):
+@pytest.mark.parametrize("overrides", [
+    ["train.epochs=3", "train.schedule=cosine", "augment.hflip=true"],
+    # the weight average and its update count, mixup's and erasing's draws must all survive the crash
+    ["train.epochs=3", "train.ema_decay=0.9", "augment.mixup_alpha=0.4", "augment.erasing=0.5", "train.label_smoothing=0.1"],
+], ids=["plain", "ema-mixup-erasing"])
+def test_resume_after_a_crash_gives_the_same_weights_as_an_uninterrupted_run(project, overrides):
     params, paths = project
-    overrides = ["train.epochs=3", "train.schedule=cosine", "augment.hflip=true"]
     config = load_config(params, overrides)
     straight = train_stage(paths, config)
     straight_checkpoint = torch.load(paths.checkpoint, weights_only=True)

@@ -82,7 +82,7 @@ class OneLabelPerFilm(Task):
         weight = balanced_class_weights(train_targets, len(self.labels)) if settings.class_weights == "balanced" else None
         if settings.loss == "focal":
             return FocalLoss(settings.focal_gamma, weight)
-        return nn.CrossEntropyLoss(weight=weight)
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=settings.label_smoothing)
 
     def validation_scores(self, targets: np.ndarray, probability: np.ndarray) -> dict[str, float]:
         """val_loss is plain cross-entropy whatever train.loss is, so runs compare."""

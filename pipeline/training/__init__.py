@@ -1,1 +1,1 @@
-"""Training split by concern: data, trainer, optimiser and schedule, saved state, epoch loop, MLflow run."""
+"""Training split by concern: data, trainer, optimiser and schedule, weight average, saved state, epoch loop, MLflow run."""

@@ -1,5 +1,8 @@
 """The epoch loop: train, score validation, keep the best checkpoint, save the resume state, stop early.
 
+With train.ema_decay the weight average (pipeline.training.average) is what validation scores and what the
+checkpoint holds; with augment.mixup_alpha each batch is blended with a shuffled copy of itself (mixed_loss).
+
 Under `torchrun` the same code trains with DistributedDataParallel (pipeline.distributed): each step's batch
 of train.batch_size is split across the processes, and rank 0 alone validates, logs and writes.
 """
@@ -62,7 +65,7 @@ def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPath
         if row["val_auc"] > best["val_auc"]:  # NaN never wins, ties keep the earlier epoch
             best = {"epoch": epoch, "val_auc": row["val_auc"], "val_accuracy": row["val_accuracy"]}
             if world.is_main:
-                save_checkpoint(paths.checkpoint, trainer.model, config, best)
+                save_checkpoint(paths.checkpoint, kept_model(trainer), config, best)
         rank_rng = distributed.all_gather(global_rng_state(trainer.device), world)
         if world.is_main:
             save_train_state(train_state_path(paths), trainer, epoch, best, history, run_id, fingerprint, rank_rng)
@@ -72,7 +75,7 @@ def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPath
     if best["epoch"] == 0:  # validation AUC undefined every epoch (one class): keep the last model
         best = {"epoch": epoch, "val_auc": float("nan"), "val_accuracy": history[-1]["val_accuracy"]}
         if world.is_main:
-            save_checkpoint(paths.checkpoint, trainer.model, config, best)
+            save_checkpoint(paths.checkpoint, kept_model(trainer), config, best)
     if not world.is_main:
         return best, epoch
     if epoch < settings.epochs:
@@ -101,7 +104,7 @@ def train_one_epoch(trainer: Trainer, images: np.ndarray, labels, config: Config
     """
     import torch
 
-    from pipeline.augment import augment_batch
+    from pipeline.augment import augment_batch, mixup_pairs
     from pipeline.models import to_tensor
 
     trainer.step_model.train()
@@ -114,9 +117,14 @@ def train_one_epoch(trainer: Trainer, images: np.ndarray, labels, config: Config
         if len(batch) < 2 * world.size:
             continue  # a lone image on a rank breaks batch norm (DenseNet, ResNet) and teaches nothing
         inputs = augment_batch(to_tensor(images[batch.numpy()]).to(trainer.device), config.augment, trainer.generator)
-        rows = batch[mine]
-        share = rank_share(trainer.loss_fn, labels[batch], mine, world.size)
-        total_loss += step(trainer, inputs[mine], labels[rows].to(trainer.device), share) * len(rows)
+        targets = labels[batch]
+        mix = None
+        if config.augment.enabled and config.augment.mixup_alpha > 0:
+            partner, weight = mixup_pairs(len(batch), config.augment.mixup_alpha, trainer.generator)
+            inputs = weight * inputs + (1 - weight) * inputs[partner.to(inputs.device)]
+            mix = (targets[partner][mine].to(trainer.device), weight)
+        share = rank_share(trainer.loss_fn, targets, mine, world.size)
+        total_loss += step(trainer, inputs[mine], targets[mine].to(trainer.device), share, mix) * len(batch[mine])
     return distributed.sum_over_ranks(total_loss, world) / len(order)
 
 
@@ -135,26 +143,28 @@ def rank_share(loss_fn, batch_labels, mine: slice, world_size: int) -> float:
     return float(weights[mine].sum() * world_size / weights.sum())
 
 
-def step(trainer: Trainer, inputs, targets, share: float = 1.0) -> float:
-    """One optimiser step and one schedule step; returns the batch loss.
+def step(trainer: Trainer, inputs, targets, share: float = 1.0, mix: tuple | None = None) -> float:
+    """One optimiser step, one schedule step and, with train.ema_decay, one update of the weight average;
+    returns the batch loss.
 
     CPU: plain float32, deterministic. CUDA: the forward pass under autocast on channels_last input, the loss
     in float32, and loss scaling when the half type is float16.
     `share` scales this rank's loss so that DDP's average over the ranks is the whole batch's loss (see
     rank_share; 1 in one process, where the gradient is unchanged).
+    `mix` is mixup's (partner targets, weight of the image itself) when augment.mixup_alpha is on (mixed_loss).
     """
     import torch
 
     optimizer = trainer.optimizer
     if trainer.device.type != "cuda":
-        loss = trainer.loss_fn(trainer.step_model(inputs), targets)
+        loss = mixed_loss(trainer.loss_fn, trainer.step_model(inputs), targets, mix)
         optimizer.zero_grad(set_to_none=True)
         (loss * share).backward()
         optimizer.step()
     else:
         with torch.autocast("cuda", dtype=trainer.amp_dtype):
             logits = trainer.step_model(inputs.contiguous(memory_format=torch.channels_last))
-        loss = trainer.loss_fn(logits.float(), targets)
+        loss = mixed_loss(trainer.loss_fn, logits.float(), targets, mix)
         optimizer.zero_grad(set_to_none=True)
         if trainer.scaler is None:  # bfloat16
             (loss * share).backward()
@@ -164,7 +174,22 @@ def step(trainer: Trainer, inputs, targets, share: float = 1.0) -> float:
             trainer.scaler.step(optimizer)
             trainer.scaler.update()
     trainer.scheduler.step()
+    if trainer.average is not None:
+        trainer.average.update(trainer.model)
     return loss.item()
+
+
+def mixed_loss(loss_fn, logits, targets, mix: tuple | None):
+    """The loss of a batch; under mixup λ·loss(own targets) + (1 − λ)·loss(partners' targets), which is the loss
+    against the blended targets for (weighted) cross-entropy and binary cross-entropy, as both are linear in them.
+
+    Under torchrun the rank's share is computed from the own targets' class weights only (rank_share): exact
+    without class weights, an approximation of the whole batch's weighting with them.
+    """
+    if mix is None:
+        return loss_fn(logits, targets)
+    partner_targets, weight = mix
+    return weight * loss_fn(logits, targets) + (1 - weight) * loss_fn(logits, partner_targets)
 
 
 def validate(trainer: Trainer, data: TrainingData) -> dict:
@@ -172,5 +197,10 @@ def validate(trainer: Trainer, data: TrainingData) -> dict:
     Task.validation_scores; decisions at 0.5, the operating point is chosen later, by evaluate)."""
     from pipeline.models import predict_proba
 
-    probabilities = predict_proba(trainer.model, data.val_images, trainer.device, data.task.activation)
+    probabilities = predict_proba(kept_model(trainer), data.val_images, trainer.device, data.task.activation)
     return data.task.validation_scores(data.val_labels, probabilities)
+
+
+def kept_model(trainer: Trainer):  # -> torch.nn.Module
+    """The model validation scores and the checkpoint holds: the weight average when train.ema_decay is on."""
+    return trainer.average.model if trainer.average is not None else trainer.model

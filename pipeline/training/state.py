@@ -1,7 +1,7 @@
 """What training leaves on disk: the resume file after every epoch and the best-on-validation checkpoint.
 
 After every epoch the whole training state is written to models/train_state.pt (atomically): weights,
-optimiser, schedule, random-number states, history and the MLflow run id. `train_stage(..., resume=True)`
+optimiser, schedule, random-number states, the weight average (train.ema_decay), history and the MLflow run id. `train_stage(..., resume=True)`
 continues from that file into the same MLflow run and ends with the same weights as a run that never
 stopped (bit-identical on the CPU). The file is removed once training finishes.
 """
@@ -60,6 +60,7 @@ def save_train_state(path: Path, trainer: Trainer, epoch: int, best: dict, histo
         "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
         "augment_rng": trainer.generator.get_state(),
         "rank_rng": rank_rng,
+        "average": trainer.average.state_dict() if trainer.average is not None else None,
     }
     with atomic_path(path) as tmp, tmp.open("wb") as handle:
         torch.save(state, handle)
@@ -110,7 +111,8 @@ def resume_state(state_path: Path, fingerprint: dict, paths: ProjectPaths, world
 
 
 def restore_trainer(trainer: Trainer, state: dict, rank: int = 0) -> None:
-    """Put weights, optimiser, schedule, scaler and every random-number state back as they were saved (for this rank)."""
+    """Put weights, optimiser, schedule, scaler, weight average and every random-number state back as they were
+    saved (for this rank)."""
     import torch
 
     trainer.model.load_state_dict(state["model"])
@@ -119,6 +121,8 @@ def restore_trainer(trainer: Trainer, state: dict, rank: int = 0) -> None:
     if trainer.scaler is not None and state["scaler"] is not None:
         trainer.scaler.load_state_dict(state["scaler"])
     trainer.generator.set_state(state["augment_rng"])
+    if trainer.average is not None:  # the fingerprint holds train.ema_decay, so the saved state has an average too
+        trainer.average.load_state_dict(state["average"])
     own = state["rank_rng"][rank]
     torch.set_rng_state(own["torch"])
     if trainer.device.type == "cuda" and own["cuda"]:

@@ -28,6 +28,7 @@ class Trainer:
     device: Any  # torch.device
     amp_dtype: Any  # torch.bfloat16 or torch.float16 on CUDA; None on the CPU (float32)
     scaler: Any  # torch.amp.GradScaler for float16; None otherwise
+    average: Any = None  # pipeline.training.average.WeightAverage when train.ema_decay is on; None otherwise
 
 
 def build_trainer(config: Config, data: TrainingData, device, world: distributed.World = distributed.ONE_PROCESS) -> Trainer:
@@ -35,6 +36,7 @@ def build_trainer(config: Config, data: TrainingData, device, world: distributed
     import torch
 
     from pipeline.models import build_model
+    from pipeline.training.average import build_average
 
     settings = config.train
     n_classes = len(config.data.labels)
@@ -55,6 +57,7 @@ def build_trainer(config: Config, data: TrainingData, device, world: distributed
         device=device,
         amp_dtype=amp_dtype,
         scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        average=build_average(model, settings.ema_decay),  # after wrap_model: the copy has its batch-norm layers
     )
 
 
