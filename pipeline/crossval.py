@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 FOLD_STAMP = "fold.json"  # in each fold project: the key of what its checkpoint learned from, and the checkpoint's hash
 # The params the rebalance and train stages read: a change to any of them makes a kept fold model stale.
 TRAINING_PARAMS = ("data.task", "data.labels", "data.image_size", "rebalance.", "augment.", "train.")
+SPEED_ONLY = ("train.num_threads",)  # changes how fast a fold trains, not what it learns (as a resume allows)
 # The manifest columns that say which films a fold trains and validates on, with which labels.
 FOLD_COLUMNS = ["image_id", "sha256", "store_index", "split", "label"]
 
@@ -167,7 +168,8 @@ def fold_model(paths: ProjectPaths, config: Config, manifest: pd.DataFrame, pool
 def fold_key(fold_manifest: pd.DataFrame, config: Config) -> str:
     """A hash of what a fold's model learns from: each film's content, store position, split and label, and the
     training params. Why not the manifest file's hash: ingest rewrites it with columns training never reads."""
-    params = {name: value for name, value in config.as_flat_dict().items() if name.startswith(TRAINING_PARAMS)}
+    params = {name: value for name, value in config.as_flat_dict().items()
+              if name.startswith(TRAINING_PARAMS) and name not in SPEED_ONLY}
     digest = hashlib.sha256(fold_manifest[FOLD_COLUMNS].to_csv(index=False).encode())
     digest.update(json.dumps(params, sort_keys=True, default=str).encode())
     return digest.hexdigest()

@@ -16,8 +16,11 @@ another label, with columns:
 - `label`: the given label; `suggested_label`: the out-of-fold model's (binary and multiclass: its most probable
   class; multilabel: the labels it gives at least 0.5, joined by '|');
 - `score`: cleanlab's label quality score (`get_label_quality_scores`, self-confidence: the out-of-fold probability
-  of the given label; multilabel: cleanlab's per-label scores pooled by its exponential moving average), 0..1, lower
-  is more suspicious; the rows are sorted on it;
+  of the given label, after `adjust_pred_probs` subtracts each class's confident threshold, its average probability
+  among the films labelled so, and renormalises; multilabel: cleanlab's per-label scores pooled by its exponential
+  moving average), 0..1, lower is more suspicious; the rows are sorted on it. Why adjusted: a fold checkpoint is its
+  best-AUC epoch, which on easy data is an early one that ranks films well but leans to one class (every
+  probability near 0.55 pneumonia, say); unadjusted, every film of the other class would then look suspicious;
 - `duplicate_of`: the path of the nearest near-duplicate carrying another label, or empty.
 The counts go to their own MLflow run in the project's experiment, tagged `cxr.audit: labels`.
 
@@ -167,7 +170,7 @@ def label_quality(task: Task, films: pd.DataFrame, probability: np.ndarray) -> t
         rows = probability / probability.sum(axis=1, keepdims=True)  # float32 softmax rows, summed again exactly
         _check_every_class_given(given, labels)
         flagged = find_label_issues(given, rows, filter_by="prune_by_noise_rate", n_jobs=1)
-        score = get_label_quality_scores(given, rows, method="self_confidence")
+        score = get_label_quality_scores(given, rows, method="self_confidence", adjust_pred_probs=True)
         suggested = [labels[k] for k in rows.argmax(axis=1)]
     else:
         from cleanlab.multilabel_classification.filter import find_label_issues
@@ -176,7 +179,7 @@ def label_quality(task: Task, films: pd.DataFrame, probability: np.ndarray) -> t
         hot = multi_hot(films["label"], labels)
         given_sets = [list(np.flatnonzero(row)) for row in hot]
         flagged = find_label_issues(given_sets, probability, filter_by="prune_by_noise_rate", n_jobs=1)
-        score = get_label_quality_scores(given_sets, probability, method="self_confidence")
+        score = get_label_quality_scores(given_sets, probability, method="self_confidence", adjust_pred_probs=True)
         suggested = [join_labels([labels[k] for k in np.flatnonzero(row >= MULTILABEL_CUT)], labels) for row in probability]
     return np.asarray(score, dtype=float), np.asarray(flagged, dtype=bool), suggested
 
