@@ -205,7 +205,7 @@ def conflicting_duplicates(films: pd.DataFrame, images: np.ndarray, max_distance
     nearest = np.full(len(films), -1)
     best = np.full(len(films), np.iinfo(np.int64).max)
     distance = hamming(hashes[pairs[:, 0]], hashes[pairs[:, 1]]).astype(np.int64)
-    for (a, b), bits in zip(pairs, distance):
+    for (a, b), bits in zip(pairs, distance, strict=True):
         for film, other in ((a, b), (b, a)):
             if bits < best[film]:
                 best[film], nearest[film] = bits, other
@@ -314,7 +314,7 @@ def _log_to_mlflow(paths: ProjectPaths, config: Config, task: Task, issues: pd.D
         counts[f"label_issues.{split}"] = int((issues["split"] == split).sum())
     given = issues["label"].astype(str)
     for label in task.labels:
-        counts[f"label_issues.given.{label}"] = int(given.apply(lambda text, label=label: label in split_labels(text)).sum())
+        counts[f"label_issues.given.{_metric_name(label)}"] = int(given.apply(lambda text, label=label: label in split_labels(text)).sum())
     now = _now_ms()
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in counts.items()],
                      params=[Param("folds", str(folds)), Param("top", str(top)), Param("task", task.name),
@@ -323,6 +323,13 @@ def _log_to_mlflow(paths: ProjectPaths, config: Config, task: Task, issues: pd.D
     client.log_artifact(run_id, str(result.issues_path))
     client.set_terminated(run_id)
     return run_id
+
+
+def _metric_name(label: str) -> str:
+    """A label as part of an MLflow metric key, which allows letters, digits and `_-. /` only."""
+    import re
+
+    return re.sub(r"[^\w\-. /]", "_", label)
 
 
 def _now_ms() -> int:

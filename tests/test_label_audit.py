@@ -95,6 +95,8 @@ def test_the_audit_is_its_own_tagged_mlflow_run_with_the_counts(audited):
     metrics = run.data.metrics
     assert metrics["label_issues"] == len(issues)
     assert metrics["label_issues.train"] + metrics["label_issues.val"] == len(issues)
+    assert metrics["label_issues.given.normal"] == (issues["label"] == "normal").sum()
+    assert metrics["label_issues.given.normal"] + metrics["label_issues.given.pneumonia"] == len(issues)
     assert metrics["folds_trained"] == 3
     assert run.data.params["folds"] == "3"
     folds = client.search_runs([experiment], filter_string="tags.`crossval.for` = 'audit-labels'")
