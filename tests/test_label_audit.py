@@ -214,3 +214,14 @@ def test_every_review_thumbnail_loads_in_headless_chromium(audited, tmp_path):
         "JSON.stringify(Array.from(document.images).map(i => [i.complete, i.naturalWidth]))", tmp_path))
     assert len(images) >= 2
     assert all(complete and width > 0 for complete, width in images), images
+
+
+def test_the_benchmark_refuses_a_missing_archive_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "benchmarks/label_audit.py", "--data", str(tmp_path / "none.npz")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "none.npz is missing" in done.stderr and "Traceback" not in done.stderr
