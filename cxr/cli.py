@@ -203,6 +203,37 @@ def crossval(
     _run(action)
 
 
+@app.command("audit-labels")
+def audit_labels(
+    params: ParamsOption = Path("params.yaml"),
+    set_: SetOption = [],  # noqa: B006
+    folds: Annotated[int, typer.Option("--folds", min=2, help="Number of cross-validation folds (by patient).")] = 5,
+    top: Annotated[int, typer.Option("--top", min=0, help="Suspects shown on the review page.")] = 60,
+) -> None:
+    """Find training and validation films whose label is probably wrong. Each film is scored by a model that never
+    saw it (the `cxr crossval` fold models under models/crossval/, kept while they match today's films, labels and
+    training params, else trained: up to --folds trainings), then confident learning (cleanlab) flags the labels those
+    scores contradict. Writes reports/label_issues.csv (path, source, split, label, suggested_label, score,
+    duplicate_of; lower score = more suspicious, most suspicious first; duplicate_of names a near-duplicate film
+    carrying another label) and reports/label_review.html (the first --top films with Grad-CAM and the `cxr review`
+    command that records a decision), and logs the counts to an MLflow run tagged cxr.audit=labels. Changes no
+    label. Needs `cxr ingest` first; the test split is not read.
+    """
+
+    def action() -> None:
+        from pipeline.config import load_config
+        from pipeline.label_audit import audit_labels_stage
+        from pipeline.paths import ProjectPaths
+
+        result = audit_labels_stage(ProjectPaths(params.resolve().parent), load_config(params, set_), folds, top)
+        typer.echo(f"{len(result.issues)} label issue(s) among {result.n_films} train+val films "
+                   f"({result.n_flagged} flagged by confident learning, {result.n_conflicting_duplicates} with a "
+                   f"near-duplicate of another label): {result.issues_path}; review the first "
+                   f"{min(top, len(result.issues))} in {result.review_path}")
+
+    _run(action)
+
+
 @app.command()
 def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
     """Choose the operating threshold on the validation split (evaluate.threshold_method: youden, sensitivity or

@@ -13,11 +13,15 @@ films are `val`, the other folds' are `train`, and the test split stays untouche
 drawn by patient (no patient in two folds; films without a patient ID grouped with their near-duplicates first,
 data.group_near_duplicates) and stratified on the label, seeded with data.seed. Every
 fold is its own MLflow run in the project's experiment, tagged `crossval.fold`, and the summary goes to
-reports/crossval.json. The fold checkpoints are kept (models/crossval/fold-<k>/models/checkpoint.pt).
+reports/crossval.json. The fold checkpoints are kept (models/crossval/fold-<k>/models/checkpoint.pt), each with
+a stamp (fold.json) saying what it learned from, so `cxr audit-labels` (pipeline.label_audit) reuses a fold's model
+only while its films, labels and training params are still those (`fold_model`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -29,13 +33,20 @@ import pandas as pd
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.errors import CxrError
-from pipeline.files import write_json
+from pipeline.files import sha256_of, write_json
 from pipeline.labels import split_labels
 from pipeline.manifest import label_review, manifest_labels, read_manifest, write_manifest
 from pipeline.paths import ProjectPaths
 from pipeline.splits import patient_knowledge, patient_labels
 
 log = logging.getLogger(__name__)
+
+FOLD_STAMP = "fold.json"  # in each fold project: the key of what its checkpoint learned from, and the checkpoint's hash
+# The params the rebalance and train stages read: a change to any of them makes a kept fold model stale.
+TRAINING_PARAMS = ("data.task", "data.labels", "data.image_size", "rebalance.", "augment.", "train.")
+SPEED_ONLY = ("train.num_threads",)  # changes how fast a fold trains, not what it learns (as a resume allows)
+# The manifest columns that say which films a fold trains and validates on, with which labels.
+FOLD_COLUMNS = ["image_id", "sha256", "store_index", "split", "label"]
 
 
 @dataclass(frozen=True)
@@ -86,12 +97,13 @@ def _crossval(paths: ProjectPaths, config: Config, folds: int) -> CrossvalResult
     client = tracking.client(paths)
     results = []
     for fold in range(folds):
-        fold_paths = _fold_project(paths, manifest, pooled, fold_of, fold)
+        fold_paths, key = _fold_project(paths, config, manifest, pooled, fold_of, fold)
         log.info("crossval: fold %d of %d (%d train, %d val films)", fold + 1, folds,
                  int((fold_of != fold).sum()), int((fold_of == fold).sum()))
         rebalance_stage(fold_paths, config)
         trained = train_stage(fold_paths, config)
         client.set_tag(trained.run_id, "crossval.fold", f"{fold + 1}/{folds}")
+        _stamp(fold_paths, key, trained.run_id)
         last = pd.read_csv(fold_paths.history).iloc[-1]
         results.append(FoldResult(fold, int((fold_of != fold).sum()), int((fold_of == fold).sum()),
                                   float(last["val_auc"]), float(last["val_accuracy"]), trained.best_val_auc,
@@ -151,10 +163,59 @@ def _check_labels_per_fold(stratum_of: pd.Series, folds: int) -> None:
         raise CxrError(f"crossval: label {label!r} is held by {patients} patient(s) in train+val, fewer than --folds {folds}")
 
 
-def _fold_project(paths: ProjectPaths, manifest: pd.DataFrame, pooled: pd.Series, fold_of: pd.Series,
-                  fold: int) -> ProjectPaths:
+def fold_model(paths: ProjectPaths, config: Config, manifest: pd.DataFrame, pooled: pd.Series, fold_of: pd.Series,
+               fold: int, folds: int, purpose: str) -> tuple[ProjectPaths, bool]:
+    """The fold project whose checkpoint has not seen fold `fold`'s films: kept when its stamp matches what it would
+    learn from now (films, labels, fold assignment and training params) and the checkpoint is the one stamped, else
+    trained again (an MLflow run tagged crossval.fold and crossval.for=`purpose`). Returns it and whether it trained."""
+    from pipeline.rebalance import rebalance_stage
+    from pipeline.train import train_stage
+
+    fold_paths, key = _fold_project(paths, config, manifest, pooled, fold_of, fold)
+    if fold_paths.checkpoint.exists():
+        stamp = _read_stamp(fold_paths.models / FOLD_STAMP)
+        if stamp.get("key") == key and stamp.get("checkpoint_sha256") == sha256_of(fold_paths.checkpoint):
+            log.info("%s: fold %d of %d: keeping its model (%s)", purpose, fold + 1, folds, fold_paths.checkpoint)
+            return fold_paths, False
+    log.info("%s: fold %d of %d: training (%d train, %d held-out films)", purpose, fold + 1, folds,
+             int((fold_of != fold).sum()), int((fold_of == fold).sum()))
+    rebalance_stage(fold_paths, config)
+    trained = train_stage(fold_paths, config)
+    client = tracking.client(paths)
+    client.set_tag(trained.run_id, "crossval.fold", f"{fold + 1}/{folds}")
+    client.set_tag(trained.run_id, "crossval.for", purpose)
+    _stamp(fold_paths, key, trained.run_id)
+    return fold_paths, True
+
+
+def fold_key(fold_manifest: pd.DataFrame, config: Config) -> str:
+    """A hash of what a fold's model learns from: each film's content, store position, split and label, and the
+    training params. Why not the manifest file's hash: ingest rewrites it with columns training never reads."""
+    params = {name: value for name, value in config.as_flat_dict().items()
+              if name.startswith(TRAINING_PARAMS) and name not in SPEED_ONLY}
+    digest = hashlib.sha256(fold_manifest[FOLD_COLUMNS].to_csv(index=False).encode())
+    digest.update(json.dumps(params, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _read_stamp(path: Path) -> dict:
+    """A fold's stamp, or {} when it is missing or unreadable (the fold is then trained again, never trusted)."""
+    try:
+        stamp = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def _stamp(fold_paths: ProjectPaths, key: str, run_id: str) -> None:
+    write_json(fold_paths.models / FOLD_STAMP, {"key": key, "checkpoint_sha256": sha256_of(fold_paths.checkpoint),
+                                                "run_id": run_id})
+
+
+def _fold_project(paths: ProjectPaths, config: Config, manifest: pd.DataFrame, pooled: pd.Series,
+                  fold_of: pd.Series, fold: int) -> tuple[ProjectPaths, str]:
     """models/crossval/fold-<k>/: the manifest with this fold as val and the others as train, the image store
-    linked, and the project's MLflow store as its own."""
+    linked, and the project's MLflow store as its own. Returns it and the fold's key (fold_key)."""
     fold_paths = ProjectPaths(paths.models / "crossval" / f"fold-{fold}", store_root=paths.tracking_root)
     fold_paths.interim.mkdir(parents=True, exist_ok=True)
     fold_manifest = manifest.copy()
@@ -162,7 +223,7 @@ def _fold_project(paths: ProjectPaths, manifest: pd.DataFrame, pooled: pd.Series
     write_manifest(fold_paths.manifest, fold_manifest, *manifest_labels(paths.manifest), label_review(paths.manifest))
     fold_paths.images.unlink(missing_ok=True)
     fold_paths.images.symlink_to(paths.images.resolve())
-    return fold_paths
+    return fold_paths, fold_key(fold_manifest, config)
 
 
 def _write_summary(result: CrossvalResult, config: Config, folds: int, patients: dict) -> None:
