@@ -105,7 +105,9 @@ def _audit(paths: ProjectPaths, config: Config, folds: int, top: int) -> AuditRe
     table = films[["path", "source", "split", "label"]].assign(
         suggested_label=suggested, score=score, duplicate_of=duplicate_of, fold=fold_of.to_numpy(),
         store_index=films["store_index"].to_numpy())
-    issues = table[flagged | (duplicate_of != "")].sort_values(["score", "path"], kind="stable")
+    # A film a reviewer already decided (cxr review: label_source `override`) is not suggested again.
+    undecided = (films["label_source"] != "override").to_numpy()
+    issues = table[(flagged | (duplicate_of != "")) & undecided].sort_values(["score", "path"], kind="stable")
 
     issues_path = paths.reports / "label_issues.csv"
     with atomic_path(issues_path) as tmp:

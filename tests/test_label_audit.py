@@ -132,6 +132,28 @@ def test_kept_fold_models_are_reused_and_a_missing_one_is_trained_again(audited)
     assert set(before.columns) == set(result.issues.columns)
 
 
+def test_a_film_a_reviewer_decided_is_not_suggested_again(audited):
+    """`cxr review reject` keeps a flipped film's given label: the next ingest marks it `override` and the next
+    audit (same folds: the labels did not change) leaves it out. The project is put back afterwards."""
+    from pipeline.ingest import ingest_stage
+    from pipeline.review import review
+
+    paths, config, flipped, _ = audited
+    before = pd.read_csv(paths.reports / "label_issues.csv", keep_default_na=False)
+    decided = next(path for path in before["path"] if path in flipped)
+    try:
+        review(paths, config, "reject", [decided], "checked the film: the given label stands", reviewer="test")
+        ingest_stage(paths, config)
+        again = audit_labels_stage(paths, config, folds=3, top=6)
+        assert again.folds_trained == 0
+        assert decided not in set(again.issues["path"])
+        assert set(again.issues["path"]) == set(before["path"]) - {decided}
+    finally:
+        paths.label_overrides.unlink(missing_ok=True)
+        ingest_stage(paths, config)
+        audit_labels_stage(paths, config, folds=3, top=6)
+
+
 def test_the_fold_key_changes_with_labels_and_training_params_only():
     frame = pd.DataFrame({"image_id": ["a", "b"], "sha256": ["1", "2"], "store_index": [0, 1],
                           "split": ["train", "val"], "label": ["normal", "pneumonia"], "width": [28, 28]})
