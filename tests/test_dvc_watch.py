@@ -25,6 +25,7 @@ def _dvc_repo(root: Path, sources: list[str]) -> Path:
     (root / "data" / "raw").mkdir(parents=True)  # the ingest stage's data dependency, empty
     (root / "data" / "raw" / "README").write_text("sources go here\n")
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "data" / "labels", root / "data" / "labels")  # the label decisions: in git, an ingest dep
     shutil.copytree(REPO / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     _write_params(root, sources)
     for command in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
@@ -54,7 +55,7 @@ def test_dvc_repro_refuses_a_source_outside_the_stage_deps_and_runs_one_inside(t
     assert refused.returncode != 0
     shown = refused.stdout + refused.stderr
     assert f"error: data.sources '{outside}' lies outside every dependency dvc.yaml declares for stage ingest " \
-           "(data/raw)" in shown and "Traceback" not in shown
+           "(data/raw, data/labels/overrides.csv)" in shown and "Traceback" not in shown
     assert not ProjectPaths(root).manifest.exists()
 
     shutil.copytree(outside, root / "data" / "raw" / "films")
@@ -75,6 +76,7 @@ def test_run_directly_nothing_is_checked_and_under_dvc_evaluate_external_is_chec
     ingest_stage(ProjectPaths(root), load_config(root / "params.yaml"))  # not under DVC: runs
 
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "data" / "labels", root / "data" / "labels")  # the label decisions: in git, an ingest dep
     monkeypatch.setenv("DVC_ROOT", str(root))
     monkeypatch.setenv("DVC_STAGE", "dvc.yaml:evaluate")
     check_sources_watched(root, ["data/raw/site-b"], "evaluate.external")  # under evaluate's data/raw dep

@@ -301,13 +301,19 @@ def _pairs_in_one_split(paths: ProjectPaths, n: int = 80, copies: int = 16) -> t
     return int(sum(split[i] == split[n + i] for i in range(copies))), manifest
 
 
-def test_near_duplicate_films_without_patient_ids_are_one_pseudo_patient_in_one_split(tmp_path):
-    _films_with_near_copies(tmp_path / "near.npz")
-    params = tmp_path / "params.yaml"
+def _ingested_without_grouping(root: Path) -> tuple[ProjectPaths, Path]:
+    """A project on the near-copy archive, ingested with data.group_near_duplicates off; its paths and params."""
+    _films_with_near_copies(root / "near.npz")
+    params = root / "params.yaml"
     params.write_text("data:\n  image_size: 32\n  sources: [near.npz]\n  group_near_duplicates: false\n"
                       "validation:\n  near_duplicate_distance: 8\n")
-    paths = ProjectPaths(tmp_path)
+    paths = ProjectPaths(root)
     ingest_stage(paths, load_config(params))
+    return paths, params
+
+
+def test_near_duplicate_films_without_patient_ids_are_one_pseudo_patient_in_one_split(tmp_path):
+    paths, params = _ingested_without_grouping(tmp_path)
     together, manifest = _pairs_in_one_split(paths)
     assert together < 16  # each film its own patient: val and test carved from train split some pairs apart
     assert set(manifest["patient_from"]) == {"film"}
@@ -326,12 +332,7 @@ def test_near_duplicate_films_without_patient_ids_are_one_pseudo_patient_in_one_
 
 def test_a_recorded_film_keeps_its_split_when_grouping_would_move_it(tmp_path):
     """The registry fixes a patient's split once: a film recorded apart from its near copy stays where it was."""
-    _films_with_near_copies(tmp_path / "near.npz")
-    params = tmp_path / "params.yaml"
-    params.write_text("data:\n  image_size: 32\n  sources: [near.npz]\n  group_near_duplicates: false\n"
-                      "validation:\n  near_duplicate_distance: 8\n")
-    paths = ProjectPaths(tmp_path)
-    ingest_stage(paths, load_config(params))
+    paths, params = _ingested_without_grouping(tmp_path)
     _, before = _pairs_in_one_split(paths)
     ingest_stage(paths, load_config(params, ["data.group_near_duplicates=true"]))
     _, after = _pairs_in_one_split(paths)
