@@ -69,6 +69,7 @@ def audited(tmp_path_factory):
     return paths, config, flipped, out
 
 
+@pytest.mark.slow  # the module fixture ingests and audits a 330-film archive with 3 fold models
 def test_flipped_labels_rank_near_the_top_with_their_true_label_suggested(audited):
     paths, _, flipped, out = audited
     issues = pd.read_csv(paths.reports / "label_issues.csv", keep_default_na=False)
@@ -85,6 +86,7 @@ def test_flipped_labels_rank_near_the_top_with_their_true_label_suggested(audite
     assert "label issue(s) among" in out.stdout and "label_issues.csv" in out.stdout and "label_review.html" in out.stdout
 
 
+@pytest.mark.slow  # the module fixture ingests and audits a 330-film archive with 3 fold models
 def test_the_audit_is_its_own_tagged_mlflow_run_with_the_counts(audited):
     from pipeline.tracking import client as tracking_client
 
@@ -104,6 +106,7 @@ def test_the_audit_is_its_own_tagged_mlflow_run_with_the_counts(audited):
     assert sorted(r.data.tags["crossval.fold"] for r in folds) == ["1/3", "2/3", "3/3"]
 
 
+@pytest.mark.slow  # the module fixture ingests and audits a 330-film archive with 3 fold models
 def test_the_review_page_is_self_contained_with_a_film_an_overlay_and_the_commands(audited):
     paths, _, _, _ = audited
     page = (paths.reports / "label_review.html").read_text()
@@ -118,6 +121,7 @@ def test_the_review_page_is_self_contained_with_a_film_an_overlay_and_the_comman
     assert issues["path"].iloc[shown] not in page if len(issues) > shown else True
 
 
+@pytest.mark.slow  # the module fixture ingests and audits a 330-film archive with 3 fold models
 def test_kept_fold_models_are_reused_and_a_missing_one_is_trained_again(audited):
     paths, config, _, _ = audited
     before = pd.read_csv(paths.reports / "label_issues.csv", keep_default_na=False)
@@ -133,6 +137,7 @@ def test_kept_fold_models_are_reused_and_a_missing_one_is_trained_again(audited)
     assert set(before.columns) == set(result.issues.columns)
 
 
+@pytest.mark.slow  # the module fixture ingests and audits a 330-film archive with 3 fold models
 def test_a_film_a_reviewer_decided_is_not_suggested_again(audited):
     """`cxr review reject` keeps a flipped film's given label: the next ingest marks it `override` and the next
     audit (same folds: the labels did not change) leaves it out. The project is put back afterwards."""

@@ -236,6 +236,7 @@ def test_accuracy_on_hand_worked_examples():
 # --- end to end ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # end to end: every stage on a tiny project
 def test_a_three_class_folder_project_trains_evaluates_and_registers(multiclass_project):
     project = multiclass_project
     manifest = pd.read_parquet(project.paths.manifest)
@@ -262,6 +263,7 @@ def test_a_three_class_folder_project_trains_evaluates_and_registers(multiclass_
     assert set(confusion["actual"]) <= set(MULTICLASS_LABELS) and len(confusion) == test["n"]
 
 
+@pytest.mark.slow  # end to end: every stage on a tiny project
 def test_a_multilabel_table_project_reports_per_label_auc_and_serves_label_sets(multilabel_project):
     project = multilabel_project
     metrics = json.loads(project.paths.metrics.read_text())
@@ -291,6 +293,7 @@ def test_a_multilabel_table_project_reports_per_label_auc_and_serves_label_sets(
         assert row["label"] == "|".join(called)
 
 
+@pytest.mark.slow  # end to end: every stage on a tiny project
 def test_the_report_and_predict_speak_the_task(multiclass_project, multilabel_project, tmp_path):
     from pipeline.predict import expand_inputs, load_model, predict_files
 
@@ -314,6 +317,7 @@ def test_the_report_and_predict_speak_the_task(multiclass_project, multilabel_pr
 # These register a second version, so each builds a project of its own: the shared ones stay as built.
 
 
+@pytest.mark.slow  # end to end: every stage on a tiny project
 def test_a_temperature_scaled_multiclass_version_goes_through_the_gate_and_is_served_scaled(tmp_path):
     from pipeline.evaluate import evaluate_stage
     from pipeline.metrics import apply_temperature
@@ -335,6 +339,7 @@ def test_a_temperature_scaled_multiclass_version_goes_through_the_gate_and_is_se
     assert np.allclose(table[[f"probability_{label}" for label in MULTICLASS_LABELS]].to_numpy(), expected, atol=1e-6)
 
 
+@pytest.mark.slow  # end to end: every stage on a tiny project
 def test_multilabel_thresholds_reach_a_target_sensitivity_and_new_ones_make_a_version_compared_label_by_label(tmp_path):
     from pipeline.evaluate import evaluate_stage
     from pipeline.predictions import load_predictions, read_predictions
