@@ -154,11 +154,21 @@ def overlay_paths(files: list[Path], out_dir: Path) -> list[Path]:
 
 
 def write_overlay(image: np.ndarray, heat: np.ndarray, path: Path, caption: str) -> None:
-    """A PNG of the grey film with the heat map blended on top in colour, and a caption strip below.
+    """The overlay PNG (overlay_png) written atomically to `path`: `cxr predict --explain`'s files."""
+    png = overlay_png(image, heat, caption)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
+
+
+def overlay_png(image: np.ndarray, heat: np.ndarray, caption: str) -> bytes:
+    """A PNG of the grey film with the heat map blended on top in colour, and a caption strip below, drawn in memory:
+    pages that carry their images inside (the report, the label review page) never write a file for one.
 
     The film is enlarged (bilinear) by a whole factor to at least 256 px a side. The colour's opacity follows the
     heat, so the film stays visible where the model found nothing.
     """
+    import io
+
     from matplotlib import colormaps
     from PIL import Image, ImageDraw, ImageFont
 
@@ -180,5 +190,6 @@ def write_overlay(image: np.ndarray, heat: np.ndarray, path: Path, caption: str)
     draw = ImageDraw.Draw(canvas)
     for number, line in enumerate(lines):
         draw.text((4, size[1] + 3 + number * line_height), line, fill="white", font=font)
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -42,7 +42,7 @@ from pipeline.manifest import write_manifest
 from pipeline.overrides import EXCLUDED, Overrides, check_all_found, exclusion_message, labelled, read_overrides, review_record
 from pipeline.paths import ProjectPaths
 from pipeline.sources import UNLABELLED, Rejected, SourceItem, read_source
-from pipeline.splits import assign_splits, pseudo_patients, read_registry, write_registry
+from pipeline.splits import BRIDGING, assign_splits, pseudo_patients, read_registry, write_registry
 from pipeline.stat_cache import FileHashes, Seen, before_reading, code_fingerprint, record_ingest, unchanged_ingest
 from pipeline.tasks import task_for
 
@@ -383,8 +383,10 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
         pooled = pd.concat([manifest, extra], ignore_index=True)
         hashes = _perceptual_hashes(spool, in_store, [decoded.pixels for _, decoded in forgotten])
         pooled = pseudo_patients(pooled, hashes, config.validation.near_duplicate_distance, recorded, pooled["split"],
-                                 set(erased))
+                                 set(erased), _earlier_pseudo_patients(paths.manifest) if recorded else None)
         manifest, gone = _drop_erased_groups(pooled.iloc[:len(manifest)], erased, rejected)
+        in_store[in_store] = ~gone
+        manifest, gone = _drop_bridging(manifest, rejected)
         in_store[in_store] = ~gone
     manifest["split"], registry = assign_splits(
         manifest, registry, config.data.split, config.data.seed, key_check(key),
@@ -541,6 +543,32 @@ def _drop_erased_groups(manifest: pd.DataFrame, erased: dict[str, str],
         rejected.append(Rejected(row.source, row.path, "erased", f"{row.source}/{row.path}: patient {row.patient_hash} was "
                                  f"erased by `cxr forget` on {erased[row.patient_hash]} (data/erasures.jsonl); remove "
                                  "their source files"))
+    return manifest[~gone].reset_index(drop=True), gone
+
+
+def _earlier_pseudo_patients(manifest_path: Path) -> dict[str, str]:
+    """image_id -> patient_hash of the last ingest's manifest: which pseudo-patient each film joined then (the
+    registry knows a near-duplicate group by one pseudonym only). Empty without a readable manifest: then a film
+    the registry does not know by its own pseudonym counts as new (joining its group's split, or quarantined where
+    the group sits in two splits), so nothing moves either way."""
+    if not manifest_path.exists():
+        return {}
+    try:
+        earlier = pd.read_parquet(manifest_path, columns=["image_id", "patient_hash"])
+    except (OSError, ValueError, KeyError):  # damaged, or written before these columns
+        return {}
+    return dict(zip(earlier["image_id"], earlier["patient_hash"]))
+
+
+def _drop_bridging(manifest: pd.DataFrame, rejected: list[Rejected]) -> tuple[pd.DataFrame, np.ndarray]:
+    """The manifest without the new films that link near-duplicate groups recorded in different splits
+    (pipeline.splits.pseudo_patients), which are quarantined, and which rows went."""
+    gone = (manifest["bridges"] != "").to_numpy()
+    for row in manifest[gone].itertuples():
+        rejected.append(Rejected(row.source, row.path, BRIDGING, (
+            f"{row.source}/{row.path}: a near-duplicate (data.group_near_duplicates) of films the split registry "
+            f"keeps in {row.bridges.replace('/', ' and ')}: in either split it would be a near-duplicate of a film in "
+            "the other; remove it, or `cxr ingest --reassign-splits` to regroup them")))
     return manifest[~gone].reset_index(drop=True), gone
 
 

@@ -34,7 +34,6 @@ import base64
 import io
 import logging
 import shlex
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,22 +233,20 @@ def write_review(path: Path, task: Task, suspects: pd.DataFrame, images: np.ndar
 def _cards(task: Task, suspects: pd.DataFrame, images: np.ndarray, checkpoints: list[Path]) -> tuple[list[dict], str | None]:
     """One dict per suspect, in order; Grad-CAM overlays are None (and the error says why) for a model family
     Grad-CAM cannot explain."""
-    from pipeline.explain import grad_cam, write_overlay
+    from pipeline.explain import grad_cam, overlay_png
     from pipeline.models import load_checkpoint
 
     films = np.asarray(images[suspects["store_index"].to_numpy()]) if len(suspects) else np.zeros((0, 1, 1), np.uint8)
     overlays: list[str | None] = [None] * len(suspects)
     error = None
     try:
-        with tempfile.TemporaryDirectory() as scratch:
-            for fold in sorted(set(suspects["fold"])):
-                network, _ = load_checkpoint(checkpoints[fold])
-                for position in np.flatnonzero(suspects["fold"].to_numpy() == fold):
-                    row = suspects.iloc[position]
-                    heat = grad_cam(network, films[position:position + 1], class_index=_explained_class(task, row))[0]
-                    overlay = Path(scratch) / f"{position}.png"
-                    write_overlay(films[position], heat, overlay, f"evidence for {row['suggested_label'] or '(none)'}")
-                    overlays[position] = _data_uri(overlay.read_bytes())
+        for fold in sorted(set(suspects["fold"])):
+            network, _ = load_checkpoint(checkpoints[fold])
+            for position in np.flatnonzero(suspects["fold"].to_numpy() == fold):
+                row = suspects.iloc[position]
+                heat = grad_cam(network, films[position:position + 1], class_index=_explained_class(task, row))[0]
+                overlays[position] = _data_uri(overlay_png(films[position], heat,
+                                                           f"evidence for {row['suggested_label'] or '(none)'}"))
     except CxrError as exc:  # e.g. a vit model: no feature map to weigh
         error = str(exc)
     cards = []

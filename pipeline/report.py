@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def report_context(paths: ProjectPaths, config: Config, trained: TrainedModel) -
                  "checks": [{"name": name, "severity": result["severity"], "success": bool(result["success"])}
                             for name, result in gate.get("checks", {}).items()]},
         "metrics": _metrics(metrics),
-        "plots": [_figure(paths.plots / f"{name}.png", name) for name in PLOTS if (paths.plots / f"{name}.png").exists()],
+        "plots": [_figure((paths.plots / f"{name}.png").read_bytes(), name) for name in PLOTS if (paths.plots / f"{name}.png").exists()],
         "explanations": _explanations(paths, task),
         "registry": json.loads(paths.registered.read_text()) if paths.registered.exists() else None,
     }
@@ -136,7 +135,7 @@ def _explanations(paths: ProjectPaths, task: Task) -> dict | None:
     surest true and false positives and negatives, for the positive label; multiclass and multilabel the most
     confident films whose top label is right and wrong, for that label). None without predictions; `error` says
     why when the model cannot be explained."""
-    from pipeline.explain import grad_cam, write_overlay
+    from pipeline.explain import grad_cam, overlay_png
     from pipeline.models import load_checkpoint
     from pipeline.predictions import load_predictions, read_predictions
 
@@ -148,23 +147,20 @@ def _explanations(paths: ProjectPaths, task: Task) -> dict | None:
     images = np.load(paths.images, mmap_mode="r")
     figures = []
     try:
-        with tempfile.TemporaryDirectory() as scratch:
-            for group in task.examples(scored, threshold, EXAMPLES):
-                if not len(group.positions):
-                    continue
-                rows = test.iloc[group.positions]
-                films = np.asarray(images[rows["store_index"].to_numpy()])
-                heat = grad_cam(network, films, class_index=group.class_index)
-                for film, map_, image_id, caption in zip(films, heat, rows["image_id"], group.captions):
-                    path = Path(scratch) / f"{image_id}.png"
-                    write_overlay(film, map_, path, caption)
-                    figures.append(_figure(path, f"{caption} (image {image_id})"))
+        for group in task.examples(scored, threshold, EXAMPLES):
+            if not len(group.positions):
+                continue
+            rows = test.iloc[group.positions]
+            films = np.asarray(images[rows["store_index"].to_numpy()])
+            heat = grad_cam(network, films, class_index=group.class_index)
+            for film, map_, image_id, caption in zip(films, heat, rows["image_id"], group.captions):
+                figures.append(_figure(overlay_png(film, map_, caption), f"{caption} (image {image_id})"))
     except CxrError as exc:  # e.g. a model family Grad-CAM cannot explain yet
         return {"error": str(exc), "heading": "", "note": "", "figures": []}
     heading, note = task.evidence()
     return {"error": None, "heading": heading, "note": note, "figures": figures}
 
 
-def _figure(path: Path, caption: str) -> tuple[str, str]:
+def _figure(png: bytes, caption: str) -> tuple[str, str]:
     """A PNG as (data URI, caption): the page carries its images inside."""
-    return f"data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}", caption
+    return f"data:image/png;base64,{base64.b64encode(png).decode()}", caption

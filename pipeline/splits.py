@@ -95,42 +95,62 @@ def near_duplicate_groups(hashes: np.ndarray, max_distance: int, eligible: np.nd
     return connected_components(graph, directed=False)[1]
 
 
+BRIDGING = "near_duplicates_in_two_splits"  # the quarantine reason of a newcomer that links groups of two splits
+
+
 def pseudo_patients(frame: pd.DataFrame, perceptual: np.ndarray, max_distance: int, recorded: dict[str, str],
-                    strata: pd.Series, erased: set[str] = frozenset()) -> pd.DataFrame:
+                    strata: pd.Series, erased: set[str] = frozenset(),
+                    previous: dict[str, str] | None = None) -> pd.DataFrame:
     """`frame` (patient_hash, patient_from per film, in data order) with near-duplicate films that no patient ID
     links merged into pseudo-patients, so that a film and its re-saved, re-windowed or slightly shifted copy can
-    never be split apart (or fall into two cross-validation folds).
+    never be split apart (or fall into two cross-validation folds); column `bridges` names, for each film to leave
+    out, the splits it would link (e.g. 'test/train'), and is '' for the others.
 
     Only films without a patient (patient_from `film` or `near_duplicates`) of one stratum (the split their source
-    gave them: a source's own train/val/test is kept) are grouped. A group takes the pseudonym of its first member
-    the split registry (`recorded`: patient_hash -> split) knows, else of its first member, so a grouped film
-    already recorded keeps its split; a member recorded in another split keeps its own pseudonym and split
-    (the registry fixes a patient's split once; `cxr ingest --reassign-splits` regroups it). A group holding an
+    gave them: a source's own train/val/test is kept) are grouped. A film's earlier pseudo-patient is the one
+    `previous` (image_id -> patient_hash: the last manifest) gave it, else its own pseudonym; its earlier split is
+    what the split registry (`recorded`: patient_hash -> split) holds for that pseudo-patient. A group whose earlier
+    films all sat in one split takes the pseudonym of its first film that has one (else of its first film), so
+    newcomers join that split, test included. A group whose earlier films sat in two or more splits (new films
+    bridge them) is not merged: each earlier film keeps its pseudo-patient and split, and the films new to it are
+    marked in `bridges` (in either split they would be near-duplicates of a film in the other). A group holding an
     `erased` pseudonym (`cxr forget`) takes it, so the caller drops the whole group. `perceptual`: the films'
     perceptual hashes (pipeline.phash), computed as one set.
     """
     eligible = frame["patient_from"].isin(UNKNOWN_PATIENT).to_numpy()
     if eligible.sum() < 2:
-        return frame
+        return frame.assign(bridges="")
     groups = near_duplicate_groups(perceptual, max_distance, eligible, strata.fillna("").astype(str).to_numpy())
     hashes = frame["patient_hash"].to_numpy(dtype=object)
-    known = frame["patient_hash"].map(recorded).to_numpy(dtype=object)
-    order = np.arange(len(frame)) + np.where(pd.isna(known), len(frame), 0)  # recorded members first, then data order
+    earlier = frame["image_id"].map(previous) if previous and "image_id" in frame else pd.Series(np.nan, index=frame.index)
+    earlier = earlier.where(earlier.notna(), frame["patient_hash"]).to_numpy(dtype=object)
+    known = pd.Series(earlier).map(recorded).to_numpy(dtype=object)
+    seen = ~pd.isna(known)
+    earlier = np.where(seen, earlier, hashes)  # a film no split was recorded for is new: its own pseudonym
+    order = np.arange(len(frame)) + np.where(seen, 0, len(frame))  # films seen before first, then data order
     representative = pd.Series(order).groupby(groups).transform("idxmin").to_numpy()
     size = np.bincount(groups)[groups]
-    apart = ~pd.isna(known) & (known != known[representative])
-    joined = (size > 1) & ~apart
-    hashes_out = np.where(joined, hashes[representative], hashes)
+    divided = (pd.Series(known).groupby(groups).transform("nunique") > 1).to_numpy()
+    joined = (size > 1) & ~divided
+    hashes_out = np.where(joined, earlier[representative], np.where(divided, earlier, hashes))
+    bridging = divided & ~seen
     if erased:
         gone = frame["patient_hash"].isin(list(erased)).to_numpy()
         first_gone = pd.Series(np.where(gone, np.arange(len(frame)), len(frame))).groupby(groups).transform("min").to_numpy()
         hit = first_gone < len(frame)
         hashes_out = np.where(hit, hashes[np.minimum(first_gone, len(frame) - 1)], hashes_out)
-    if apart.any():
-        log.warning("ingest: %d near-duplicate film(s) stay in the split %s recorded for them apart from their "
-                    "group; `cxr ingest --reassign-splits` groups them", int(apart.sum()), "the split registry")
-    return frame.assign(patient_hash=hashes_out,
-                        patient_from=np.where(joined, "near_duplicates", frame["patient_from"].to_numpy(dtype=object)))
+        bridging &= ~hit
+    if divided.any():
+        log.warning("ingest: %d group(s) of near-duplicate films sit in two or more splits; their %d earlier film(s) "
+                    "stay where the split registry recorded them, and %d new film(s) linking them are quarantined as "
+                    "%s; `cxr ingest --reassign-splits` regroups them", len(set(groups[divided])),
+                    int((divided & seen).sum()), int(bridging.sum()), BRIDGING)
+    bridges = np.full(len(frame), "", dtype=object)
+    if bridging.any():
+        named = pd.Series(known[divided]).groupby(groups[divided]).agg(lambda splits: "/".join(sorted(set(splits.dropna()))))
+        bridges[bridging] = named.reindex(groups[bridging]).to_numpy()
+    return frame.assign(patient_hash=hashes_out, bridges=bridges,
+                        patient_from=np.where(size > 1, "near_duplicates", frame["patient_from"].to_numpy(dtype=object)))
 
 
 def split_patients(frame: pd.DataFrame, fractions: SplitFractions, seed: int) -> pd.Series:

@@ -376,3 +376,109 @@ def test_forgetting_a_pseudo_patient_keeps_every_film_of_the_group_out_of_later_
     assert len(after) == 94
     quarantine = pd.read_csv(paths.quarantine)
     assert set(quarantine.loc[quarantine["reason"] == "erased", "path"]) == {"train/0", "train/80"}
+
+
+CHAINS, STEPS, FILLERS = 8, 16, 40
+
+
+def _week_of_films(root: Path, week: int) -> None:
+    """PNG films without a patient id in normal/ and pneumonia/ (64 px smooth fields; stored at 32 px). Each of
+    CHAINS chains morphs one film into another in STEPS steps: neighbours are near-duplicates (within 8 bits),
+    the two ends are not. Week 1 brings FILLERS distinct films and each chain's two films at either end (two
+    pseudo-patients per chain); week 2 adds the chain's middle films, which join its two ends into one chain of
+    near-duplicates, and a 10-grey-levels-brighter copy of every filler."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(5)
+
+    def field() -> np.ndarray:
+        film = gaussian_filter(rng.normal(size=(64, 64)), 5)
+        return (film - film.min()) / np.ptp(film)
+
+    def save(name: str, label: str, film: np.ndarray) -> None:
+        (root / "films" / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(film * 180 + 30, 0, 255).astype(np.uint8)).save(root / "films" / label / f"{name}.png")
+
+    fillers = [field() for _ in range(FILLERS)]
+    for i, film in enumerate(fillers):
+        label = "normal" if i % 2 else "pneumonia"
+        save(f"f{i:02d}", label, film)
+        if week == 2:
+            save(f"f{i:02d}-copy", label, film + 10 / 180)
+    for k in range(CHAINS):
+        x, y = field(), field()
+        for step, t in enumerate(np.linspace(0, 1, STEPS + 1)):
+            if week == 2 or step in (0, 1, STEPS - 1, STEPS):
+                save(f"c{k}-{step:02d}", "normal" if k % 2 else "pneumonia", (1 - t) * x + t * y)
+
+
+@pytest.mark.parametrize("manifest_kept", [True, False])
+def test_a_newcomer_never_joins_near_duplicates_across_two_splits_and_no_old_film_moves(tmp_path, caplog,
+                                                                                        manifest_kept):
+    """Week 1: each chain's ends are two pseudo-patients, dealt out separately. Week 2: the middle films bridge
+    them. A chain whose ends sat in one split takes its newcomers there (test included); a chain whose ends sat in
+    two splits keeps both ends where they were and quarantines its newcomers (a newcomer in either split would be
+    a near-duplicate of a film in the other). No old film moves, and no near-duplicate group spans two splits.
+    Without the last manifest (deleted), an end film the registry knows only through its group is quarantined
+    with the newcomers rather than moved."""
+    import logging
+
+    from pipeline.phash import close_pairs
+    from pipeline.splits import near_duplicate_groups
+
+    _week_of_films(tmp_path, 1)
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  sources: [films]\nvalidation:\n  near_duplicate_distance: 8\n")
+    paths, config = ProjectPaths(tmp_path), load_config(params)
+    ingest_stage(paths, config)
+    before = pd.read_parquet(paths.manifest).set_index("path")
+    ends = before[before.index.str.contains("/c")]
+    assert (ends["patient_from"] == "near_duplicates").all() and ends["patient_hash"].nunique() == 2 * CHAINS
+    split_of_end = {(path.split("/c")[1][0], int(path[-6:-4]) <= 1): split for path, split in ends["split"].items()}
+    divided = sorted({k for (k, _), _ in split_of_end.items() if split_of_end[(k, True)] != split_of_end[(k, False)]})
+    whole = sorted({k for (k, _) in split_of_end} - set(divided))
+    assert divided and whole, split_of_end  # the data and seed give both kinds of chain: the test can fail
+    assert (before["split"] == "test").any()
+
+    _week_of_films(tmp_path, 2)
+    if not manifest_kept:
+        paths.manifest.unlink()
+    with caplog.at_level(logging.WARNING):
+        ingest_stage(paths, config)
+
+    after = pd.read_parquet(paths.manifest).set_index("path")
+    kept = before.index[before.index.isin(after.index)]
+    assert (after.loc[kept, "split"] == before.loc[kept, "split"]).all()  # no old film moved
+    quarantine = pd.read_csv(paths.quarantine)
+    bridging = quarantine[quarantine["reason"] == "near_duplicates_in_two_splits"]
+    expected = {f"{'normal' if int(k) % 2 else 'pneumonia'}/c{k}-{step:02d}.png" for k in divided
+                for step in range(2, STEPS - 1)}
+    ends_of_divided = {path for path in ends.index if path.split("/c")[1][0] in divided}
+    if manifest_kept:
+        assert set(bridging["path"]) == expected and len(kept) == len(before)
+    else:
+        assert expected <= set(bridging["path"]) <= expected | ends_of_divided
+        assert set(before.index) - set(kept) == set(bridging["path"]) - expected
+    for path, message in zip(bridging["path"], bridging["message"], strict=True):
+        k = path.split("/c")[1][0]
+        first, second = sorted({split_of_end[(k, True)], split_of_end[(k, False)]})
+        assert message.startswith(f"films/{path}: ") and f"keeps in {first} and {second}" in message, message
+    assert f"{len(divided)} group(s) of near-duplicate films sit in two or more splits" in caplog.text
+    for k in whole:  # the newcomers joined their chain's split and pseudo-patient
+        chain = after[after.index.str.contains(f"/c{k}-")]
+        assert len(chain) == STEPS + 1 and chain["split"].nunique() == 1 and chain["patient_hash"].nunique() == 1
+    copies = after[after.index.str.endswith("-copy.png")]
+    originals = after.loc[copies.index.str.replace("-copy", ""), "split"].to_numpy()
+    assert (copies["split"].to_numpy() == originals).all() and "test" in set(originals)  # a test film's copy: test
+
+    # no near-duplicate group of the stored films spans two splits (hashes over the whole store, as ingest groups)
+    from pipeline.phash import phash
+
+    stored = np.load(paths.images)[after["store_index"].to_numpy()]
+    hashes = phash(stored)
+    groups = near_duplicate_groups(hashes, 8, np.ones(len(after), bool), np.zeros(len(after), int))
+    spans = pd.Series(after["split"].to_numpy()).groupby(groups).nunique()
+    assert (spans == 1).all(), after.assign(group=groups)[lambda f: f["group"].isin(spans.index[spans > 1])]
+    assert len(close_pairs(hashes, 8)) > 0
+    registry = read_registry(paths.split_registry)
+    assert set(after["patient_hash"]) <= set(registry["patient_hash"])

@@ -39,3 +39,72 @@ def test_views_are_refused_outside_small_moves():
         TtaView(scale=-1.0)  # a negative scale would be a flip
     with pytest.raises(ValidationError):
         TtaView(flip=True)
+
+
+VIEWS = [{"shift_x": 0.06, "shift_y": 0.0, "scale": 1.0}, {"shift_x": 0.0, "shift_y": -0.06, "scale": 1.1}]
+
+
+@pytest.mark.slow
+def test_with_tta_on_the_served_model_still_refuses_what_is_out_of_scope_and_averages_the_rest(
+        tmp_path, pydicom_test_files):
+    """evaluate.tta on, the registered model and `cxr predict` give no probability to a CT (refused by its header),
+    a CT slice saved as PNG, noise and a blank image (refused by their pixels): moved copies of a refused film are
+    never classified. An in-scope film's probability is the mean over the film and each view computed here
+    separately, after the stored temperature, and differs from the plain one."""
+    import base64
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+    import torch
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.models import load_checkpoint, to_tensor
+    from pipeline.paths import ProjectPaths
+    from pipeline.predict import load_model
+    from pipeline.stages import run_stages
+    from pipeline.tasks import task_for
+    from pipeline.tta import moved, view_matrix
+    from tests.conftest import source_files, write_tiny_project
+    from tests.test_cli import cxr
+    from tests.test_ood import CHAMPION, _non_chest
+
+    params = write_tiny_project(tmp_path / "project", n=48)
+    settings = yaml.safe_load(params.read_text())
+    settings["evaluate"]["tta"] = VIEWS  # in the file: `cxr predict` below reads the same project
+    params.write_text(yaml.safe_dump(settings, sort_keys=False))
+    paths, config = ProjectPaths(params.parent), load_config(params)
+    run_stages(paths, config, until="register")
+    model = load_model(CHAMPION, paths)
+    assert model.metadata.metadata["tta"] == VIEWS
+
+    refused = {**_non_chest(tmp_path, pydicom_test_files), "ct_dicom": pydicom_test_files / "CT_small.dcm"}
+    manifest = pd.read_parquet(paths.manifest)
+    film_row = manifest[(manifest["split"] == "test") & (manifest["format"] == "png")].iloc[:1]
+    [film] = source_files(paths, config, film_row)
+    files = [*refused.values(), film]
+    out = cxr("predict", *map(str, files), "--json", cwd=paths.root)
+    assert out.returncode == 0, out.stderr
+    answers = json.loads(out.stdout)
+    served = model.predict(pd.DataFrame({"image": [base64.b64encode(Path(f).read_bytes()).decode() for f in files]}))
+    for name, answer, (_, row) in zip(refused, answers, served.iterrows(), strict=False):
+        assert "probability" not in answer and "label" not in answer, (name, answer)
+        assert pd.isna(row["probability"]) and pd.isna(row["label"]) and row["out_of_scope"], (name, row.to_dict())
+        expected = "modality: CT is not one of" if name == "ct_dicom" else "ood: "
+        assert answer["out_of_scope"].startswith(expected) and row["out_of_scope"] == answer["out_of_scope"], name
+
+    network, state = load_checkpoint(paths.checkpoint)
+    task = task_for(state["task"], state["labels"])
+    pixels = np.load(paths.images)[film_row["store_index"].to_numpy()]
+    with torch.no_grad():
+        batch = to_tensor(pixels)
+        views = [task.activation(network.eval()(batch)).numpy()]
+        views += [task.activation(network(moved(batch, view_matrix(view)))).numpy() for view in VIEWS]
+    temperature = float(model.metadata.metadata["temperature"])
+    averaged = task.apply_temperature(np.mean(views, axis=0), temperature)[0, -1]
+    plain = task.apply_temperature(views[0], temperature)[0, -1]
+    assert abs(averaged - plain) > 1e-4  # the views move the answer: the checks below tell the two apart
+    assert served["probability"].iloc[-1] == pytest.approx(averaged, abs=1e-5)
+    assert answers[-1]["probability"] == pytest.approx(averaged, abs=1e-4)
+    assert model.predict(pixels)["probability"].iloc[0] == pytest.approx(averaged, abs=1e-5)
