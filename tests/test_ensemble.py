@@ -201,3 +201,23 @@ def test_cxr_predict_with_an_ensemble_explains_films_and_refuses_what_is_out_of_
     assert answers[str(ct)]["out_of_scope"] == "modality: CT is not one of CR, DX"
     assert answers[str(blank)]["out_of_scope"]
     assert "probability" not in answers[str(blank)]
+
+
+@pytest.mark.slow
+def test_crossval_scores_each_fold_by_its_ensemble_not_by_its_last_member(tmp_path):
+    from pipeline.crossval import crossval_stage
+    from pipeline.ingest import ingest_stage
+    from pipeline.tracking import client as tracking_client
+
+    params = write_tiny_project(tmp_path / "cv", n=48)
+    config = load_config(params, ["train.ensemble=2", "data.image_size=28"])
+    paths = ProjectPaths(params.parent)
+    ingest_stage(paths, config)
+    result = crossval_stage(paths, config, folds=2)
+    client = tracking_client(paths)
+    for fold in result.folds:
+        metrics = client.get_run(fold.run_id).data.metrics
+        assert fold.val_auc == pytest.approx(metrics["val_auc"])  # the ensemble's own score, logged by train
+        assert fold.val_accuracy == pytest.approx(metrics["val_accuracy"])
+    summary = json.loads((paths.reports / "crossval.json").read_text())
+    assert "deep ensemble" in summary["scored"]
