@@ -3,7 +3,8 @@
 Opens the MLflow run that evaluate and register later add to (its id goes to models/run.json), and logs
 every param and per-epoch metric there, the learning rate (`lr`) included. The parts live in
 pipeline.training: data, trainer (model, optimiser, mixed precision), optim, state (the resume file and the
-checkpoint), loop (the epochs, DistributedDataParallel under torchrun) and run (the MLflow run).
+checkpoint), loop (the epochs, DistributedDataParallel under torchrun) and run (the MLflow run). With
+train.ensemble = K > 1 the loop runs K times, once per seed, and the checkpoint holds one pipeline.models.Ensemble.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def train_stage(paths: ProjectPaths, config: Config, resume: bool = False) -> Tr
     """Train `train.model`, log to MLflow, save the best-on-validation checkpoint.
 
     resume=True continues an interrupted run from models/train_state.pt (into the same MLflow run);
-    without that file it starts a new run, so a retry loop can always pass resume=True.
+    without that file it starts a new run, so a retry loop can always pass resume=True. A deep ensemble
+    (train.ensemble > 1) is never resumed: resume=True trains all its members again.
     Under torchrun every process runs this, joined in one DistributedDataParallel process group.
     """
     world = distributed.torchrun_world()
