@@ -64,10 +64,10 @@ def test_one_member_leaves_the_checkpoint_of_one_network(tmp_path):
     from pipeline.train import train_stage
 
     params, paths = ingest_and_rebalance(tmp_path / "one", n=48)
-    train_stage(paths, load_config(params, ["data.image_size=28"]))
+    train_stage(paths, load_config(params))
     state = torch.load(paths.checkpoint, weights_only=True)
     assert set(state) == {"model", "image_size", "labels", "task", "dropout", "epoch", "val_auc", "state_dict"}
-    assert state["state_dict"].keys() == build_model(state["model"], 28, 2, 0.5).state_dict().keys()
+    assert state["state_dict"].keys() == build_model(state["model"], 32, 2, 0.5).state_dict().keys()
     assert "member" not in pd.read_csv(paths.history).columns
     assert not (paths.models / "ensemble").exists()
 
@@ -221,3 +221,42 @@ def test_crossval_scores_each_fold_by_its_ensemble_not_by_its_last_member(tmp_pa
         assert fold.val_accuracy == pytest.approx(metrics["val_accuracy"])
     summary = json.loads((paths.reports / "crossval.json").read_text())
     assert "deep ensemble" in summary["scored"]
+
+
+@pytest.mark.slow
+def test_under_torchrun_an_ensemble_trains_to_the_weights_of_one_process(tmp_path):
+    """Every rank trains every member in step (rank 0 alone assembles, scores and writes the Ensemble)."""
+    from pipeline.train import train_stage
+    from tests.test_distributed import SAME_RUN, WEIGHT_TOLERANCE, cxr_train
+
+    params, paths = ingest_and_rebalance(tmp_path / "ddp", n=48)
+    overrides = [*SAME_RUN, "train.epochs=1", "train.ensemble=2"]
+    train_stage(paths, load_config(params, overrides))
+    single, _ = load_checkpoint(paths.checkpoint)
+    done = cxr_train(params, overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, state = load_checkpoint(paths.checkpoint)
+    assert isinstance(model, Ensemble) and state["ensemble"] == 2
+    for (key, weights), single_weights in zip(model.state_dict().items(), single.state_dict().values()):
+        torch.testing.assert_close(weights, single_weights, rtol=0, atol=WEIGHT_TOLERANCE, msg=key)
+    assert not (paths.models / "ensemble").exists()
+
+
+@pytest.mark.slow
+def test_resume_starts_an_unfinished_ensemble_over(tmp_path, caplog):
+    """What a killed ensemble run leaves (a member's folder, a resume file) is neither resumed nor left behind."""
+    from pipeline.train import train_stage
+    from pipeline.training.state import train_state_path
+
+    params, paths = ingest_and_rebalance(tmp_path / "resume", n=48)
+    config = load_config(params, ["train.model=seed_cnn", "train.ensemble=2"])
+    stale = paths.models / "ensemble" / "member-1" / "models" / "train_state.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by a killed run")
+    train_state_path(paths).write_bytes(b"left by a killed run")
+    with caplog.at_level("INFO", logger="pipeline.train"):
+        result = train_stage(paths, config, resume=True)
+    assert "not resumed" in caplog.text
+    assert isinstance(load_checkpoint(paths.checkpoint)[0], Ensemble)
+    assert not train_state_path(paths).exists() and not (paths.models / "ensemble").exists()
+    assert result.epochs_run == 1
