@@ -189,7 +189,7 @@ def test_cxr_predict_with_an_ensemble_explains_films_and_refuses_what_is_out_of_
     from tests.test_cli import cxr
 
     paths, _, _ = ensemble_project
-    chest = sorted((paths.root / "data" / "raw" / "demo" / "normal").glob("P*.dcm"))[0]  # not the broken demo file
+    chest = min((paths.root / "data" / "raw" / "demo" / "normal").glob("P*.dcm"))  # not the broken demo file
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((64, 64), 200, dtype=np.uint8)).save(blank)
     ct = pydicom_test_files / "CT_small.dcm"
