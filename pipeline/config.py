@@ -261,6 +261,7 @@ class TrainConfig(Section):
     dropout: float = Field(0.5, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy against (1 - this) on the true class, the rest spread evenly; 0 = off
     ema_decay: float = Field(0.0, ge=0, lt=1)  # exponential moving average of the weights, what validation and the checkpoint use; 0 = off
+    ensemble: int = Field(1, ge=1, le=20)  # deep ensemble: this many networks (seeds seed, seed+1, ...) averaged as one model; 1 = off
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # on CUDA, training runs in mixed precision (bfloat16, or float16 with loss scaling)
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 means one per core")

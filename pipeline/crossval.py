@@ -104,10 +104,13 @@ def _crossval(paths: ProjectPaths, config: Config, folds: int) -> CrossvalResult
         trained = train_stage(fold_paths, config)
         client.set_tag(trained.run_id, "crossval.fold", f"{fold + 1}/{folds}")
         _stamp(fold_paths, key, trained.run_id)
-        last = pd.read_csv(fold_paths.history).iloc[-1]
-        results.append(FoldResult(fold, int((fold_of != fold).sum()), int((fold_of == fold).sum()),
-                                  float(last["val_auc"]), float(last["val_accuracy"]), trained.best_val_auc,
-                                  trained.best_epoch, trained.run_id))
+        if config.train.ensemble == 1:
+            last = pd.read_csv(fold_paths.history).iloc[-1]
+            auc, accuracy = float(last["val_auc"]), float(last["val_accuracy"])
+        else:  # history.csv's last row is the last member's: score the ensemble the fold registers instead
+            auc, accuracy = trained.best_val_auc, trained.best_val_accuracy
+        results.append(FoldResult(fold, int((fold_of != fold).sum()), int((fold_of == fold).sum()), auc, accuracy,
+                                  trained.best_val_auc, trained.best_epoch, trained.run_id))
     result = CrossvalResult(results, paths.reports / "crossval.json")
     _write_summary(result, config, folds, patient_knowledge(paths.manifest))
     return result
@@ -234,8 +237,10 @@ def _write_summary(result: CrossvalResult, config: Config, folds: int, patients:
     best, best_sd = result.mean_sd("best_val_auc")
     write_json(result.summary_path, {
         "folds": folds,
-        "scored": "each fold's model after the last epoch, on that fold; accuracy at 0.5; best_val_auc is the "
-                  "best epoch's, chosen on the same fold and so optimistic",
+        "scored": ("each fold's model after the last epoch, on that fold; accuracy at 0.5; best_val_auc is the "
+                   "best epoch's, chosen on the same fold and so optimistic") if config.train.ensemble == 1 else
+                  ("each fold's deep ensemble (train.ensemble members, each at its best epoch, chosen on the same fold "
+                   "and so optimistic), on that fold; accuracy at 0.5"),
         "model": config.train.model,
         "image_size": config.data.image_size,
         "seed": config.data.seed,

@@ -48,6 +48,8 @@ def target_layer(network: nn.Module) -> str:
     |               |                     | (MONAI's own Grad-CAM example uses it)                                |
     | `vit`         | none                | a CxrError: see the module docstring                                  |
 
+    A deep ensemble has no layer of its own: grad_cam reads each member's (this function, per member).
+
     Layers are found by name, not by position, so a change inside a block does not move the target.
     Below 64 px DenseNet sits inside `UpsampleTo`, which adds the prefix `network.`.
     """
@@ -91,7 +93,10 @@ def network_to_explain(model) -> nn.Module:  # model: mlflow.pyfunc.PyFuncModel
         network = None
     if not isinstance(network, nn.Module):
         raise CxrError("this model is not a cxr classifier with a torch network, so it cannot be explained; drop --explain")
-    target_layer(network)
+    from pipeline.models import members_of
+
+    for member in members_of(network):
+        target_layer(member)
     return network
 
 
@@ -113,7 +118,31 @@ def grad_cam(network: nn.Module, images: np.ndarray, class_index: int | None = -
     reports; the same class for every film keeps the maps comparable. None explains each film's own highest
     output: the predicted class of a multiclass model, the top label of a multilabel one. Runs on the device the
     network is on; the network is not changed.
+
+    A deep ensemble (pipeline.models.Ensemble) gets the mean of its members' maps for the same class, stretched to
+    0..1 again: with None, the class the ensemble predicts, not each member's own.
     """
+    from pipeline.models import members_of
+
+    members = members_of(network)
+    if len(members) == 1:
+        return _member_grad_cam(network, images, class_index, batch_size)
+    if class_index is None:
+        from pipeline.models import predict_proba
+
+        top = predict_proba(network, images, next(network.parameters()).device, lambda logits: logits).argmax(axis=1)
+        maps = np.zeros(images.shape, dtype=np.float32)
+        for index in np.unique(top):
+            maps[top == index] = grad_cam(network, images[top == index], int(index), batch_size)
+        return maps
+    import torch
+
+    mean = np.mean([_member_grad_cam(member, images, class_index, batch_size) for member in members], axis=0)
+    return scale_each_to_unit(torch.from_numpy(mean[:, None]))[:, 0].numpy().astype(np.float32)
+
+
+def _member_grad_cam(network: nn.Module, images: np.ndarray, class_index: int | None, batch_size: int) -> np.ndarray:
+    """grad_cam of one network (not an ensemble), through MONAI's GradCAM."""
     import torch
     from monai.visualize import GradCAM
 

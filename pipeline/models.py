@@ -13,11 +13,14 @@ Every network takes (N, 1, S, S) floats in 0..1 for any S from 16 px up (`vit`: 
 | `vit`         | small Vision Transformer, patch size chosen by image size                    | MONAI  |
 | `vgg_gap`     | small VGG-style CNN with batch norm and global average pooling               | here   |
 
+`Ensemble` holds K of them (train.ensemble) and answers as one network.
+
 MONAI is imported inside `build_model`, only for the models that need it, because it takes seconds to import.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +150,34 @@ class LogitsOnly(nn.Module):
         return logits
 
 
+class Ensemble(nn.Module):
+    """A deep ensemble (train.ensemble): K networks of one recipe, trained from different seeds, answering as one
+    network whose logits are those of the members' mean probabilities. Whatever reads logits (evaluate, the
+    threshold, temperature scaling, TTA, the pyfunc) therefore treats it as any other network.
+
+    Softmax tasks (binary, multiclass): the log of the mean softmax, whose softmax is that mean exactly.
+    Sigmoid tasks (multilabel): the logit of the mean sigmoid, as logsumexp(logsigmoid(z)) - logsumexp(logsigmoid(-z))
+    over the members, so a saturated member gives a large finite logit instead of log(0).
+    """
+
+    def __init__(self, members: list[nn.Module], softmax: bool) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.softmax = softmax
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([member(images) for member in self.members])  # (K, N, outputs)
+        if self.softmax:
+            return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(len(self.members))
+        log_sigmoid = nn.functional.logsigmoid
+        return torch.logsumexp(log_sigmoid(logits), dim=0) - torch.logsumexp(log_sigmoid(-logits), dim=0)
+
+
+def members_of(network: nn.Module) -> list[nn.Module]:
+    """The networks inside: an Ensemble's members, or the network itself (what Grad-CAM and the OOD score read)."""
+    return list(network.members) if isinstance(network, Ensemble) else [network]
+
+
 def resnet_stem(image_size: int) -> dict[str, int | bool]:
     """First-layer settings that leave ResNet a last feature map of about 4-7 px at any image size.
 
@@ -256,12 +287,33 @@ def build_model(name: str, image_size: int, n_classes: int, dropout: float) -> n
     raise ValueError(f"unknown model '{name}'; known: {', '.join(MODEL_NAMES)}")
 
 
+def network_for(state: dict) -> nn.Module:
+    """The untrained network a checkpoint describes: one `state["model"]`, or an Ensemble of `state["ensemble"]`
+    of them (the key is there only for ensembles, so a one-network checkpoint is as it always was)."""
+    from pipeline.tasks import task_for
+
+    def one() -> nn.Module:
+        return build_model(state["model"], state["image_size"], len(state["labels"]), state["dropout"])
+
+    count = int(state.get("ensemble", 1))
+    if count == 1:
+        return one()
+    softmax = task_for(state["task"], state["labels"]).one_label_per_film  # the task's activation: softmax, else sigmoid
+    return Ensemble([one() for _ in range(count)], softmax)
+
+
+def describe_network(state: dict) -> str:
+    """How documents name a checkpoint's network: `vgg_gap`, or `vgg_gap × 3 (deep ensemble)`."""
+    count = int(state.get("ensemble", 1))
+    return str(state["model"]) if count == 1 else f"{state['model']} × {count} (deep ensemble)"
+
+
 def load_checkpoint(path: Path):  # -> tuple[torch.nn.Module, dict]
     """Rebuild the network a checkpoint describes and load its weights (CPU tensors)."""
     if not path.exists():
         raise CxrError(f"{path} is missing: run `cxr train` first")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(state["model"], state["image_size"], len(state["labels"]), state["dropout"])
+    model = network_for(state)
     model.load_state_dict(state["state_dict"])
     model.eval()
     return model, state

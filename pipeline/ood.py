@@ -87,14 +87,19 @@ def head_layer(network: nn.Module) -> nn.Module:
 
 
 def network_features(network: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """(N, S, S) uint8 images → (N, D) float64: what the network's last linear layer receives, in eval mode."""
+    """(N, S, S) uint8 images → (N, D) float64: what the network's last linear layer receives, in eval mode.
+
+    A deep ensemble (pipeline.models.Ensemble) gives its members' features side by side (D = the sum of theirs):
+    each member learnt its own feature space, so averaging them would mix unrelated coordinates, while side by side
+    an image has to look like the training films to every member to score low."""
     import torch
 
-    from pipeline.models import to_tensor
+    from pipeline.models import members_of, to_tensor
 
-    layer = head_layer(network)
-    captured: list[torch.Tensor] = []
-    hook = layer.register_forward_pre_hook(lambda _, inputs: captured.append(inputs[0].detach().flatten(1)))
+    layers = [head_layer(member) for member in members_of(network)]
+    captured: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [layer.register_forward_pre_hook(lambda _, inputs, box=box: box.append(inputs[0].detach().flatten(1)))
+             for layer, box in zip(layers, captured)]
     device = next(network.parameters()).device
     network.eval()
     try:
@@ -102,10 +107,11 @@ def network_features(network: nn.Module, images: np.ndarray, batch_size: int = 2
             for start in range(0, len(images), batch_size):
                 network(to_tensor(np.asarray(images[start : start + batch_size])).to(device))
     finally:
-        hook.remove()
-    if not captured:
-        return np.zeros((0, layer.in_features))
-    return torch.cat(captured).cpu().double().numpy()
+        for hook in hooks:
+            hook.remove()
+    if not captured[0]:
+        return np.zeros((0, sum(layer.in_features for layer in layers)))
+    return torch.cat([torch.cat(box) for box in captured], dim=1).cpu().double().numpy()
 
 
 def layout_spread(images: np.ndarray) -> np.ndarray:

@@ -55,7 +55,7 @@ class TrainedModel:
     """The model in models/checkpoint.pt and the run that trained it, as the documents and the registry describe it."""
 
     run_id: str
-    model: str  # train.model, from the checkpoint
+    model: str  # train.model, from the checkpoint (with the member count for a deep ensemble: describe_network)
     image_size: int  # from the checkpoint
     task: str
     labels: list[str]
@@ -70,7 +70,7 @@ class TrainedModel:
 def trained_model(paths: ProjectPaths, client) -> TrainedModel:
     """The checkpoint's model and its training run (models/run.json names it)."""
     from pipeline import tracking
-    from pipeline.models import load_checkpoint
+    from pipeline.models import describe_network, load_checkpoint
 
     run_id = tracking.read_run_id(paths)
     run = client.get_run(run_id)
@@ -78,7 +78,7 @@ def trained_model(paths: ProjectPaths, client) -> TrainedModel:
     params, tags = dict(run.data.params), run.data.tags
     return TrainedModel(
         run_id=run_id,
-        model=str(state["model"]),
+        model=describe_network(state),
         image_size=int(state["image_size"]),
         task=str(state["task"]),
         labels=list(state["labels"]),

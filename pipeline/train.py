@@ -3,7 +3,8 @@
 Opens the MLflow run that evaluate and register later add to (its id goes to models/run.json), and logs
 every param and per-epoch metric there, the learning rate (`lr`) included. The parts live in
 pipeline.training: data, trainer (model, optimiser, mixed precision), optim, state (the resume file and the
-checkpoint), loop (the epochs, DistributedDataParallel under torchrun) and run (the MLflow run).
+checkpoint), loop (the epochs, DistributedDataParallel under torchrun) and run (the MLflow run). With
+train.ensemble = K > 1 the loop runs K times, once per seed, and the checkpoint holds one pipeline.models.Ensemble.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pipeline import distributed
 from pipeline.config import Config
 from pipeline.files import sha256_of
 from pipeline.paths import ProjectPaths
-from pipeline.training.data import load_training_data, pick_device
+from pipeline.training.data import TrainingData, load_training_data, pick_device
 from pipeline.training.loop import fit
 from pipeline.training.run import tracked_run
 from pipeline.training.state import restore_trainer, resume_state, run_fingerprint, train_state_path
@@ -43,7 +44,8 @@ def train_stage(paths: ProjectPaths, config: Config, resume: bool = False) -> Tr
     """Train `train.model`, log to MLflow, save the best-on-validation checkpoint.
 
     resume=True continues an interrupted run from models/train_state.pt (into the same MLflow run);
-    without that file it starts a new run, so a retry loop can always pass resume=True.
+    without that file it starts a new run, so a retry loop can always pass resume=True. A deep ensemble
+    (train.ensemble > 1) is never resumed: resume=True trains all its members again.
     Under torchrun every process runs this, joined in one DistributedDataParallel process group.
     """
     world = distributed.torchrun_world()
@@ -62,6 +64,8 @@ def _train(paths: ProjectPaths, config: Config, resume: bool, world: distributed
     torch.set_num_threads(config.train.num_threads or max(1, (os.cpu_count() or 1) // world.local_size))
     manifest_sha256 = sha256_of(paths.manifest)
     fingerprint = run_fingerprint(paths, config, manifest_sha256, world.size)
+    if config.train.ensemble > 1:
+        return _train_ensemble(paths, config, resume, world, device, data, fingerprint)
 
     state_path = train_state_path(paths)
     state = resume_state(state_path, fingerprint, paths, world) if resume else None
@@ -89,3 +93,70 @@ def _train(paths: ProjectPaths, config: Config, resume: bool, world: distributed
         log.info("train: best epoch %d, val AUC %.4f, val accuracy %.4f → %s (MLflow run %s)",
                  best["epoch"], best["val_auc"], best["val_accuracy"], paths.checkpoint, run_id)
     return TrainResult(run_id, best["epoch"], best["val_auc"], best["val_accuracy"], str(device), paths.checkpoint, epochs_run)
+
+
+def _train_ensemble(paths: ProjectPaths, config: Config, resume: bool, world: distributed.World, device,
+                    data: TrainingData, fingerprint: dict) -> TrainResult:
+    """train.ensemble = K > 1: K members of one recipe, seeded seed, seed + 1, ..., trained one after another into
+    one MLflow run (their metrics prefixed `member<k>/`), then saved as one pipeline.models.Ensemble checkpoint,
+    scored on validation as a whole (the run's `val_*` and `best_val_*` metrics).
+
+    An unfinished ensemble is not resumed: resume=True starts it over (logged), as a run without a state file does.
+    Each member works in models/ensemble/member-<k>/ (its checkpoint, resume state and history), removed at the end;
+    history.csv holds every member's epochs, with a `member` column.
+    """
+    import shutil
+
+    import pandas as pd
+    import torch
+
+    from pipeline import tracking
+    from pipeline.files import atomic_path
+    from pipeline.models import Ensemble, load_checkpoint, predict_proba
+    from pipeline.training.state import save_checkpoint
+
+    count, members_dir = config.train.ensemble, paths.models / "ensemble"
+    if world.is_main:
+        if resume:
+            log.info("train: an ensemble (train.ensemble=%d) is not resumed; training all its members again", count)
+        train_state_path(paths).unlink(missing_ok=True)
+        shutil.rmtree(members_dir, ignore_errors=True)
+    with tracked_run(paths, config, None, device, world) as run_id:
+        member_paths, bests, epochs = [], [], []
+        for k in range(1, count + 1):
+            seed = config.train.seed + k - 1
+            member_config = config.model_copy(update={"train": config.train.model_copy(update={"seed": seed, "ensemble": 1})})
+            member_paths.append(ProjectPaths(members_dir / f"member-{k}", store_root=paths.tracking_root))
+            if world.is_main:
+                log.info("train: ensemble member %d of %d (train.seed %d)", k, count, seed)
+            torch.manual_seed(seed)
+            trainer = build_trainer(member_config, data, device, world)
+            if world.size > 1:
+                torch.manual_seed(seed + world.rank)
+            best, epochs_run = fit(trainer, data, member_config, member_paths[-1], run_id, fingerprint, None, world,
+                                   metric_prefix=f"member{k}/")
+            bests.append(best)
+            epochs.append(epochs_run)
+        best = None
+        if world.is_main:
+            ensemble = Ensemble([load_checkpoint(each.checkpoint)[0] for each in member_paths], data.task.one_label_per_film)
+            scores = data.task.validation_scores(data.val_labels, predict_proba(ensemble.to(device), data.val_images, device,
+                                                                                data.task.activation))
+            # the members' latest best epoch stands for the ensemble's (evaluate reports it as best_epoch)
+            best = {"epoch": max(b["epoch"] for b in bests), "val_auc": scores["val_auc"], "val_accuracy": scores["val_accuracy"]}
+            save_checkpoint(paths.checkpoint, ensemble, config, best)
+            client = tracking.client(paths)
+            tracking.log_metrics(client, run_id, scores | {"best_val_auc": best["val_auc"], "best_val_accuracy": best["val_accuracy"],
+                                                           "best_epoch": best["epoch"], "epochs_run": max(epochs)})
+            history = pd.concat([pd.read_csv(each.history).assign(member=k) for k, each in enumerate(member_paths, 1)])
+            with atomic_path(paths.history) as tmp:
+                history[["member", *history.columns.drop("member")]].to_csv(tmp, index=False, float_format="%.6g")
+            tracking.describe_run(client, run_id, f"{config.train.model} × {count} (deep ensemble), {config.data.image_size} px: "
+                                  f"val AUC {best['val_auc']:.4f} (members' best: "
+                                  f"{', '.join(format(b['val_auc'], '.4f') for b in bests)})")
+        best = distributed.broadcast(best, world)
+    if world.is_main:
+        shutil.rmtree(members_dir, ignore_errors=True)
+        log.info("train: ensemble of %d, val AUC %.4f, val accuracy %.4f → %s (MLflow run %s)",
+                 count, best["val_auc"], best["val_accuracy"], paths.checkpoint, run_id)
+    return TrainResult(run_id, best["epoch"], best["val_auc"], best["val_accuracy"], str(device), paths.checkpoint, max(epochs))

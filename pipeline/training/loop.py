@@ -27,11 +27,13 @@ log = logging.getLogger(__name__)
 
 
 def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPaths, run_id: str,
-        fingerprint: dict, state: dict | None, world: distributed.World = distributed.ONE_PROCESS) -> tuple[dict, int]:
+        fingerprint: dict, state: dict | None, world: distributed.World = distributed.ONE_PROCESS,
+        metric_prefix: str = "") -> tuple[dict, int]:
     """Train epoch by epoch, score validation, keep the best checkpoint, save the state; returns (best, epochs run).
 
     Under torchrun rank 0 validates and sends the scores to the other ranks, so all stop at the same epoch;
-    it alone logs, writes and shows progress.
+    it alone logs, writes and shows progress. `metric_prefix` goes before every MLflow metric name: an ensemble's
+    members (`member1/`, ...) share one run.
     """
     import torch
     from tqdm import tqdm
@@ -58,7 +60,7 @@ def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPath
         history.append(row)  # history.csv holds only what is reproducible; throughput goes to MLflow alone
         metrics = {k: v for k, v in row.items() if k != "epoch"} | {"train_images_per_second": len(labels) / seconds}
         if world.is_main:
-            tracking.log_metrics(client, run_id, metrics, step=epoch)
+            tracking.log_metrics(client, run_id, {metric_prefix + k: v for k, v in metrics.items()}, step=epoch)
             # a line per epoch, for logs that are no terminal (a Prefect task run's, a cron job's): tqdm draws none there
             log.info("train: epoch %d of %d: train loss %.4f, val AUC %.4f (%.0f s)", epoch, settings.epochs, train_loss,
                      row["val_auc"], seconds)
@@ -81,8 +83,9 @@ def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPath
     if epoch < settings.epochs:
         log.info("train: no better val AUC for %d epochs; stopped after epoch %d of %d",
                  settings.early_stopping_patience, epoch, settings.epochs)
-    tracking.log_metrics(client, run_id, {"best_val_auc": best["val_auc"], "best_val_accuracy": best["val_accuracy"],
-                                          "best_epoch": best["epoch"], "epochs_run": epoch})
+    tracking.log_metrics(client, run_id, {metric_prefix + k: v for k, v in {
+        "best_val_auc": best["val_auc"], "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"],
+        "epochs_run": epoch}.items()})
     with atomic_path(paths.history) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False, float_format="%.6g")  # 6 significant digits: lr can be 1e-5
     return best, epoch

@@ -151,5 +151,7 @@ def save_checkpoint(path: Path, model, config: Config, best: dict) -> None:
         # contiguous: weights trained channels_last on CUDA are stored in the usual layout
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
+    if config.train.ensemble > 1:  # pipeline.models.network_for rebuilds an Ensemble of that many members
+        state["ensemble"] = config.train.ensemble
     with atomic_path(path) as tmp, tmp.open("wb") as handle:
         torch.save(state, handle)  # through a handle, the archive's inner name is fixed: same weights, same bytes
