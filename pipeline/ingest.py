@@ -340,7 +340,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     cache.add(repaired)
     # Only now does the run know every identifier: a PNG beside a DICOM in an MRN folder is redacted too.
     redactor = run_redactor(plan.items, [outcome.identity for outcome in settled], plan.rejected, key)
-    rows: list[dict] = []
+    columns: dict[str, list] = {}  # the manifest, a list per column: no dict per film (a KB each at archive scale)
     stored: list[SpooledFilm] = []  # each manifest row's film, where a spool holds it
     rejected = [Rejected(r.source, redactor.path(r.path), r.reason, redactor.text(r.message)) for r in plan.rejected]
     overrides, n_excluded = plan.overrides, 0
@@ -360,13 +360,14 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
             continue
         stored.append(outcome.pixels)
         where = f"{overrides.shown} line {decision.line}: {item.source}/{path}" if decision else ""
-        rows.append({**_manifest_row(item, outcome, key, path), **labelled(decision, item.label, where)})
+        for column, value in {**_manifest_row(item, outcome, key, path), **labelled(decision, item.label, where)}.items():
+            columns.setdefault(column, []).append(value)
     check_all_found(overrides, listed, [spec.path for spec in config.data.sources], redactor.text)
-    if not rows:
+    if not stored:
         raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
 
-    manifest = pd.DataFrame(rows)
-    del rows, settled  # per-film dicts and outcomes: at archive scale, hundreds of MB the steps below can reuse
+    manifest = pd.DataFrame(columns)  # every row has every column: a missing one is a length mismatch here
+    del columns, settled  # per-film lists and outcomes: at archive scale, hundreds of MB the steps below can reuse
     in_store = np.ones(len(stored), dtype=bool)  # of the films in `stored`, the ones still in the manifest
     registry = read_registry(paths.split_registry)
     if config.data.group_near_duplicates:
