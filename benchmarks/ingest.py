@@ -478,19 +478,22 @@ TARGET_LARGE_RSS_MIB = 2048  # a 200,000-film ingest at 64 px
 
 
 def large_films(dest: Path, n: int) -> None:
-    """`n` small grey PNGs, pixel-distinct (the film's number is written into its first row, so none is a duplicate
-    and the store keeps every one), half under normal/, half under pneumonia/, each its own patient."""
+    """`n` small grey PNGs, distinct to the eye as well as in their pixels (a chest-like ramp under a smooth random
+    pattern of each film's own, so their perceptual hashes differ as different patients' films do and near-duplicate
+    grouping links none: an archive of 16 films re-saved thousands of times each would test the grouping, not the
+    store), half under normal/, half under pneumonia/, each its own patient."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    ramp = np.add.outer(np.arange(LARGE_SIDE), np.arange(LARGE_SIDE)).astype(np.float32) * (200 / (2 * LARGE_SIDE))
-    bases = [(ramp + rng.normal(0, 6, ramp.shape)).clip(0, 255).astype(np.uint8) for _ in range(16)]
+    ramp = np.add.outer(np.arange(LARGE_SIDE), np.arange(LARGE_SIDE)).astype(np.float32) * (120 / (2 * LARGE_SIDE))
+    bases = [40 + ramp + rng.normal(0, 4, ramp.shape).astype(np.float32) for _ in range(16)]  # fine grain, shared
+    cell = LARGE_SIDE // 8
     for label in ("normal", "pneumonia"):
         (dest / label).mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        pixels = bases[i % len(bases)].copy()
-        pixels[0, :8] = np.frombuffer(i.to_bytes(8, "little"), dtype=np.uint8)
+        pattern = rng.uniform(0, 100, (8, 8)).astype(np.float32).repeat(cell, 0).repeat(cell, 1)  # coarse, its own
+        pixels = (bases[i % len(bases)] + pattern).clip(0, 255).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(dest / ("normal", "pneumonia")[i % 2] / f"film{i:06d}.png", compress_level=1)
 
 

@@ -26,6 +26,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NONE  # noqa: E402
 from prefect.states import Failed, State  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
@@ -140,11 +141,13 @@ def plan_task(paths: ProjectPaths, config: Config):
     return _as_state(lambda: plan_ingest(paths, config))
 
 
-@task(name="ingest-decode")
+# No cache key: it would pickle every film's pixels to hash them (and a spool cannot be pickled).
+@task(name="ingest-decode", cache_policy=NONE)
 def decode_task(files: list, size: int, workers: int, limits, root: Path, key_scope: str, crop: str = "none",
-                key_fingerprint: str | None = None) -> list:
+                key_fingerprint: str | None = None, spool=None) -> list:
     """Decode a shard of film files where the task runs (a Dask worker, maybe). The key is loaded here, never a
     task parameter or result (Prefect may persist those); the outcomes hold pseudonyms only (pipeline.ingest).
+    `spool` (a PixelSpool, only where the task runs in the flow's process) takes the films as they are decoded.
 
     `key_fingerprint` (deid.key_check of the flow's key, which reveals nothing a pseudonym does not) must match the
     key found here: a worker on another machine without CXR_DEID_KEY would otherwise make a key of its own and
@@ -158,10 +161,10 @@ def decode_task(files: list, size: int, workers: int, limits, root: Path, key_sc
 
         raise CxrError(f"ingest: the de-identification key on {socket.gethostname()} (check {key_check(key)}) is not the "
                        f"flow's (check {key_fingerprint}): give every Dask worker the same CXR_DEID_KEY or key file")
-    return decode_items(files, size, key, workers, limits, crop)
+    return decode_items(files, size, key, workers, limits, crop, spool)
 
 
-@task(name="ingest-finish")
+@task(name="ingest-finish", cache_policy=NONE)
 def finish_task(paths: ProjectPaths, config: Config, plan, outcomes: list):
     from pipeline.ingest import finish_ingest
 
@@ -186,6 +189,7 @@ def ingest_flow(paths: ProjectPaths, config: Config):
 def _fan_out_ingest(paths: ProjectPaths, config: Config):
     from pipeline.deid import key_check, load_key
     from pipeline.imaging import limits_of
+    from pipeline.ingest import PixelSpool
 
     plan = plan_task(paths, config, return_state=True)
     if plan.is_failed():
@@ -197,10 +201,16 @@ def _fan_out_ingest(paths: ProjectPaths, config: Config):
     shards = [files[start : start + size] for start in range(0, len(files), size)]
     workers = 1 if on_cluster else config.data.num_workers
     fingerprint = key_check(load_key(paths.root, config.deid.key_scope))
-    futures = [decode_task.submit(shard, config.data.image_size, workers, limits_of(config.data), paths.root,
-                                  config.deid.key_scope, config.data.crop, fingerprint) for shard in shards]
-    outcomes = [outcome for future in futures for outcome in future.result()]
-    finished = finish_task(paths, config, plan, outcomes, return_state=True)
+    # Decoded films wait on disk, not in memory: threads decode straight into the spool, and each Dask shard's films
+    # are spooled as its result arrives (its future then dropped, with the pixels it held).
+    with PixelSpool(paths.images.parent, config.data.image_size) as spool:
+        futures = [decode_task.submit(shard, config.data.image_size, workers, limits_of(config.data), paths.root,
+                                      config.deid.key_scope, config.data.crop, fingerprint,
+                                      None if on_cluster else spool) for shard in shards]
+        outcomes = []
+        while futures:
+            outcomes += [spool.keep(outcome) for outcome in futures.pop(0).result()]
+        finished = finish_task(paths, config, plan, outcomes, return_state=True)
     if finished.is_failed():
         return Failed(message=finished.message, name=USER_ERROR)
     return finished.result()

@@ -44,7 +44,7 @@ class Decoded:
     """One decoded film: stored pixels, the manifest fields that come from decoding, and its header's identity as
     pseudonyms only (decode workers return these, and Prefect or Dask may persist or spill them)."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray  # or, once ingest spooled it, a pipeline.ingest.SpooledFilm that numpy reads as the array
     fields: dict
     identity: Identity = NO_IDENTITY
     file_key: str | None = None  # sha256 of the file's bytes, when the decoder read them (never from the cache)

@@ -96,10 +96,11 @@ def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = Fa
     plan = plan_ingest(paths, config, keep_unchanged=not reassign_splits)
     key = load_key(paths.root, config.deid.key_scope)
     started = time.perf_counter()
-    outcomes = decode_items([item.file for item in plan.todo], config.data.image_size, key, config.data.num_workers,
-                            limits_of(config.data), config.data.crop)
-    decoding = time.perf_counter() - started
-    result = finish_ingest(paths, config, plan, outcomes, reassign_splits)
+    with PixelSpool(paths.images.parent, config.data.image_size) as spool:  # decoded films wait on disk, not in memory
+        outcomes = decode_items([item.file for item in plan.todo], config.data.image_size, key, config.data.num_workers,
+                                limits_of(config.data), config.data.crop, spool)
+        decoding = time.perf_counter() - started
+        result = finish_ingest(paths, config, plan, outcomes, reassign_splits)
     finishing = time.perf_counter() - started - decoding
     return replace(result, seconds={**plan.seconds, "decoding": decoding, "finishing": finishing})
 
@@ -193,10 +194,12 @@ def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejecte
     return digest.hexdigest()
 
 
-def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
-                 limits: DecodeLimits = DecodeLimits(), crop: Crop = "none") -> list[Decoded | Failure]:
+def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0, limits: DecodeLimits = DecodeLimits(),
+                 crop: Crop = "none", spool: PixelSpool | None = None) -> list[Decoded | Failure]:
     """Decode films over `workers` local processes (0: one per core) with a progress bar; outcomes keep input order.
 
+    With a `spool`, each decoded film's pixels go to it as they come back and its outcome carries a SpooledFilm:
+    an archive's films are then never all in memory at once (ingest); without one, the pixels are returned.
     Only the files' locations, the de-identification key and the decoding limits go to the workers (local
     processes of this user); only pixels, technical fields and pseudonyms come back.
     """
@@ -204,10 +207,11 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
 
     if not files:
         return []
+    keep = spool.keep if spool is not None else _as_is
     workers = min(workers or os.cpu_count() or 1, max(len(files), 1))
     if workers <= 1 or len(files) < 8:
-        return _packed(_logged_progress((decode_one(file, size, key, limits, crop) for file in
-                                         tqdm(files, desc="decoding", unit="img", disable=None)), len(files)), len(files), size)
+        outcomes = (decode_one(file, size, key, limits, crop) for file in tqdm(files, desc="decoding", unit="img", disable=None))
+        return [keep(outcome) for outcome in _logged_progress(outcomes, len(files))]
     from concurrent.futures import ProcessPoolExecutor
 
     # Small chunks: a worker left without work while the other finishes a long last chunk wastes a core.
@@ -215,8 +219,12 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0,
     with ProcessPoolExecutor(max_workers=workers) as pool:
         outcomes = pool.map(decode_one, files, [size] * len(files), [key] * len(files), [limits] * len(files),
                             [crop] * len(files), chunksize=chunk)
-        return _packed(_logged_progress(tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img",
-                                             disable=None), len(files)), len(files), size)
+        shown = tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img", disable=None)
+        return [keep(outcome) for outcome in _logged_progress(shown, len(files))]
+
+
+def _as_is(outcome: Decoded | Failure) -> Decoded | Failure:
+    return outcome
 
 
 def _logged_progress(outcomes: Iterable, total: int, steps: int = 10) -> Iterator:
@@ -227,20 +235,6 @@ def _logged_progress(outcomes: Iterable, total: int, steps: int = 10) -> Iterato
         if done % every == 0 and done < total:
             log.info("ingest: decoded %d of %d new files", done, total)
         yield outcome
-
-
-def _packed(outcomes, count: int, size: int) -> list[Decoded | Failure]:
-    """The outcomes, each decoded film's pixels copied, as it arrives, into one pre-sized block (count x size x size)
-    and its own small array freed: 200,000 separately allocated 4 KB films cost about 40% more resident memory
-    than their pixels (allocator overhead and fragmentation), which decided whether an archive fits in 2 GiB."""
-    block = np.empty((count, size, size), dtype=np.uint8)
-    packed: list[Decoded | Failure] = []
-    for row, outcome in enumerate(outcomes):
-        if isinstance(outcome, Decoded) and outcome.pixels.shape == (size, size):
-            block[row] = outcome.pixels
-            outcome = replace(outcome, pixels=block[row])
-        packed.append(outcome)
-    return packed
 
 
 def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeLimits(),
@@ -311,8 +305,9 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     """Cache the new decodes; build, split, de-duplicate and write the manifest, image store and quarantine list,
     recording each new patient's split in the split registry.
 
-    `outcomes` (decode_items', in plan.todo order) is consumed: the list is emptied, and each film's pixels are
-    freed once spooled to disk (PixelSpool), so an archive's films are never all in memory at once, twice over."""
+    `outcomes` (decode_items', in plan.todo order) is consumed: the list is emptied. Their films are best spooled
+    already (decode_items with a spool); any that are not, and every film from the cache, are spooled here as they
+    settle, so an archive's films are never all in memory at once: images.npy is written from the spools."""
     if plan.unchanged is not None and not reassign_splits:
         log.info("ingest: the %d listed files and the data params are as at the last ingest, whose outputs are "
                  "intact: kept them as they are", len(plan.items))
@@ -322,7 +317,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     erased = erased_patients(paths.erasures, key_check(key))
     cache = DecodeCache.for_size(paths.decode_cache, config.data.image_size, config.data.crop)
     fresh = {id(item): outcome for item, outcome in zip(plan.todo, outcomes)}
-    outcomes.clear()  # consumed: each film's pixels are freed once spooled below, so memory stays flat
+    outcomes.clear()  # consumed: a film not spooled yet is freed once spooled below
     plan = _with_keys_read(paths, config, plan, fresh, key)
     cache.add([(file_key, fresh[id(item)]) for item, file_key in zip(plan.items, plan.keys)
                if file_key is not None and id(item) in fresh and not _erased(item, fresh[id(item)], key, erased)])
@@ -345,11 +340,11 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     cache.add(repaired)
     # Only now does the run know every identifier: a PNG beside a DICOM in an MRN folder is redacted too.
     redactor = run_redactor(plan.items, [outcome.identity for outcome in settled], plan.rejected, key)
-    rows: list[dict] = []
+    columns: dict[str, list] = {}  # the manifest, a list per column: no dict per film (a KB each at archive scale)
+    stored: list[SpooledFilm] = []  # each manifest row's film, where a spool holds it
     rejected = [Rejected(r.source, redactor.path(r.path), r.reason, redactor.text(r.message)) for r in plan.rejected]
     overrides, n_excluded = plan.overrides, 0
     listed = {(r.source, r.path) for r in rejected}
-    in_manifest: list[bool] = []  # per spooled film, in spool order: False for a film a reviewer excluded
     for item, outcome in zip(plan.items, settled):
         path = redactor.path(item.path)
         listed.add((item.source, path))
@@ -362,18 +357,18 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
             message = redactor.text(exclusion_message(decision, f"{item.source}/{path}", overrides.shown))
             rejected.append(Rejected(item.source, path, EXCLUDED, message))
             n_excluded += 1
-            in_manifest.append(False)
             continue
-        in_manifest.append(True)
+        stored.append(outcome.pixels)
         where = f"{overrides.shown} line {decision.line}: {item.source}/{path}" if decision else ""
-        rows.append({**_manifest_row(item, outcome, key, path), **labelled(decision, item.label, where)})
+        for column, value in {**_manifest_row(item, outcome, key, path), **labelled(decision, item.label, where)}.items():
+            columns.setdefault(column, []).append(value)
     check_all_found(overrides, listed, [spec.path for spec in config.data.sources], redactor.text)
-    if not rows:
+    if not stored:
         raise CxrError(f"ingest: none of the {len(plan.items)} files in data.sources could be used; see {paths.quarantine}")
 
-    manifest = pd.DataFrame(rows)
-    del rows, settled  # per-film dicts and outcomes: at archive scale, hundreds of MB the steps below can reuse
-    in_store = np.array(in_manifest, dtype=bool)  # spooled films that are manifest rows, in spool order
+    manifest = pd.DataFrame(columns)  # every row has every column: a missing one is a length mismatch here
+    del columns, settled  # per-film lists and outcomes: at archive scale, hundreds of MB the steps below can reuse
+    in_store = np.ones(len(stored), dtype=bool)  # of the films in `stored`, the ones still in the manifest
     registry = read_registry(paths.split_registry)
     if config.data.group_near_duplicates:
         recorded = {} if registry is None or reassign_splits else dict(zip(registry["patient_hash"], registry["split"]))
@@ -381,11 +376,11 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
         extra = pd.DataFrame([_manifest_row(item, decoded, key, "") for item, decoded in forgotten],
                              columns=manifest.columns)
         pooled = pd.concat([manifest, extra], ignore_index=True)
-        hashes = _perceptual_hashes(spool, in_store, [decoded.pixels for _, decoded in forgotten])
+        hashes = _perceptual_hashes([*stored, *(decoded.pixels for _, decoded in forgotten)])
         pooled = pseudo_patients(pooled, hashes, config.validation.near_duplicate_distance, recorded, pooled["split"],
                                  set(erased), _earlier_pseudo_patients(paths.manifest) if recorded else None)
         manifest, gone = _drop_erased_groups(pooled.iloc[:len(manifest)], erased, rejected)
-        in_store[in_store] = ~gone
+        in_store &= ~gone
         manifest, gone = _drop_bridging(manifest, rejected)
         in_store[in_store] = ~gone
     manifest["split"], registry = assign_splits(
@@ -405,7 +400,8 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     registry_written = write_registry(paths.split_registry, registry)
     with atomic_path(paths.images) as tmp, tmp.open("wb") as handle, spool:  # streamed: never all in memory
         in_store[in_store] = keep.to_numpy()  # of the films in the manifest, the ones dedupe kept
-        write_npy_rows(handle, spool.rows(in_store), (len(manifest), config.data.image_size, config.data.image_size))
+        films = (np.asarray(film) for film, kept in zip(stored, in_store) if kept)  # read back one at a time
+        write_npy_rows(handle, films, (len(manifest), config.data.image_size, config.data.image_size))
     review = review_record(overrides, manifest["label"], manifest["label_original"], manifest["label_source"], n_excluded)
     write_manifest(paths.manifest, manifest, config.data.task, config.data.labels, review)
     with atomic_path(paths.quarantine) as tmp:
@@ -439,14 +435,40 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     return result
 
 
-SPOOLED = np.empty((0, 0), dtype=np.uint8)  # a Decoded's pixels once PixelSpool holds them
+class SpooledFilm:
+    """A film's pixels where a PixelSpool holds them: what a Decoded carries instead of its array once spooled.
+
+    numpy reads it as the array (`np.asarray(film)` reads its row back), so the decode cache and the image store
+    take it as they take pixels; pickled, it travels as the array (a Prefect result or a Dask transfer never holds
+    a file handle). 56 bytes a film, against 4 KB of pixels at 64 px."""
+
+    __slots__ = ("spool", "row")
+
+    def __init__(self, spool: PixelSpool, row: int) -> None:
+        self.spool = spool
+        self.row = row
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.spool.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        pixels = self.spool.film(self.row)
+        return pixels if dtype is None or np.dtype(dtype) == pixels.dtype else pixels.astype(dtype)
+
+    def __reduce__(self):
+        return np.asarray(self).__reduce__()
 
 
 class PixelSpool:
-    """The stored films of one ingest, in manifest row order, in an anonymous temporary file beside the outputs
-    rather than in memory: a 200,000-film ingest at 64 px would otherwise hold 800 MB of pixels (more with numpy's
-    per-array overhead) until images.npy is written. Plain file I/O, not a memory map, whose pages would count in
-    the process's resident memory."""
+    """Films of one ingest in an anonymous temporary file beside the outputs, each read back by its row when
+    needed, rather than in memory: a 200,000-film ingest at 64 px would otherwise hold 800 MB of pixels (more with
+    numpy's per-array overhead) from decoding until images.npy is written. Plain file I/O, not a memory map, whose
+    pages would count in the process's resident memory."""
 
     def __init__(self, folder: Path, size: int) -> None:
         import tempfile
@@ -455,29 +477,34 @@ class PixelSpool:
         self.file = tempfile.TemporaryFile(dir=folder, prefix=".images-spool-")  # deleted when closed, or if we die
         self.shape = (size, size)
         self.count = 0
+        self._width = size * size
+        self._at_end = True  # whether the file position is the end (keep writes there, film reads move it)
 
     def keep(self, outcome: Decoded | Failure) -> Decoded | Failure:
-        """Spool a decoded film's pixels (row `count`) and return it without them; a failure passes through."""
-        if not isinstance(outcome, Decoded):
+        """A decoded film with its pixels spooled (row `count`), carrying a SpooledFilm instead; a failure, or a film
+        a spool already holds, passes through."""
+        if not isinstance(outcome, Decoded) or isinstance(outcome.pixels, SpooledFilm):
             return outcome
         pixels = np.ascontiguousarray(outcome.pixels, dtype=np.uint8)
         if pixels.shape != self.shape:
             raise ValueError(f"a stored film of shape {pixels.shape}, not {self.shape}")
+        if not self._at_end:
+            self.file.seek(0, os.SEEK_END)
+            self._at_end = True
         self.file.write(pixels.data)
         self.count += 1
-        return replace(outcome, pixels=SPOOLED)
+        return replace(outcome, pixels=SpooledFilm(self, self.count - 1))
 
-    def rows(self, keep: np.ndarray):  # -> Iterator[np.ndarray]
-        """The spooled films whose `keep` entry is true, in order, read back one at a time."""
-        if len(keep) != self.count:
-            raise ValueError(f"{len(keep)} rows to keep or drop, {self.count} spooled")
-        self.file.flush()
-        self.file.seek(0)
-        width = self.shape[0] * self.shape[1]
-        for kept in keep:
-            data = self.file.read(width)
-            if kept:
-                yield np.frombuffer(data, dtype=np.uint8).reshape(self.shape)
+    def film(self, row: int) -> np.ndarray:
+        """The film of `row`, read back (a fresh array of its own)."""
+        if not 0 <= row < self.count:
+            raise IndexError(f"row {row} of a spool of {self.count} films")
+        self.file.seek(row * self._width)
+        self._at_end = False
+        pixels = bytearray(self._width)
+        if self.file.readinto(pixels) != self._width:
+            raise ValueError(f"the spool ends before row {row}")
+        return np.frombuffer(pixels, dtype=np.uint8).reshape(self.shape)
 
     def __enter__(self) -> PixelSpool:
         return self
@@ -572,22 +599,14 @@ def _drop_bridging(manifest: pd.DataFrame, rejected: list[Rejected]) -> tuple[pd
     return manifest[~gone].reset_index(drop=True), gone
 
 
-def _perceptual_hashes(spool: PixelSpool, in_store: np.ndarray, others: list[np.ndarray]) -> np.ndarray:
-    """Perceptual hashes of the spooled films that are manifest rows, then of `others`, in one set (the hashes are
-    relative to their set): the films are read back from the spool in batches, never all in memory."""
+def _perceptual_hashes(films: list) -> np.ndarray:
+    """Perceptual hashes of `films` (arrays or SpooledFilms), in one set (the hashes are relative to their set):
+    spooled films are read back in batches, never all in memory."""
     from pipeline.phash import phash_batches
 
     def batches():  # -> Iterator[np.ndarray]
-        batch: list[np.ndarray] = []
-        for image in spool.rows(in_store):
-            batch.append(image)
-            if len(batch) == 4096:
-                yield np.stack(batch)
-                batch = []
-        if batch:
-            yield np.stack(batch)
-        if others:
-            yield np.stack(others)
+        for start in range(0, len(films), 4096):
+            yield np.stack([np.asarray(film) for film in films[start : start + 4096]])
 
     return phash_batches(batches())
 

@@ -19,6 +19,7 @@ from pipeline.files import atomic_path
 METADATA_KEY = b"cxr.labels"
 REVIEW_KEY = b"cxr.label_review"  # the label decisions it was built with (pipeline.overrides.review_record)
 PARAMS = "params.yaml (data.task, data.labels)"
+ROW_GROUP = 65_536  # rows converted to Arrow and written at a time: a 200,000-film manifest is never copied whole
 
 
 def write_manifest(path: Path, manifest: pd.DataFrame, task: str, labels: list[str], review: dict | None = None) -> None:
@@ -27,12 +28,14 @@ def write_manifest(path: Path, manifest: pd.DataFrame, task: str, labels: list[s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pandas(manifest, preserve_index=False)
+    schema = pa.Schema.from_pandas(manifest, preserve_index=False)  # types from every row, a column at a time
     described = json.dumps({"task": task, "labels": list(labels)}).encode()
     extra = {REVIEW_KEY: json.dumps(review, sort_keys=True).encode()} if review is not None else {}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: described, **extra})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    schema = schema.with_metadata({**(schema.metadata or {}), METADATA_KEY: described, **extra})
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, max(len(manifest), 1), ROW_GROUP):  # one row group converted at a time, not a copy of all
+            writer.write_table(pa.Table.from_pandas(manifest.iloc[start : start + ROW_GROUP], schema=schema,
+                                                    preserve_index=False))
 
 
 def manifest_labels(path: Path) -> tuple[str, list[str]]:

@@ -26,7 +26,8 @@ import numpy as np
 HASH_SIDE = 32  # the classic pHash works on a 32×32 thumbnail ...
 LOW_FREQUENCIES = 8  # ... and keeps its 8×8 lowest frequencies (63 bits without the DC term)
 CHUNK = 1024  # images converted to float at a time, so a large memory-mapped store is never read at once
-PAIR_BLOCK = 256  # hashes compared with all the others at a time
+PAIR_BLOCK = 256  # hashes compared with all the others at a time ...
+PAIR_COMPARISONS = 2**22  # ... or fewer, so a block's comparisons stay under this (32 MB of XORs) for any archive
 
 
 def phash(images: np.ndarray) -> np.ndarray:
@@ -60,11 +61,13 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def close_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     """Every pair (i, j), i < j, whose hashes differ in at most `max_distance` bits, as an (M, 2) int array.
 
-    Brute force, a block of rows at a time: 10,000 hashes are 50 million comparisons, about a second.
+    Brute force, a block of rows at a time: 10,000 hashes are 50 million comparisons, about a second. The block
+    shrinks as the set grows (PAIR_COMPARISONS): 256 rows of 200,000 hashes would be 400 MB of XORs at once.
     """
     found = [np.empty((0, 2), dtype=np.int64)]
-    for start in range(0, len(hashes), PAIR_BLOCK):
-        block = hashes[start:start + PAIR_BLOCK]
+    rows_per_block = max(1, min(PAIR_BLOCK, PAIR_COMPARISONS // max(len(hashes), 1)))
+    for start in range(0, len(hashes), rows_per_block):
+        block = hashes[start:start + rows_per_block]
         rows, later = np.nonzero(hamming(block[:, None], hashes[None, start + 1:]) <= max_distance)
         i, j = start + rows, start + 1 + later
         found.append(np.stack([i[i < j], j[i < j]], axis=1))

@@ -269,21 +269,75 @@ def test_streamed_npy_rows_are_the_bytes_np_save_writes_and_a_short_stream_is_re
         write_npy_rows(io.BytesIO(), [films[0], films[1][:6]], (2, 7, 7))
 
 
-def test_the_pixel_spool_gives_back_the_kept_films_in_order_and_refuses_a_miscount(tmp_path):
-    """finish_ingest spools each stored film to disk as it settles and writes images.npy from the spool: the rows it
-    reads back must be the films it was given, in order, less the dropped ones; failures pass through unspooled."""
+def test_the_pixel_spool_gives_back_each_film_by_its_row_and_refuses_a_wrong_shape(tmp_path):
+    """Decoded films wait in a spool file from decoding until images.npy is written: each outcome's SpooledFilm must
+    read back as its own film (in any order, between writes), travel pickled as the array, and failures and films
+    a spool already holds pass through unspooled."""
+    import pickle
+
     from pipeline.decode_cache import Decoded, Failure
-    from pipeline.ingest import SPOOLED, PixelSpool
+    from pipeline.ingest import PixelSpool, SpooledFilm
 
     films = [np.full((4, 4), value, dtype=np.uint8) for value in (10, 20, 30)]
     with PixelSpool(tmp_path, 4) as spool:
-        kept = [spool.keep(Decoded(film, {})) for film in films]
+        kept = [spool.keep(Decoded(film, {})) for film in films[:2]]
+        assert np.asarray(kept[1].pixels)[0, 0] == 20  # read between writes: the next write still appends
+        kept.append(spool.keep(Decoded(films[2], {})))
         failure = Failure("blank_image", "{file}: blank")
-        assert spool.keep(failure) is failure
-        assert all(outcome.pixels is SPOOLED for outcome in kept) and spool.count == 3
-        assert [row[0, 0] for row in spool.rows(np.array([True, False, True]))] == [10, 30]
-        with pytest.raises(ValueError, match="2 rows to keep or drop, 3 spooled"):
-            list(spool.rows(np.array([True, True])))
+        assert spool.keep(failure) is failure and spool.keep(kept[0]) is kept[0]
+        assert all(isinstance(outcome.pixels, SpooledFilm) for outcome in kept) and spool.count == 3
+        assert [np.asarray(outcome.pixels)[0, 0] for outcome in reversed(kept)] == [30, 20, 10]
+        assert np.array_equal(np.stack([outcome.pixels for outcome in kept]), np.stack(films))
+        travelled = pickle.loads(pickle.dumps(kept[2]))
+        assert type(travelled.pixels) is np.ndarray and np.array_equal(travelled.pixels, films[2])
+        with pytest.raises(IndexError, match="row 3 of a spool of 3 films"):
+            spool.film(3)
         with pytest.raises(ValueError, match=r"shape \(5, 5\)"):
             spool.keep(Decoded(np.zeros((5, 5), dtype=np.uint8), {}))
     assert not list(tmp_path.iterdir())  # an anonymous file: nothing left beside the outputs
+
+
+def _ingest_peak_traced_bytes(folder, n: int, size: int) -> int:
+    """Peak memory Python and numpy allocated (tracemalloc) during a cold ingest of `n` distinct PNG films stored at
+    `size` px, with one decode process (the decoding happens in this one, traced too)."""
+    import tracemalloc
+
+    from PIL import Image
+
+    from pipeline.config import load_config
+    from pipeline.ingest import ingest_stage
+    from pipeline.paths import ProjectPaths
+
+    rng = np.random.default_rng(n)
+    for i in range(n):
+        (folder / "films" / ("normal", "pneumonia")[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(
+            folder / "films" / ("normal", "pneumonia")[i % 2] / f"film{i:04d}.png")
+    (folder / "params.yaml").write_text(f"data:\n  image_size: {size}\n")
+    # Near-duplicate grouping reads the films back in batches of a bounded size; off, so only the store's path counts.
+    config = load_config(folder / "params.yaml", [f"data.sources=[{folder / 'films'}]", "data.num_workers=1",
+                                                  "data.group_near_duplicates=false"])
+    tracemalloc.start()
+    try:
+        result = ingest_stage(ProjectPaths(folder), config)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.n_images == n
+    return peak
+
+
+def test_a_cold_ingest_never_holds_the_archives_pixels_in_memory(tmp_path):
+    """Memory must stay flat in the number of films as far as pixels go: decoded films wait on disk (a spool) until
+    images.npy is written, never in one block of count x size x size nor as one array each. Four times the films
+    may cost more for their rows (fields, manifest rows: about 2 KB a film), never their pixels: 120 more films of
+    256 px are 7.5 MiB (the block the decoded films were once packed into grew the peak by 7.7 MiB)."""
+    from pipeline.paths import ProjectPaths
+
+    size, small, large = 256, 40, 160
+    _ingest_peak_traced_bytes(tmp_path / "warm-up", 10, size)  # modules imported and caches filled on the way: not counted
+    grown = (_ingest_peak_traced_bytes(tmp_path / "large", large, size)
+             - _ingest_peak_traced_bytes(tmp_path / "small", small, size))
+    pixels = (large - small) * size * size
+    assert grown < pixels / 8, f"peak grew {grown / 2**10:.0f} KiB for {pixels / 2**10:.0f} KiB more pixels"
+    assert np.load(ProjectPaths(tmp_path / "large").images, mmap_mode="r").shape == (large, size, size)

@@ -115,3 +115,22 @@ def test_every_stage_refuses_a_manifest_ingested_with_other_labels(tiny_project,
     other.checkpoint.write_bytes(tiny_project.paths.checkpoint.read_bytes())
     with pytest.raises(CxrError, match=r"but the model in .*checkpoint.pt says binary with \['normal', 'pneumonia'\]"):
         evaluate_stage(other, tiny_project.config)
+
+
+def test_the_manifest_is_written_in_row_groups_and_reads_back_whole_with_its_labels(tmp_path, monkeypatch):
+    """write_manifest converts and writes ROW_GROUP rows at a time (a 200,000-film manifest is never copied whole into
+    Arrow): the file must still read back as the very frame, types and labels included, an empty one too."""
+    import pyarrow.parquet as pq
+
+    from pipeline import manifest as module
+    from pipeline.manifest import manifest_labels, write_manifest
+
+    monkeypatch.setattr(module, "ROW_GROUP", 4)
+    frame = pd.DataFrame({"store_index": np.arange(10), "label": ["normal", "pneumonia"] * 5,
+                          "mean_intensity": np.linspace(0, 1, 10), "view": [""] * 9 + ["PA"]})
+    write_manifest(tmp_path / "manifest.parquet", frame, "binary", ["normal", "pneumonia"])
+    assert pq.ParquetFile(tmp_path / "manifest.parquet").metadata.num_row_groups == 3
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "manifest.parquet"), frame)
+    assert manifest_labels(tmp_path / "manifest.parquet") == ("binary", ["normal", "pneumonia"])
+    write_manifest(tmp_path / "empty.parquet", frame.iloc[:0], "binary", ["normal", "pneumonia"])
+    assert pd.read_parquet(tmp_path / "empty.parquet").columns.tolist() == frame.columns.tolist()

@@ -103,3 +103,24 @@ def test_close_pairs_finds_every_pair_across_block_boundaries() -> None:
     expected = sorted((int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(close, k=1))))
     assert sorted(map(tuple, close_pairs(hashes, NEAR).tolist())) == expected
     assert {(0, PAIR_BLOCK + 1), (PAIR_BLOCK - 1, PAIR_BLOCK), (5, 3 * PAIR_BLOCK + 6)} <= set(expected)
+
+
+def test_close_pairs_compares_in_blocks_whose_memory_does_not_grow_with_the_set(monkeypatch) -> None:
+    """At archive scale a block of PAIR_BLOCK rows against every hash is hundreds of MB (256 x 200,000 XORs): the
+    block must shrink to PAIR_COMPARISONS, here made small so 4,096 hashes show it, and still find every pair."""
+    import tracemalloc
+
+    from pipeline import phash as module
+
+    monkeypatch.setattr(module, "PAIR_COMPARISONS", 2**16)
+    rng = np.random.default_rng(5)
+    hashes = rng.integers(0, 2**63, 4096, dtype=np.uint64)
+    hashes[4000] = hashes[7] ^ np.uint64(0b11)
+    tracemalloc.start()
+    try:
+        pairs = close_pairs(hashes, NEAR)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, f"{peak / 2**20:.1f} MiB at once; 256 rows of 4,096 XORs alone are 8 MiB"
+    assert [7, 4000] in pairs.tolist()
