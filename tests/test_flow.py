@@ -197,7 +197,6 @@ def test_ingest_on_a_separately_started_dask_scheduler_and_two_workers_gives_the
     on their own (each in its own folder, the key in its environment, as on another host), and the flow pointed at
     them by orchestration.dask_address. The outputs are the bytes of the thread runner's, and the films were decoded
     by those workers, not by a cluster the flow started itself."""
-    import json
     import os
     import shutil
     import subprocess
@@ -226,10 +225,7 @@ def test_ingest_on_a_separately_started_dask_scheduler_and_two_workers_gives_the
     started = [subprocess.Popen([*dask, "--scheduler-file", str(scheduler_file), "--port", "0", "--dashboard-address", ":0"],
                                 env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
-        deadline = time.monotonic() + 120
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
+        address = _scheduler_address(scheduler_file, deadline=time.monotonic() + 120)
         for name in ("host-a", "host-b"):
             (tmp_path / name).mkdir()
             started.append(subprocess.Popen(
@@ -256,6 +252,20 @@ def test_ingest_on_a_separately_started_dask_scheduler_and_two_workers_gives_the
 
     assert [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine, paths.dropped_duplicates)] == expected
 
+
+
+def _scheduler_address(scheduler_file, deadline: float) -> str:
+    """The address in the scheduler file once it is whole: the scheduler creates the file before it writes it, so
+    on a busy machine the test could read it empty (it did in a full run)."""
+    import json
+    import time
+
+    while time.monotonic() < deadline:
+        try:
+            return json.loads(scheduler_file.read_text())["address"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            time.sleep(0.2)
+    raise AssertionError(f"no scheduler address in {scheduler_file} after 120 s")
 
 def test_a_decode_task_whose_key_is_not_the_flows_refuses_in_one_line(tmp_path, monkeypatch):
     """A Dask worker on another host without the flow's key would make its own and return pseudonyms nothing else
