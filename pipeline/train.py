@@ -112,7 +112,7 @@ def _train_ensemble(paths: ProjectPaths, config: Config, resume: bool, world: di
 
     from pipeline import tracking
     from pipeline.files import atomic_path
-    from pipeline.models import Ensemble, load_checkpoint, predict_proba
+    from pipeline.models import Ensemble, describe_network, load_checkpoint, predict_proba
     from pipeline.training.state import save_checkpoint
 
     count, members_dir = config.train.ensemble, paths.models / "ensemble"
@@ -151,7 +151,7 @@ def _train_ensemble(paths: ProjectPaths, config: Config, resume: bool, world: di
             history = pd.concat([pd.read_csv(each.history).assign(member=k) for k, each in enumerate(member_paths, 1)])
             with atomic_path(paths.history) as tmp:
                 history[["member", *history.columns.drop("member")]].to_csv(tmp, index=False, float_format="%.6g")
-            tracking.describe_run(client, run_id, f"{config.train.model} × {count} (deep ensemble), {config.data.image_size} px: "
+            tracking.describe_run(client, run_id, f"{describe_network({'model': config.train.model, 'ensemble': count})}, {config.data.image_size} px: "
                                   f"val AUC {best['val_auc']:.4f} (members' best: "
                                   f"{', '.join(format(b['val_auc'], '.4f') for b in bests)})")
         best = distributed.broadcast(best, world)
