@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 
 # Bump when decoding changes a film's stored pixels or fields (2: content-named shards, checksums; 3: sex and
 # age_band; 4: JPEG and JPEG 2000 decoded at a reduced scale, sha256 of the decoded rather than the full-size
-# pixels). A new version is a new folder, and ingest's fingerprint holds it, so every film decodes once again:
-# a film stored before a change is never served, or de-duplicated, beside one stored after it.
-CACHE_VERSION = 4
+# pixels; 5: sha256 of the stored pixels). A new version is a new folder, and ingest's fingerprint holds it, so
+# every film decodes once again: a film stored before a change is never served, or de-duplicated, beside one
+# stored after it.
+CACHE_VERSION = 5
 INDEX_COLUMNS = ("file_key", "shard", "row", "checksum")
 FAILURE_COLUMNS = ("file_key", "reason", "message")
 
@@ -149,7 +150,7 @@ class DecodeCache:
             self.failures = _append(self.failures, failed, self.folder / "failures.parquet")
 
     def forget_films(self, pixel_sha256s: set[str]) -> int:
-        """Remove every film whose decoded pixels hash to one of `pixel_sha256s` (the manifest's sha256 column), and
+        """Remove every film whose stored pixels hash to one of `pixel_sha256s` (the manifest's sha256 column), and
         rewrite each shard that held one without it, so no copy of the pixels is left (`cxr forget`); how many."""
         if self.index.empty or "sha256" not in self.index.columns:
             return 0

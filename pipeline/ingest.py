@@ -259,7 +259,7 @@ def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeL
     stored = resize(decoded.pixels, size, crop)
     header = {"bits_stored": decoded.bits_stored, "modality": decoded.modality, "photometric": decoded.photometric,
               "view": decoded.view, "body_part": decoded.body_part, "sex": decoded.sex, "age_band": decoded.age_band}
-    return Decoded(stored, _decoded_fields(decoded.pixels, stored, decoded.format, header, (decoded.height, decoded.width)),
+    return Decoded(stored, _decoded_fields(stored, decoded.format, header, (decoded.height, decoded.width)),
                    decoded.identity, file_key)
 
 
@@ -279,18 +279,17 @@ def image_id_of(item: SourceItem, key: bytes) -> str:
     return hmac.new(key, f"cxr image id\x00{item.source}/{item.path}".encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def _decoded_fields(decoded: np.ndarray, stored: np.ndarray, kind: str, header: dict,
-                    shape: tuple[int, int] | None = None) -> dict:
+def _decoded_fields(stored: np.ndarray, kind: str, header: dict, shape: tuple[int, int]) -> dict:
     """The manifest fields decoding yields (and the decode cache keeps): nothing that identifies a patient (sex
-    and an age band are kept; the age, like the birth date, never is).
+    and an age band are kept; the age, like the birth date, never is). `shape` is the film's own (height, width).
 
-    `decoded` is the film as decoded, at a reduced scale where its codec allowed one, and `shape` (height, width)
-    the film's own size. sha256 hashes the decoded pixels: a byte copy or a lossless re-encode of a film decodes to
-    the same pixels at the same scale, so duplicates are still found, at a fraction of a full-size hash's cost.
+    sha256 hashes the stored pixels, what the model sees: films the model cannot tell apart are duplicates
+    however their files differ (a byte copy, a lossless re-encode, a copy saved larger), and hashing 4 KB
+    instead of the decoded film takes its cost off every film's decode.
     """
-    height, width = shape or decoded.shape[:2]
+    height, width = shape
     return {
-        "sha256": pixel_sha256(decoded),
+        "sha256": pixel_sha256(stored),
         "format": kind,
         "width": int(width),
         "height": int(height),
@@ -543,7 +542,7 @@ def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache 
             return Failure(exc.reason, str(exc))
         stored = resize(original, size, crop)
         no_header = {"bits_stored": 8, "modality": "", "photometric": "", "view": "", "body_part": "", "sex": "", "age_band": ""}
-        return Decoded(stored, _decoded_fields(original, stored, "npz", no_header))
+        return Decoded(stored, _decoded_fields(stored, "npz", no_header, original.shape[:2]))
     cached = cache.get(file_key) if file_key else None
     if cached is None:
         return None if file_key and item.file.is_file() else Failure("missing_file", f"{FILE}: no such file")

@@ -156,6 +156,30 @@ def test_grey_std_from_the_histogram_equals_numpy():
     assert grey_std(wide) == pytest.approx(float(wide.std()))
 
 
+def test_is_blank_decides_exactly_as_the_full_standard_deviation_even_against_a_pattern_on_the_sampled_pixels():
+    """is_blank may look at 1/16 of the pixels first: its answer must still be grey_std(pixels) < MIN_STD, on flat
+    images with noise around the threshold, odd shapes, and spikes placed exactly on (or between) the sampled
+    rows and columns, where a sample could misjudge the whole."""
+    from pipeline.imaging import BLANK_STRIDE, MIN_STD, is_blank
+
+    rng = np.random.default_rng(1)
+    decided_blank = decided_not = 0
+    for trial in range(400):
+        shape = (int(rng.integers(1, 70)), int(rng.integers(1, 70)))
+        pixels = np.full(shape, int(rng.integers(0, 256)), dtype=np.int16)
+        pixels += rng.integers(-2, 3, shape) * (rng.random(shape) < rng.uniform(0, 0.6))  # noise near the threshold
+        spikes = np.zeros(shape, dtype=bool)
+        offset = int(rng.integers(0, 2)) * int(rng.integers(1, BLANK_STRIDE))  # on the sampled grid, or off it
+        spikes[offset::BLANK_STRIDE, offset::BLANK_STRIDE] = rng.random(spikes[offset::BLANK_STRIDE, offset::BLANK_STRIDE].shape) < 0.5
+        pixels[spikes] += int(rng.integers(-60, 61)) if trial % 2 else int(rng.integers(-3, 4))
+        pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+        blank = float(pixels.std()) < MIN_STD
+        assert is_blank(pixels) == blank, (trial, shape, float(pixels.std()))
+        decided_blank += blank
+        decided_not += not blank
+    assert decided_blank > 50 and decided_not > 50  # both answers were put to the test
+
+
 @pytest.mark.parametrize("age, band", [
     ("017Y", "0-17"), ("018Y", "18-39"), ("039Y", "18-39"), ("040Y", "40-64"), ("064Y", "40-64"), ("065Y", "65-89"),
     ("089Y", "65-89"), ("090Y", "90+"), ("112Y", "90+"), ("000D", "0-17"), ("006M", "0-17"), ("010D", "0-17"),
