@@ -8,7 +8,8 @@ exactly as `cxr pipeline` would run them, so a row is what a user gets.
 Each image size is ingested (and passed through the data-quality gate) once in a temporary project; every
 model and seed then rebalances and trains there. A seed sets `train.seed` and `rebalance.seed` (weights,
 batch order, augmentation, resampling); the split (`data.seed`) stays fixed so every run is scored on the same
-validation films. Validation metrics are the best-on-validation-AUC checkpoint's, accuracy at 0.5 (as training
+validation films. Validation metrics are the kept checkpoint's (train.keep: the last epoch's, or with `--set
+train.keep=best` the best on validation AUC), accuracy at 0.5 (as training
 scores validation: Task.validation_scores in pipeline.tasks). Training time is the wall time of the train stage;
 on a shared machine it is only as good as the machine was idle, so the CPU share other processes took is
 measured (from /proc/stat) and reported.
@@ -56,9 +57,9 @@ class Run:
     model: str
     size: int
     seed: int
-    val_auc: float
+    val_auc: float  # of the model the checkpoint keeps (train.keep)
     val_accuracy: float
-    best_epoch: int
+    epoch: int  # its epoch
     epochs_run: int
     train_s: float
     others_share: float  # share of the machine's CPU other processes took while this run trained
@@ -134,7 +135,7 @@ def prepare_size(paths: ProjectPaths, data: Path, size: int, overrides: list[str
 
 
 def train_run(paths: ProjectPaths, data: Path, size: int, model: str, seed: int, overrides: list[str]) -> Run:
-    """Rebalance and train one model with one seed; the best-on-validation scores and the training time."""
+    """Rebalance and train one model with one seed; the kept model's validation scores and the training time."""
     from pipeline.stages import stage
 
     config = run_config(paths, data, size, overrides, model, seed)
@@ -144,8 +145,7 @@ def train_run(paths: ProjectPaths, data: Path, size: int, model: str, seed: int,
     result = stage("train").run(paths, config)
     seconds = time.perf_counter() - start
     share = others_cpu_s(cpu) / (seconds * (os.cpu_count() or 1))
-    return Run(model, size, seed, result.best_val_auc, result.best_val_accuracy, result.best_epoch,
-               result.epochs_run, seconds, share)
+    return Run(model, size, seed, result.val_auc, result.val_accuracy, result.epoch, result.epochs_run, seconds, share)
 
 
 # --- the table -----------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def print_table(runs: list[Run], seeds: list[int], overrides: list[str], data: P
 def report_run(run: Run) -> None:
     """One line per finished run on stderr, so a long table shows progress (and partial results survive)."""
     print(f"{run.model} {run.size} px seed {run.seed}: val AUC {run.val_auc:.4f}, accuracy {run.val_accuracy:.4f} "
-          f"(epoch {run.best_epoch} of {run.epochs_run}), {run.train_s:.0f} s, others {run.others_share:.0%}",
+          f"(epoch {run.epoch} of {run.epochs_run}), {run.train_s:.0f} s, others {run.others_share:.0%}",
           file=sys.stderr, flush=True)
 
 

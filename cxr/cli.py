@@ -173,7 +173,8 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from models/train_state.pt (same result as an uninterrupted run).")] = False,
 ) -> None:
     """Train train.model with batch augmentation (GPU when present, else CPU), log params and per-epoch
-    metrics to MLflow, and keep the checkpoint best on validation AUC in models/checkpoint.pt.
+    metrics to MLflow, and keep the last epoch's model (train.keep best: the best on validation AUC) in
+    models/checkpoint.pt.
     Under torchrun (`torchrun --nproc-per-node 4 -m cxr train`) the processes train together with
     DistributedDataParallel; see README "Training on several GPUs or machines".
     """
@@ -237,7 +238,7 @@ def audit_labels(
 @app.command()
 def evaluate(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) -> None:  # noqa: B006
     """Choose the operating threshold on the validation split (evaluate.threshold_method: youden, sensitivity or
-    fixed), then score the best checkpoint on the test split at it: AUC, accuracy, sensitivity, specificity,
+    fixed), then score the checkpoint on the test split at it: AUC, accuracy, sensitivity, specificity,
     confusion matrix. Writes reports/metrics.json and reports/plots/, and logs them to the training's MLflow run.
     """
     _stage(params, set_, "evaluate")

@@ -68,7 +68,7 @@ _forwarding_lock = threading.Lock()
 
 @contextmanager
 def library_logs_to_prefect() -> Iterator[None]:
-    """While a flow runs, the stages' own lines (logging.getLogger("pipeline.*"): "train: best epoch ..., val AUC
+    """While a flow runs, the stages' own lines (logging.getLogger("pipeline.*"): "train: kept the last epoch ..., val AUC
     ...", the gate's decision, quarantine counts, progress) reach the task run's logs in the Prefect UI, as they
     reach the shell under `cxr`. Prefect's PREFECT_LOGGING_EXTRA_LOGGERS does this only when set before Prefect
     is first imported, and also copies the lines to Prefect's console, twice beside the CLI's own handler.

@@ -232,11 +232,11 @@ class RebalanceConfig(Section):
 
 class AugmentConfig(Section):
     enabled: bool = True
-    rotation_deg: float = Field(5.0, ge=0, le=45)
-    translate: float = Field(0.03, ge=0, le=0.3)
-    scale: float = Field(0.05, ge=0, le=0.5)
-    brightness: float = Field(0.05, ge=0, le=0.5)
-    contrast: float = Field(0.05, ge=0, le=0.9)
+    rotation_deg: float = Field(6.0, ge=0, le=45)
+    translate: float = Field(0.04, ge=0, le=0.3)
+    scale: float = Field(0.1, ge=0, le=0.5)
+    brightness: float = Field(0.1, ge=0, le=0.5)
+    contrast: float = Field(0.1, ge=0, le=0.9)
     crop_scale: float = Field(1.0, ge=0.3, le=1)  # random resized crop: smallest area kept (0.85: 85-100 %); 1 = off
     gamma: float = Field(0.0, ge=0, le=0.9)  # gamma drawn from 1 ± this; 0 = off
     hflip: bool = False  # off: anatomy is not left-right symmetric (heart on the left)
@@ -246,22 +246,25 @@ class AugmentConfig(Section):
 
 class TrainConfig(Section):
     # The same names as pipeline.models.MODEL_NAMES (spelled out so reading params never imports torch).
-    model: Literal["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru", "vit", "vgg_gap"] = "cnn_gru"
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=2)  # a batch of one breaks batch norm, so such batches are skipped
-    lr: float = Field(1e-3, gt=0)  # the peak learning rate when a schedule changes it
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # sgd: momentum 0.9, Nesterov
-    weight_decay: float = Field(0.0, ge=0)  # adam: L2 in the gradient; adamw: decoupled; 0 makes adamw = adam
-    schedule: Literal["constant", "cosine", "onecycle"] = "cosine"  # stepped every batch
-    warmup_fraction: float = Field(0.1, ge=0, lt=1)  # cosine and onecycle: share of all steps spent warming up
+    model: Literal["seed_cnn", "resnet18", "resnet34", "densenet121", "cnn_gru", "vit", "vgg_gap"] = "vgg_gap"
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=2)  # a batch of one breaks batch norm, so such batches are skipped
+    lr: float = Field(3e-3, gt=0)  # the peak learning rate when a schedule changes it
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"  # sgd: momentum 0.9, Nesterov
+    weight_decay: float = Field(1e-4, ge=0)  # adam: L2 in the gradient; adamw: decoupled; 0 makes adamw = adam
+    schedule: Literal["constant", "cosine", "onecycle"] = "onecycle"  # stepped every batch
+    warmup_fraction: float = Field(0.3, ge=0, lt=1)  # cosine and onecycle: share of all steps spent warming up
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     focal_gamma: float = Field(2.0, ge=0)  # focal only: 0 is cross-entropy
-    class_weights: Literal["none", "balanced"] = "none"  # balanced: inverse class frequency in the training index
+    class_weights: Literal["none", "balanced"] = "balanced"  # balanced: inverse class frequency in the training index
     early_stopping_patience: int = Field(0, ge=0)  # stop after this many epochs without a better val AUC; 0 = off
+    # Which epoch's model the checkpoint keeps: the last (where the schedule ends, chosen by nothing, so a validation
+    # split sharing patients with train cannot reward memorising) or the best on validation AUC.
+    keep: Literal["last", "best"] = "last"
     dropout: float = Field(0.5, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # cross-entropy against (1 - this) on the true class, the rest spread evenly; 0 = off
     ema_decay: float = Field(0.0, ge=0, lt=1)  # exponential moving average of the weights, what validation and the checkpoint use; 0 = off
-    ensemble: int = Field(1, ge=1, le=20)  # deep ensemble: this many networks (seeds seed, seed+1, ...) averaged as one model; 1 = off
+    ensemble: int = Field(3, ge=1, le=20)  # deep ensemble: this many networks (seeds seed, seed+1, ...) averaged as one model; 1 = off
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"  # on CUDA, training runs in mixed precision (bfloat16, or float16 with loss scaling)
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 means one per core")

@@ -108,7 +108,7 @@ def _crossval(paths: ProjectPaths, config: Config, folds: int) -> CrossvalResult
             last = pd.read_csv(fold_paths.history).iloc[-1]
             auc, accuracy = float(last["val_auc"]), float(last["val_accuracy"])
         else:  # history.csv's last row is the last member's: score the ensemble the fold registers instead
-            auc, accuracy = trained.best_val_auc, trained.best_val_accuracy
+            auc, accuracy = trained.val_auc, trained.val_accuracy
         results.append(FoldResult(fold, int((fold_of != fold).sum()), int((fold_of == fold).sum()), auc, accuracy,
                                   trained.best_val_auc, trained.best_epoch, trained.run_id))
     result = CrossvalResult(results, paths.reports / "crossval.json")
@@ -239,7 +239,9 @@ def _write_summary(result: CrossvalResult, config: Config, folds: int, patients:
         "folds": folds,
         "scored": ("each fold's model after the last epoch, on that fold; accuracy at 0.5; best_val_auc is the "
                    "best epoch's, chosen on the same fold and so optimistic") if config.train.ensemble == 1 else
-                  ("each fold's deep ensemble (train.ensemble members, each at its best epoch, chosen on the same fold "
+                  ("each fold's deep ensemble (train.ensemble members, each at its last epoch), on that fold; accuracy at 0.5"
+                   if config.train.keep == "last" else
+                   "each fold's deep ensemble (train.ensemble members, each at its best epoch, chosen on the same fold "
                    "and so optimistic), on that fold; accuracy at 0.5"),
         "model": config.train.model,
         "image_size": config.data.image_size,

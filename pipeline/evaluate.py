@@ -1,4 +1,4 @@
-"""Evaluate: choose the operating point on validation, then score the best checkpoint on the held-out test split.
+"""Evaluate: choose the operating point on validation, then score the checkpoint on the held-out test split.
 
 Writes reports/metrics.json (every number, with subgroups and intervals), reports/scores.json (its headline numbers:
 the DVC metrics), ROC, PR, reliability and confusion data as CSV (DVC plots) and as
@@ -74,7 +74,7 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
         metrics["target_sensitivity"] = settings.target_sensitivity
     # How well validation pins the operating point down: the threshold chosen again on resampled val patients.
     metrics["threshold_spread"] = task.threshold_spread(scored["val"], settings, rows["val"]["patient_hash"].to_numpy())
-    metrics |= {"temperature": temperature, "tta": views, "model": state["model"], "best_epoch": state["epoch"],
+    metrics |= {"temperature": temperature, "tta": views, "model": state["model"], "epoch": state["epoch"],
                 "checkpoint_sha256": sha256_of(paths.checkpoint)}
     metrics |= patient_knowledge(paths.manifest)  # patients_known and the caveat every report repeats
     for split in ("val", "test"):

@@ -1,4 +1,5 @@
-"""Train: fit the model on the rebalanced training index, keep the checkpoint best on validation.
+"""Train: fit the model on the rebalanced training index, keep the checkpoint of the last epoch (train.keep last) or
+of the best on validation (train.keep best).
 
 Opens the MLflow run that evaluate and register later add to (its id goes to models/run.json), and logs
 every param and per-epoch metric there, the learning rate (`lr`) included. The parts live in
@@ -29,19 +30,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a training run produced: its MLflow run, its best epoch's scores and where the checkpoint is."""
+    """What a training run produced: its MLflow run, the kept model's epoch and scores, the best epoch's, and where
+    the checkpoint is. With train.keep best (or for an ensemble) the kept model is the best one."""
 
     run_id: str
-    best_epoch: int
+    epoch: int  # the epoch whose model the checkpoint holds (train.keep)
+    val_auc: float  # that model's validation scores
+    val_accuracy: float
+    best_epoch: int  # the epoch of the best validation AUC: chosen on the same films, so its score is optimistic
     best_val_auc: float
-    best_val_accuracy: float
     device: str
     checkpoint_path: Path
     epochs_run: int  # below train.epochs when early stopping ended training
 
 
 def train_stage(paths: ProjectPaths, config: Config, resume: bool = False) -> TrainResult:
-    """Train `train.model`, log to MLflow, save the best-on-validation checkpoint.
+    """Train `train.model`, log to MLflow, save the checkpoint (train.keep: the last epoch's model or the best).
 
     resume=True continues an interrupted run from models/train_state.pt (into the same MLflow run);
     without that file it starts a new run, so a retry loop can always pass resume=True. A deep ensemble
@@ -82,17 +86,19 @@ def _train(paths: ProjectPaths, config: Config, resume: bool, world: distributed
             log.info("train: resuming after epoch %d of %d (MLflow run %s)", state["epoch"], config.train.epochs, state["run_id"])
 
     with tracked_run(paths, config, state, device, world) as run_id:
-        best, epochs_run = fit(trainer, data, config, paths, run_id, fingerprint, state, world)
+        kept, best, epochs_run = fit(trainer, data, config, paths, run_id, fingerprint, state, world)
         if world.is_main:  # evaluate replaces it with the test score
             from pipeline import tracking
 
             tracking.describe_run(tracking.client(paths), run_id, f"{config.train.model}, {config.data.image_size} px: "
-                                  f"best val AUC {best['val_auc']:.4f} (epoch {best['epoch']})")
+                                  f"val AUC {kept['val_auc']:.4f} ({config.train.keep} epoch, {kept['epoch']})")
     if world.is_main:
         state_path.unlink(missing_ok=True)
-        log.info("train: best epoch %d, val AUC %.4f, val accuracy %.4f → %s (MLflow run %s)",
-                 best["epoch"], best["val_auc"], best["val_accuracy"], paths.checkpoint, run_id)
-    return TrainResult(run_id, best["epoch"], best["val_auc"], best["val_accuracy"], str(device), paths.checkpoint, epochs_run)
+        log.info("train: kept the %s epoch (%d; best val AUC %.4f at epoch %d), val AUC %.4f, val accuracy %.4f → %s "
+                 "(MLflow run %s)", config.train.keep, kept["epoch"], best["val_auc"], best["epoch"], kept["val_auc"],
+                 kept["val_accuracy"], paths.checkpoint, run_id)
+    return TrainResult(run_id, kept["epoch"], kept["val_auc"], kept["val_accuracy"], best["epoch"], best["val_auc"],
+                       str(device), paths.checkpoint, epochs_run)
 
 
 def _train_ensemble(paths: ProjectPaths, config: Config, resume: bool, world: distributed.World, device,
@@ -122,7 +128,7 @@ def _train_ensemble(paths: ProjectPaths, config: Config, resume: bool, world: di
         train_state_path(paths).unlink(missing_ok=True)
         shutil.rmtree(members_dir, ignore_errors=True)
     with tracked_run(paths, config, None, device, world) as run_id:
-        member_paths, bests, epochs = [], [], []
+        member_paths, members_kept, epochs = [], [], []
         for k in range(1, count + 1):
             seed = config.train.seed + k - 1
             member_config = config.model_copy(update={"train": config.train.model_copy(update={"seed": seed, "ensemble": 1})})
@@ -133,17 +139,17 @@ def _train_ensemble(paths: ProjectPaths, config: Config, resume: bool, world: di
             trainer = build_trainer(member_config, data, device, world)
             if world.size > 1:
                 torch.manual_seed(seed + world.rank)
-            best, epochs_run = fit(trainer, data, member_config, member_paths[-1], run_id, fingerprint, None, world,
-                                   metric_prefix=f"member{k}/")
-            bests.append(best)
+            kept, _, epochs_run = fit(trainer, data, member_config, member_paths[-1], run_id, fingerprint, None, world,
+                                      metric_prefix=f"member{k}/")
+            members_kept.append(kept)
             epochs.append(epochs_run)
         best = None
         if world.is_main:
             ensemble = Ensemble([load_checkpoint(each.checkpoint)[0] for each in member_paths], data.task.one_label_per_film)
             scores = data.task.validation_scores(data.val_labels, predict_proba(ensemble.to(device), data.val_images, device,
                                                                                 data.task.activation))
-            # the members' latest best epoch stands for the ensemble's (evaluate reports it as best_epoch)
-            best = {"epoch": max(b["epoch"] for b in bests), "val_auc": scores["val_auc"], "val_accuracy": scores["val_accuracy"]}
+            # the members' latest kept epoch stands for the ensemble's (evaluate reports it as its epoch)
+            best = {"epoch": max(m["epoch"] for m in members_kept), "val_auc": scores["val_auc"], "val_accuracy": scores["val_accuracy"]}
             save_checkpoint(paths.checkpoint, ensemble, config, best)
             client = tracking.client(paths)
             tracking.log_metrics(client, run_id, scores | {"best_val_auc": best["val_auc"], "best_val_accuracy": best["val_accuracy"],
@@ -152,11 +158,12 @@ def _train_ensemble(paths: ProjectPaths, config: Config, resume: bool, world: di
             with atomic_path(paths.history) as tmp:
                 history[["member", *history.columns.drop("member")]].to_csv(tmp, index=False, float_format="%.6g")
             tracking.describe_run(client, run_id, f"{describe_network({'model': config.train.model, 'ensemble': count})}, {config.data.image_size} px: "
-                                  f"val AUC {best['val_auc']:.4f} (members' best: "
-                                  f"{', '.join(format(b['val_auc'], '.4f') for b in bests)})")
+                                  f"val AUC {best['val_auc']:.4f} (members at their {config.train.keep} epochs: "
+                                  f"{', '.join(format(m['val_auc'], '.4f') for m in members_kept)})")
         best = distributed.broadcast(best, world)
     if world.is_main:
         shutil.rmtree(members_dir, ignore_errors=True)
         log.info("train: ensemble of %d, val AUC %.4f, val accuracy %.4f → %s (MLflow run %s)",
                  count, best["val_auc"], best["val_accuracy"], paths.checkpoint, run_id)
-    return TrainResult(run_id, best["epoch"], best["val_auc"], best["val_accuracy"], str(device), paths.checkpoint, max(epochs))
+    return TrainResult(run_id, best["epoch"], best["val_auc"], best["val_accuracy"], best["epoch"], best["val_auc"],
+                       str(device), paths.checkpoint, max(epochs))

@@ -33,6 +33,7 @@ def tiny_params_text() -> str:
     params["data"]["image_size"] = 32
     params["train"]["epochs"] = 1
     params["train"]["batch_size"] = 16
+    params["train"]["ensemble"] = 1  # one network: tests that want an ensemble ask for one (tests/test_ensemble.py)
     return yaml.safe_dump(params, sort_keys=False)
 
 

@@ -81,7 +81,7 @@ def test_flat_dict_has_every_leaf_for_mlflow(tmp_path):
     import yaml
 
     flat = load_config(tmp_path / "params.yaml").as_flat_dict()
-    assert flat["train.model"] == "cnn_gru"
+    assert flat["train.model"] == "vgg_gap"
     assert flat["data.split.test"] == 0.15
     assert flat["register.gate_metric"] == "test_auc"
     leaves = _leaf_paths(yaml.safe_load(REPO_PARAMS.read_text()))

@@ -18,7 +18,7 @@ def parameter_count(model: nn.Module) -> int:
 
 def test_config_offers_exactly_the_models_build_model_knows():
     assert get_args(TrainConfig.model_fields["model"].annotation) == MODEL_NAMES
-    assert TrainConfig().model == "cnn_gru"
+    assert TrainConfig().model == "vgg_gap"
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -52,20 +52,20 @@ def test_register_refuses_params_edited_since_training_and_from_run_documents_th
     params = write_tiny_project(tmp_path, n=60)
     paths = _trained(params)
     tree = yaml.safe_load(params.read_text())
-    assert tree["train"]["model"] == "cnn_gru"
+    assert tree["train"]["model"] == "vgg_gap"
     tree["train"]["model"] = "seed_cnn"  # edited after training
     params.write_text(yaml.safe_dump(tree, sort_keys=False))
 
     refused = _cxr("register", cwd=tmp_path)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
-    assert "train.model: params.yaml seed_cnn, run cnn_gru" in refused.stderr and "--from-run" in refused.stderr
+    assert "train.model: params.yaml seed_cnn, run vgg_gap" in refused.stderr and "--from-run" in refused.stderr
     assert not paths.registered.exists()
 
     registered = _cxr("register", "--from-run", cwd=tmp_path)
     assert registered.returncode == 0, registered.stderr
     card = (paths.models / "model_card.md").read_text()
-    assert "`cnn_gru` at 32x32 px" in card and "`seed_cnn` at" not in card
+    assert "`vgg_gap` at 32x32 px" in card and "`seed_cnn` at" not in card
     assert "Registered with `from-run`" in card
     tags = tracking_client(paths).get_model_version(NAME, "1").tags
     assert tags["params_sha256"] == _run_tags(paths)["params_sha256"] != load_config(params).params_hash()
@@ -74,7 +74,7 @@ def test_register_refuses_params_edited_since_training_and_from_run_documents_th
     from pipeline.report import report_stage
 
     page = report_stage(paths, load_config(params)).read_text()
-    assert "cnn_gru at 32 px" in page and "seed_cnn" not in page
+    assert "vgg_gap at 32 px" in page and "seed_cnn" not in page
 
 
 @pytest.mark.slow

@@ -69,7 +69,7 @@ def test_every_optimizer_schedule_and_loss_trains_and_logs_lr(project, optimizer
     params, paths = project
     config = load_config(params, [
         "train.epochs=2", f"train.optimizer={optimizer}", f"train.schedule={schedule}", f"train.loss={loss}",
-        f"train.class_weights={class_weights}", "train.weight_decay=0.01",
+        f"train.class_weights={class_weights}", "train.weight_decay=0.01", "train.lr=0.001",
     ])
     result = train_stage(paths, config)
 
@@ -98,7 +98,7 @@ def test_onecycle_runs_any_number_of_steps_and_never_exceeds_the_peak(total_step
 
     for warmup_fraction in (0.0, 0.1, 0.5, 0.9):
         optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1e-3, momentum=0.9)
-        schedule = build_schedule(optimizer, TrainConfig(schedule="onecycle", warmup_fraction=warmup_fraction), total_steps)
+        schedule = build_schedule(optimizer, TrainConfig(schedule="onecycle", warmup_fraction=warmup_fraction, lr=1e-3), total_steps)
         rates = []
         for _ in range(total_steps):
             rates.append(optimizer.param_groups[0]["lr"])
@@ -312,8 +312,46 @@ def test_early_stopping_stops_when_validation_never_improves(project):
     result = train_stage(paths, config)
     assert result.epochs_run == 2 < config.train.epochs
     assert result.best_epoch == 1
+    assert result.epoch == 2  # train.keep last: the model where training stopped, not the best one
     assert list(pd.read_csv(paths.history)["epoch"]) == [1, 2]
     assert tracking_client(paths).get_run(result.run_id).data.metrics["epochs_run"] == 2
+
+
+def _checkpoint_val_loss(paths: ProjectPaths, config) -> float:
+    """The validation loss of the model the checkpoint holds, scored afresh."""
+    from pipeline.models import load_checkpoint, predict_proba
+    from pipeline.training.data import load_training_data
+
+    model, _ = load_checkpoint(paths.checkpoint)
+    data = load_training_data(paths, config.data)
+    probability = predict_proba(model, data.val_images, torch.device("cpu"), data.task.activation)
+    return data.task.validation_scores(data.val_labels, probability)["val_loss"]
+
+
+@pytest.mark.parametrize("keep", ["last", "best"])
+def test_the_checkpoint_holds_the_last_epochs_model_or_the_best_as_train_keep_says(project, keep):
+    params, paths = project
+    config = load_config(params, ["train.epochs=3", "train.lr=0.01", f"train.keep={keep}"])
+    result = train_stage(paths, config)
+    history = pd.read_csv(paths.history)
+    best_row = history.loc[history["val_auc"].idxmax()]  # the first of equal maxima, as training keeps it
+    row = history.iloc[-1] if keep == "last" else best_row
+    assert result.epoch == int(row["epoch"]) == torch.load(paths.checkpoint, weights_only=True)["epoch"]
+    assert result.val_auc == pytest.approx(row["val_auc"], abs=1e-5)
+    assert result.best_epoch == int(best_row["epoch"])
+    assert _checkpoint_val_loss(paths, config) == pytest.approx(row["val_loss"], rel=1e-4)
+    metrics = tracking_client(paths).get_run(result.run_id).data.metrics
+    assert metrics["kept_epoch"] == result.epoch and metrics["best_epoch"] == result.best_epoch
+
+
+def test_keep_last_and_keep_best_part_when_validation_never_improves(project):
+    """Validation AUC flat from epoch 1 (a learning rate too small to move a weight): best is epoch 1, last is 3."""
+    params, paths = project
+    common = ["train.epochs=3", "train.lr=1e-12", "train.model=seed_cnn"]
+    assert train_stage(paths, load_config(params, [*common, "train.keep=last"])).epoch == 3
+    assert torch.load(paths.checkpoint, weights_only=True)["epoch"] == 3
+    assert train_stage(paths, load_config(params, [*common, "train.keep=best"])).epoch == 1
+    assert torch.load(paths.checkpoint, weights_only=True)["epoch"] == 1
 
 
 # --- resume ---------------------------------------------------------------------------------------
@@ -362,7 +400,7 @@ def test_resume_after_a_crash_gives_the_same_weights_as_an_uninterrupted_run(pro
     assert resumed.run_id == state["run_id"] != straight.run_id  # continued the crashed run
     assert read_run_id(paths) == resumed.run_id
     checkpoint = torch.load(paths.checkpoint, weights_only=True)
-    assert checkpoint["epoch"] == straight_checkpoint["epoch"] == straight.best_epoch
+    assert checkpoint["epoch"] == straight_checkpoint["epoch"] == straight.epoch
     assert checkpoint["state_dict"].keys() == straight_checkpoint["state_dict"].keys()
     for key, weights in straight_checkpoint["state_dict"].items():
         assert torch.equal(checkpoint["state_dict"][key], weights), key

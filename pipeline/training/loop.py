@@ -1,4 +1,5 @@
-"""The epoch loop: train, score validation, keep the best checkpoint, save the resume state, stop early.
+"""The epoch loop: train, score validation, keep the checkpoint (train.keep: the last epoch's model, or the best on
+validation), save the resume state, stop early.
 
 With train.ema_decay the weight average (pipeline.training.average) is what validation scores and what the
 checkpoint holds; with augment.mixup_alpha each batch is blended with a shuffled copy of itself (mixed_loss).
@@ -28,8 +29,13 @@ log = logging.getLogger(__name__)
 
 def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPaths, run_id: str,
         fingerprint: dict, state: dict | None, world: distributed.World = distributed.ONE_PROCESS,
-        metric_prefix: str = "") -> tuple[dict, int]:
-    """Train epoch by epoch, score validation, keep the best checkpoint, save the state; returns (best, epochs run).
+        metric_prefix: str = "") -> tuple[dict, dict, int]:
+    """Train epoch by epoch, score validation, keep the checkpoint, save the state; returns (kept, best, epochs run):
+    the epoch and validation scores of the model the checkpoint holds, the same of the best epoch on validation
+    AUC (early stopping's measure; the checkpoint's too with train.keep best), and the epochs trained.
+
+    train.keep last keeps the model where the schedule ends, chosen by nothing: on a validation split that shares
+    patients with train (MedMNIST's), picking the epoch by its score would reward memorising.
 
     Under torchrun rank 0 validates and sends the scores to the other ranks, so all stop at the same epoch;
     it alone logs, writes and shows progress. `metric_prefix` goes before every MLflow metric name: an ensemble's
@@ -46,6 +52,7 @@ def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPath
     epoch = state["epoch"] if state else 0  # epochs completed
     history: list[dict] = state["history"] if state else []
     best: dict = state["best"] if state else {"epoch": 0, "val_auc": -1.0, "val_accuracy": 0.0}
+    keep_last = settings.keep == "last"
 
     progress = tqdm(total=settings.epochs, initial=epoch, desc="train", unit="epoch", disable=None if world.is_main else True)
     while epoch < settings.epochs and not patience_ran_out(best["epoch"], epoch, settings.early_stopping_patience):
@@ -64,31 +71,35 @@ def fit(trainer: Trainer, data: TrainingData, config: Config, paths: ProjectPath
             # a line per epoch, for logs that are no terminal (a Prefect task run's, a cron job's): tqdm draws none there
             log.info("train: epoch %d of %d: train loss %.4f, val AUC %.4f (%.0f s)", epoch, settings.epochs, train_loss,
                      row["val_auc"], seconds)
-        if row["val_auc"] > best["val_auc"]:  # NaN never wins, ties keep the earlier epoch
-            best = {"epoch": epoch, "val_auc": row["val_auc"], "val_accuracy": row["val_accuracy"]}
-            if world.is_main:
-                save_checkpoint(paths.checkpoint, kept_model(trainer), config, best)
+        scored = {"epoch": epoch, "val_auc": row["val_auc"], "val_accuracy": row["val_accuracy"]}
+        improved = row["val_auc"] > best["val_auc"]  # NaN never wins, ties keep the earlier epoch
+        if improved:
+            best = scored
+        if (improved or keep_last) and world.is_main:
+            save_checkpoint(paths.checkpoint, kept_model(trainer), config, scored)
         rank_rng = distributed.all_gather(global_rng_state(trainer.device), world)
         if world.is_main:
             save_train_state(train_state_path(paths), trainer, epoch, best, history, run_id, fingerprint, rank_rng)
         progress.update(1)
     progress.close()
 
+    last = {"epoch": epoch, "val_auc": history[-1]["val_auc"], "val_accuracy": history[-1]["val_accuracy"]}
     if best["epoch"] == 0:  # validation AUC undefined every epoch (one class): keep the last model
-        best = {"epoch": epoch, "val_auc": float("nan"), "val_accuracy": history[-1]["val_accuracy"]}
-        if world.is_main:
+        best = last | {"val_auc": float("nan")}
+        if world.is_main and not keep_last:
             save_checkpoint(paths.checkpoint, kept_model(trainer), config, best)
+    kept = last if keep_last else best
     if not world.is_main:
-        return best, epoch
+        return kept, best, epoch
     if epoch < settings.epochs:
         log.info("train: no better val AUC for %d epochs; stopped after epoch %d of %d",
                  settings.early_stopping_patience, epoch, settings.epochs)
     tracking.log_metrics(client, run_id, {metric_prefix + k: v for k, v in {
         "best_val_auc": best["val_auc"], "best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"],
-        "epochs_run": epoch}.items()})
+        "kept_epoch": kept["epoch"], "epochs_run": epoch}.items()})
     with atomic_path(paths.history) as tmp:
         pd.DataFrame(history).to_csv(tmp, index=False, float_format="%.6g")  # 6 significant digits: lr can be 1e-5
-    return best, epoch
+    return kept, best, epoch
 
 
 def patience_ran_out(best_epoch: int, epochs_done: int, patience: int) -> bool:

@@ -1,4 +1,5 @@
-"""What training leaves on disk: the resume file after every epoch and the best-on-validation checkpoint.
+"""What training leaves on disk: the resume file after every epoch and the checkpoint
+(train.keep: the last epoch's model, or the best on validation).
 
 After every epoch the whole training state is written to models/train_state.pt (atomically): weights,
 optimiser, schedule, random-number states, the weight average (train.ema_decay), history and the MLflow run id. `train_stage(..., resume=True)`
