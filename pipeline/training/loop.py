@@ -138,7 +138,9 @@ def train_one_epoch(trainer: Trainer, images: np.ndarray, labels, config: Config
             inputs = weight * inputs + (1 - weight) * inputs[partner.to(inputs.device)]
             mix = (targets[partner][mine].to(trainer.device), weight)
         share = rank_share(trainer.loss_fn, targets, mine, world.size)
-        total_loss += step(trainer, inputs[mine], targets[mine].to(trainer.device), share, mix) * len(batch[mine])
+        loss = step(trainer, inputs[mine], targets[mine].to(trainer.device), share, mix)
+        # summed over the ranks, loss x share / ranks is the whole batch's mean loss (exact with class weights too)
+        total_loss += loss * share * len(batch) / world.size
     return distributed.sum_over_ranks(total_loss, world) / len(order)
 
 
