@@ -46,7 +46,7 @@ class EvaluateResult:
 def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     """The operating point chosen on validation, test and validation metrics at it, plots, and their MLflow logging."""
     from pipeline.metrics import calibration_table, describe_bootstrap
-    from pipeline.models import load_checkpoint
+    from pipeline.models import describe_network, load_checkpoint
     from pipeline.plots import write_evaluation_plots
     from pipeline.predictions import prediction_rows, write_predictions
     from pipeline.tasks import task_for
@@ -95,7 +95,7 @@ def evaluate_stage(paths: ProjectPaths, config: Config) -> EvaluateResult:
     write_json(paths.metrics, metrics)
     write_json(paths.scores, headline_scores(metrics))
     write_predictions(paths.predictions, [prediction_rows(split, rows[split], task, scored[split], threshold) for split in ("val", "test")])
-    _log_to_mlflow(paths, task, metrics, plot_paths, f"{state['model']}, {state['image_size']} px: {_headline(task, metrics)}")
+    _log_to_mlflow(paths, task, metrics, plot_paths, f"{describe_network(state)}, {state['image_size']} px: {_headline(task, metrics)}")
     _log_summary(task, metrics, paths.metrics)
     return EvaluateResult(metrics, paths.metrics, plot_paths)
 

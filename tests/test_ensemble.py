@@ -111,6 +111,8 @@ def test_two_members_train_with_their_own_seeds_into_one_checkpoint_and_one_run(
     metrics = run.data.metrics
     assert {"member1/val_auc", "member2/val_auc", "member1/best_val_auc", "member2/best_val_auc", "val_auc"} <= set(metrics)
     assert run.data.params["train.ensemble"] == "2"
+    # the run's one-line description (evaluate's, once it has run) names the ensemble, as the documents do
+    assert run.data.tags["mlflow.note.content"].startswith(f"{config.train.model} × 2 (deep ensemble), ")
     history = pd.read_csv(paths.history)
     assert history["member"].tolist() == [1, 2] and history.columns[0] == "member"
     assert not (paths.models / "ensemble").exists()  # the members' working folders are gone
