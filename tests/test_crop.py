@@ -70,10 +70,14 @@ def test_a_reduced_jpeg_decode_keeps_the_cropped_square_above_the_margin_and_ing
     assert ingested.pixels.max() < 250  # no white margin
 
 
+PADDED_SOURCE, PADDED_COPY = "P0002_1.png", "P098_1.png"  # P0002_1 is a pneumonia PNG of the tiny project
+
+
 @pytest.fixture(scope="module")
 def cropped_project(tmp_path_factory):
-    """A tiny project with two wide films (a demo film in the middle, white margins) ingested first with
-    data.crop none, then run through every stage with data.crop center."""
+    """A tiny project with two wide films (a demo film, mirrored so that no other film looks the same, in the middle
+    of white margins) and a padded copy of a demo film (PADDED_COPY), ingested first with data.crop none, then run
+    through every stage with data.crop center."""
     from pipeline.config import load_config
     from pipeline.ingest import ingest_stage
     from pipeline.paths import ProjectPaths
@@ -85,10 +89,12 @@ def cropped_project(tmp_path_factory):
     for index, source in enumerate(sorted((demo / "pneumonia").glob("*.png"))[:2]):
         film = np.asarray(Image.open(source).convert("L"))
         canvas = np.full((film.shape[0], film.shape[1] + 40), 255, dtype=np.uint8)
-        canvas[:, 20:20 + film.shape[1]] = film
+        canvas[:, 20:20 + film.shape[1]] = np.fliplr(film)
         target = demo / "pneumonia" / f"P09{index}_1.png"
         Image.fromarray(canvas).save(target)
         wide.append(target)
+    film = np.asarray(Image.open(demo / "pneumonia" / PADDED_SOURCE).convert("L"))
+    Image.fromarray(np.pad(film, ((0, 0), (30, 30)), constant_values=255)).save(demo / "pneumonia" / PADDED_COPY)
     squeezed = ingest_stage(ProjectPaths(params.parent), load_config(params))
     return run_all_stages(params, ["data.crop=center"]), squeezed, wide
 
@@ -110,6 +116,21 @@ def test_switching_data_crop_decodes_the_films_again_rather_than_reusing_squeeze
         pixels = decode_file(file).pixels
         assert np.array_equal(stored[row], resize(pixels, SIZE, "center"))
         assert not np.array_equal(stored[row], resize(pixels, SIZE, "none"))
+
+
+@pytest.mark.slow
+def test_a_copy_with_margins_the_crop_removes_is_a_duplicate_of_its_film(cropped_project):
+    """With data.crop center the model sees a film and its copy padded with margins as the same pixels: one copy is
+    kept, the other is listed as a dropped duplicate (else a copy in test would score a film train holds)."""
+    project, _, _ = cropped_project
+    folder = project.paths.root / "data" / "raw" / "demo" / "pneumonia"
+    ids = _ids_of(project, [folder / PADDED_SOURCE, folder / PADDED_COPY])
+    manifest = pd.read_parquet(project.paths.manifest)
+    dropped = pd.read_csv(project.paths.dropped_duplicates)
+    films = pd.concat([manifest[["image_id", "sha256"]], dropped[["image_id", "sha256"]]])
+    pair = films[films["image_id"].isin(ids)]
+    assert len(pair) == 2 and pair["sha256"].nunique() == 1
+    assert manifest["image_id"].isin(ids).sum() == 1 and dropped["image_id"].isin(ids).sum() == 1
 
 
 @pytest.mark.slow
