@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -145,8 +146,35 @@ def test_cxr_pipeline_and_dvc_repro_produce_the_same_artefacts(prefect_project, 
     assert files == _artefact_files(dvc_root)
     run_specific = {"models/run.json", "models/registered.json", "models/model_card.md"}  # ids, version, git commit
     different = [f for f in sorted(files - run_specific) if sha256_of(prefect_root / f) != sha256_of(dvc_root / f)]
+    if "reports/report.html" in different and _same_page_up_to_overlay_rounding(prefect_root / "reports/report.html",
+                                                                                dvc_root / "reports/report.html"):
+        different.remove("reports/report.html")
     assert not different
     assert len(files - run_specific) >= 12
+
+
+def _same_page_up_to_overlay_rounding(first: Path, second: Path) -> bool:
+    """The two report pages are the same text, and their embedded images the same pixels but for a few values one or
+    two grey levels apart: a Grad-CAM map is summed in float32 and the two processes' summation orders may differ
+    in the last bit, which moves a handful of the overlay's 8-bit values across a rounding edge."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    image = re.compile(r'src="data:image/png;base64,([^"]+)"')
+    one, two = first.read_text(), second.read_text()
+    if image.sub("", one) != image.sub("", two):
+        return False
+    for a, b in zip(image.findall(one), image.findall(two), strict=True):
+        pixels_a, pixels_b = (np.asarray(Image.open(io.BytesIO(base64.b64decode(x)))).astype(int) for x in (a, b))
+        if pixels_a.shape != pixels_b.shape:
+            return False
+        apart = np.abs(pixels_a - pixels_b)
+        if apart.max() > 2 or (apart > 0).mean() > 0.001:
+            return False
+    return True
 
 
 def test_dvc_repro_after_adding_patients_keeps_every_recorded_split(dvc_project, tmp_path):
