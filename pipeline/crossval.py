@@ -229,6 +229,17 @@ def _fold_project(paths: ProjectPaths, config: Config, manifest: pd.DataFrame, p
     return fold_paths, fold_key(fold_manifest, config)
 
 
+def _how_folds_were_scored(config: Config) -> str:
+    """crossval.json's `scored`: which model stood for each fold."""
+    if config.train.ensemble == 1:
+        return ("each fold's model after the last epoch, on that fold; accuracy at 0.5; best_val_auc is the best "
+                "epoch's, chosen on the same fold and so optimistic")
+    if config.train.keep == "last":
+        return "each fold's deep ensemble (train.ensemble members, each at its last epoch), on that fold; accuracy at 0.5"
+    return ("each fold's deep ensemble (train.ensemble members, each at its best epoch, chosen on the same fold and so "
+            "optimistic), on that fold; accuracy at 0.5")
+
+
 def _write_summary(result: CrossvalResult, config: Config, folds: int, patients: dict) -> None:
     """reports/crossval.json, with patients_known and the caveat (pipeline.splits.patient_knowledge): folds drawn
     by film share patients as validation does."""
@@ -237,12 +248,7 @@ def _write_summary(result: CrossvalResult, config: Config, folds: int, patients:
     best, best_sd = result.mean_sd("best_val_auc")
     write_json(result.summary_path, {
         "folds": folds,
-        "scored": ("each fold's model after the last epoch, on that fold; accuracy at 0.5; best_val_auc is the "
-                   "best epoch's, chosen on the same fold and so optimistic") if config.train.ensemble == 1 else
-                  ("each fold's deep ensemble (train.ensemble members, each at its last epoch), on that fold; accuracy at 0.5"
-                   if config.train.keep == "last" else
-                   "each fold's deep ensemble (train.ensemble members, each at its best epoch, chosen on the same fold "
-                   "and so optimistic), on that fold; accuracy at 0.5"),
+        "scored": _how_folds_were_scored(config),
         "model": config.train.model,
         "image_size": config.data.image_size,
         "seed": config.data.seed,
