@@ -174,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {model.metadata.metadata.get('image_size')} px, crop {model.metadata.metadata.get('crop', 'none')}; "
           f"out-of-distribution threshold "
           f"{ood.get('threshold', float('nan')):.2f} ({ood.get('method', 'none')}, set on "
-          f"{len(ood.get('validation_scores', []))} validation films); trained in {seconds:.0f} s\n")
+          f"{len(ood.get('validation_scores', []))} validation films); trained in {seconds:.0f} s")
+    if "probes" in ood:  # registration's self-check (pipeline.ood.probe_images)
+        answered = ood["probes_answered"]
+        print(f"registration's self-check: {len(ood['probes']) - len(answered)} of {len(ood['probes'])} probes refused"
+              + (f"; answered: {', '.join(answered)}" if answered else ""))
+    print()
     print("| image | what | expected | answer | ood score | reason |")
     print("|---|---|---|---|---|---|")
     for case, prediction in zip(cases, predictions):

@@ -200,6 +200,56 @@ def calibrate(network: nn.Module, train_images: np.ndarray, train_groups: np.nda
     kept = validation if len(validation) <= MAX_STORED_SCORES else \
         np.quantile(validation, np.linspace(0, 1, MAX_STORED_SCORES))
     floor = min(MIN_LAYOUT_SPREAD, 0.5 * float(layout_spread(train_images).min())) if len(train_images) else MIN_LAYOUT_SPREAD
-    entry = {"method": METHOD, "threshold": threshold_for(held_out),
-             "validation_scores": [round(float(s), 4) for s in kept], "min_layout_spread": round(floor, 4)}
+    threshold = threshold_for(held_out)
+    size = int(np.shape(train_images)[-1])  # the model's: the probes are resized to it
+    entry = {"method": METHOD, "threshold": threshold,
+             "validation_scores": [round(float(s), 4) for s in kept], "min_layout_spread": round(floor, 4),
+             "n_train": int(len(features)), "n_features": int(features.shape[1]),
+             **probe_results(network, statistics, threshold, floor, size)}
     return statistics, entry
+
+
+PROBES = ("ct_slice", "mr_slice", "photograph", "noise", "smooth_field")  # probe_images makes them
+
+
+def probe_images(size: int) -> dict[str, np.ndarray]:
+    """Images no chest-film model should answer for, as the served model would see them at `size` (decoded and
+    resized by pipeline.imaging): a real CT and a real MR slice (the DICOM files pydicom ships), a photograph (the
+    one matplotlib ships), pixel noise at four times the size (the resize averages it to a low-contrast grey, the
+    kind that passes a loose guard) and a smooth random field (the light and shade of a photograph or an elevation
+    map). Deterministic; a shipped file that is missing leaves its probe out.
+
+    They are registration's self-check of the guard (`probes_answered`), never part of its fitting or threshold."""
+    import matplotlib
+    import pydicom.data
+    from PIL import Image
+
+    from pipeline.imaging import UnreadableImage, decode_file, resize
+
+    files = {"ct_slice": Path(pydicom.data.__file__).parent / "test_files" / "CT_small.dcm",
+             "mr_slice": Path(pydicom.data.__file__).parent / "test_files" / "MR_small.dcm",
+             "photograph": Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"}
+    rng = np.random.default_rng(0)
+    coarse = rng.normal(0.0, 1.0, (6, 6)).astype(np.float32)
+    field = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64)
+    images = {"noise": resize(rng.integers(0, 256, (4 * size, 4 * size), dtype=np.uint8), size),
+              "smooth_field": np.round((field - field.min()) / max(float(np.ptp(field)), 1e-9) * 255).astype(np.uint8)}
+    for name, file in files.items():
+        try:
+            images[name] = resize(decode_file(file).pixels, size)
+        except (OSError, UnreadableImage):  # a trimmed install: one probe fewer, never a failed registration
+            continue
+    return {name: images[name] for name in PROBES if name in images}
+
+
+def probe_results(network: nn.Module, statistics: Statistics, threshold: float, floor: float, size: int) -> dict:
+    """The `probes` tried and the `probes_answered`: those the guard would answer for, judged as a served film is
+    (pipeline.scope.pixel_reason). None, for a network that learnt what a chest film looks like. A network trained on
+    a few dozen films, or for an epoch, has barely moved from its random start, and a few dozen films set a loose
+    threshold: then some pass, and registration says so (a warning, and the model card)."""
+    from pipeline.scope import pixel_reason
+
+    probes = probe_images(size)
+    judged = judge_images(network, statistics, np.stack(list(probes.values())))
+    return {"probes": list(probes),
+            "probes_answered": [name for name, verdict in zip(probes, judged) if pixel_reason(verdict, threshold, floor) is None]}

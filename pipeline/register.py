@@ -94,10 +94,10 @@ def register_stage(paths: ProjectPaths, config: Config, from_run: bool = False, 
         if not existing[0].tags.get(PATIENTS_TAG):  # a retry after a failure in between
             _record_patients(client, name, version, run_id, patients)
     else:
-        version = _log_model(paths, config, run_id, trained.params.get("data.crop", "none"))
+        version, guard = _log_model(paths, config, run_id, trained.params.get("data.crop", "none"))
         client.set_model_version_tag(name, str(version), "fingerprint", fingerprint)
         _record_patients(client, name, version, run_id, patients)
-        _describe_version(client, paths, trained, name, version, metrics, registered_with)
+        _describe_version(client, paths, trained, name, version, metrics, registered_with, guard)
 
     previous = current_champion(client, name)  # fails closed: a store that does not answer stops here
     split, metric = settings.gate_metric.split("_", 1)
@@ -152,9 +152,10 @@ def _record_patients(client, name: str, version: int, run_id: str, patients: dic
 
 
 def _describe_version(client, paths: ProjectPaths, trained: TrainedModel, name: str, version: int, metrics: dict,
-                      registered_with: dict[str, str]) -> None:
+                      registered_with: dict[str, str], guard: dict) -> None:
     """Tags an auditor filters on, and a model card (markdown) as the version's description and a run artifact:
-    all from the training run and the checkpoint (and what register let through), none from today's params.yaml."""
+    all from the training run and the checkpoint (and what register let through, and the out-of-scope `guard` it
+    logged with the model: its scope and `ood` entry), none from today's params.yaml."""
     run = client.get_run(trained.run_id)
     test = metrics["test"]
     tags = {
@@ -177,16 +178,17 @@ def _describe_version(client, paths: ProjectPaths, trained: TrainedModel, name: 
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
-    card = model_card(paths, trained, name, version, tags, metrics)
+    card = model_card(paths, trained, name, version, tags, metrics, guard)
     client.update_model_version(name, str(version), description=card)
     with atomic_path(paths.models / "model_card.md") as tmp:
         tmp.write_text(card)
     client.log_artifact(trained.run_id, str(paths.models / "model_card.md"), artifact_path="model")
 
 
-def model_card(paths: ProjectPaths, trained: TrainedModel, name: str, version: int, tags: dict, metrics: dict) -> str:
+def model_card(paths: ProjectPaths, trained: TrainedModel, name: str, version: int, tags: dict, metrics: dict,
+               guard: dict) -> str:
     """A short, honest model card: what the model is for, what it saw, how good it is, and its limits."""
-    return render("model_card.md.j2", **model_card_context(paths, trained, name, version, tags, metrics))
+    return render("model_card.md.j2", **model_card_context(paths, trained, name, version, tags, metrics), guard=guard)
 
 
 def model_card_context(paths: ProjectPaths, trained: TrainedModel, name: str, version: int, tags: dict, metrics: dict) -> dict:
@@ -238,7 +240,7 @@ def model_card_context(paths: ProjectPaths, trained: TrainedModel, name: str, ve
     }
 
 
-def _log_model(paths: ProjectPaths, config: Config, run_id: str, crop: str) -> int:
+def _log_model(paths: ProjectPaths, config: Config, run_id: str, crop: str) -> tuple[int, dict]:
     """Log the pyfunc (with the code it runs, so it loads anywhere) into the training run and register it. Its
     signature and input example show the bytes form (pipeline.serving); its scope is the training data's contract
     (`serve.*`, else the manifest's modalities and views) and travels with it, as do the decode limits, the crop
@@ -283,7 +285,7 @@ def _log_model(paths: ProjectPaths, config: Config, run_id: str, crop: str) -> i
                           "scope": scope, "ood": ood, "crop": crop, "tta": tta},
                 registered_model_name=config.registry.model_name,
             )
-    return int(info.registered_model_version)
+    return int(info.registered_model_version), {"scope": scope, "ood": ood}
 
 
 def input_example(size: int):  # -> pd.DataFrame
@@ -320,6 +322,12 @@ def out_of_distribution(paths: ProjectPaths, network, task):  # -> tuple[pipelin
                                   np.asarray(images[validation["store_index"].to_numpy()]))
     log.info("register: out-of-distribution threshold %.2f (%s, %d validation films)", entry["threshold"],
              entry["method"], len(validation))
+    if entry["probes_answered"]:
+        log.warning("register: the out-of-scope guard would answer %d of %d non-chest test images (%s): its "
+                    "network and statistics were fitted on %d training films (%d features), too little to tell a chest "
+                    "film from other images; train on more films or for more epochs before trusting its refusals "
+                    "(the model card says so)", len(entry["probes_answered"]), len(entry["probes"]),
+                    ", ".join(entry["probes_answered"]), entry["n_train"], entry["n_features"])
     return statistics, entry
 
 

@@ -55,9 +55,18 @@ def hostile(tiny_project, tmp_path_factory):
 
 
 def _card(hostile) -> str:
+    return model_card(*_card_arguments(hostile), GUARD)
+
+
+def _card_arguments(hostile) -> tuple:
     paths, _, metrics, trained = hostile
     tags = {"git.commit": HOSTILE, "params_sha256": "p", "data.manifest_sha256": "m"}
-    return model_card(paths, trained, "cxr-pneumonia", 1, tags, metrics)
+    return paths, trained, "cxr-pneumonia", 1, tags, metrics
+
+
+GUARD = {"scope": {"modalities": ["CR", HOSTILE], "views": ["PA"], "body_parts": ["CHEST"]},
+         "ood": {"method": "mahalanobis", "threshold": 12.345, "validation_scores": [1.0, 2.0], "min_layout_spread": 3.0,
+                 "n_train": 59, "n_features": 128, "probes": ["ct_slice", "photograph"], "probes_answered": ["ct_slice"]}}
 
 
 def test_report_escapes_source_label_and_reason_names(hostile):
@@ -77,6 +86,16 @@ def test_model_card_shows_names_as_written(hostile):
     assert f"| {HOSTILE} | 5 | 0.800 |" in card
     assert f"Code commit `{HOSTILE}`" in card
     assert "&lt;" not in card and "&amp;" not in card
+
+
+def test_model_card_states_the_out_of_scope_guard_and_warns_when_its_self_check_let_an_image_through(hostile):
+    card = _card(hostile)
+    guard = card[card.index("## Out-of-scope guard"):card.index("## Limits")]
+    assert f"modalities CR, {HOSTILE}; views PA" in guard and "refused above 12.35" in guard
+    assert "Self-check at registration: 1 of 2 non-chest test images refused" in guard
+    assert "**Warning: the guard would answer ct_slice.** Fitted on 59\ntraining films" in guard
+    passed = model_card(*_card_arguments(hostile), GUARD | {"ood": GUARD["ood"] | {"probes_answered": []}})
+    assert "2 of 2 non-chest test images refused" in passed and "Warning: the guard" not in passed
 
 
 def test_model_card_and_flow_summary_share_one_metrics_table(hostile):

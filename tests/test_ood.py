@@ -103,6 +103,39 @@ def test_noise_blank_a_photograph_and_a_ct_slice_as_png_are_refused_by_cxr_predi
     assert served["out_of_scope"].tolist() == [answers[name]["out_of_scope"] for name in images]  # the same answers
 
 
+def test_registration_self_checks_the_guard_on_non_chest_images_and_the_card_says_it_refused_them(trained_project):
+    """A network that learnt what a chest film looks like refuses every probe (real CT and MR slices, a photograph,
+    noise, a smooth field), as stored with the model and written in its card, without a warning."""
+    from pipeline.ood import PROBES
+    from pipeline.predict import load_model
+
+    stored = load_model(CHAMPION, trained_project.paths).metadata.metadata["ood"]
+    assert stored["probes"] == list(PROBES) and stored["probes_answered"] == []
+    assert stored["n_train"] > 0 and stored["n_features"] == 128  # vgg_gap's pooled features
+    card = (trained_project.paths.models / "model_card.md").read_text()
+    assert f"Self-check at registration: {len(PROBES)} of {len(PROBES)} non-chest test images refused" in card
+    assert "Warning: the guard would answer" not in card
+
+
+def test_the_self_check_reports_the_probes_a_guard_fitted_on_their_like_would_answer():
+    """The hostile case: a guard whose training films look like the probes (the probes themselves, jittered) cannot
+    refuse them, and the self-check must say so instead of reporting a clean sheet."""
+    import torch
+
+    from pipeline.models import build_model
+    from pipeline.ood import PROBES, calibrate, probe_images
+
+    torch.manual_seed(0)
+    network = build_model("seed_cnn", 32, 2, 0.5).eval()
+    probes = np.stack(list(probe_images(32).values())).astype(np.int16)
+    rng = np.random.default_rng(0)
+    films = np.clip(np.repeat(probes, 40, axis=0) + rng.integers(-4, 5, (40 * len(probes), 32, 32)), 0, 255).astype(np.uint8)
+    groups = np.resize(np.array(["normal", "pneumonia"]), len(films))
+    _, entry = calibrate(network, films[::2], groups[::2], films[1::2])
+    assert entry["probes"] == list(PROBES)
+    assert set(entry["probes_answered"]) == set(PROBES), entry["probes_answered"]
+
+
 def test_arrays_without_a_header_are_judged_by_the_score_too(tiny_project):
     from pipeline.predict import load_model
 
