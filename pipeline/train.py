@@ -49,7 +49,8 @@ def train_stage(paths: ProjectPaths, config: Config, resume: bool = False) -> Tr
 
     resume=True continues an interrupted run from models/train_state.pt (into the same MLflow run);
     without that file it starts a new run, so a retry loop can always pass resume=True. A deep ensemble
-    (train.ensemble > 1) is never resumed: resume=True trains all its members again.
+    (train.ensemble > 1) resumes member by member: finished members are kept, the interrupted one continues
+    from its last epoch, the others train as they would have.
     Under torchrun every process runs this, joined in one DistributedDataParallel process group.
     """
     world = distributed.torchrun_world()
@@ -107,9 +108,12 @@ def _train_ensemble(paths: ProjectPaths, config: Config, resume: bool, world: di
     one MLflow run (their metrics prefixed `member<k>/`), then saved as one pipeline.models.Ensemble checkpoint,
     scored on validation as a whole (the run's `val_*` and `best_val_*` metrics).
 
-    An unfinished ensemble is not resumed: resume=True starts it over (logged), as a run without a state file does.
-    Each member works in models/ensemble/member-<k>/ (its checkpoint, resume state and history), removed at the end;
-    history.csv holds every member's epochs, with a `member` column.
+    Each member works in models/ensemble/member-<k>/ (its checkpoint, per-epoch resume state and history), removed
+    at the end; history.csv holds every member's epochs, with a `member` column. A member's resume state stays
+    after its last epoch, so resume=True after a crash finds how far each member got: a finished member's state
+    trains no more epochs, the interrupted member continues from its last one, later members start from their own
+    seeds; the weights end as an uninterrupted run's, in the same MLflow run. Without member 1's state (nothing
+    finished an epoch) the ensemble starts over.
     """
     import shutil
 
@@ -122,24 +126,31 @@ def _train_ensemble(paths: ProjectPaths, config: Config, resume: bool, world: di
     from pipeline.training.state import save_checkpoint
 
     count, members_dir = config.train.ensemble, paths.models / "ensemble"
+    member_paths = [ProjectPaths(members_dir / f"member-{k}", store_root=paths.tracking_root) for k in range(1, count + 1)]
+    states = [resume_state(train_state_path(each), fingerprint, each, world) if resume else None for each in member_paths]
+    if states[0] is None:
+        states = [None] * count  # nothing to continue: every member starts from its seed
     if world.is_main:
-        if resume:
-            log.info("train: an ensemble (train.ensemble=%d) is not resumed; training all its members again", count)
-        train_state_path(paths).unlink(missing_ok=True)
-        shutil.rmtree(members_dir, ignore_errors=True)
-    with tracked_run(paths, config, None, device, world) as run_id:
-        member_paths, members_kept, epochs = [], [], []
-        for k in range(1, count + 1):
+        train_state_path(paths).unlink(missing_ok=True)  # a single network's: never resumed into an ensemble
+        if resume and states[0] is None:
+            log.info("train: no ensemble member to resume from in %s; starting a new run", members_dir)
+        if states[0] is None:
+            shutil.rmtree(members_dir, ignore_errors=True)
+    with tracked_run(paths, config, states[0], device, world) as run_id:
+        members_kept, epochs = [], []
+        for k, (member, state) in enumerate(zip(member_paths, states), 1):
             seed = config.train.seed + k - 1
             member_config = config.model_copy(update={"train": config.train.model_copy(update={"seed": seed, "ensemble": 1})})
-            member_paths.append(ProjectPaths(members_dir / f"member-{k}", store_root=paths.tracking_root))
             if world.is_main:
-                log.info("train: ensemble member %d of %d (train.seed %d)", k, count, seed)
+                log.info("train: ensemble member %d of %d (train.seed %d)%s", k, count, seed,
+                         f", resumed after epoch {state['epoch']}" if state else "")
             torch.manual_seed(seed)
             trainer = build_trainer(member_config, data, device, world)
             if world.size > 1:
                 torch.manual_seed(seed + world.rank)
-            kept, _, epochs_run = fit(trainer, data, member_config, member_paths[-1], run_id, fingerprint, None, world,
+            if state is not None:
+                restore_trainer(trainer, state, world.rank)
+            kept, _, epochs_run = fit(trainer, data, member_config, member, run_id, fingerprint, state, world,
                                       metric_prefix=f"member{k}/")
             members_kept.append(kept)
             epochs.append(epochs_run)

@@ -244,21 +244,102 @@ def test_under_torchrun_an_ensemble_trains_to_the_weights_of_one_process(tmp_pat
     assert not (paths.models / "ensemble").exists()
 
 
+CRASH_IN_MEMBER_2 = """
+import os, signal, sys
+from pathlib import Path
+import pipeline.training.loop as loop
+from pipeline.config import load_config
+from pipeline.paths import ProjectPaths
+from pipeline.train import train_stage
+
+params = Path(sys.argv[1])
+save = loop.save_train_state
+
+def save_then_die(path, trainer, epoch, *rest):
+    save(path, trainer, epoch, *rest)
+    if "member-2" in str(path) and epoch == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # member 1 finished, member 2 one epoch in: a real crash
+
+loop.save_train_state = save_then_die
+train_stage(ProjectPaths(params.parent), load_config(params, sys.argv[2:]))
+"""
+
+
 @pytest.mark.slow
-def test_resume_starts_an_unfinished_ensemble_over(tmp_path, caplog):
-    """What a killed ensemble run leaves (a member's folder, a resume file) is neither resumed nor left behind."""
+def test_an_ensemble_killed_in_its_second_member_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, caplog):
+    """Member 1 is kept, member 2 continues after its first epoch, member 3 trains from its seed: the same weights
+    as a run that never stopped, in the crashed run's MLflow run, and nothing left behind."""
+    import subprocess
+    import sys
+
+    from pipeline.tracking import client as tracking_client
+    from pipeline.tracking import read_run_id
+    from pipeline.train import train_stage
+    from pipeline.training.state import train_state_path
+    from tests.conftest import REPO
+
+    params, paths = ingest_and_rebalance(tmp_path / "resume", n=48)
+    overrides = ["train.model=seed_cnn", "train.ensemble=3", "train.epochs=2", "train.num_threads=1"]
+    config = load_config(params, overrides)
+    straight = train_stage(paths, config)
+    straight_model, straight_state = load_checkpoint(paths.checkpoint)
+    straight_history = pd.read_csv(paths.history)
+
+    crashed = subprocess.run([sys.executable, "-c", CRASH_IN_MEMBER_2, str(params), *overrides], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    member_2 = torch.load(paths.models / "ensemble" / "member-2" / "models" / "train_state.pt", weights_only=True)
+    assert member_2["epoch"] == 1 and not (paths.models / "ensemble" / "member-3").exists()
+
+    with caplog.at_level("INFO", logger="pipeline.train"):
+        resumed = train_stage(paths, config, resume=True)
+
+    assert "member 2 of 3 (train.seed 1), resumed after epoch 1" in caplog.text
+    assert resumed.run_id == member_2["run_id"] != straight.run_id and read_run_id(paths) == resumed.run_id
+    model, state = load_checkpoint(paths.checkpoint)
+    assert isinstance(model, Ensemble) and state["ensemble"] == 3 and state["epoch"] == straight_state["epoch"]
+    for (key, weights), straight_weights in zip(model.state_dict().items(), straight_model.state_dict().values()):
+        assert torch.equal(weights, straight_weights), key  # bit-identical on the CPU, member 1 and 3 included
+    pd.testing.assert_frame_equal(pd.read_csv(paths.history), straight_history)
+    steps = [m.step for m in tracking_client(paths).get_metric_history(resumed.run_id, "member2/train_loss")]
+    assert sorted(steps) == [1, 2]  # epoch 1 before the crash, epoch 2 after: each logged once
+    assert resumed.val_auc == pytest.approx(straight.val_auc)
+    assert not train_state_path(paths).exists() and not (paths.models / "ensemble").exists()
+
+
+@pytest.mark.slow
+def test_resume_without_a_member_state_starts_the_ensemble_over_and_never_uses_a_single_networks_state(tmp_path, caplog):
+    """A killed run that finished no epoch leaves no member state: resume=True starts over (logged); the state file
+    of a single-network run is never resumed into an ensemble, and nothing is left behind."""
     from pipeline.train import train_stage
     from pipeline.training.state import train_state_path
 
-    params, paths = ingest_and_rebalance(tmp_path / "resume", n=48)
+    params, paths = ingest_and_rebalance(tmp_path / "over", n=48)
     config = load_config(params, ["train.model=seed_cnn", "train.ensemble=2"])
-    stale = paths.models / "ensemble" / "member-1" / "models" / "train_state.pt"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"left by a killed run")
-    train_state_path(paths).write_bytes(b"left by a killed run")
+    train_state_path(paths).parent.mkdir(parents=True, exist_ok=True)
+    train_state_path(paths).write_bytes(b"left by a killed single-network run")
     with caplog.at_level("INFO", logger="pipeline.train"):
         result = train_stage(paths, config, resume=True)
-    assert "not resumed" in caplog.text
+    assert "no ensemble member to resume from" in caplog.text
     assert isinstance(load_checkpoint(paths.checkpoint)[0], Ensemble)
     assert not train_state_path(paths).exists() and not (paths.models / "ensemble").exists()
     assert result.epochs_run == 1
+
+
+@pytest.mark.slow
+def test_resume_refuses_an_ensemble_member_state_of_other_settings(tmp_path):
+    """As for one network: a member's state from other settings is refused with the setting that changed, and kept."""
+    import subprocess
+    import sys
+
+    from pipeline.train import train_stage
+    from tests.conftest import REPO
+
+    params, paths = ingest_and_rebalance(tmp_path / "other", n=48)
+    overrides = ["train.model=seed_cnn", "train.ensemble=2", "train.epochs=2", "train.num_threads=1"]
+    crashed = subprocess.run([sys.executable, "-c", CRASH_IN_MEMBER_2, str(params), *overrides], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    with pytest.raises(CxrError, match="train.lr: .* → 0.5"):
+        train_stage(paths, load_config(params, [*overrides, "train.lr=0.5"]), resume=True)
+    assert (paths.models / "ensemble" / "member-2" / "models" / "train_state.pt").exists()
