@@ -170,7 +170,7 @@ def rebalance(params: ParamsOption = Path("params.yaml"), set_: SetOption = []) 
 def train(
     params: ParamsOption = Path("params.yaml"),
     set_: SetOption = [],  # noqa: B006
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from models/train_state.pt (same result as an uninterrupted run).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from models/train_state.pt, or an ensemble's from models/ensemble/ (same result as an uninterrupted run).")] = False,
 ) -> None:
     """Train train.model with batch augmentation (GPU when present, else CPU), log params and per-epoch
     metrics to MLflow, and keep the last epoch's model (train.keep best: the best on validation AUC) in
