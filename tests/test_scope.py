@@ -62,6 +62,21 @@ def test_colour_is_refused_but_grey_stored_as_rgb_is_not(pydicom_test_files, tmp
     assert out_of_scope(decode_file(tmp_path / "colour.png"), Scope()).startswith("colour:")
 
 
+@pytest.mark.parametrize("offset", range(4))
+def test_colour_between_any_sampled_pixels_is_still_refused(tmp_path, offset):
+    """The colour check works on 4 x 4 block means (for speed): a grey film tinted in three of every four columns,
+    whichever column is left grey, is colour all the same."""
+    from PIL import Image
+
+    grey = np.random.default_rng(0).integers(60, 200, (128, 128)).astype(int)
+    rgb = np.stack([grey] * 3, axis=-1)
+    tinted = np.arange(128) % 4 != offset
+    rgb[:, tinted, 0] += 40
+    rgb[:, tinted, 2] -= 40
+    Image.fromarray(rgb.astype(np.uint8)).save(tmp_path / "tinted.png")
+    assert out_of_scope(decode_file(tmp_path / "tinted.png"), Scope()).startswith("colour:")
+
+
 def test_a_multi_frame_film_is_refused_when_the_limits_let_it_decode(pydicom_test_files, tmp_path):
     import pydicom
 
