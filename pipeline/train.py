@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainResult:
     """What a training run produced: its MLflow run, the kept model's epoch and scores, the best epoch's, and where
-    the checkpoint is. With train.keep best (or for an ensemble) the kept model is the best one."""
+    the checkpoint is. With train.keep best the kept model is the best one; an ensemble has no best epoch of its own,
+    so its best_* fields repeat its kept scores."""
 
     run_id: str
     epoch: int  # the epoch whose model the checkpoint holds (train.keep)
@@ -132,9 +133,9 @@ def _train_ensemble(paths: ProjectPaths, config: Config, resume: bool, world: di
         states = [None] * count  # nothing to continue: every member starts from its seed
     if world.is_main:
         train_state_path(paths).unlink(missing_ok=True)  # a single network's: never resumed into an ensemble
-        if resume and states[0] is None:
-            log.info("train: no ensemble member to resume from in %s; starting a new run", members_dir)
         if states[0] is None:
+            if resume:
+                log.info("train: no ensemble member to resume from in %s; starting a new run", members_dir)
             shutil.rmtree(members_dir, ignore_errors=True)
     with tracked_run(paths, config, states[0], device, world) as run_id:
         members_kept, epochs = [], []
@@ -154,27 +155,27 @@ def _train_ensemble(paths: ProjectPaths, config: Config, resume: bool, world: di
                                       metric_prefix=f"member{k}/")
             members_kept.append(kept)
             epochs.append(epochs_run)
-        best = None
+        scored = None
         if world.is_main:
             ensemble = Ensemble([load_checkpoint(each.checkpoint)[0] for each in member_paths], data.task.one_label_per_film)
             scores = data.task.validation_scores(data.val_labels, predict_proba(ensemble.to(device), data.val_images, device,
                                                                                 data.task.activation))
             # the members' latest kept epoch stands for the ensemble's (evaluate reports it as its epoch)
-            best = {"epoch": max(m["epoch"] for m in members_kept), "val_auc": scores["val_auc"], "val_accuracy": scores["val_accuracy"]}
-            save_checkpoint(paths.checkpoint, ensemble, config, best)
+            scored = {"epoch": max(m["epoch"] for m in members_kept), "val_auc": scores["val_auc"], "val_accuracy": scores["val_accuracy"]}
+            save_checkpoint(paths.checkpoint, ensemble, config, scored)
             client = tracking.client(paths)
-            tracking.log_metrics(client, run_id, scores | {"best_val_auc": best["val_auc"], "best_val_accuracy": best["val_accuracy"],
-                                                           "best_epoch": best["epoch"], "epochs_run": max(epochs)})
+            tracking.log_metrics(client, run_id, scores | {"best_val_auc": scored["val_auc"], "best_val_accuracy": scored["val_accuracy"],
+                                                           "best_epoch": scored["epoch"], "epochs_run": max(epochs)})
             history = pd.concat([pd.read_csv(each.history).assign(member=k) for k, each in enumerate(member_paths, 1)])
             with atomic_path(paths.history) as tmp:
                 history[["member", *history.columns.drop("member")]].to_csv(tmp, index=False, float_format="%.6g")
             tracking.describe_run(client, run_id, f"{describe_network({'model': config.train.model, 'ensemble': count})}, {config.data.image_size} px: "
-                                  f"val AUC {best['val_auc']:.4f} (members at their {config.train.keep} epochs: "
+                                  f"val AUC {scored['val_auc']:.4f} (members at their {config.train.keep} epochs: "
                                   f"{', '.join(format(m['val_auc'], '.4f') for m in members_kept)})")
-        best = distributed.broadcast(best, world)
+        scored = distributed.broadcast(scored, world)
     if world.is_main:
         shutil.rmtree(members_dir, ignore_errors=True)
         log.info("train: ensemble of %d, val AUC %.4f, val accuracy %.4f → %s (MLflow run %s)",
-                 count, best["val_auc"], best["val_accuracy"], paths.checkpoint, run_id)
-    return TrainResult(run_id, best["epoch"], best["val_auc"], best["val_accuracy"], best["epoch"], best["val_auc"],
+                 count, scored["val_auc"], scored["val_accuracy"], paths.checkpoint, run_id)
+    return TrainResult(run_id, scored["epoch"], scored["val_auc"], scored["val_accuracy"], scored["epoch"], scored["val_auc"],
                        str(device), paths.checkpoint, max(epochs))
