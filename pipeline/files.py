@@ -97,3 +97,12 @@ def read_json(path: Path, what: str) -> Any:
     if not path.exists():
         raise CxrError(f"{path} is missing: run {what} first")
     return json.loads(path.read_text())
+
+
+def read_text_csv(path: Path):  # -> pd.DataFrame
+    """A CSV the project wrote whose columns are text (image ids, hashes, paths, reasons), read as text: pandas would
+    read an image id such as '123456e789012345' as a float and '0123456789012345' as an int (a keyed hash is one
+    now and then, whatever the key), and an empty cell as NaN; here each stays the string it was written as."""
+    import pandas as pd
+
+    return pd.read_csv(path, dtype=str, keep_default_na=False)

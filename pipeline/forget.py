@@ -28,7 +28,7 @@ from pipeline.decode_cache import DecodeCache
 from pipeline.deid import key_check, load_key
 from pipeline.erasures import append_erasure, erased_patients
 from pipeline.errors import CxrError
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, read_text_csv
 from pipeline.lock import project_lock
 from pipeline.manifest import label_review, manifest_labels, write_manifest
 from pipeline.paths import ProjectPaths
@@ -132,7 +132,7 @@ def _drop_duplicates_of(path: Path, pixels: set[str]) -> int:
     """Remove the rows of dropped_duplicates.csv that were copies of the erased films; how many."""
     if not pixels or not path.exists():
         return 0
-    dropped = pd.read_csv(path, dtype=str, keep_default_na=False)
+    dropped = read_text_csv(path)
     gone = dropped["sha256"].isin(pixels)
     if gone.any():
         with atomic_path(path) as tmp:

@@ -28,7 +28,7 @@ from pipeline.config import Config
 from pipeline.deid import install_key_file, key_check, load_key, read_key_file
 from pipeline.erasures import append_erasure, erased_patients
 from pipeline.errors import CxrError
-from pipeline.files import atomic_path
+from pipeline.files import atomic_path, read_text_csv
 from pipeline.lock import project_lock
 from pipeline.manifest import label_review, manifest_labels, write_manifest
 from pipeline.overrides import read_overrides, write_overrides
@@ -167,7 +167,7 @@ def _rewrite_duplicates(path: Path, by_id: dict[str, _Film]) -> None:
     """dropped_duplicates.csv under the new key; a row whose film is no longer listed goes (ingest lists it again)."""
     if not path.exists():
         return
-    dropped = pd.read_csv(path, dtype=str, keep_default_na=False)
+    dropped = read_text_csv(path)
     films = [by_id.get(image_id) for image_id in dropped["image_id"]]
     listed = [film is not None for film in films]
     films = [film for film in films if film is not None]
@@ -201,7 +201,7 @@ def _strip_old_tokens(path: Path) -> None:
     """quarantine.csv keeps its rows; the old key's redaction hashes go (the next ingest writes it under the new key)."""
     if not path.exists():
         return
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = read_text_csv(path)
     for column in ("path", "message"):
         if column in table.columns:
             table[column] = table[column].str.replace(OLD_KEY_TOKEN, "redacted", regex=True)

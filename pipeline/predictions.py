@@ -34,7 +34,7 @@ def load_predictions(path: Path, split: str) -> pd.DataFrame:
     """The rows of one split, numbered from 0."""
     if not path.exists():
         raise CxrError(f"{path} is missing: run `cxr evaluate` first")
-    predictions = pd.read_csv(path)
+    predictions = pd.read_csv(path, dtype={"split": str, "image_id": str})  # an id may look like a number (files.read_text_csv)
     return predictions[predictions["split"] == split].reset_index(drop=True)
 
 

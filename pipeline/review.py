@@ -23,6 +23,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.errors import CxrError
+from pipeline.files import read_text_csv
 from pipeline.lock import project_lock
 from pipeline.manifest import read_manifest
 from pipeline.overrides import (
@@ -101,7 +102,7 @@ def _known_films(paths: ProjectPaths, config: Config) -> pd.DataFrame:
     manifest = read_manifest(paths.manifest, config.data.task, config.data.labels,
                              ["source", "path", "label", "label_original"])
     if paths.quarantine.exists():
-        quarantine = pd.read_csv(paths.quarantine, dtype=str, keep_default_na=False)
+        quarantine = read_text_csv(paths.quarantine)
         excluded = quarantine.loc[quarantine["reason"] == EXCLUDED, ["source", "path"]]
         manifest = pd.concat([manifest, excluded], ignore_index=True)
     return manifest
@@ -128,7 +129,7 @@ def _label_issues(paths: ProjectPaths) -> pd.DataFrame | None:
     if not issues.exists():
         return None
     try:
-        table = pd.read_csv(issues, dtype=str, keep_default_na=False)
+        table = read_text_csv(issues)
     except (OSError, ValueError) as exc:  # pandas' ParserError and EmptyDataError are ValueErrors
         raise CxrError(f"{issues}: could not read the table ({exc})") from None
     missing = [column for column in ISSUES_COLUMNS if column not in table.columns]

@@ -24,7 +24,7 @@ import pandas as pd
 
 from pipeline.config import Config, DataConfig, ValidationConfig
 from pipeline.errors import CxrError
-from pipeline.files import write_json
+from pipeline.files import read_text_csv, write_json
 from pipeline.overrides import review_shares
 from pipeline.sources import UNLABELLED
 from pipeline.ingest import MANIFEST_COLUMNS
@@ -82,7 +82,7 @@ def validate_stage(paths: ProjectPaths, config: Config) -> GateResult:
     manifest = read_manifest(paths.manifest, config.data.task, config.data.labels)
     manifest = manifest[manifest["split"] != UNLABELLED]  # films kept for prediction only are not training data
     images = np.load(paths.images, mmap_mode="r")  # hashed a chunk at a time, never read whole
-    dropped = pd.read_csv(paths.dropped_duplicates) if paths.dropped_duplicates.exists() else None
+    dropped = read_text_csv(paths.dropped_duplicates) if paths.dropped_duplicates.exists() else None
     registry = read_registry(paths.split_registry)
     if registry is None:
         raise CxrError(f"{paths.split_registry} is missing: run ingest first")

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipeline.files import read_text_csv
 from pipeline.imaging import (
     REDUCED_MARGIN,
     center_square,
@@ -126,10 +127,11 @@ def test_a_copy_with_margins_the_crop_removes_is_a_duplicate_of_its_film(cropped
     folder = project.paths.root / "data" / "raw" / "demo" / "pneumonia"
     ids = _ids_of(project, [folder / PADDED_SOURCE, folder / PADDED_COPY])
     manifest = pd.read_parquet(project.paths.manifest)
-    dropped = pd.read_csv(project.paths.dropped_duplicates)
+    dropped = read_text_csv(project.paths.dropped_duplicates)  # an id may look like a number to pandas' guess
     films = pd.concat([manifest[["image_id", "sha256"]], dropped[["image_id", "sha256"]]])
     pair = films[films["image_id"].isin(ids)]
-    assert len(pair) == 2 and pair["sha256"].nunique() == 1
+    quarantine = read_text_csv(project.paths.quarantine)
+    assert len(pair) == 2 and pair["sha256"].nunique() == 1, f"{pair}\nquarantined:\n{quarantine.to_string()}"
     assert manifest["image_id"].isin(ids).sum() == 1 and dropped["image_id"].isin(ids).sum() == 1
 
 

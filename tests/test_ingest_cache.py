@@ -341,3 +341,41 @@ def test_a_cold_ingest_never_holds_the_archives_pixels_in_memory(tmp_path):
     pixels = (large - small) * size * size
     assert grown < pixels / 8, f"peak grew {grown / 2**10:.0f} KiB for {pixels / 2**10:.0f} KiB more pixels"
     assert np.load(ProjectPaths(tmp_path / "large").images, mmap_mode="r").shape == (large, size, size)
+
+
+def test_an_image_id_that_looks_like_a_number_is_read_back_as_the_id(tmp_path, monkeypatch):
+    """image_id is a keyed hash in hex: under about one key in 700 a film's id reads as a number ('123456e789012345'
+    is a float to pandas, '0123456789012345' an int). A key that does this to the one dropped copy: the dropped
+    list, the data gate that reads it and the predictions reader still give the id as written (CI's random key
+    once turned a copy's id into a float, and the film seemed lost)."""
+    import re
+
+    from pipeline.deid import load_key
+    from pipeline.files import read_text_csv
+    from pipeline.ingest import image_id_of
+    from pipeline.predictions import load_predictions, write_predictions
+    from pipeline.sources import read_source
+    from pipeline.validate import validate_stage
+
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 255, (8, 28, 28), dtype=np.uint8)
+    val = rng.integers(0, 255, (4, 28, 28), dtype=np.uint8)
+    val[0] = train[0]  # one copy: dedupe drops the val one
+    labels = lambda n: (np.arange(n) % 2).reshape(-1, 1)  # noqa: E731
+    np.savez(tmp_path / "one_copy.npz", train_images=train, train_labels=labels(8), val_images=val,
+             val_labels=labels(4), test_images=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8), test_labels=labels(4))
+    paths, config = _project(tmp_path, "data.sources=[one_copy.npz]")
+    copy = next(item for item in read_source(config.data.sources[0], paths.root, config.data)[0] if item.path == "val/0")
+    numeric = re.compile(r"\d+(e\d+)?")
+    keys = (f"a-key-whose-ids-look-numeric-{n:06d}" for n in range(100_000))
+    monkeypatch.setenv("CXR_DEID_KEY", next(key for key in keys if numeric.fullmatch(image_id_of(copy, key.encode()))))
+    expected = image_id_of(copy, load_key(paths.root))
+    assert numeric.fullmatch(expected)
+
+    assert ingest_stage(paths, config).n_dropped_duplicates == 1
+    assert pd.read_csv(paths.dropped_duplicates)["image_id"].dtype != object  # the trap: pandas' own guess
+    assert read_text_csv(paths.dropped_duplicates)["image_id"].tolist() == [expected]
+    validate_stage(paths, config)  # reads the dropped list (counted as dropped_by_dedupe)
+    write_predictions(paths.predictions, [pd.DataFrame({"split": ["test"], "image_id": [expected], "store_index": [0],
+                                                         "truth": [1], "probability": [0.7], "threshold": [0.5]})])
+    assert load_predictions(paths.predictions, "test")["image_id"].tolist() == [expected]
