@@ -1,6 +1,6 @@
 """A cache of decoded, windowed, resized films, so re-ingesting after adding files decodes only the new ones.
 
-Keyed by the sha256 of each file's bytes, inside a folder named after the preprocessing (image size, crop and
+Keyed by the content key (pipeline.files.content_key: BLAKE3) of each file's bytes, inside a folder named after the preprocessing (image size, crop and
 decoder version). Pixels live in a few large memory-mapped shard files (one per ingest run that decoded
 something), never a file per image. Files that failed are remembered with their reason, so they are not
 retried until they change. Only technical fields, sex and the age band are cached: a DICOM's identity is
@@ -32,10 +32,10 @@ log = logging.getLogger(__name__)
 
 # Bump when decoding changes a film's stored pixels or fields (2: content-named shards, checksums; 3: sex and
 # age_band; 4: JPEG and JPEG 2000 decoded at a reduced scale, sha256 of the decoded rather than the full-size
-# pixels; 5: sha256 of the stored pixels). A new version is a new folder, and ingest's fingerprint holds it, so
+# pixels; 5: sha256 of the stored pixels; 6: files keyed by BLAKE3 rather than sha256). A new version is a new folder, and ingest's fingerprint holds it, so
 # every film decodes once again: a film stored before a change is never served, or de-duplicated, beside one
 # stored after it.
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 INDEX_COLUMNS = ("file_key", "shard", "row", "checksum")
 FAILURE_COLUMNS = ("file_key", "reason", "message")
 
@@ -48,7 +48,7 @@ class Decoded:
     pixels: np.ndarray  # or, once ingest spooled it, a pipeline.ingest.SpooledFilm that numpy reads as the array
     fields: dict
     identity: Identity = NO_IDENTITY
-    file_key: str | None = None  # sha256 of the file's bytes, when the decoder read them (never from the cache)
+    file_key: str | None = None  # content key of the file's bytes, when the decoder read them (never from the cache)
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Failure:
     reason: str
     message: str
     identity: Identity = NO_IDENTITY
-    file_key: str | None = None  # sha256 of the file's bytes, when the decoder read them
+    file_key: str | None = None  # content key of the file's bytes, when the decoder read them
 
 
 FILE = "{file}"  # stands for the film's name in a failure's message
@@ -121,7 +121,7 @@ class DecodeCache:
         pixels = None if shard is None else np.array(shard[int(entry["row"])])
         if pixels is None or _checksum(file_key, fields, pixels) != entry["checksum"]:
             if shard is not None:
-                log.warning("decode cache: the film of sha256 %s… does not match its checksum in %s; decoding it again",
+                log.warning("decode cache: the film of file key %s… does not match its checksum in %s; decoding it again",
                             file_key[:12], entry["shard"])
             self._forget(self.index.index == file_key)
             return None

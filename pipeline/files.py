@@ -79,6 +79,27 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def content_key(data: bytes) -> str:
+    """The key ingest knows a source file's bytes by (the decode cache, data/cache/file_hashes.parquet): BLAKE3,
+    a cryptographic hash like sha256 but about six times faster on one core here (sha256 of each film's bytes
+    took a twentieth of a cold ingest; BLAKE3 takes under a hundredth). One thread: a decode worker stays on its
+    core."""
+    from blake3 import blake3
+
+    return blake3(data, max_threads=1).hexdigest()
+
+
+def content_key_of(path: Path) -> str:
+    """content_key of a file's bytes, read in chunks (the same key as content_key of the whole content)."""
+    from blake3 import blake3
+
+    digest = blake3(max_threads=1)
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def md5_of(path: Path) -> str:
     """Hex md5 of a file's bytes: what DVC 3 records for a file output in dvc.lock and .dvc files."""
     import hashlib

@@ -35,7 +35,7 @@ from pipeline.deid import Identity, Redactor, identifier_hashes, key_check, load
 from pipeline.dvc_watch import check_sources_watched
 from pipeline.erasures import erased_patients
 from pipeline.errors import CxrError
-from pipeline.files import atomic_path, shown_path, write_npy_rows
+from pipeline.files import atomic_path, content_key, shown_path, write_npy_rows
 from pipeline.imaging import (DecodeLimits, UnreadableImage, check_usable, decode_content, limits_of, pixel_sha256, read_film,
                               read_identity, resize)
 from pipeline.manifest import write_manifest
@@ -76,7 +76,7 @@ class IngestPlan:
 
     items: list[SourceItem]
     rejected: list[Rejected]
-    keys: list[str | None]  # sha256 of each file item's bytes (None for array items and missing files)
+    keys: list[str | None]  # content key (pipeline.files.content_key) of each file item's bytes (None for array items and missing files)
     todo: list[SourceItem]  # file items to decode, in the order decode_items returns their outcomes
     fingerprint: str = ""  # of everything the outputs are made from (pipeline.stat_cache)
     unchanged: IngestResult | None = None  # the last ingest's result, when its outputs are this plan's: nothing to do
@@ -136,8 +136,8 @@ def plan_ingest(paths: ProjectPaths, config: Config, keep_unchanged: bool = True
         unread = {i: seen for i in unknown if (seen := before_reading(files[i])) is not None}
     elif unknown:
         workers = config.data.num_workers or os.cpu_count() or 1
-        with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib releases the GIL: threads hash in parallel
-            hashed = tqdm(pool.map(hashes.sha256, [files[i] for i in unknown]), total=len(unknown), desc="hashing",
+        with ThreadPoolExecutor(max_workers=workers) as pool:  # BLAKE3 releases the GIL: threads hash in parallel
+            hashed = tqdm(pool.map(hashes.key_of, [files[i] for i in unknown]), total=len(unknown), desc="hashing",
                           unit="file", disable=None, leave=False)
             for i, key in zip(unknown, hashed):
                 keys[i] = key
@@ -249,7 +249,7 @@ def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeL
     file_key = None
     try:
         data = read_film(file)
-        file_key = hashlib.sha256(data).hexdigest()  # hashed as read: ingest never reads a new film twice
+        file_key = content_key(data)  # hashed as read: ingest never reads a new film twice
         decoded = decode_content(data, file, key, limits, size)
     except UnreadableImage as exc:
         message = shown_path(Redactor(exc.identity.hashes, key).text(str(exc).replace(str(file), FILE)))

@@ -2,7 +2,7 @@
 
 Two tables under data/cache, both local speed-ups that ingest rebuilds when they are missing or damaged:
 
-- `file_hashes.parquet`: each source file's sha256 by a keyed hash of its path (a PACS export's folders are
+- `file_hashes.parquet`: each source file's content key (pipeline.files.content_key) by a keyed hash of its path (a PACS export's folders are
   named after patients), size, mtime, ctime and inode (git and DVC keep such a table). A file whose stat is unchanged is not read again. The ctime is there because no program can
   set it back: a file rewritten with the same size and its mtime restored (`os.utime`, `touch -r`, `cp -p`)
   still shows a new ctime. A hash taken less than RACY_NS after the file last changed is not kept (git's
@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.files import atomic_path, sha256_of, write_json
+from pipeline.files import atomic_path, content_key_of, sha256_of, write_json
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ def stat_key(path: Path) -> StatKey | None:
 
 @dataclass
 class FileHashes:
-    """sha256 of files by their stat, loaded from and saved to one parquet table; files are known by a keyed hash
-    of their path (`key`: the de-identification key), never by the path itself."""
+    """Content keys (pipeline.files.content_key) of files by their stat, loaded from and saved to one parquet table;
+    files are known by a keyed hash of their path (`key`: the de-identification key), never by the path itself."""
 
     path: Path
     key: bytes
@@ -68,14 +68,16 @@ class FileHashes:
                 if "path" in table:  # written before paths were keyed: it names files in clear, so it goes
                     path.unlink()
                     return hashes
-                hashes.known = {file: ((size, mtime, ctime, inode), sha) for file, size, mtime, ctime, inode, sha in zip(
-                    table["path_hmac"], table["size"], table["mtime_ns"], table["ctime_ns"], table["inode"], table["sha256"], strict=True)}
+                if "file_key" not in table:  # sha256s, from before content keys: the decode cache knows none of them
+                    return hashes
+                hashes.known = {file: ((size, mtime, ctime, inode), file_key) for file, size, mtime, ctime, inode, file_key in zip(
+                    table["path_hmac"], table["size"], table["mtime_ns"], table["ctime_ns"], table["inode"], table["file_key"], strict=True)}
             except Exception as exc:  # damaged: every file is hashed again
                 log.warning("ingest: %s is unreadable (%s); hashing every file again", path, type(exc).__name__)
         return hashes
 
     def remembered(self, file: Path) -> str | None:
-        """The file's sha256 from the table when its stat is unchanged since it was hashed, else None."""
+        """The file's content key from the table when its stat is unchanged since it was hashed, else None."""
         name = self._name(file)
         known = self.known.get(name)
         if known is None or stat_key(file) != known[0]:
@@ -83,8 +85,8 @@ class FileHashes:
         self._used[name] = known
         return known[1]
 
-    def sha256(self, file: Path) -> str | None:
-        """The file's sha256, from the table when its stat is unchanged; None when it is not a regular file or
+    def key_of(self, file: Path) -> str | None:
+        """The file's content key, from the table when its stat is unchanged; None when it is not a regular file or
         cannot be read (decoding then says why). Safe to call from several threads."""
         key = stat_key(file)
         if key is None:
@@ -96,7 +98,7 @@ class FileHashes:
             return known[1]
         started = time.time_ns()
         try:
-            digest = sha256_of(file)
+            digest = content_key_of(file)
         except OSError:  # e.g. no read permission: one file's problem, not the run's
             return None
         self.n_hashed += 1  # a counter for the log: a lost update under threads costs nothing
@@ -104,7 +106,7 @@ class FileHashes:
         return digest
 
     def learn(self, file: Path, seen: Seen, digest: str) -> None:
-        """Remember the sha256 of what was read from `file` after `seen` (its stat and the time before the read,
+        """Remember the content key of what was read from `file` after `seen` (its stat and the time before the read,
         from `before_reading`): a file changed after that stat shows another stat next run, so is read again; a
         hash taken within RACY_NS of its last change is not kept (the same timestamp tick may hide a change)."""
         key, started = seen
@@ -133,7 +135,7 @@ class FileHashes:
         for position, (name, kind) in enumerate((("size", pa.uint64()), ("mtime_ns", pa.int64()), ("ctime_ns", pa.int64()),
                                                  ("inode", pa.uint64()))):  # inode numbers may use all 64 bits
             columns[name] = pa.array([key[position] for _, (key, _) in entries], type=kind)
-        columns["sha256"] = [sha for _, (_, sha) in entries]
+        columns["file_key"] = [file_key for _, (_, file_key) in entries]
         with atomic_path(self.path) as tmp:
             pq.write_table(pa.table(columns), tmp)
         self.known = dict(self._used)

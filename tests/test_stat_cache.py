@@ -115,16 +115,39 @@ def test_a_hash_taken_within_the_racy_window_is_not_trusted(tmp_path, monkeypatc
     table = tmp_path / "file_hashes.parquet"
 
     fresh = FileHashes.load(table, KEY)
-    fresh.sha256(film)
+    fresh.key_of(film)
     fresh.save()
     assert FileHashes.load(table, KEY).known == {}  # hashed right after it changed: read again next time
 
     time.sleep(0.4)
     aged = FileHashes.load(table, KEY)
-    digest = aged.sha256(film)
+    digest = aged.key_of(film)
     aged.save()
     again = FileHashes.load(table, KEY)
-    assert again.sha256(film) == digest and again.n_hashed == 0
+    assert again.key_of(film) == digest and again.n_hashed == 0
+
+
+def test_a_table_of_sha256s_from_before_content_keys_is_not_trusted(tmp_path, monkeypatch):
+    """file_hashes.parquet once held sha256s; the decode cache is keyed by BLAKE3 now, so an old table is dropped
+    and its files hashed again (with the new key), rather than its sha256s taken for content keys."""
+    import pyarrow.parquet as pq
+
+    from pipeline.files import content_key
+
+    monkeypatch.setattr(stat_cache, "RACY_NS", 0)
+    film = tmp_path / "film.png"
+    film.write_bytes(b"first")
+    table = tmp_path / "file_hashes.parquet"
+    hashes = FileHashes.load(table, KEY)
+    assert hashes.key_of(film) == content_key(b"first")
+    hashes.save()
+    assert FileHashes.load(table, KEY).key_of(film) == content_key(b"first")  # remembered, in the new table
+
+    old = pq.read_table(table).rename_columns(["path_hmac", "size", "mtime_ns", "ctime_ns", "inode", "sha256"])
+    pq.write_table(old, table)
+    before = FileHashes.load(table, KEY)
+    assert before.known == {} and before.remembered(film) is None  # read again, not trusted
+    assert before.key_of(film) == content_key(b"first") and before.n_hashed == 1
 
 
 def test_what_ingest_reads_changing_reruns_it(tmp_path, monkeypatch):
