@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 # Bump when decoding changes a film's stored pixels or fields (2: content-named shards, checksums; 3: sex and
 # age_band; 4: JPEG and JPEG 2000 decoded at a reduced scale, sha256 of the decoded rather than the full-size
-# pixels; 5: sha256 of the stored pixels; 6: files keyed by BLAKE3 rather than sha256). A new version is a new folder, and ingest's fingerprint holds it, so
+# pixels; 5: sha256 of the stored pixels; 6: files keyed by BLAKE3 rather than sha256, 8-bit
+# PNGs averaged down before the resize). A new version is a new folder, and ingest's fingerprint holds it, so
 # every film decodes once again: a film stored before a change is never served, or de-duplicated, beside one
 # stored after it.
 CACHE_VERSION = 6
