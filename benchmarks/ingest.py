@@ -453,13 +453,18 @@ def real_main(args: argparse.Namespace) -> None:
         bare_before = min(bare_loop(files, True) for _ in range(args.repeats))
         bare_full = min(bare_loop(files, False) for _ in range(args.repeats))
         cold: dict[int, float] = {}
+        cold_decoding = math.inf  # of the 1-worker cold ingests: the decoding step alone (decode_items)
+        paired: list[tuple[float, float]] = []  # (bare draft loop, cold 1-worker ingest) timed one after the other
         cached = math.inf
         for workers in WORKER_COUNTS:
             for repeat in range(args.repeats):
                 paths = new_project(scratch / f"w{workers}-r{repeat}")
+                bare_now = bare_loop(files, True) if workers == 1 else math.nan
                 first = timed_ingest(paths, source, workers)
                 cold[workers] = min(cold.get(workers, math.inf), first.seconds)
                 if workers == 1:
+                    cold_decoding = min(cold_decoding, first.decode_seconds)
+                    paired.append((bare_now, first.seconds))
                     again = timed_ingest(paths, source, workers)
                     check("jpeg", len(files), first.result, again.result)
                     cached = min(cached, again.seconds)
@@ -471,26 +476,33 @@ def real_main(args: argparse.Namespace) -> None:
     main_rss, worker_rss = peak_rss_mib()
 
     n = len(files)
+    # The machine's speed drifts within a run (the bare loop before and after the ingests have differed by a tenth on
+    # an idle VM), so the 1-worker ratio pairs each cold ingest with the bare loop timed just before it.
+    vs_bare = sum(bare for bare, _ in paired) / sum(ingest for _, ingest in paired)
+    speedup, cached_vs_cold, j2k = cold[1] / cold[2], cold[1] / cached, j2k_reduced / j2k_full
     rows = [("bare Pillow loop, full decode + resize", n / bare_full, ""),
             ("bare Pillow loop, draft decode + resize", n / bare_draft, "1.00x"),
             ("cxr ingest, 1 worker, cold", n / cold[1], f"{bare_draft / cold[1]:.2f}x"),
+            ("  paired with the bare loop just before it", math.nan, f"{vs_bare:.2f}x"),
             ("cxr ingest, 2 workers, cold", n / cold[2], f"{bare_draft / cold[2]:.2f}x"),
             ("cxr ingest, cached re-ingest", n / cached, f"{bare_draft / cached:.2f}x")]
     print()
     print(f"{'path (real JPEGs)':<42} {'img/s':>8} {'vs bare draft':>14}")
     for name, rate, ratio in rows:
-        print(f"{name:<42} {rate:>8.1f} {ratio:>14}")
+        print(f"{name:<42} {'' if math.isnan(rate) else f'{rate:.1f}':>8} {ratio:>14}")
     if with_j2k:
         print(f"{'JPEG 2000 ' + REAL_J2K.name + ', reduced level':<42} {j2k_reduced:>8.1f}")
         print(f"{'JPEG 2000 ' + REAL_J2K.name + ', full decode':<42} {j2k_full:>8.1f}")
     else:
         print(f"JPEG 2000: left out ({REAL_J2K} is missing)")
     print(f"bare draft loop before and after the ingests: {n / bare_before:.1f} and {n / bare_after:.1f} img/s "
-          "(the ratios use their mean)")
+          "(the other ratios use their mean)")
+    print(f"per film, 1 worker: bare draft loop {bare_draft / n * 1e3:.2f} ms; cold ingest {cold[1] / n * 1e3:.2f} ms, of "
+          f"which decoding (read, hash, decode, checks, resize) {cold_decoding / n * 1e3:.2f} ms at best and the rest "
+          f"(listing, caching, redacting, splits, writing) about {(cold[1] - cold_decoding) / n * 1e3:.2f} ms")
     print(f"peak RSS: {main_rss:.0f} MiB (ingest process), {worker_rss:.0f} MiB (largest decode worker)")
     print(f"other processes took {others:.0%} of the machine's CPU meanwhile"
           + ("; rerun on an idle machine" if others > BUSY_WARNING else ""))
-    vs_bare, speedup, cached_vs_cold, j2k = bare_draft / cold[1], cold[1] / cold[2], cold[1] / cached, j2k_reduced / j2k_full
     print()
     targets = [("cold 1-worker ingest vs bare draft loop", vs_bare, TARGET_VS_BARE),
                ("2 workers vs 1, cold ingest", speedup, 1.8),
