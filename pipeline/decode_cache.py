@@ -1,7 +1,7 @@
 """A cache of decoded, windowed, resized films, so re-ingesting after adding files decodes only the new ones.
 
-Keyed by the content key (pipeline.files.content_key: BLAKE3) of each file's bytes, inside a folder named after the preprocessing (image size, crop and
-decoder version). Pixels live in a few large memory-mapped shard files (one per ingest run that decoded
+Keyed by the content key (pipeline.files.content_key: BLAKE3) of each file's bytes, inside a folder named after
+the preprocessing (image size, crop and decoder version). Pixels live in a few large memory-mapped shard files (one per ingest run that decoded
 something), never a file per image. Files that failed are remembered with their reason, so they are not
 retried until they change. Only technical fields, sex and the age band are cached: a DICOM's identity is
 re-read from its header each run, so the cache holds nothing identifying (never an age or a birth date, and no

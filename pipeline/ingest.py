@@ -76,7 +76,7 @@ class IngestPlan:
 
     items: list[SourceItem]
     rejected: list[Rejected]
-    keys: list[str | None]  # content key (pipeline.files.content_key) of each file item's bytes (None for array items and missing files)
+    keys: list[str | None]  # each file item's content key (pipeline.files.content_key); None: an array or a missing file
     todo: list[SourceItem]  # file items to decode, in the order decode_items returns their outcomes
     fingerprint: str = ""  # of everything the outputs are made from (pipeline.stat_cache)
     unchanged: IngestResult | None = None  # the last ingest's result, when its outputs are this plan's: nothing to do

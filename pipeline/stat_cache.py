@@ -2,9 +2,10 @@
 
 Two tables under data/cache, both local speed-ups that ingest rebuilds when they are missing or damaged:
 
-- `file_hashes.parquet`: each source file's content key (pipeline.files.content_key) by a keyed hash of its path (a PACS export's folders are
-  named after patients), size, mtime, ctime and inode (git and DVC keep such a table). A file whose stat is unchanged is not read again. The ctime is there because no program can
-  set it back: a file rewritten with the same size and its mtime restored (`os.utime`, `touch -r`, `cp -p`)
+- `file_hashes.parquet`: each source file's content key (pipeline.files.content_key: BLAKE3 of its bytes) by a
+  keyed hash of its path (a PACS export's folders are named after patients), size, mtime, ctime and inode (git and
+  DVC keep such a table). A file whose stat is unchanged is not read again. The ctime is there because no program
+  can set it back: a file rewritten with the same size and its mtime restored (`os.utime`, `touch -r`, `cp -p`)
   still shows a new ctime. A hash taken less than RACY_NS after the file last changed is not kept (git's
   "racily clean" entries): a write within the same timestamp tick would leave its stat unchanged.
 - `last_ingest.json`: the fingerprint of the last ingest's inputs (every listed film's path, label and hash, the
@@ -71,7 +72,8 @@ class FileHashes:
                 if "file_key" not in table:  # sha256s, from before content keys: the decode cache knows none of them
                     return hashes
                 hashes.known = {file: ((size, mtime, ctime, inode), file_key) for file, size, mtime, ctime, inode, file_key in zip(
-                    table["path_hmac"], table["size"], table["mtime_ns"], table["ctime_ns"], table["inode"], table["file_key"], strict=True)}
+                    table["path_hmac"], table["size"], table["mtime_ns"], table["ctime_ns"], table["inode"], table["file_key"],
+                    strict=True)}
             except Exception as exc:  # damaged: every file is hashed again
                 log.warning("ingest: %s is unreadable (%s); hashing every file again", path, type(exc).__name__)
         return hashes

@@ -1,6 +1,6 @@
 """Decoding only the resolution kept (pipeline.imaging, issue 15): a JPEG through libjpeg's DCT scaling, a JPEG 2000
-DICOM through OpenJPEG's resolution levels, an 8-bit PNG averaged down after its full decode. Each reduced decode is checked against the full decode at 64 px, and
-ingest's path against the served model's."""
+DICOM through OpenJPEG's resolution levels, an 8-bit PNG averaged down after its full decode. Each reduced decode is
+checked against the full decode at 64 px, and ingest's path against the served model's."""
 
 from __future__ import annotations
 
