@@ -367,18 +367,16 @@ def real_jpeg_copies(dest: Path, copies: int, folder: Path | None = None) -> int
     same pixels (the copies are then duplicates by pixels: data.dedupe reports them, the default). The label folder
     is kept. With `folder`, its JPEGs instead (at most `copies` of them), under normal/ and pneumonia/ in turn: the
     labels do not matter to speed, and another archive's folders are not label names."""
-    films = sorted((folder or REAL_SAMPLES / "kermany_fullres").rglob("*.jp*g"))
+    films = sorted((folder or REAL_SAMPLES / "kermany_fullres").rglob("*.jp*g"))[:copies]
     if not films:
         raise SystemExit(f"no JPEG films under {folder}" if folder else
                          f"--real needs the Kermany JPEGs under {REAL_SAMPLES / 'kermany_fullres'}, which are missing")
-    films = films[:copies]
-    contents = [(("normal", "pneumonia")[i % 2] if folder else film.parent.name.lower(), film.stem, film.read_bytes())
-                for i, film in enumerate(films)]
     for i in range(copies):
-        label, stem, content = contents[i % len(contents)]
-        target = dest / label / f"{stem}-copy{i:05d}.jpeg"
+        film = films[i % len(films)]  # read as copied, never all held: the benchmark reports its own peak RSS
+        label = ("normal", "pneumonia")[i % len(films) % 2] if folder else film.parent.name.lower()
+        target = dest / label / f"{film.stem}-copy{i:05d}.jpeg"
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content + f"cxr-benchmark-copy-{i}".encode())
+        target.write_bytes(film.read_bytes() + f"cxr-benchmark-copy-{i}".encode())
     return len(films)
 
 

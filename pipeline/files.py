@@ -68,14 +68,19 @@ def write_json(path: Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _chunks(path: Path) -> Iterator[bytes]:
+    """A file's bytes, 1 MiB at a time (checkpoints, image stores and films can be large): what the digests read."""
+    with path.open("rb") as handle:
+        yield from iter(lambda: handle.read(1 << 20), b"")
+
+
 def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (checkpoints and image stores can be large)."""
+    """Hex sha256 of a file's bytes, read in chunks."""
     import hashlib
 
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    for chunk in _chunks(path):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -93,9 +98,8 @@ def content_key_of(path: Path) -> str:
     from blake3 import blake3
 
     digest = blake3(max_threads=1)
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    for chunk in _chunks(path):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -104,9 +108,8 @@ def md5_of(path: Path) -> str:
     import hashlib
 
     digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    for chunk in _chunks(path):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
