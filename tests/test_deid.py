@@ -282,3 +282,30 @@ def test_what_decode_workers_return_holds_no_identifier_and_no_path(tmp_path):
     assert by_name["IM-0001.dcm"].identity.patient == patient_hash("MRN7730100", key)
     assert identifier_hashes(["ACC5550100", "QUINCEY", "19610224"], key) <= by_name["IM-0004.dcm"].identity.hashes
     assert by_name["IM-0003"].message.startswith(f"{FILE}: ") and by_name["IM-0004.dcm"].message.startswith(f"{FILE}: ")
+
+
+def test_the_redactor_finds_identifiers_as_words_runs_of_words_and_runs_inside_words():
+    """Redactor's one pass over letter and digit runs must still find every form the docstring promises: a whole
+    word, a run of words across separators (a name's parts joined by _ or -, a UID's 32 numbers), letter or digit
+    runs inside a word, any case; and never a shorter match inside a longer word that is not the identifier."""
+    from pipeline.deid import Redactor, identifier_hashes
+
+    key = b"redactor-test-key-0123456789abcdef"
+    uid = ".".join(str(n) for n in range(1, 33))  # 32 numbers: the most a 64-character DICOM UID can hold
+    redactor = Redactor(identifier_hashes(["MRN7730100", "QUINCEY^MARGOT", uid], key), key)
+    texts = {
+        "MRN7730100/IM-1.dcm": ["MRN7730100", "7730100"],  # the whole word
+        "mrn_7730100_film.png": ["mrn", "7730100"],  # a run of words, in other case
+        "IMG7730100.jpg": ["7730100"],  # a digit run inside a word
+        "XMRN7730100.jpg": ["7730100"],  # glued: its run of 6 or more digits
+        "Quincey-Margot_chest.png": ["Quincey", "Margot"],  # a name's parts, joined by another separator
+        "MARGOT/QUINCEY": ["MARGOT", "QUINCEY"],  # each part alone
+        f"study {uid} view.dcm": [uid, "32"],  # a UID of 32 numbers, whole
+    }
+    for text, gone in texts.items():
+        redacted = redactor.text(text)
+        assert "redacted-" in redacted, text
+        for part in gone:
+            assert part not in redacted, (text, redacted)
+    assert redactor.text("NRM7730101_IMG.png") == "NRM7730101_IMG.png"  # near misses stay
+    assert redactor.path("pneumonia/MRN7730100/x.dcm").split("/")[0] == "pneumonia"
