@@ -616,7 +616,8 @@ def _has_colour_image(image) -> bool:  # image: PIL.Image.Image
     mean spread is several times COLOUR_SPREAD, a grey film's near 0)."""
     from PIL import ImageChops, ImageStat
 
-    red, green, blue = image.convert("RGB").reduce(COLOUR_BLOCK).split()
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
+    red, green, blue = rgb.reduce(COLOUR_BLOCK).split()
     high = ImageChops.lighter(ImageChops.lighter(red, green), blue)
     low = ImageChops.darker(ImageChops.darker(red, green), blue)
     return ImageStat.Stat(ImageChops.subtract(high, low)).mean[0] > COLOUR_SPREAD
