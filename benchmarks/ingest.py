@@ -419,7 +419,7 @@ def j2k_rates(files: list[Path]) -> tuple[float, float]:
     for size in (IMAGE_SIZE, None):
         start = time.perf_counter()
         for file in files:
-            resize(decode_file(file, size=size).pixels, IMAGE_SIZE)
+            resize(decode_file(file, size=size).film, IMAGE_SIZE)
         rates.append(len(files) / (time.perf_counter() - start))
     return rates[0], rates[1]
 

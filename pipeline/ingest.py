@@ -256,7 +256,7 @@ def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeL
         return Failure(exc.reason, message, exc.identity, file_key)
     except Exception as exc:  # an unforeseen decoder failure costs one file, not the run
         return Failure("decode_failed", f"{FILE}: unexpected {type(exc).__name__} while decoding", file_key=file_key)
-    stored = resize(decoded.pixels, size, crop)
+    stored = resize(decoded.film, size, crop)
     header = {"bits_stored": decoded.bits_stored, "modality": decoded.modality, "photometric": decoded.photometric,
               "view": decoded.view, "body_part": decoded.body_part, "sex": decoded.sex, "age_band": decoded.age_band}
     return Decoded(stored, _decoded_fields(stored, decoded.format, header, (decoded.height, decoded.width)),

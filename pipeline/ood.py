@@ -236,7 +236,7 @@ def probe_images(size: int) -> dict[str, np.ndarray]:
               "smooth_field": np.round((field - field.min()) / max(float(np.ptp(field)), 1e-9) * 255).astype(np.uint8)}
     for name, file in files.items():
         try:
-            images[name] = resize(decode_file(file).pixels, size)
+            images[name] = resize(decode_file(file).film, size)
         except (OSError, UnreadableImage):  # a trimmed install: one probe fewer, never a failed registration
             continue
     return {name: images[name] for name in PROBES if name in images}

@@ -108,7 +108,7 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
         if reason is not None:
             results[position] = Prediction(path=str(file), out_of_scope=reason)
         else:
-            ready.append((position, resize(image.pixels, size, crop)))
+            ready.append((position, resize(image.film, size, crop)))
     overlays = overlay_paths([files[position] for position, _ in ready], explain_dir) if explain_dir is not None else []
     for start in range(0, len(ready), batch_size):
         chunk = ready[start : start + batch_size]

@@ -170,7 +170,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
             if reason is not None:
                 refused[row] = reason
                 continue
-            ready.append((row, resize(image.pixels, self.image_size, self.crop)))
+            ready.append((row, resize(image.film, self.image_size, self.crop)))
         ready, scores = self.judge_pixels(ready, refused)
         return self.answer_table(ready, refused).assign(error=errors, ood_score=scores)
 

@@ -175,6 +175,7 @@ def test_is_blank_decides_exactly_as_the_full_standard_deviation_even_against_a_
         pixels = np.clip(pixels, 0, 255).astype(np.uint8)
         blank = float(pixels.std()) < MIN_STD
         assert is_blank(pixels) == blank, (trial, shape, float(pixels.std()))
+        assert is_blank(Image.fromarray(pixels)) == blank, (trial, shape)  # a decoded JPEG's or PNG's film
         decided_blank += blank
         decided_not += not blank
     assert decided_blank > 50 and decided_not > 50  # both answers were put to the test
@@ -208,3 +209,20 @@ def test_sex_and_age_band_come_from_the_header_and_odd_values_are_unknown(tmp_pa
     for name in ("odd.dcm", "absent.dcm", "film.png"):
         image = decode_file(tmp_path / name)
         assert (image.sex, image.age_band) == ("", ""), name
+
+
+@pytest.mark.parametrize("crop", ["none", "center"])
+def test_a_film_kept_as_pillow_decoded_it_resizes_exactly_as_its_array(tmp_path, crop):
+    """A JPEG or 8-bit PNG's film stays the Pillow image its decoder made (no full-size copy); every stored or
+    served film goes through resize, which must give the same pixels as from the array `pixels` copies out."""
+    from pipeline.imaging import decode_file, resize
+
+    rng = np.random.default_rng(3)
+    for shape, name in (((301, 517), "wide.jpg"), ((517, 301), "tall.png"), ((40, 40), "small.jpg")):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).convert("RGB").save(tmp_path / name)
+        decoded = decode_file(tmp_path / name, size=16)
+        assert isinstance(decoded.film, Image.Image) and decoded.film.mode == "L"
+        assert np.array_equal(decoded.pixels, np.asarray(decoded.film))
+        assert (decoded.height, decoded.width) == shape  # the film's own size, however far it was decoded down
+        for size in (16, 40):
+            assert np.array_equal(resize(decoded.film, size, crop), resize(decoded.pixels, size, crop))
