@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -269,9 +270,9 @@ def is_blank(film) -> bool:  # film: np.ndarray (8-bit grey) or PIL.Image.Image 
     image = _grey_image(film)
     if image.width and image.height:
         side = (-(-image.width // BLANK_STRIDE), -(-image.height // BLANK_STRIDE))
-        if _histogram_std(image.resize(side, Image.Resampling.NEAREST).histogram()) >= BLANK_STRIDE * MIN_STD:
+        if _histogram_moments(image.resize(side, Image.Resampling.NEAREST).histogram())[1] >= BLANK_STRIDE * MIN_STD:
             return False
-    return _histogram_std(image.histogram()) < MIN_STD
+    return _histogram_moments(image.histogram())[1] < MIN_STD
 
 
 def grey_std(pixels: np.ndarray) -> float:
@@ -282,20 +283,38 @@ def grey_std(pixels: np.ndarray) -> float:
     """
     if pixels.dtype != np.uint8 or pixels.ndim != 2:
         return float(pixels.std())
-    return _histogram_std(_grey_image(pixels).histogram())
+    return _histogram_moments(_grey_image(pixels).histogram())[1]
 
 
-GREY_LEVELS = np.arange(256, dtype=np.float64)
+def grey_mean_std(pixels: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of a uint8 image (a stored film), from its histogram by np.bincount.
+
+    pixels.mean() and pixels.std() to within 1e-13, at under half their cost: numpy's std makes float64 copies and
+    runs several reductions, and ingest computes both for every film it stores (on a small film, several percent
+    of its decode). Other dtypes are left to numpy.
+    """
+    if pixels.dtype != np.uint8:
+        return float(pixels.mean()), float(pixels.std())
+    return _histogram_moments(np.bincount(pixels.ravel(), minlength=256))
 
 
-def _histogram_std(histogram: list[int]) -> float:
-    """Standard deviation of the grey levels a 256-bin histogram counts (0 for an empty one)."""
-    counts = np.asarray(histogram, dtype=np.float64)
-    total = counts.sum()
+GREY_LEVELS = np.arange(256, dtype=np.int64)
+GREY_SQUARES = GREY_LEVELS * GREY_LEVELS
+
+
+def _histogram_moments(histogram) -> tuple[float, float]:  # histogram: 256 counts, a list or an array
+    """Mean and standard deviation of the grey levels a 256-bin histogram counts ((0, 0) for an empty one).
+
+    Exact until the last step: the count, the sum of the levels and the sum of their squares are whole numbers
+    (in int64 up to 10^14 pixels), so the variance (n * sum of squares - sum^2) / n^2 is computed in Python's
+    integers and rounded once, with no cancellation to lose digits to, and in fewer numpy calls than two passes.
+    """
+    counts = np.asarray(histogram, dtype=np.int64)
+    total = int(counts.sum())
     if not total:
-        return 0.0
-    mean = counts @ GREY_LEVELS / total
-    return float(np.sqrt(counts @ (GREY_LEVELS - mean) ** 2 / total))
+        return 0.0, 0.0
+    first, second = int(counts @ GREY_LEVELS), int(counts @ GREY_SQUARES)
+    return first / total, math.sqrt((total * second - first * first) / (total * total))
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:

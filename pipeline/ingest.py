@@ -36,8 +36,8 @@ from pipeline.dvc_watch import check_sources_watched
 from pipeline.erasures import erased_patients
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, content_key, shown_path, write_npy_rows
-from pipeline.imaging import (DecodeLimits, UnreadableImage, check_usable, decode_content, limits_of, pixel_sha256, read_film,
-                              read_identity, resize)
+from pipeline.imaging import (DecodeLimits, UnreadableImage, check_usable, decode_content, grey_mean_std, limits_of,
+                              pixel_sha256, read_film, read_identity, resize)
 from pipeline.manifest import write_manifest
 from pipeline.overrides import EXCLUDED, Overrides, check_all_found, exclusion_message, labelled, read_overrides, review_record
 from pipeline.paths import ProjectPaths
@@ -288,14 +288,15 @@ def _decoded_fields(stored: np.ndarray, kind: str, header: dict, shape: tuple[in
     instead of the decoded film takes its cost off every film's decode.
     """
     height, width = shape
+    mean, std = grey_mean_std(stored)
     return {
         "sha256": pixel_sha256(stored),
         "format": kind,
         "width": int(width),
         "height": int(height),
         **header,
-        "mean_intensity": float(stored.mean()),
-        "std_intensity": float(stored.std()),
+        "mean_intensity": mean,
+        "std_intensity": std,
     }
 
 

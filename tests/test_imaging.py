@@ -156,6 +156,29 @@ def test_grey_std_from_the_histogram_equals_numpy():
     assert grey_std(wide) == pytest.approx(float(wide.std()))
 
 
+def test_a_stored_films_mean_and_deviation_from_its_histogram_equal_numpys_and_the_exact_values():
+    """grey_mean_std gives the manifest's mean_intensity and std_intensity of every stored film: they must be the
+    values numpy gives, and where numpy's float sums round, the exact ones (computed here in fractions)."""
+    import math
+    from fractions import Fraction
+
+    from pipeline.imaging import grey_mean_std
+
+    rng = np.random.default_rng(3)
+    films = [rng.integers(0, 256, (64, 64), dtype=np.uint8), rng.integers(0, 256, (7, 300), dtype=np.uint8),
+             np.full((64, 64), 255, dtype=np.uint8), np.zeros((1, 1), dtype=np.uint8),
+             np.where(rng.random((512, 512)) < 1e-5, 255, 254).astype(np.uint8)]  # a deviation far below the mean
+    for film in films:
+        mean, std = grey_mean_std(film)
+        assert mean == pytest.approx(float(film.mean()), abs=1e-12)
+        assert std == pytest.approx(float(film.std()), abs=1e-9)
+        values = [int(v) for v in film.ravel()]
+        exact_mean = Fraction(sum(values), len(values))
+        exact_variance = sum((v - exact_mean) ** 2 for v in values) / len(values)
+        assert mean == float(exact_mean) and std == pytest.approx(math.sqrt(exact_variance), rel=1e-15, abs=0)
+    assert grey_mean_std(np.array([[0.5, 1.5]])) == (1.0, 0.5)  # not 8-bit: numpy's own
+
+
 def test_is_blank_decides_exactly_as_the_full_standard_deviation_even_against_a_pattern_on_the_sampled_pixels():
     """is_blank may look at 1/16 of the pixels first: its answer must still be grey_std(pixels) < MIN_STD, on flat
     images with noise around the threshold, odd shapes, and spikes placed exactly on (or between) the sampled
