@@ -257,7 +257,7 @@ BLANK_STRIDE = 4  # is_blank looks at one pixel in each 4 x 4 block first: 1/16 
 
 
 def is_blank(film) -> bool:  # film: np.ndarray (8-bit grey) or PIL.Image.Image (L)
-    """grey_std(film) < MIN_STD, decided on 1/16 of the pixels whenever that is enough, as it is for any film.
+    """The film's standard deviation < MIN_STD, decided on 1/16 of the pixels whenever that is enough, as it is for any film.
 
     Why it is exact: a subset of n >= N/k of the N pixels has a variance (around its own mean, which is the least
     one) of at most k times the whole image's, so its standard deviation is at most sqrt(k) = BLANK_STRIDE times
@@ -275,23 +275,12 @@ def is_blank(film) -> bool:  # film: np.ndarray (8-bit grey) or PIL.Image.Image 
     return _histogram_moments(image.histogram())[1] < MIN_STD
 
 
-def grey_std(pixels: np.ndarray) -> float:
-    """Standard deviation of an 8-bit grey image, from Pillow's 256-bin histogram.
-
-    The same value as `pixels.std()`, at under half the cost on a full-size film: numpy makes float64 copies of
-    every pixel, and with two decoding workers that memory traffic slows both.
-    """
-    if pixels.dtype != np.uint8 or pixels.ndim != 2:
-        return float(pixels.std())
-    return _histogram_moments(_grey_image(pixels).histogram())[1]
-
-
 def grey_mean_std(pixels: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation of a uint8 image (a stored film), from its histogram by np.bincount.
 
-    pixels.mean() and pixels.std() to within 1e-13, at under half their cost: numpy's std makes float64 copies and
-    runs several reductions, and ingest computes both for every film it stores (on a small film, several percent
-    of its decode). Other dtypes are left to numpy.
+    pixels.mean() and pixels.std() to within 1e-13, at under half their cost: numpy's std makes float64 copies of
+    every pixel and runs several reductions, and ingest computes both for every film it stores (on a small film,
+    several percent of its decode). Other dtypes are left to numpy.
     """
     if pixels.dtype != np.uint8:
         return float(pixels.mean()), float(pixels.std())
