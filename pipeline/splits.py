@@ -79,8 +79,8 @@ def near_duplicate_groups(hashes: np.ndarray, max_distance: int, eligible: np.nd
     """A group number per film: `eligible` films of one stratum linked by a chain of near-duplicate pairs (perceptual
     hashes within `max_distance` bits, pipeline.phash) share one; every other film is a group of its own.
 
-    The pairs come from phash.close_pairs (a numpy block scan, about a second for 10,000 films) and the chains from
-    scipy's connected components (a union-find in C), so no Python loop runs over films or pairs.
+    The pairs come from phash.close_pairs (a search by hash bands: 60,000 films in a tenth of a second) and the
+    chains from scipy's connected components (a union-find in C), so no Python loop runs over films or pairs.
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components

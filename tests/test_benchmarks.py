@@ -50,3 +50,14 @@ def test_the_ingest_benchmark_measures_films_from_any_folder(tmp_path):
                  "real_bare_2_vs_1_processes"):
         assert float(ratios[name]) > 0, done.stdout
     assert {file: file.read_bytes() for file in films.iterdir()} == before
+
+
+def test_the_near_duplicate_benchmark_finds_the_same_pairs_as_comparing_every_pair():
+    """It exits 1 when the band search and the every-pair scan disagree on a single pair; its last line is the
+    speed-up (the real set joins when ../shared is present)."""
+    done = subprocess.run([sys.executable, "benchmarks/near_duplicates.py", "--films", "3000", "--repeats", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert any(line.startswith("synthetic ") and line.endswith("same pairs") for line in lines), done.stdout
+    assert re.fullmatch(r"close_pairs_vs_every_pair=\d+\.\d{2}", lines[-1]), lines[-1]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.phash import PAIR_BLOCK, close_pairs, hamming, phash
+from pipeline.phash import HASH_BITS, PAIR_BLOCK, _bands, close_pairs, hamming, phash
 
 NEAR = 4  # the default validation.near_duplicate_distance
+WIDE = 8  # a distance close_pairs answers by its block scan (bands would keep under MIN_BAND_BITS)
 
 
 def films(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
@@ -90,8 +91,45 @@ def test_rejects_images_that_are_not_square() -> None:
         phash(np.zeros((3, 28, 30), dtype=np.uint8))
 
 
+def every_pair_within(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int]]:
+    """The reference: every pair's distance in one matrix."""
+    close = hamming(hashes[:, None], hashes[None, :]) <= max_distance
+    return sorted((int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(close, k=1))))
+
+
+@pytest.mark.parametrize("max_distance", range(0, 7))
+def test_close_pairs_by_bands_finds_exactly_the_pairs_every_comparison_finds(max_distance: int) -> None:
+    """The band search must miss no pair the full comparison finds, at the edge of its pigeonhole: copies with
+    max_distance bits flipped, each in a band of its own, so that exactly one band is left whole (each band in
+    turn, the 64th bit's too), and copies one bit further (every band touched, not near); beside them a film
+    copied 300 times (a phantom scanned daily: one value shared by many) and unrelated random hashes."""
+    rng = np.random.default_rng(max_distance)
+    bands = _bands(max_distance)
+    assert sum(width for _, width in bands) == HASH_BITS and len(bands) == max_distance + 1
+    hashes = [rng.integers(0, 2**64, 500, dtype=np.uint64, endpoint=False)]
+    for whole in range(len(bands)):  # the one band left untouched
+        for flips in (max_distance, max_distance + 1):
+            base = rng.integers(0, 2**64, dtype=np.uint64, endpoint=False)
+            touched = [band for band in range(len(bands)) if band != whole][:flips] + ([whole] if flips > max_distance else [])
+            copy = base
+            for band in touched:
+                shift, width = bands[band]
+                copy ^= np.uint64(1 << (shift + width - 1))  # the band's top bit: for the last band, bit 63
+            hashes.append(np.array([base, copy], dtype=np.uint64))
+    hashes.append(np.full(300, rng.integers(0, 2**64, dtype=np.uint64, endpoint=False), dtype=np.uint64))
+    hashes = np.concatenate(hashes)
+    rng.shuffle(hashes)
+
+    pairs = close_pairs(hashes, max_distance)
+
+    expected = every_pair_within(hashes, max_distance)
+    assert pairs.tolist() == [list(pair) for pair in expected]  # each pair once, sorted by i then j
+    assert len(expected) >= 300 * 299 // 2 + len(bands)  # the phantom's pairs and one near copy per band at least
+
+
 def test_close_pairs_finds_every_pair_across_block_boundaries() -> None:
-    """Pairs whose films fall in different blocks of the search (PAIR_BLOCK rows at a time) are found too.
+    """At wide distances close_pairs compares every pair; pairs whose films fall in different blocks of that
+    search (PAIR_BLOCK rows at a time) are found too.
 
     How long the search takes is measured in benchmarks/near_duplicates.py, not here.
     """
@@ -99,15 +137,16 @@ def test_close_pairs_finds_every_pair_across_block_boundaries() -> None:
     hashes = rng.integers(0, 2**63, 3 * PAIR_BLOCK + 7, dtype=np.uint64)
     for i, j in ((0, PAIR_BLOCK + 1), (PAIR_BLOCK - 1, PAIR_BLOCK), (5, 3 * PAIR_BLOCK + 6)):
         hashes[j] = hashes[i] ^ np.uint64(0b101)  # two bits apart
-    close = hamming(hashes[:, None], hashes[None, :]) <= NEAR
-    expected = sorted((int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(close, k=1))))
-    assert sorted(map(tuple, close_pairs(hashes, NEAR).tolist())) == expected
+    expected = every_pair_within(hashes, WIDE)
+    assert close_pairs(hashes, WIDE).tolist() == [list(pair) for pair in expected]
     assert {(0, PAIR_BLOCK + 1), (PAIR_BLOCK - 1, PAIR_BLOCK), (5, 3 * PAIR_BLOCK + 6)} <= set(expected)
 
 
-def test_close_pairs_compares_in_blocks_whose_memory_does_not_grow_with_the_set(monkeypatch) -> None:
+@pytest.mark.parametrize("max_distance", [NEAR, WIDE])
+def test_close_pairs_memory_does_not_grow_with_the_square_of_the_set(monkeypatch, max_distance: int) -> None:
     """At archive scale a block of PAIR_BLOCK rows against every hash is hundreds of MB (256 x 200,000 XORs): the
-    block must shrink to PAIR_COMPARISONS, here made small so 4,096 hashes show it, and still find every pair."""
+    block scan's block must shrink to PAIR_COMPARISONS, here made small so 4,096 hashes show it, and the band
+    search holds a few arrays of one entry per film; both still find every pair."""
     import tracemalloc
 
     from pipeline import phash as module
@@ -118,7 +157,7 @@ def test_close_pairs_compares_in_blocks_whose_memory_does_not_grow_with_the_set(
     hashes[4000] = hashes[7] ^ np.uint64(0b11)
     tracemalloc.start()
     try:
-        pairs = close_pairs(hashes, NEAR)
+        pairs = close_pairs(hashes, max_distance)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
