@@ -227,7 +227,8 @@ class Redactor:
 
     def __init__(self, hashes: Iterable[str], key: bytes) -> None:
         self.hashes = frozenset(hashes)
-        self.key = key
+        self._digests = frozenset(bytes.fromhex(pseudonym) for pseudonym in self.hashes)  # compared as bytes
+        self._mac = _identifier_mac(key)
         self._parts: dict[str, str] = {}
 
     def path(self, path: str) -> str:
@@ -239,22 +240,23 @@ class Redactor:
 
         One pass over the runs of letter and digit runs (_FINE) tries the runs of whole words (_COARSE) too: a
         word's boundaries are boundaries of its letter and digit runs, and both runs join the same characters. A
-        run ends at IDENTIFIER_MAX_CHARS characters (a 64-character DICOM UID has at most 32 numbers).
+        run ends at IDENTIFIER_MAX_CHARS characters (a 64-character DICOM UID has at most 32 numbers). Each run
+        starting at a word is hashed as it grows, a word at a time (a hash's digest leaves it open to more), so
+        a name of w words costs w keyed states and one update and digest per run, not a hash of each run anew.
         """
         if not self.hashes:
             return text
         words = [(m.start(), m.end(), m.group().casefold()) for m in _FINE.finditer(text)]
         found = []
         for first, (start, _, _) in enumerate(words):
-            joined = ""
+            state, length = self._mac.copy(), 0
             for _, stop, word in words[first:first + IDENTIFIER_MAX_CHARS]:  # each word has a character at least
-                joined += word
-                if len(joined) > IDENTIFIER_MAX_CHARS:
+                length += len(word)
+                if length > IDENTIFIER_MAX_CHARS:
                     break
-                if len(joined) >= IDENTIFIER_MIN_CHARS:
-                    pseudonym = _identifier_hash(joined, self.key)
-                    if pseudonym in self.hashes:
-                        found.append((start, stop, pseudonym))
+                state.update(word.encode("utf-8"))
+                if length >= IDENTIFIER_MIN_CHARS and state.digest() in self._digests:
+                    found.append((start, stop, state.hexdigest()))
         kept, end = [], -1
         for start, stop, pseudonym in sorted(found, key=lambda match: (match[0], -match[1])):  # longest first
             if start >= end:
