@@ -140,6 +140,10 @@ def parse_args() -> argparse.Namespace:
                         help="real-film mode on other films: the chest JPEGs under DIR (searched recursively, e.g. a "
                              "MIMIC-CXR-JPG or CheXpert folder) instead of the Kermany samples; the JPEG 2000 rows "
                              "need ../shared all the same and are left out without it")
+    parser.add_argument("--dask", action="store_true",
+                        help="real-film mode: also time the ingest flow on a local Dask cluster of 2 worker processes "
+                             "(started first, as a cluster of machines would be) against the flow on Prefect's threads "
+                             "with a 2-process pool, in rounds of their own (needs cxr-pipeline[dask]; see flow_rounds)")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                         help="which kinds of film to measure (default: all four); the target lines need jpeg")
     args = parser.parse_args()
@@ -432,6 +436,42 @@ def peak_rss_mib() -> tuple[float, float]:
             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
 
+def flow_rounds(source: Path, n_files: int, rounds: int, scratch: Path) -> list[float]:
+    """Per round, how much faster the ingest flow ran on Dask than on Prefect's threads (above 1: Dask faster), both
+    decoding on 2 processes: a local Dask cluster of 2 worker processes of one thread each, started and warmed
+    before timing (as a cluster of machines is, with `orchestration.dask_address`), against the thread runner's
+    pool of data.num_workers=2. Each round times one cold ingest of each in a fresh project, so the ratio is the
+    per-core rate of the Dask path against the process pool's, through the same flow, in the same minutes.
+
+    The flows run against a temporary Prefect server (prefect_test_harness), so the user's Prefect database is
+    never written; its start-up is not timed. The workers inherit this process's CXR_DEID_KEY."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # one line per task run would drown the table
+    from distributed import LocalCluster
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline_flow import ingest_flow, task_runner_for
+
+    def timed_flow(name: str, overrides: list[str]) -> float:
+        paths = new_project(scratch / name)
+        config = load_config(paths.root / "params.yaml", [f"data.sources=[{source}]", *overrides])
+        started = time.perf_counter()
+        state = ingest_flow.with_options(task_runner=task_runner_for(config))(paths, config, return_state=True)
+        seconds = time.perf_counter() - started
+        if not state.is_completed() or state.result().n_decoded != n_files or state.result().quarantine_reasons:
+            raise RuntimeError(f"ingest flow ({name}) did not decode every file cleanly: {state.message}")
+        shutil.rmtree(paths.root)
+        return seconds
+
+    with prefect_test_harness(server_startup_timeout=120), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        on_threads = ["orchestration.task_runner=threads", "data.num_workers=2"]
+        on_dask = ["orchestration.task_runner=dask", f"orchestration.dask_address={cluster.scheduler_address}"]
+        timed_flow("flow-warm-up-threads", on_threads)  # imports, the server's first answers, the workers' imports
+        timed_flow("flow-warm-up-dask", on_dask)
+        return [timed_flow(f"flow-threads-r{r}", on_threads) / timed_flow(f"flow-dask-r{r}", on_dask)
+                for r in range(rounds)]
+
+
 def real_main(args: argparse.Namespace) -> None:
     """Real films, one run: cold ingest at 1 and 2 workers, the cached re-ingest, the bare Pillow loops (full and
     draft) and the JPEG 2000 reduced-against-full rates, so every ratio compares timings of the same minutes. Each
@@ -489,6 +529,7 @@ def real_main(args: argparse.Namespace) -> None:
                 shutil.rmtree(paths.root)
         j2k_reduced, j2k_full = j2k_rates(j2k_files) if with_j2k else (math.nan, math.nan)
         others = others_cpu_s(cpu) / ((time.perf_counter() - started) * (os.cpu_count() or 1))
+        on_dask = flow_rounds(source, len(files), args.repeats, scratch) if args.dask else []
     main_rss, worker_rss = peak_rss_mib()
 
     n = len(files)
@@ -541,6 +582,10 @@ def real_main(args: argparse.Namespace) -> None:
     print(f"real_bare_2_vs_1_processes={ceiling:.2f}")
     if with_j2k:
         print(f"real_j2k_reduced_vs_full={j2k:.2f}")
+    if on_dask:
+        print(f"ingest flow, Dask (2 worker processes) against Prefect's threads (a 2-process pool), per round: "
+              + ", ".join(f"{ratio:.2f}x" for ratio in on_dask))
+        print(f"real_dask_vs_process_pool={statistics.median(on_dask):.2f}")
 
 
 LARGE_SIDE = 96  # the synthetic films' side: small, so 200,000 of them are made and decoded in minutes

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -22,20 +24,25 @@ def test_train_throughput_quick_run_ends_with_the_overhead_ratio():
     assert float(lines[-1].split("=")[1]) > 0
 
 
+def write_chest_like_jpegs(folder, n: int = 6) -> None:
+    """`n` 600 x 520 grey JPEGs: a ramp under noise, each brighter than the last (distinct films)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ramp = np.add.outer(np.arange(600), np.arange(520)).astype(np.float32) / 5
+    for i in range(n):
+        pixels = (ramp + rng.normal(0, 20, ramp.shape) + 40 * i).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{i:02d}ab.jpg", quality=90)
+
+
 def test_the_ingest_benchmark_measures_films_from_any_folder(tmp_path):
     """`--real-dir` runs the real-film mode on JPEGs outside ../shared (the issue's check on other films): the
     copies ingest without a quarantined file (the benchmark checks it), every ratio is printed, and the folder it
     read is left as it was."""
-    import numpy as np
-    from PIL import Image
-
     films = tmp_path / "archive" / "p10" / "s5001"  # not label folders: the benchmark assigns labels itself
-    films.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    ramp = np.add.outer(np.arange(600), np.arange(520)).astype(np.float32) / 5
-    for i in range(6):
-        pixels = (ramp + rng.normal(0, 20, ramp.shape) + 40 * i).clip(0, 255).astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(films / f"{i:02d}ab.jpg", quality=90)
+    write_chest_like_jpegs(films)
     before = {file: file.read_bytes() for file in films.iterdir()}
 
     done = subprocess.run(
@@ -61,3 +68,18 @@ def test_the_near_duplicate_benchmark_finds_the_same_pairs_as_comparing_every_pa
     lines = done.stdout.strip().splitlines()
     assert any(line.startswith("synthetic ") and line.endswith("same pairs") for line in lines), done.stdout
     assert re.fullmatch(r"close_pairs_vs_every_pair=\d+\.\d{2}", lines[-1]), lines[-1]
+
+
+@pytest.mark.slow
+def test_the_ingest_benchmark_times_the_flow_on_dask_against_the_process_pool(tmp_path):
+    """`--dask` runs the ingest flow on a local Dask cluster and on Prefect's threads (each must decode every file
+    cleanly, or the benchmark stops) and prints their ratio per round."""
+    write_chest_like_jpegs(tmp_path / "archive")
+    done = subprocess.run(
+        [sys.executable, "benchmarks/ingest.py", "--real-dir", str(tmp_path / "archive"), "--copies", "24", "--repeats", "1",
+         "--dask"], cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"Dask \(2 worker processes\) against Prefect's threads .*, per round: \d+\.\d\dx$", done.stdout,
+                     re.MULTILINE), done.stdout
+    assert re.fullmatch(r"real_dask_vs_process_pool=\d+\.\d{2}", done.stdout.strip().splitlines()[-1]), done.stdout
