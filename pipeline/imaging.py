@@ -257,7 +257,8 @@ BLANK_STRIDE = 4  # is_blank looks at one pixel in each 4 x 4 block first: 1/16 
 
 
 def is_blank(film) -> bool:  # film: np.ndarray (8-bit grey) or PIL.Image.Image (L)
-    """The film's standard deviation < MIN_STD, decided on 1/16 of the pixels whenever that is enough, as it is for any film.
+    """The film's standard deviation < MIN_STD, decided on 1/16 of the pixels whenever that is enough, as it is for
+    any film.
 
     Why it is exact: a subset of n >= N/k of the N pixels has a variance (around its own mean, which is the least
     one) of at most k times the whole image's, so its standard deviation is at most sqrt(k) = BLANK_STRIDE times

@@ -73,9 +73,9 @@ def close_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
     block scan compares every pair instead.
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
-    bands = _bands(max_distance)
     if len(hashes) < 2:
         return np.empty((0, 2), dtype=np.int64)
+    bands = _bands(max_distance)
     if min(width for _, width in bands) < MIN_BAND_BITS:
         return _block_scan(hashes, max_distance)
     return _band_search(hashes, max_distance, bands)
