@@ -42,7 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +143,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dask", action="store_true",
                         help="real-film mode: also time the ingest flow on a local Dask cluster of 2 worker processes "
                              "(started first, as a cluster of machines would be) against the flow on Prefect's threads "
-                             "with a 2-process pool, in rounds of their own (needs cxr-pipeline[dask]; see flow_rounds)")
+                             "with a 2-process pool, in rounds of their own, on a quarter of the films and on all: "
+                             "the whole flow's ratio and each path's per-core rate once running (needs "
+                             "cxr-pipeline[dask]; see flow_rounds)")
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                         help="which kinds of film to measure (default: all four); the target lines need jpeg")
     args = parser.parse_args()
@@ -436,12 +438,36 @@ def peak_rss_mib() -> tuple[float, float]:
             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
 
-def flow_rounds(source: Path, n_files: int, rounds: int, scratch: Path) -> list[float]:
-    """Per round, how much faster the ingest flow ran on Dask than on Prefect's threads (above 1: Dask faster), both
-    decoding on 2 processes: a local Dask cluster of 2 worker processes of one thread each, started and warmed
-    before timing (as a cluster of machines is, with `orchestration.dask_address`), against the thread runner's
-    pool of data.num_workers=2. Each round times one cold ingest of each in a fresh project, so the ratio is the
-    per-core rate of the Dask path against the process pool's, through the same flow, in the same minutes.
+@dataclass
+class FlowTimes:
+    """Seconds per round of the ingest flow on each runner, on a quarter of the films and on all of them."""
+
+    n_small: int
+    n_large: int
+    threads: dict[int, list[float]] = field(default_factory=dict)  # films -> seconds, one per round
+    dask: dict[int, list[float]] = field(default_factory=dict)
+
+    def whole_flow_ratios(self) -> list[float]:
+        """Per round, the thread runner's seconds over Dask's on all the films (above 1: Dask faster)."""
+        return [t / d for t, d in zip(self.threads[self.n_large], self.dask[self.n_large])]
+
+    def rate_and_fixed(self, runner: str) -> tuple[float, float]:
+        """The runner's films per second once running (the marginal rate between the two sizes, from the medians)
+        and its fixed cost per ingest in seconds (what the flow takes besides its films)."""
+        times = getattr(self, runner)
+        small, large = statistics.median(times[self.n_small]), statistics.median(times[self.n_large])
+        rate = (self.n_large - self.n_small) / max(large - small, 1e-9)
+        return rate, small - self.n_small / rate
+
+
+def flow_rounds(source: Path, n_files: int, rounds: int, scratch: Path) -> FlowTimes:
+    """The ingest flow on Dask against Prefect's threads, both decoding on 2 processes: a local Dask cluster of 2
+    worker processes of one thread each, started and warmed before timing (as a cluster of machines is, with
+    `orchestration.dask_address`), against the thread runner's pool of data.num_workers=2. Each round times one
+    cold ingest of each in a fresh project, on a quarter of the films and on all of them (the order of the runners
+    alternating by round: a run just after another can be the slower), so the same minutes give both the whole
+    flow's ratio and each path's per-core rate once running, apart from its fixed cost per ingest (a Dask task run
+    costs a worker Prefect's set-up: see flows.pipeline_flow.dask_shard_size).
 
     The flows run against a temporary Prefect server (prefect_test_harness), so the user's Prefect database is
     never written; its start-up is not timed. The workers inherit this process's CXR_DEID_KEY."""
@@ -449,27 +475,41 @@ def flow_rounds(source: Path, n_files: int, rounds: int, scratch: Path) -> list[
     from distributed import LocalCluster
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline_flow import ingest_flow, task_runner_for
+    from flows.pipeline_flow import DASK_WORKER_CONFIG, ingest_flow, task_runner_for
 
-    def timed_flow(name: str, overrides: list[str]) -> float:
+    files = sorted(p for p in source.rglob("*") if p.is_file())
+    quarter = scratch / "quarter"
+    for file in files[::4]:  # every fourth: a sample of the whole (hard links, by other paths: no copy)
+        (quarter / file.parent.name).mkdir(parents=True, exist_ok=True)
+        os.link(file, quarter / file.parent.name / file.name)
+    sources = {len(files[::4]): quarter, n_files: source}
+    times = FlowTimes(len(files[::4]), n_files)
+
+    def timed_flow(name: str, films: int, overrides: list[str]) -> float:
         paths = new_project(scratch / name)
-        config = load_config(paths.root / "params.yaml", [f"data.sources=[{source}]", *overrides])
+        config = load_config(paths.root / "params.yaml", [f"data.sources=[{sources[films]}]", *overrides])
         started = time.perf_counter()
         state = ingest_flow.with_options(task_runner=task_runner_for(config))(paths, config, return_state=True)
         seconds = time.perf_counter() - started
-        if not state.is_completed() or state.result().n_decoded != n_files or state.result().quarantine_reasons:
+        if not state.is_completed() or state.result().n_decoded != films or state.result().quarantine_reasons:
             raise RuntimeError(f"ingest flow ({name}) did not decode every file cleanly: {state.message}")
         shutil.rmtree(paths.root)
         return seconds
 
     with prefect_test_harness(server_startup_timeout=120), \
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        on_threads = ["orchestration.task_runner=threads", "data.num_workers=2"]
-        on_dask = ["orchestration.task_runner=dask", f"orchestration.dask_address={cluster.scheduler_address}"]
-        timed_flow("flow-warm-up-threads", on_threads)  # imports, the server's first answers, the workers' imports
-        timed_flow("flow-warm-up-dask", on_dask)
-        return [timed_flow(f"flow-threads-r{r}", on_threads) / timed_flow(f"flow-dask-r{r}", on_dask)
-                for r in range(rounds)]
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                         config=DASK_WORKER_CONFIG) as cluster:  # as the flow's own cluster, and the README's workers
+        runners = {"threads": ["orchestration.task_runner=threads", "data.num_workers=2"],
+                   "dask": ["orchestration.task_runner=dask", f"orchestration.dask_address={cluster.scheduler_address}"]}
+        for runner, overrides in runners.items():  # imports, the server's first answers, the workers' imports,
+            for films in sources:  # the first hashing of each folder's files
+                timed_flow(f"flow-warm-up-{runner}-{films}", films, overrides)
+        for r in range(rounds):
+            for runner in sorted(runners, reverse=r % 2 == 1):
+                for films in sources:
+                    seconds = timed_flow(f"flow-{runner}-{films}-r{r}", films, runners[runner])
+                    getattr(times, runner).setdefault(films, []).append(seconds)
+    return times
 
 
 def real_main(args: argparse.Namespace) -> None:
@@ -529,7 +569,7 @@ def real_main(args: argparse.Namespace) -> None:
                 shutil.rmtree(paths.root)
         j2k_reduced, j2k_full = j2k_rates(j2k_files) if with_j2k else (math.nan, math.nan)
         others = others_cpu_s(cpu) / ((time.perf_counter() - started) * (os.cpu_count() or 1))
-        on_dask = flow_rounds(source, len(files), args.repeats, scratch) if args.dask else []
+        on_dask = flow_rounds(source, len(files), args.repeats, scratch) if args.dask else None
     main_rss, worker_rss = peak_rss_mib()
 
     n = len(files)
@@ -583,9 +623,14 @@ def real_main(args: argparse.Namespace) -> None:
     if with_j2k:
         print(f"real_j2k_reduced_vs_full={j2k:.2f}")
     if on_dask:
-        print(f"ingest flow, Dask (2 worker processes) against Prefect's threads (a 2-process pool), per round: "
-              + ", ".join(f"{ratio:.2f}x" for ratio in on_dask))
-        print(f"real_dask_vs_process_pool={statistics.median(on_dask):.2f}")
+        (dask_rate, dask_fixed), (pool_rate, pool_fixed) = on_dask.rate_and_fixed("dask"), on_dask.rate_and_fixed("threads")
+        print(f"ingest flow, Dask (2 worker processes) against Prefect's threads (a 2-process pool), {on_dask.n_large} "
+              "films, per round: " + ", ".join(f"{ratio:.2f}x" for ratio in on_dask.whole_flow_ratios()))
+        print(f"  per-core rate once running ({on_dask.n_small} -> {on_dask.n_large} films, medians): Dask "
+              f"{dask_rate:.0f} img/s, the pool {pool_rate:.0f} img/s; fixed cost per ingest: Dask {dask_fixed:.1f} s, "
+              f"the pool {pool_fixed:.1f} s")
+        print(f"real_dask_vs_process_pool={statistics.median(on_dask.whole_flow_ratios()):.2f}")
+        print(f"real_dask_per_core_vs_process_pool={dask_rate / pool_rate:.2f}")
 
 
 LARGE_SIDE = 96  # the synthetic films' side: small, so 200,000 of them are made and decoded in minutes

@@ -177,8 +177,8 @@ def ingest_flow(paths: ProjectPaths, config: Config):
     """Ingest fanned out: plan → decode (one task per shard of new files) → finish.
 
     With the default thread runner one task decodes everything over a local process pool (as `cxr ingest`
-    does); with a Dask runner (`orchestration.task_runner: dask`) each shard of
-    `orchestration.ingest_shard_size` files is a task the cluster's workers take. Workers need the
+    does); with a Dask runner (`orchestration.task_runner: dask`) each shard of files (dask_shard_size, or
+    `orchestration.ingest_shard_size` files) is a task the cluster's workers take. Workers need the
     de-identification key (CXR_DEID_KEY or the key file) where they run.
     """
     # its tasks call the ingest steps directly, not through Stage.run
@@ -196,9 +196,15 @@ def _fan_out_ingest(paths: ProjectPaths, config: Config):
         return Failed(message=plan.message, name=USER_ERROR)
     plan = plan.result()
     on_cluster = config.orchestration.task_runner == "dask"
-    size = config.orchestration.ingest_shard_size if on_cluster else max(len(plan.todo), 1)
     files = [item.file for item in plan.todo]  # a worker needs where each film is, nothing else about it
-    shards = [files[start : start + size] for start in range(0, len(files), size)]
+    size = max(len(files), 1)  # on threads, one task: decode_items spreads it over the process pool
+    if on_cluster:
+        size = config.orchestration.ingest_shard_size or dask_shard_size(len(files), _dask_threads(),
+                                                                          config.data.image_size)
+    n_shards = -(-len(files) // size)
+    # Shard k takes every n_shards-th film from the k-th: each shard a sample of the whole listing. Cut in runs, a
+    # folder of larger films (listed together) would make some shards, and the workers that took them, the last.
+    shards = [files[k::n_shards] for k in range(n_shards)]
     workers = 1 if on_cluster else config.data.num_workers
     fingerprint = key_check(load_key(paths.root, config.deid.key_scope))
     # Decoded films wait on disk, not in memory: threads decode straight into the spool, and each Dask shard's films
@@ -207,13 +213,43 @@ def _fan_out_ingest(paths: ProjectPaths, config: Config):
         futures = [decode_task.submit(shard, config.data.image_size, workers, limits_of(config.data), paths.root,
                                       config.deid.key_scope, config.data.crop, fingerprint,
                                       None if on_cluster else spool) for shard in shards]
-        outcomes = []
-        while futures:
-            outcomes += [spool.keep(outcome) for outcome in futures.pop(0).result()]
+        outcomes: list = [None] * len(files)  # in plan.todo's order, as finish_ingest reads them
+        for k in range(n_shards):
+            future, futures[k] = futures[k], None
+            outcomes[k::n_shards] = [spool.keep(outcome) for outcome in future.result()]
         finished = finish_task(paths, config, plan, outcomes, return_state=True)
     if finished.is_failed():
         return Failed(message=finished.message, name=USER_ERROR)
     return finished.result()
+
+
+# A decode task on Dask costs a worker about 0.3 to 0.5 s besides its films (measured on 2 cores): Prefect builds
+# its settings and an HTTP client, certificates included, for each task run. Two tasks per worker thread pay it
+# twice, and a thread that finishes first waits for at most about half another's share.
+SHARDS_PER_THREAD = 2
+# A shard's films come back, and wait in the flow's memory, all at once: 16,384 films at 64 px, 256 at 512 px.
+MAX_SHARD_BYTES = 64 * 2**20
+
+
+def dask_shard_size(n_files: int, threads: int, image_size: int) -> int:
+    """Files per decode task on Dask when `orchestration.ingest_shard_size` is unset: SHARDS_PER_THREAD tasks per
+    worker thread of the cluster, each holding at most MAX_SHARD_BYTES of stored films (uint8, image_size²)."""
+    per_thread = -(-n_files // (max(threads, 1) * SHARDS_PER_THREAD))
+    return max(1, min(per_thread, MAX_SHARD_BYTES // (image_size * image_size)))
+
+
+def _dask_threads() -> int:
+    """Worker threads the flow's Dask cluster has now (at least 1). A cluster that adds workers later (adaptive)
+    counts only those up at the start: set `orchestration.ingest_shard_size` for it."""
+    from prefect.context import FlowRunContext
+
+    return max(1, sum(FlowRunContext.get().task_runner.client.nthreads().values()))
+
+
+# Dask samples each worker's stacks every 10 ms for its dashboard's profile page: 5% of a decoding worker's time
+# on this 2-core VM (A/B in one run: 11.1 s against 10.5 s, the process pool 10.3 s). Workers started by hand get it
+# from DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False (README "Ingest on several machines").
+DASK_WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
 
 
 def task_runner_for(config: Config):
@@ -229,7 +265,8 @@ def task_runner_for(config: Config):
         raise CxrError("orchestration.task_runner is dask but prefect-dask is not installed: pip install 'cxr-pipeline[dask]'") from None
     if settings.dask_address:
         return DaskTaskRunner(address=settings.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers, "threads_per_worker": 1, "processes": True})
+    return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers, "threads_per_worker": 1, "processes": True,
+                                          "config": DASK_WORKER_CONFIG})
 
 
 @task

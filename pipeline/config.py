@@ -342,7 +342,7 @@ class OrchestrationConfig(Section):
     task_runner: Literal["threads", "dask"] = "threads"
     dask_address: str | None = None  # an existing Dask scheduler, e.g. tcp://scheduler:8786; none: a local cluster
     dask_workers: int = Field(2, ge=1)  # workers of the local Dask cluster
-    ingest_shard_size: int = Field(256, ge=1)  # files per decode task on Dask
+    ingest_shard_size: int | None = Field(None, ge=1)  # files per decode task on Dask; none: 2 per worker thread
     deployment_name: str = Field("scheduled", min_length=1)  # `cxr deploy` serves cxr-pipeline/<this>
     cron: str = "0 2 * * *"  # when the deployment runs (here: every night at 02:00)
 

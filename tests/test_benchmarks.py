@@ -73,13 +73,17 @@ def test_the_near_duplicate_benchmark_finds_the_same_pairs_as_comparing_every_pa
 @pytest.mark.slow
 def test_the_ingest_benchmark_times_the_flow_on_dask_against_the_process_pool(tmp_path):
     """`--dask` runs the ingest flow on a local Dask cluster and on Prefect's threads (each must decode every file
-    cleanly, or the benchmark stops) and prints their ratio per round."""
+    cleanly, or the benchmark stops) on a quarter of the films and on all, and prints the whole flow's ratio per
+    round and each path's per-core rate and fixed cost."""
     write_chest_like_jpegs(tmp_path / "archive")
     done = subprocess.run(
         [sys.executable, "benchmarks/ingest.py", "--real-dir", str(tmp_path / "archive"), "--copies", "24", "--repeats", "1",
          "--dask"], cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert re.search(r"Dask \(2 worker processes\) against Prefect's threads .*, per round: \d+\.\d\dx$", done.stdout,
-                     re.MULTILINE), done.stdout
-    assert re.fullmatch(r"real_dask_vs_process_pool=\d+\.\d{2}", done.stdout.strip().splitlines()[-1]), done.stdout
+    assert re.search(r"Dask \(2 worker processes\) against Prefect's threads .*, 24 films, per round: \d+\.\d\dx$",
+                     done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"per-core rate once running \(6 -> 24 films, medians\): Dask \d+ img/s, the pool \d+ img/s; "
+                     r"fixed cost per ingest: Dask -?\d+\.\d s, the pool -?\d+\.\d s$", done.stdout, re.MULTILINE), done.stdout
+    assert re.fullmatch(r"real_dask_vs_process_pool=\d+\.\d{2}", done.stdout.strip().splitlines()[-2]), done.stdout
+    assert re.fullmatch(r"real_dask_per_core_vs_process_pool=-?\d+\.\d{2}", done.stdout.strip().splitlines()[-1]), done.stdout

@@ -74,6 +74,26 @@ def test_ingest_on_a_local_dask_cluster_gives_the_same_outputs(prefect_engine, t
     assert [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine)] == expected
 
 
+@pytest.mark.parametrize("n_files, threads, image_size, expected", [
+    (33, 2, 32, 9),  # 4 shards: two per worker thread
+    (2000, 2, 64, 500),
+    (200_000, 64, 64, 1563),  # 128 shards on 64 threads
+    (5, 8, 64, 1),  # fewer films than tasks the threads could take: one film each
+    (0, 2, 64, 1),
+    (200_000, 2, 64, 16_384),  # not 4 shards of 200 MB: 13 of 64 MiB
+    (3000, 2, 512, 256),
+    (40, 2, 8192, 1),  # a film of 64 MiB: one per task
+])
+def test_dask_shards_are_two_per_worker_thread_up_to_a_memory_cap(n_files, threads, image_size, expected):
+    """The default shard size (orchestration.ingest_shard_size unset): two tasks per worker thread, since each task
+    costs a worker Prefect's set-up, but never a shard whose films pass MAX_SHARD_BYTES (they come back at once)."""
+    from flows.pipeline_flow import MAX_SHARD_BYTES, dask_shard_size
+
+    size = dask_shard_size(n_files, threads, image_size)
+    assert size == expected
+    assert size * image_size**2 <= MAX_SHARD_BYTES
+
+
 def test_a_flow_run_waits_for_the_project_lock_and_fails_in_one_line_when_time_runs_out(prefect_engine, tmp_path, monkeypatch):
     """The flow holds the lock for its whole run (ingest's tasks do not go through the stage table's lock)."""
     from tests.test_lock import Holder
@@ -221,7 +241,8 @@ def test_ingest_on_a_separately_started_dask_scheduler_and_two_workers_gives_the
 
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
     scheduler_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DASK_TEMPORARY_DIRECTORY": str(tmp_path / "dask-tmp")}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DASK_TEMPORARY_DIRECTORY": str(tmp_path / "dask-tmp"),
+           "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False"}  # as the README starts them
     started = [subprocess.Popen([*dask, "--scheduler-file", str(scheduler_file), "--port", "0", "--dashboard-address", ":0"],
                                 env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     try:
@@ -236,14 +257,16 @@ def test_ingest_on_a_separately_started_dask_scheduler_and_two_workers_gives_the
 
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
-            on_dask = load_config(params, ["orchestration.task_runner=dask", f"orchestration.dask_address={address}",
-                                           "orchestration.ingest_shard_size=5"])
+            # no ingest_shard_size: the shards are sized from the cluster's 2 worker threads (dask_shard_size)
+            on_dask = load_config(params, ["orchestration.task_runner=dask", f"orchestration.dask_address={address}"])
             state = ingest_flow.with_options(task_runner=task_runner_for(on_dask))(paths, on_dask, return_state=True)
             assert state.is_completed(), state.message
-            assert state.result().n_decoded == 33  # 30 films and the 3 broken ones, in 7 shards
+            assert state.result().n_decoded == 33  # 30 films and the 3 broken ones, in 4 shards of at most 9
             assert len(client.scheduler_info()["workers"]) == 2  # the flow used these, it started no cluster of its own
             done = client.run(lambda dask_worker: len(dask_worker.data) + dask_worker.state.executed_count)
             assert all(count > 0 for count in done.values()), done  # both "machines" decoded shards
+            sampling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+            assert not any(sampling.values()), sampling  # the README's DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False
     finally:
         for process in reversed(started):
             process.terminate()
