@@ -223,8 +223,8 @@ def _fan_out_ingest(paths: ProjectPaths, config: Config):
     return finished.result()
 
 
-# A decode task on Dask costs a worker about 0.3 to 0.5 s besides its films (measured on 2 cores): Prefect builds
-# its settings and an HTTP client, certificates included, for each task run. Two tasks per worker thread pay it
+# A decode task on Dask costs a worker 0.3 to 1 s besides its films (measured on 2 cores): Prefect builds its
+# settings and an HTTP client, certificate bundle included, for each task run. Two tasks per worker thread pay it
 # twice, and a thread that finishes first waits for at most about half another's share.
 SHARDS_PER_THREAD = 2
 # A shard's films come back, and wait in the flow's memory, all at once: 16,384 films at 64 px, 256 at 512 px.
