@@ -444,23 +444,22 @@ class FlowTimes:
 
     n_small: int
     n_large: int
-    threads: dict[int, list[float]] = field(default_factory=dict)  # films -> seconds, one per round
-    dask: dict[int, list[float]] = field(default_factory=dict)
+    seconds: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # (runner, films) -> one per round
 
     def whole_flow_ratios(self) -> list[float]:
         """Per round, the thread runner's seconds over Dask's on all the films (above 1: Dask faster)."""
-        return [t / d for t, d in zip(self.threads[self.n_large], self.dask[self.n_large])]
+        return [t / d for t, d in zip(self.seconds["threads", self.n_large], self.seconds["dask", self.n_large])]
 
     def rate_and_fixed(self, runner: str) -> tuple[float, float]:
         """The runner's films per second once running (the marginal rate between the two sizes, from the medians)
         and its fixed cost per ingest in seconds (what the flow takes besides its films)."""
-        times = getattr(self, runner)
+        times = {films: self.seconds[runner, films] for films in (self.n_small, self.n_large)}
         small, large = statistics.median(times[self.n_small]), statistics.median(times[self.n_large])
         rate = (self.n_large - self.n_small) / max(large - small, 1e-9)
         return rate, small - self.n_small / rate
 
 
-def flow_rounds(source: Path, n_files: int, rounds: int, scratch: Path) -> FlowTimes:
+def flow_rounds(source: Path, files: list[Path], rounds: int, scratch: Path) -> FlowTimes:
     """The ingest flow on Dask against Prefect's threads, both decoding on 2 processes: a local Dask cluster of 2
     worker processes of one thread each, started and warmed before timing (as a cluster of machines is, with
     `orchestration.dask_address`), against the thread runner's pool of data.num_workers=2. Each round times one
@@ -477,13 +476,12 @@ def flow_rounds(source: Path, n_files: int, rounds: int, scratch: Path) -> FlowT
 
     from flows.pipeline_flow import DASK_WORKER_CONFIG, ingest_flow, task_runner_for
 
-    files = sorted(p for p in source.rglob("*") if p.is_file())
     quarter = scratch / "quarter"
     for file in files[::4]:  # every fourth: a sample of the whole (hard links, by other paths: no copy)
         (quarter / file.parent.name).mkdir(parents=True, exist_ok=True)
         os.link(file, quarter / file.parent.name / file.name)
-    sources = {len(files[::4]): quarter, n_files: source}
-    times = FlowTimes(len(files[::4]), n_files)
+    sources = {len(files[::4]): quarter, len(files): source}
+    times = FlowTimes(len(files[::4]), len(files))
 
     def timed_flow(name: str, films: int, overrides: list[str]) -> float:
         paths = new_project(scratch / name)
@@ -508,7 +506,7 @@ def flow_rounds(source: Path, n_files: int, rounds: int, scratch: Path) -> FlowT
             for runner in sorted(runners, reverse=r % 2 == 1):
                 for films in sources:
                     seconds = timed_flow(f"flow-{runner}-{films}-r{r}", films, runners[runner])
-                    getattr(times, runner).setdefault(films, []).append(seconds)
+                    times.seconds.setdefault((runner, films), []).append(seconds)
     return times
 
 
@@ -569,7 +567,7 @@ def real_main(args: argparse.Namespace) -> None:
                 shutil.rmtree(paths.root)
         j2k_reduced, j2k_full = j2k_rates(j2k_files) if with_j2k else (math.nan, math.nan)
         others = others_cpu_s(cpu) / ((time.perf_counter() - started) * (os.cpu_count() or 1))
-        on_dask = flow_rounds(source, len(files), args.repeats, scratch) if args.dask else None
+        on_dask = flow_rounds(source, files, args.repeats, scratch) if args.dask else None
     main_rss, worker_rss = peak_rss_mib()
 
     n = len(files)
