@@ -356,6 +356,41 @@ def test_grouping_5000_films_into_pseudo_patients_joins_every_copy_and_nothing_e
     assert (grouped["patient_hash"].iloc[4000:].to_numpy() == frame["patient_hash"].iloc[:1000].to_numpy()).all()
 
 
+@pytest.mark.parametrize("max_distance", [0, 4, 8])
+def test_near_duplicate_groups_with_many_copies_are_the_groups_every_pair_comparison_gives(max_distance: int):
+    """near_duplicate_groups searches one film per (hash, stratum) and links its copies to it: the groups must be
+    those of comparing every pair of eligible films of one stratum. The films attack the shortcut: a film copied
+    30 times, copies spread over two strata, ineligible copies (never grouped, even with their own copies), near
+    variants of copies, and two copied films 3 bits apart (chained, except at distance 0)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from pipeline.splits import near_duplicate_groups
+
+    rng = np.random.default_rng(max_distance)
+    originals = rng.integers(0, 2**63, 12, dtype=np.int64).astype(np.uint64)
+    originals[1] = originals[0] ^ np.uint64(0b111)
+    hashes = np.repeat(originals, 30)  # 360 films, 12 hashes
+    flips = (np.uint64(1) << rng.integers(0, 63, 40).astype(np.uint64)) | (np.uint64(1) << rng.integers(0, 63, 40).astype(np.uint64))
+    variants = hashes[rng.integers(0, len(hashes), 40)] ^ flips  # within 2 bits of a copy
+    hashes = np.concatenate([hashes, variants, rng.integers(0, 2**63, 30, dtype=np.int64).astype(np.uint64)])
+    order = rng.permutation(len(hashes))
+    hashes = hashes[order]
+    eligible = rng.random(len(hashes)) < 0.8
+    strata = np.where(rng.random(len(hashes)) < 0.5, "train", "test").astype(object)
+
+    bits = np.array([[bin(int(a) ^ int(b)).count("1") for b in hashes] for a in hashes])
+    linked = (bits <= max_distance) & eligible[:, None] & eligible[None, :] & (strata[:, None] == strata[None, :])
+    first, second = np.nonzero(np.triu(linked, 1))
+    graph = coo_matrix((np.ones(len(first), dtype=np.int8), (first, second)), shape=(len(hashes),) * 2)
+    expected = connected_components(graph, directed=False)[1]
+
+    groups = near_duplicate_groups(hashes, max_distance, eligible, strata)
+    assert (groups == expected).all()  # the same labels: scipy numbers components by their first film
+    sizes = pd.Series(groups[eligible]).value_counts()
+    assert sizes.max() >= 15 and len(set(groups[~eligible])) == (~eligible).sum()  # copies grouped; others alone
+
+
 def test_forgetting_a_pseudo_patient_keeps_every_film_of_the_group_out_of_later_ingests(tmp_path):
     """`cxr forget` takes a manifest patient_hash; for a near-duplicate group that is the group's, and the copies
     (whose own pseudonyms differ) must not come back as a new group at the next ingest."""
