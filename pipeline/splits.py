@@ -77,7 +77,8 @@ def patient_knowledge(manifest_path: Path) -> dict:
 
 def near_duplicate_groups(hashes: np.ndarray, max_distance: int, eligible: np.ndarray, strata: np.ndarray) -> np.ndarray:
     """A group number per film: `eligible` films of one stratum linked by a chain of near-duplicate pairs (perceptual
-    hashes within `max_distance` bits, pipeline.phash) share one; every other film is a group of its own.
+    hashes within `max_distance` bits, pipeline.phash) share one; every other film is a group of its own. `strata`
+    holds a label per film (equal labels, one stratum; films with a missing label form one stratum too).
 
     The pairs come from phash.close_pairs (a search by hash bands: 60,000 films in a tenth of a second) and the
     chains from scipy's connected components (a union-find in C), so no Python loop runs over films or pairs.
@@ -91,16 +92,17 @@ def near_duplicate_groups(hashes: np.ndarray, max_distance: int, eligible: np.nd
     from pipeline.phash import close_pairs
 
     hashes = np.asarray(hashes, dtype=np.uint64)
+    stratum_codes = pd.factorize(strata, use_na_sentinel=False)[0]  # any labels, unsorted; missing ones: one stratum
     candidates = np.flatnonzero(eligible)
-    stratum = np.unique(np.asarray(strata)[candidates], return_inverse=True)[1].ravel().astype(np.uint64)
-    keys = np.stack([hashes[candidates], stratum], axis=1)
+    keys = np.stack([hashes[candidates], stratum_codes[candidates].astype(np.uint64)], axis=1)
     _, firsts, copy_of = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    copy_of = copy_of.ravel()  # numpy 2.0.0 gave the inverse of an axis unique an extra dimension
     searched = candidates[firsts]  # one film per (hash, stratum)
     pairs = searched[close_pairs(hashes[searched], max_distance)]
     first, second = pairs[:, 0], pairs[:, 1]
-    same = strata[first] == strata[second]
+    same = stratum_codes[first] == stratum_codes[second]
     rows = np.concatenate([first[same], candidates])
-    columns = np.concatenate([second[same], searched[copy_of.ravel()]])  # each copy to its first (itself, for that one)
+    columns = np.concatenate([second[same], searched[copy_of]])  # each copy to its first (itself, for that one)
     n = len(hashes)
     graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, columns)), shape=(n, n))
     return connected_components(graph, directed=False)[1]

@@ -371,7 +371,8 @@ def test_near_duplicate_groups_with_many_copies_are_the_groups_every_pair_compar
     originals = rng.integers(0, 2**63, 12, dtype=np.int64).astype(np.uint64)
     originals[1] = originals[0] ^ np.uint64(0b111)
     hashes = np.repeat(originals, 30)  # 360 films, 12 hashes
-    flips = (np.uint64(1) << rng.integers(0, 63, 40).astype(np.uint64)) | (np.uint64(1) << rng.integers(0, 63, 40).astype(np.uint64))
+    bits_flipped = rng.integers(0, 63, (2, 40)).astype(np.uint64)
+    flips = (np.uint64(1) << bits_flipped[0]) | (np.uint64(1) << bits_flipped[1])
     variants = hashes[rng.integers(0, len(hashes), 40)] ^ flips  # within 2 bits of a copy
     hashes = np.concatenate([hashes, variants, rng.integers(0, 2**63, 30, dtype=np.int64).astype(np.uint64)])
     order = rng.permutation(len(hashes))
@@ -388,7 +389,7 @@ def test_near_duplicate_groups_with_many_copies_are_the_groups_every_pair_compar
     groups = near_duplicate_groups(hashes, max_distance, eligible, strata)
     assert (groups == expected).all()  # the same labels: scipy numbers components by their first film
     sizes = pd.Series(groups[eligible]).value_counts()
-    assert sizes.max() >= 15 and len(set(groups[~eligible])) == (~eligible).sum()  # copies grouped; others alone
+    assert sizes.max() >= 15 and (~eligible).sum() >= 40  # the data exercises the shortcut: many copies, many left out
 
 
 def test_forgetting_a_pseudo_patient_keeps_every_film_of_the_group_out_of_later_ingests(tmp_path):
