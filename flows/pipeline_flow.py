@@ -215,7 +215,7 @@ def _fan_out_ingest(paths: ProjectPaths, config: Config):
                                       None if on_cluster else spool) for shard in shards]
         outcomes: list = [None] * len(files)  # in plan.todo's order, as finish_ingest reads them
         for k in range(n_shards):
-            future, futures[k] = futures[k], None
+            future, futures[k] = futures[k], None  # let go once read: its films are freed when spooled
             outcomes[k::n_shards] = [spool.keep(outcome) for outcome in future.result()]
         finished = finish_task(paths, config, plan, outcomes, return_state=True)
     if finished.is_failed():

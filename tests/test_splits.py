@@ -365,6 +365,7 @@ def test_near_duplicate_groups_with_many_copies_are_the_groups_every_pair_compar
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    from pipeline.phash import hamming
     from pipeline.splits import near_duplicate_groups
 
     rng = np.random.default_rng(max_distance)
@@ -380,8 +381,7 @@ def test_near_duplicate_groups_with_many_copies_are_the_groups_every_pair_compar
     eligible = rng.random(len(hashes)) < 0.8
     strata = np.where(rng.random(len(hashes)) < 0.5, "train", "test").astype(object)
 
-    bits = np.array([[bin(int(a) ^ int(b)).count("1") for b in hashes] for a in hashes])
-    linked = (bits <= max_distance) & eligible[:, None] & eligible[None, :] & (strata[:, None] == strata[None, :])
+    linked = (hamming(hashes[:, None], hashes[None, :]) <= max_distance) & eligible[:, None] & eligible[None, :] & (strata[:, None] == strata[None, :])
     first, second = np.nonzero(np.triu(linked, 1))
     graph = coo_matrix((np.ones(len(first), dtype=np.int8), (first, second)), shape=(len(hashes),) * 2)
     expected = connected_components(graph, directed=False)[1]
