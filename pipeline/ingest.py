@@ -54,6 +54,7 @@ MANIFEST_COLUMNS = [
     "sex", "age_band", "mean_intensity", "std_intensity",
 ]
 QUARANTINE_COLUMNS = ["source", "path", "reason", "message"]
+PHASH_BATCH = 1024  # spooled films read back and stacked at a time for the perceptual hashes (4 MB at 64 px)
 
 
 @dataclass(frozen=True)
@@ -605,8 +606,8 @@ def _perceptual_hashes(films: list) -> np.ndarray:
     from pipeline.phash import phash_batches
 
     def batches():  # -> Iterator[np.ndarray]
-        for start in range(0, len(films), 4096):
-            yield np.stack([np.asarray(film) for film in films[start : start + 4096]])
+        for start in range(0, len(films), PHASH_BATCH):
+            yield np.stack([np.asarray(film) for film in films[start : start + PHASH_BATCH]])
 
     return phash_batches(batches())
 
