@@ -297,6 +297,25 @@ def test_the_pixel_spool_gives_back_each_film_by_its_row_and_refuses_a_wrong_sha
     assert not list(tmp_path.iterdir())  # an anonymous file: nothing left beside the outputs
 
 
+def test_perceptual_hashes_of_spooled_films_read_back_in_batches_are_the_one_set_hashes(tmp_path, monkeypatch):
+    """Near-duplicate grouping hashes the films of an ingest as one set, read back from the spool PHASH_BATCH at a
+    time: batches cut anywhere (here every 3 films, spooled films and plain arrays mixed) must give the hashes of
+    the whole set stacked at once, no film lost, repeated or moved at a batch boundary."""
+    from pipeline.decode_cache import Decoded
+    from pipeline.ingest import PixelSpool, _perceptual_hashes
+    from pipeline.phash import phash
+
+    monkeypatch.setattr("pipeline.ingest.PHASH_BATCH", 3)
+    rng = np.random.default_rng(7)
+    films = [rng.integers(0, 255, (16, 16), dtype=np.uint8) for _ in range(11)]
+    with PixelSpool(tmp_path, 16) as spool:
+        spooled = [spool.keep(Decoded(film, {})).pixels for film in films[:7]]
+        hashes = _perceptual_hashes([*spooled, *films[7:]])
+    expected = phash(np.stack(films))
+    assert len(set(expected.tolist())) == len(films)  # distinct hashes: a film moved or repeated would show
+    assert np.array_equal(hashes, expected)
+
+
 def _ingest_peak_traced_bytes(folder, n: int, size: int) -> int:
     """Peak memory Python and numpy allocated (tracemalloc) during a cold ingest of `n` distinct PNG films stored at
     `size` px, with one decode process (the decoding happens in this one, traced too)."""
