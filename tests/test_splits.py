@@ -381,7 +381,8 @@ def test_near_duplicate_groups_with_many_copies_are_the_groups_every_pair_compar
     eligible = rng.random(len(hashes)) < 0.8
     strata = np.where(rng.random(len(hashes)) < 0.5, "train", "test").astype(object)
 
-    linked = (hamming(hashes[:, None], hashes[None, :]) <= max_distance) & eligible[:, None] & eligible[None, :] & (strata[:, None] == strata[None, :])
+    linked = ((hamming(hashes[:, None], hashes[None, :]) <= max_distance) & eligible[:, None] & eligible[None, :]
+              & (strata[:, None] == strata[None, :]))
     first, second = np.nonzero(np.triu(linked, 1))
     graph = coo_matrix((np.ones(len(first), dtype=np.int8), (first, second)), shape=(len(hashes),) * 2)
     expected = connected_components(graph, directed=False)[1]
