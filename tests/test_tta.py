@@ -68,13 +68,13 @@ def test_with_tta_on_the_served_model_still_refuses_what_is_out_of_scope_and_ave
     from pipeline.tta import moved, view_matrix
     from tests.conftest import source_files, write_tiny_project
     from tests.test_cli import cxr
-    from tests.test_ood import CHAMPION, _non_chest
+    from tests.test_ood import CHAMPION, LEARNT_EPOCHS, LEARNT_FILMS, _non_chest
 
-    # 300 films and 6 epochs: a network that has learnt what a chest film looks like (tests/test_ood.py's trained_project)
-    params = write_tiny_project(tmp_path / "project", n=300)
+    # a network that has learnt what a chest film looks like, as tests/test_ood.py's trained_project
+    params = write_tiny_project(tmp_path / "project", n=LEARNT_FILMS)
     settings = yaml.safe_load(params.read_text())
     settings["evaluate"]["tta"] = VIEWS  # in the file: `cxr predict` below reads the same project
-    settings["train"]["epochs"] = 6
+    settings["train"]["epochs"] = LEARNT_EPOCHS
     params.write_text(yaml.safe_dump(settings, sort_keys=False))
     paths, config = ProjectPaths(params.parent), load_config(params)
     run_stages(paths, config, until="register")
