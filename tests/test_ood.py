@@ -74,7 +74,7 @@ def _non_chest(folder: Path, pydicom_test_files: Path) -> dict[str, Path]:
 # A network that has learnt what a chest film looks like, at test sizes (32 px, one network): LEARNT_FILMS demo films,
 # LEARNT_EPOCHS epochs. Fewer is too little for the promise that it refuses a CT slice: with 300 films the CT slice
 # scored under the threshold for 3 of 6 training seeds on one CPU (and for seed 0 on one CPU and not another); with
-# 400, for none of 18 seeds (the least score 1.2 times the threshold, the median 1.6).
+# 400, for none of 18 seeds (the least score 1.2 times the threshold, the median 1.7).
 LEARNT_FILMS, LEARNT_EPOCHS = 400, 6
 
 
