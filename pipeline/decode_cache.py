@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,10 +141,17 @@ class DecodeCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         decoded = [(key, outcome) for key, outcome in entries if isinstance(outcome, Decoded)]
         if decoded:
-            shard_name = _write_shard(self.folder, [outcome.pixels for _, outcome in decoded])
-            rows = [{"file_key": key, "shard": shard_name, "row": row,
-                     "checksum": _checksum(key, outcome.fields, outcome.pixels), **outcome.fields}
-                    for row, (key, outcome) in enumerate(decoded)]
+            checksums: list[str] = []
+
+            def films():  # -> Iterator[np.ndarray]: each film read once (a spooled one from disk), checksummed as written
+                for key, outcome in decoded:
+                    pixels = np.asarray(outcome.pixels)
+                    checksums.append(_checksum(key, outcome.fields, pixels))
+                    yield pixels
+
+            shard_name = _write_shard(self.folder, films(), (len(decoded), *decoded[0][1].pixels.shape))
+            rows = [{"file_key": key, "shard": shard_name, "row": row, "checksum": checksum, **outcome.fields}
+                    for row, ((key, outcome), checksum) in enumerate(zip(decoded, checksums, strict=True))]
             self.index = _append(self.index, rows, self.folder / "index.parquet")
         failed = [{"file_key": key, "reason": outcome.reason, "message": outcome.message}
                   for key, outcome in entries if isinstance(outcome, Failure)]
@@ -167,7 +175,7 @@ class DecodeCache:
             if shard is None:  # nothing else in it, or unreadable: its other films are decoded again
                 kept = kept.drop(rows)
                 continue
-            renamed = _write_shard(self.folder, [shard[int(row)] for row in kept.loc[rows, "row"]])
+            renamed = _write_shard(self.folder, (shard[int(row)] for row in kept.loc[rows, "row"]), (len(rows), *shard.shape[1:]))
             kept.loc[rows, "shard"], kept.loc[rows, "row"] = renamed, np.arange(len(rows))
         self.index = kept.set_index("file_key")
         with atomic_path(self.folder / "index.parquet") as tmp:  # the index first: it never names a missing shard
@@ -200,15 +208,17 @@ class DecodeCache:
             self.index.reset_index().to_parquet(tmp, index=False)
 
 
-def _write_shard(folder: Path, films: list[np.ndarray]) -> str:
-    """Write films of one shape to a new shard named after their bytes (blake2b, as np.stack(films).tobytes()
+def _write_shard(folder: Path, films: Iterable[np.ndarray], shape: tuple[int, ...]) -> str:
+    """Write `shape[0]` films of one shape to a new shard named after their bytes (BLAKE3, as np.stack(films).tobytes()
     would hash), streamed so no stacked copy is made; its name. Written under a temporary name, then renamed."""
-    digest = hashlib.blake2b(digest_size=16)
+    from blake3 import blake3
+
+    digest = blake3(max_threads=1)
     tmp = folder / f".shard-writing.tmp{os.getpid()}.npy"  # its name is known only once it is written
     try:
         with tmp.open("wb") as handle:
-            write_npy_rows(handle, films, (len(films), *films[0].shape), digest)
-        name = f"shard-{digest.hexdigest()}.npy"
+            write_npy_rows(handle, films, shape, digest)
+        name = f"shard-{digest.hexdigest(length=16)}.npy"
         os.replace(tmp, folder / name)
     finally:
         tmp.unlink(missing_ok=True)
@@ -221,7 +231,7 @@ def _checksum(file_key: str, fields: dict, pixels: np.ndarray) -> str:
     digest.update(file_key.encode())
     digest.update(json.dumps(fields, sort_keys=True, default=str).encode())
     digest.update(f"{pixels.dtype.str}{pixels.shape}".encode())
-    digest.update(np.ascontiguousarray(pixels).tobytes())
+    digest.update(np.ascontiguousarray(pixels))  # the array's buffer in place: no copy
     return digest.hexdigest()
 
 

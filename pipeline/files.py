@@ -27,7 +27,8 @@ def write_npy_rows(handle: BinaryIO, rows: Iterable, shape: tuple[int, ...], dig
     """Write a uint8 array of `shape` to an open file as .npy (the very bytes np.save writes) one row at a time, from
     `rows` (arrays of shape[1:]): nothing is stacked, so writing 200,000 films takes one film's memory, not a second
     copy of all of them. Plain writes, not a memory map, whose pages would count in the process's resident memory.
-    `digest` (a hashlib object), when given, is fed the data bytes as written (the decode cache names shards by them).
+    `digest` (a hashlib or blake3 object), when given, is fed the data bytes as written (the decode cache names shards
+    by them).
     """
     import numpy as np
 

@@ -22,7 +22,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -348,9 +348,17 @@ def center_square(pixels: np.ndarray) -> np.ndarray:
 def pixel_sha256(pixels: np.ndarray) -> str:
     """Hash of the pixels and their shape (ingest's duplicate key, of the stored film): the same film re-encoded
     still matches."""
-    digest = hashlib.sha256(f"{pixels.shape}|{pixels.dtype}".encode())
-    digest.update(np.ascontiguousarray(pixels).tobytes())
+    pixels = np.ascontiguousarray(pixels)
+    digest = hashlib.sha256(_layout_prefix(pixels.shape, pixels.dtype))
+    digest.update(pixels)  # hashlib reads a C-contiguous array's buffer in place: no copy
     return digest.hexdigest()
+
+
+@lru_cache(maxsize=16)
+def _layout_prefix(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """What pixel_sha256 hashes before the pixels, made once per shape: formatting a shape and a dtype costs as much
+    as hashing a 64 px film's 4 KB, and ingest hashes every film it stores."""
+    return f"{shape}|{dtype}".encode()
 
 
 def _decode_pillow(source: Path | bytes, name: str, kind: str, limits: DecodeLimits, size: int | None = None) -> DecodedImage:
