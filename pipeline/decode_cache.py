@@ -141,9 +141,9 @@ class DecodeCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         decoded = [(key, outcome) for key, outcome in entries if isinstance(outcome, Decoded)]
         if decoded:
-            checksums: list[str] = []
+            checksums: list[str] = []  # made as the shard is written: each film is read once (a spooled one from disk)
 
-            def films():  # -> Iterator[np.ndarray]: each film read once (a spooled one from disk), checksummed as written
+            def films():  # -> Iterator[np.ndarray]
                 for key, outcome in decoded:
                     pixels = np.asarray(outcome.pixels)
                     checksums.append(_checksum(key, outcome.fields, pixels))
@@ -175,7 +175,8 @@ class DecodeCache:
             if shard is None:  # nothing else in it, or unreadable: its other films are decoded again
                 kept = kept.drop(rows)
                 continue
-            renamed = _write_shard(self.folder, (shard[int(row)] for row in kept.loc[rows, "row"]), (len(rows), *shard.shape[1:]))
+            films = (shard[int(row)] for row in kept.loc[rows, "row"])
+            renamed = _write_shard(self.folder, films, (len(rows), *shard.shape[1:]))
             kept.loc[rows, "shard"], kept.loc[rows, "row"] = renamed, np.arange(len(rows))
         self.index = kept.set_index("file_key")
         with atomic_path(self.folder / "index.parquet") as tmp:  # the index first: it never names a missing shard
