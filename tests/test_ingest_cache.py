@@ -188,6 +188,27 @@ def test_two_writers_never_write_the_same_shard(tmp_path):
     assert (second.get("key-b").pixels == 2).all()
 
 
+def test_a_key_leading_to_another_films_row_is_never_served(tmp_path):
+    """The checksum made as a shard is written ties each row to its own key: an index whose keys were swapped
+    (each key leading to the other film's row, fields and checksum, all intact) serves neither: decoded again."""
+    from pipeline.decode_cache import DecodeCache, Decoded
+
+    def film(value: int) -> Decoded:
+        return Decoded(np.full((4, 4), value, dtype=np.uint8), {"format": "png", "sha256": str(value)})
+
+    DecodeCache(tmp_path).add([("key-a", film(1)), ("key-b", film(2)), ("key-c", film(3))])
+    index_path = tmp_path / "index.parquet"
+    index = pd.read_parquet(index_path)
+    assert DecodeCache(tmp_path).get("key-b") is not None  # intact, it is served
+    a, b = index.index[index["file_key"] == "key-a"][0], index.index[index["file_key"] == "key-b"][0]
+    index.loc[[a, b], "file_key"] = ["key-b", "key-a"]
+    index.to_parquet(index_path, index=False)
+
+    swapped = DecodeCache(tmp_path)
+    assert swapped.get("key-a") is None and swapped.get("key-b") is None
+    assert (swapped.get("key-c").pixels == 3).all()  # the rows around them still serve their own films
+
+
 def test_a_new_shard_never_takes_the_name_of_an_existing_one(tmp_path):
     """Named after their count, a shard written after another went missing took the name of a live one."""
     from pipeline.decode_cache import DecodeCache, Decoded
