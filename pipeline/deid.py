@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,14 +188,23 @@ def identity_of(patient_id: str | None, values: Iterable[str], key: bytes) -> Id
 def identifier_hashes(values: Iterable[str], key: bytes) -> frozenset[str]:
     """Keyed pseudonyms of identifying values and of a person name's parts ("DOE^JOHN": also DOE and JOHN), each
     compared by its letters and digits only, ignoring case: "MRN-7730100" in a folder name is "mrn7730100" too."""
-    hashes = set()
+    return frozenset(_identifier_hash(text, key) for text in _identifier_texts(values))
+
+
+def identifier_lengths(values: Iterable[str]) -> frozenset[int]:
+    """How many letters and digits each text identifier_hashes hashes for `values` has: a Redactor that knows them
+    hashes only the runs of a path as long as one (in memory only: a length is never written anywhere)."""
+    return frozenset(len(text) for text in _identifier_texts(values))
+
+
+def _identifier_texts(values: Iterable[str]) -> Iterator[str]:
+    """What identifier_hashes hashes: each value, a name's parts and long digit runs (the MRN inside "XMRN7730100",
+    which no word boundary shows), by letters and digits, casefolded, where their length is an identifier's."""
     for value in values:
-        # the value, a name's parts, and long digit runs (the MRN inside "XMRN7730100", which no word boundary shows)
         for variant in (value, *re.split(r"[\^=\s]+", value), *re.findall(r"\d{6,}", value)):
             text = _normalised(variant)
             if IDENTIFIER_MIN_CHARS <= len(text) <= IDENTIFIER_MAX_CHARS:
-                hashes.add(_identifier_hash(text, key))
-    return frozenset(hashes)
+                yield text
 
 
 def _normalised(text: str) -> str:
@@ -226,10 +235,15 @@ class Redactor:
     7730100) are found; glued into a longer word ("XMRN7730100"), only its run of 6 or more digits is.
     """
 
-    def __init__(self, hashes: Iterable[str], key: bytes) -> None:
+    def __init__(self, hashes: Iterable[str], key: bytes, lengths: Iterable[int] | None = None) -> None:
+        """`lengths`: identifier_lengths of the values behind every one of `hashes`, when all are known; only runs
+        of those lengths are then hashed (redacting the file names of a folder of JPEGs takes half the time).
+        None, as for a header's pseudonyms, which come without theirs: runs of every length are."""
         self.hashes = frozenset(hashes)
         self._digests = frozenset(bytes.fromhex(pseudonym) for pseudonym in self.hashes)  # compared as bytes
         self._mac = _identifier_mac(key)
+        self._lengths = None if lengths is None else frozenset(lengths)
+        self._longest = IDENTIFIER_MAX_CHARS if self._lengths is None else max(self._lengths, default=0)
         self._parts: dict[str, str] = {}
 
     def path(self, path: str) -> str:
@@ -241,7 +255,8 @@ class Redactor:
 
         One pass over the runs of letter and digit runs (_FINE) tries the runs of whole words (_COARSE) too: a
         word's boundaries are boundaries of its letter and digit runs, and both runs join the same characters. A
-        run ends at IDENTIFIER_MAX_CHARS characters (a 64-character DICOM UID has at most 32 numbers). Each run
+        run ends at IDENTIFIER_MAX_CHARS characters (a 64-character DICOM UID has at most 32 numbers), or at the
+        longest known length. Each run
         starting at a word is hashed as it grows, a word at a time (a hash's digest leaves it open to more), so
         a name of w words costs w keyed states and one update and digest per run, not a hash of each run anew.
         """
@@ -252,14 +267,16 @@ class Redactor:
             word = match.group().casefold()
             words.append((match.start(), match.end(), len(word), word.encode("utf-8")))
         found = []
+        lengths, longest = self._lengths, self._longest
         for first, (start, _, _, _) in enumerate(words):
             state, length = self._mac.copy(), 0
-            for _, stop, chars, word in words[first:first + IDENTIFIER_MAX_CHARS]:  # a word has a character at least
+            for _, stop, chars, word in words[first:first + longest]:  # a word has a character at least
                 length += chars
-                if length > IDENTIFIER_MAX_CHARS:
+                if length > longest:
                     break
                 state.update(word)
-                if length >= IDENTIFIER_MIN_CHARS and state.digest() in self._digests:
+                if (length >= IDENTIFIER_MIN_CHARS and (lengths is None or length in lengths)
+                        and state.digest() in self._digests):
                     found.append((start, stop, state.hexdigest()))
         kept, end = [], -1
         for start, stop, pseudonym in sorted(found, key=lambda match: (match[0], -match[1])):  # longest first

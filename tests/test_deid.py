@@ -309,3 +309,43 @@ def test_the_redactor_finds_identifiers_as_words_runs_of_words_and_runs_inside_w
             assert part not in redacted, (text, redacted)
     assert redactor.text("NRM7730101_IMG.png") == "NRM7730101_IMG.png"  # near misses stay
     assert redactor.path("pneumonia/MRN7730100/x.dcm").split("/")[0] == "pneumonia"
+
+
+def test_a_redactor_told_the_identifiers_lengths_finds_exactly_what_one_hashing_every_run_finds():
+    """The length filter may skip only runs no identifier could be: random paths built from identifiers (in any
+    case, split by any separator, glued into words, with letters whose casefold is longer, such as ß) and noise
+    must come out of both Redactors the same, and every identifier must be gone from them."""
+    import random
+
+    from pipeline.deid import Redactor, identifier_hashes, identifier_lengths
+
+    key = b"redactor-length-test-key-0123456789"
+    values = ["MRN7730100", "QUINCEY^MARGOT", "Straße^Jörg", "ACC5550100", "1.2.840.10008.77", "Ab9"]
+    every_run = Redactor(identifier_hashes(values, key), key)
+    by_length = Redactor(identifier_hashes(values, key), key, identifier_lengths(values))
+    pieces = ["MRN7730100", "mrn", "7730100", "Quincey", "MARGOT", "STRASSE", "straße", "jörg", "ACC", "5550100",
+              "1.2.840.10008.77", "ab9", "AB9X", "IM", "0001", "copy", "chest", "pa", "77", "xray", "ß", "é"]
+    separators = ["", "-", "_", ".", " ", "/", "^"]
+    generator = random.Random(15)
+    for _ in range(3000):
+        text = "".join(generator.choice(pieces) + generator.choice(separators) for _ in range(generator.randint(1, 9)))
+        assert by_length.text(text) == every_run.text(text), text
+        assert by_length.path(text) == every_run.path(text), text
+    assert "7730100" not in by_length.text("scans/MRN-7730100_IM-1.dcm")
+    assert "Jörg" not in by_length.text("STRASSE_Jörg.png") and "redacted-" in by_length.text("strasse.png")
+
+
+def test_ingest_redacts_header_names_of_any_length_beside_file_name_patients(tmp_path):
+    """A run whose identifiers all come from file names knows their lengths, but a header's pseudonyms come without
+    theirs: a name from a DICOM header, longer than every file-name patient ID, must still be redacted from a path."""
+    from pipeline.deid import Identity, identifier_hashes
+    from pipeline.ingest import run_redactor
+    from pipeline.sources import SourceItem
+
+    key = b"redactor-length-test-key-0123456789"
+    items = [SourceItem(source="films", path="P12/x.png", label="normal", split=None, patient_id="P12")]
+    header = Identity(patient=None, hashes=identifier_hashes(["QUINCEY^MARGOT"], key))
+    redacted = run_redactor(items, [header], [], key).path("QUINCEY_MARGOT_P12/x.png")
+    assert "QUINCEY" not in redacted and "MARGOT" not in redacted and "P12" not in redacted, redacted
+    only_names = run_redactor(items, [Identity()], [], key).path("P12_QUINCEY/x.png")
+    assert "P12" not in only_names and "QUINCEY" in only_names  # nobody's header named QUINCEY in this run
