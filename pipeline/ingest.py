@@ -214,12 +214,12 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0, lim
         outcomes = (decode_one(file, size, key, limits, crop) for file in tqdm(files, desc="decoding", unit="img", disable=None))
         return [keep(outcome) for outcome in _logged_progress(outcomes, len(files))]
     from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
 
     # Small chunks: a worker left without work while the other finishes a long last chunk wastes a core.
     chunk = max(1, min(16, len(files) // (workers * 16)))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        outcomes = pool.map(decode_one, files, [size] * len(files), [key] * len(files), [limits] * len(files),
-                            [crop] * len(files), chunksize=chunk)
+    with ProcessPoolExecutor(max_workers=workers) as pool:  # the settings travel once a chunk, not once a file
+        outcomes = pool.map(partial(decode_one, size=size, key=key, limits=limits, crop=crop), files, chunksize=chunk)
         shown = tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img", disable=None)
         return [keep(outcome) for outcome in _logged_progress(shown, len(files))]
 
