@@ -256,9 +256,9 @@ class Redactor:
         One pass over the runs of letter and digit runs (_FINE) tries the runs of whole words (_COARSE) too: a
         word's boundaries are boundaries of its letter and digit runs, and both runs join the same characters. A
         run ends at IDENTIFIER_MAX_CHARS characters (a 64-character DICOM UID has at most 32 numbers), or at the
-        longest known length. Each run
-        starting at a word is hashed as it grows, a word at a time (a hash's digest leaves it open to more), so
-        a name of w words costs w keyed states and one update and digest per run, not a hash of each run anew.
+        longest identifier's length when the lengths are known. Each run starting at a word is hashed as it grows,
+        a word at a time (a hash's digest leaves it open to more), so a name of w words costs w keyed states and
+        one update and digest per run, not a hash of each run anew.
         """
         if not self.hashes:
             return text
