@@ -191,12 +191,6 @@ def identifier_hashes(values: Iterable[str], key: bytes) -> frozenset[str]:
     return frozenset(_identifier_hash(text, key) for text in _identifier_texts(values))
 
 
-def identifier_lengths(values: Iterable[str]) -> frozenset[int]:
-    """How many letters and digits each text identifier_hashes hashes for `values` has: a Redactor that knows them
-    hashes only the runs of a path as long as one (in memory only: a length is never written anywhere)."""
-    return frozenset(len(text) for text in _identifier_texts(values))
-
-
 def _identifier_texts(values: Iterable[str]) -> Iterator[str]:
     """What identifier_hashes hashes: each value, a name's parts and long digit runs (the MRN inside "XMRN7730100",
     which no word boundary shows), by letters and digits, casefolded, where their length is an identifier's."""
@@ -236,7 +230,7 @@ class Redactor:
     """
 
     def __init__(self, hashes: Iterable[str], key: bytes, lengths: Iterable[int] | None = None) -> None:
-        """`lengths`: identifier_lengths of the values behind every one of `hashes`, when all are known; only runs
+        """`lengths`: the lengths of the identifiers behind every one of `hashes`, when all are known; only runs
         of those lengths are then hashed (redacting the file names of a folder of JPEGs takes half the time).
         None, as for a header's pseudonyms, which come without theirs: runs of every length are."""
         self.hashes = frozenset(hashes)
@@ -245,6 +239,16 @@ class Redactor:
         self._lengths = None if lengths is None else frozenset(lengths)
         self._longest = IDENTIFIER_MAX_CHARS if self._lengths is None else max(self._lengths, default=0)
         self._parts: dict[str, str] = {}
+
+    @classmethod
+    def from_values(cls, values: Iterable[str], key: bytes, header_hashes: frozenset[str] = frozenset()) -> Redactor:
+        """A Redactor for raw identifying values (as identifier_hashes takes them) and headers' pseudonyms. Each
+        value is normalised once: its pseudonym and its length come from the same text. The lengths (in memory
+        only, never written) let it hash only runs as long as an identifier, unless a header named anyone: a
+        header's pseudonyms come without their lengths, so then it hashes every run."""
+        texts = set(_identifier_texts(values))
+        hashes = {_identifier_hash(text, key) for text in texts} | header_hashes
+        return cls(hashes, key, None if header_hashes else {len(text) for text in texts})
 
     def path(self, path: str) -> str:
         """A relative path, folder by folder (folders repeat across films, so each is redacted once)."""

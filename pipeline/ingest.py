@@ -31,7 +31,7 @@ import pandas as pd
 
 from pipeline.config import Config, Crop, DedupeMode, SourceFilters
 from pipeline.decode_cache import CACHE_VERSION, FILE, DecodeCache, Decoded, Failure
-from pipeline.deid import Identity, Redactor, identifier_hashes, identifier_lengths, key_check, load_key, patient_hash
+from pipeline.deid import Identity, Redactor, key_check, load_key, patient_hash
 from pipeline.dvc_watch import check_sources_watched
 from pipeline.erasures import erased_patients
 from pipeline.errors import CxrError
@@ -621,15 +621,9 @@ def _erasure_failure(item: SourceItem, decoded: Decoded, key: bytes, erased: dic
 def run_redactor(items: list[SourceItem], identities: list[Identity], rejected: list[Rejected], key: bytes) -> Redactor:
     """A Redactor for every identifier this run learned: each header's (`identities`, as pseudonyms), each table
     patient column's and each data.patient_pattern match (items' and rejected rows' patient_id), and each UID a
-    table names a film by (`identifiers`: a row whose instance is missing has no header to learn it from).
-
-    When no header named anyone (folders of PNG and JPEG films), every identifier's length is known and the
-    Redactor hashes only runs of those lengths; a header's pseudonyms come without theirs, so then it hashes all.
-    """
+    table names a film by (`identifiers`: a row whose instance is missing has no header to learn it from)."""
     values = [value for each in (*items, *rejected) for value in (each.patient_id, *each.identifiers) if value]
-    learned = set(identifier_hashes(values, key))
-    from_headers = set().union(*(identity.hashes for identity in identities))
-    return Redactor(learned | from_headers, key, None if from_headers else identifier_lengths(values))
+    return Redactor.from_values(values, key, frozenset().union(*(identity.hashes for identity in identities)))
 
 
 def patient_of(item: SourceItem, header_patient: str | None, key: bytes) -> str:
