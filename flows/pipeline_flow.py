@@ -144,10 +144,11 @@ def plan_task(paths: ProjectPaths, config: Config):
 # No cache key: it would pickle every film's pixels to hash them (and a spool cannot be pickled).
 @task(name="ingest-decode", cache_policy=NONE)
 def decode_task(files: list, size: int, workers: int, limits, root: Path, key_scope: str, crop: str = "none",
-                key_fingerprint: str | None = None, spool=None) -> list:
+                key_fingerprint: str | None = None, spool=None, checkpoint=None) -> list:
     """Decode a shard of film files where the task runs (a Dask worker, maybe). The key is loaded here, never a
     task parameter or result (Prefect may persist those); the outcomes hold pseudonyms only (pipeline.ingest).
-    `spool` (a PixelSpool, only where the task runs in the flow's process) takes the films as they are decoded.
+    `spool` (a PixelSpool) and `checkpoint` (a DecodeCheckpoint), only where the task runs in the flow's process
+    and decodes every file, take the films as they are decoded.
 
     `key_fingerprint` (deid.key_check of the flow's key, which reveals nothing a pseudonym does not) must match the
     key found here: a worker on another machine without CXR_DEID_KEY would otherwise make a key of its own and
@@ -161,7 +162,7 @@ def decode_task(files: list, size: int, workers: int, limits, root: Path, key_sc
 
         raise CxrError(f"ingest: the de-identification key on {socket.gethostname()} (check {key_check(key)}) is not the "
                        f"flow's (check {key_fingerprint}): give every Dask worker the same CXR_DEID_KEY or key file")
-    return decode_items(files, size, key, workers, limits, crop, spool)
+    return decode_items(files, size, key, workers, limits, crop, spool, checkpoint)
 
 
 @task(name="ingest-finish", cache_policy=NONE)
@@ -189,7 +190,7 @@ def ingest_flow(paths: ProjectPaths, config: Config):
 def _fan_out_ingest(paths: ProjectPaths, config: Config):
     from pipeline.deid import key_check, load_key
     from pipeline.imaging import limits_of
-    from pipeline.ingest import PixelSpool
+    from pipeline.ingest import DecodeCheckpoint, PixelSpool
 
     plan = plan_task(paths, config, return_state=True)
     if plan.is_failed():
@@ -206,17 +207,28 @@ def _fan_out_ingest(paths: ProjectPaths, config: Config):
     # folder of larger films (listed together) would make some shards, and the workers that took them, the last.
     shards = [files[k::n_shards] for k in range(n_shards)]
     workers = 1 if on_cluster else config.data.num_workers
-    fingerprint = key_check(load_key(paths.root, config.deid.key_scope))
+    key = load_key(paths.root, config.deid.key_scope)
     # Decoded films wait on disk, not in memory: threads decode straight into the spool, and each Dask shard's films
-    # are spooled as its result arrives (its future then dropped, with the pixels it held).
+    # are spooled as its result arrives (its future then dropped, with the pixels it held). Either way they reach
+    # the decode cache every data.checkpoint_every films, so a stopped flow keeps them (pipeline.ingest).
     with PixelSpool(paths.images.parent, config.data.image_size) as spool:
+        checkpoint = DecodeCheckpoint(paths, config, plan, key)
         futures = [decode_task.submit(shard, config.data.image_size, workers, limits_of(config.data), paths.root,
-                                      config.deid.key_scope, config.data.crop, fingerprint,
-                                      None if on_cluster else spool) for shard in shards]
+                                      config.deid.key_scope, config.data.crop, key_check(key),
+                                      spool=None if on_cluster else spool,
+                                      checkpoint=None if on_cluster else checkpoint) for shard in shards]
         outcomes: list = [None] * len(files)  # in plan.todo's order, as finish_ingest reads them
-        for k in range(n_shards):
-            future, futures[k] = futures[k], None  # let go once read: its films are freed when spooled
-            outcomes[k::n_shards] = [spool.keep(outcome) for outcome in future.result()]
+        try:
+            for k in range(n_shards):
+                future, futures[k] = futures[k], None  # let go once read: its films are freed when spooled
+                for position, outcome in zip(range(k, len(files), n_shards), future.result(), strict=True):
+                    outcomes[position] = spool.keep(outcome)
+                    if on_cluster:  # on threads, the task showed them to the checkpoint as they came
+                        checkpoint.keep(position, outcomes[position])
+        except BaseException:  # a failed shard, or a cancelled flow: what was decoded stays decoded
+            checkpoint.rescue()
+            raise
+        del checkpoint  # and its copy of the cache's index (finish reads its own)
         finished = finish_task(paths, config, plan, outcomes, return_state=True)
     if finished.is_failed():
         return Failed(message=finished.message, name=USER_ERROR)

@@ -121,6 +121,9 @@ class DataConfig(Section):
     # split is kept, and other films of one person stay apart: the reports still say patients are not known.
     group_near_duplicates: bool = True
     num_workers: int = Field(0, ge=0)  # decoding processes; 0 = one per core
+    # Decoded films go to the decode cache every this many, so an interrupted ingest (Ctrl-C, a killed job, a lost
+    # machine) keeps them and the next run decodes only the rest; 0: only when decoding is over. Speed, never outputs.
+    checkpoint_every: int = Field(20_000, ge=0)
     # Refused before decoding (quarantined as too_large / too_many_frames): a header costs nothing to forge and can
     # declare gigabytes. max_pixels bounds one frame's width x height (50 million: 7000 x 7000, above any chest
     # detector); max_frames bounds a DICOM's NumberOfFrames. A chest radiograph is one frame; a multi-frame object

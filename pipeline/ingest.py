@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
@@ -98,8 +99,14 @@ def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = Fa
     key = load_key(paths.root, config.deid.key_scope)
     started = time.perf_counter()
     with PixelSpool(paths.images.parent, config.data.image_size) as spool:  # decoded films wait on disk, not in memory
-        outcomes = decode_items([item.file for item in plan.todo], config.data.image_size, key, config.data.num_workers,
-                                limits_of(config.data), config.data.crop, spool)
+        checkpoint = DecodeCheckpoint(paths, config, plan, key)
+        try:
+            outcomes = decode_items([item.file for item in plan.todo], config.data.image_size, key,
+                                    config.data.num_workers, limits_of(config.data), config.data.crop, spool, checkpoint)
+        except BaseException:  # Ctrl-C, or an error: what was decoded stays decoded
+            checkpoint.rescue()
+            raise
+        del checkpoint  # and its copy of the cache's index (finish reads its own): at archive scale, tens of MB
         decoding = time.perf_counter() - started
         result = finish_ingest(paths, config, plan, outcomes, reassign_splits)
     finishing = time.perf_counter() - started - decoding
@@ -181,7 +188,7 @@ def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejecte
     def add(value) -> None:
         digest.update(json.dumps(value, sort_keys=True, default=str).encode() + b"\n")
 
-    add(config.data.model_dump(mode="json", exclude={"num_workers"}))  # workers change speed, never outputs
+    add(config.data.model_dump(mode="json", exclude={"num_workers", "checkpoint_every"}))  # speed, never outputs
     add(config.validation.near_duplicate_distance)  # data.group_near_duplicates groups by it
     add([CACHE_VERSION, code_fingerprint()])
     for item, key in zip(items, keys):
@@ -196,11 +203,13 @@ def _fingerprint(config: Config, items: list[SourceItem], rejected: list[Rejecte
 
 
 def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0, limits: DecodeLimits = DecodeLimits(),
-                 crop: Crop = "none", spool: PixelSpool | None = None) -> list[Decoded | Failure]:
+                 crop: Crop = "none", spool: PixelSpool | None = None,
+                 checkpoint: DecodeCheckpoint | None = None) -> list[Decoded | Failure]:
     """Decode films over `workers` local processes (0: one per core) with a progress bar; outcomes keep input order.
 
     With a `spool`, each decoded film's pixels go to it as they come back and its outcome carries a SpooledFilm:
     an archive's films are then never all in memory at once (ingest); without one, the pixels are returned.
+    A `checkpoint` (whose plan.todo lists `files`) is handed each outcome as it comes back.
     Only the files' locations, the de-identification key and the decoding limits go to the workers (local
     processes of this user); only pixels, technical fields and pseudonyms come back.
     """
@@ -212,16 +221,30 @@ def decode_items(files: list[Path], size: int, key: bytes, workers: int = 0, lim
     workers = min(workers or os.cpu_count() or 1, max(len(files), 1))
     if workers <= 1 or len(files) < 8:
         outcomes = (decode_one(file, size, key, limits, crop) for file in tqdm(files, desc="decoding", unit="img", disable=None))
-        return [keep(outcome) for outcome in _logged_progress(outcomes, len(files))]
+        return _kept(outcomes, len(files), keep, checkpoint)
     from concurrent.futures import ProcessPoolExecutor
     from functools import partial
 
     # Small chunks: a worker left without work while the other finishes a long last chunk wastes a core.
     chunk = max(1, min(16, len(files) // (workers * 16)))
     with ProcessPoolExecutor(max_workers=workers) as pool:  # the settings travel once a chunk, not once a file
-        outcomes = pool.map(partial(decode_one, size=size, key=key, limits=limits, crop=crop), files, chunksize=chunk)
-        shown = tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img", disable=None)
-        return [keep(outcome) for outcome in _logged_progress(shown, len(files))]
+        try:
+            outcomes = pool.map(partial(decode_one, size=size, key=key, limits=limits, crop=crop), files, chunksize=chunk)
+            shown = tqdm(outcomes, total=len(files), desc=f"decoding ({workers} workers)", unit="img", disable=None)
+            return _kept(shown, len(files), keep, checkpoint)
+        except BaseException:  # interrupted: the chunks running end, the queued ones never start
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def _kept(outcomes: Iterable[Decoded | Failure], total: int, keep, checkpoint: DecodeCheckpoint | None) -> list:
+    """The outcomes, each through `keep` (a spool's, or as it is) and then shown to the checkpoint."""
+    kept = []
+    for position, outcome in enumerate(_logged_progress(outcomes, total)):
+        kept.append(keep(outcome))
+        if checkpoint is not None:
+            checkpoint.keep(position, kept[-1])
+    return kept
 
 
 def _as_is(outcome: Decoded | Failure) -> Decoded | Failure:
@@ -320,25 +343,23 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     fresh = {id(item): outcome for item, outcome in zip(plan.todo, outcomes)}
     outcomes.clear()  # consumed: a film not spooled yet is freed once spooled below
     plan = _with_keys_read(paths, config, plan, fresh, key)
-    cache.add([(file_key, fresh[id(item)]) for item, file_key in zip(plan.items, plan.keys)
-               if file_key is not None and id(item) in fresh and not _erased(item, fresh[id(item)], key, erased)])
+    cache.add(_cache_entries([(item, fresh[id(item)]) for item in plan.todo], key, erased))  # a checkpoint's: skipped
     settled: list[Decoded | Failure] = []
     spool = PixelSpool(paths.images.parent, config.data.image_size)
     forgotten: list[tuple[SourceItem, Decoded]] = []
-    repaired: list[tuple[str, Decoded | Failure]] = []
+    repaired: list[tuple[SourceItem, Decoded | Failure]] = []
     for item, file_key in zip(plan.items, plan.keys):
         outcome = fresh.pop(id(item), None) or _cached_or_array(item, file_key, cache, config.data.image_size, key, config.data.crop)
-        if outcome is None:  # the cache held it damaged (it warned): decode it again
+        if outcome is None:  # the cache held it damaged (it warned), or its bytes changed since the plan: decode it again
             outcome = decode_one(item.file, config.data.image_size, key, limits_of(config.data), config.data.crop)
-            if not _erased(item, outcome, key, erased):
-                repaired.append((file_key, outcome))
+            repaired.append((item, outcome))
         if _erased(item, outcome, key, erased):
             forgotten.append((item, outcome))  # its near copies are its pseudo-patient's: dropped with it below
             outcome = _erasure_failure(item, outcome, key, erased)
         if isinstance(outcome, Decoded):
             outcome = _apply_filters(outcome, config.data.filters)
         settled.append(spool.keep(outcome))
-    cache.add(repaired)
+    cache.add(_cache_entries(repaired, key, erased))
     # Only now does the run know every identifier: a PNG beside a DICOM in an MRN folder is redacted too.
     redactor = run_redactor(plan.items, [outcome.identity for outcome in settled], plan.rejected, key)
     columns: dict[str, list] = {}  # the manifest, a list per column: no dict per film (a KB each at archive scale)
@@ -436,6 +457,65 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
     return result
 
 
+class DecodeCheckpoint:
+    """Films decoded this run, handed to the decode cache while decoding goes on: every `data.checkpoint_every`
+    films, and those still waiting when decoding stops early (`rescue`). An ingest that is interrupted, killed or
+    loses its machine keeps what it decoded, and the next run decodes only the rest. It caches what finish_ingest
+    would (_cache_entries), only sooner, and records the hashes the decoders took of files the plan did not read,
+    so the next run need not read those files again."""
+
+    def __init__(self, paths: ProjectPaths, config: Config, plan: IngestPlan, key: bytes) -> None:
+        self.every = config.data.checkpoint_every
+        self.todo = plan.todo
+        self.key = key
+        self.where = (paths.decode_cache, config.data.image_size, config.data.crop)  # of the cache, DecodeCache.for_size
+        self.cache: DecodeCache | None = None  # read at the first save: most ingests decode fewer films than `every`
+        self.hashes = paths.decode_cache / "file_hashes.parquet"
+        self.erased = erased_patients(paths.erasures, key_check(key))
+        self.unread = {id(plan.items[position]): seen for position, seen in plan.unread.items()}
+        self.waiting: list[tuple[SourceItem, Decoded | Failure]] = []
+        self.saved = 0  # outcomes handed to the cache so far
+        # The flow's decode task keeps outcomes in its thread while the flow's thread may rescue: one at a time.
+        self._lock = threading.Lock()
+
+    def keep(self, position: int, outcome: Decoded | Failure) -> None:
+        """Note the outcome of plan.todo[position] (its film spooled, best); save when `every` are waiting."""
+        if not self.every:
+            return
+        with self._lock:
+            self.waiting.append((self.todo[position], outcome))
+            if len(self.waiting) >= self.every:
+                self._save()
+
+    def _save(self) -> None:
+        """Cache the waiting outcomes (one new shard), then the hashes their decoders took of unread files. They
+        wait until both are written: a save interrupted halfway is done again whole (the cache skips what it has)."""
+        if not self.waiting:
+            return
+        if self.cache is None:
+            self.cache = DecodeCache.for_size(*self.where)
+        self.cache.add(_cache_entries(self.waiting, self.key, self.erased))
+        FileHashes.add_to(self.hashes, self.key, [(item.file, self.unread[id(item)], outcome.file_key)
+                                                  for item, outcome in self.waiting
+                                                  if id(item) in self.unread and outcome.file_key is not None])
+        self.saved += len(self.waiting)
+        self.waiting = []
+
+    def rescue(self) -> None:
+        """Save what waits as decoding stops early, and say what was kept. A failure to save is only logged: the
+        interruption is what the user must see."""
+        try:
+            with self._lock:
+                self._save()
+        except Exception as exc:  # e.g. the disk that filled up and stopped decoding
+            log.warning("ingest: the films decoded before it stopped could not be cached (%s: %s)", type(exc).__name__, exc)
+            return
+        if self.saved:
+            log.warning("ingest: stopped after decoding %d of %d new files; those are in the decode cache (%s), so "
+                        "the next ingest decodes only the other %d", self.saved, len(self.todo), self.cache.folder,
+                        len(self.todo) - self.saved)
+
+
 class SpooledFilm:
     """A film's pixels where a PixelSpool holds them: what a Decoded carries instead of its array once spooled.
 
@@ -516,18 +596,20 @@ class PixelSpool:
 
 def _with_keys_read(paths: ProjectPaths, config: Config, plan: IngestPlan, fresh: dict[int, Decoded | Failure],
                     key: bytes) -> IngestPlan:
-    """The plan with the keys its decoders hashed as they read (plan.unread) filled in, its fingerprint made and
-    those hashes remembered in the file-hash table, so the next run reads none of these files."""
-    if not plan.unread:
-        return plan
+    """The plan with each decoded file's key as its decoder read it: filled in where the plan did not read the file
+    (plan.unread; those hashes are remembered in the file-hash table, so the next run reads none of these files),
+    and put right where the file changed or vanished after the plan hashed it. The fingerprint is made again
+    whenever a key moved: it must be of what the outputs are made from, or a file that was away while it was
+    decoded would be `missing_file` in outputs the next run keeps as unchanged once the file is back."""
     keys = list(plan.keys)
-    learned = []
-    for position, seen in plan.unread.items():
-        item = plan.items[position]
+    for position, item in enumerate(plan.items):
         outcome = fresh.get(id(item))
-        if outcome is not None and outcome.file_key is not None:
+        if outcome is not None:
             keys[position] = outcome.file_key
-            learned.append((item.file, seen, outcome.file_key))
+    if keys == plan.keys and not plan.unread:
+        return plan
+    learned = [(plan.items[position].file, seen, keys[position]) for position, seen in plan.unread.items()
+               if keys[position] is not None]
     FileHashes.add_to(paths.decode_cache / "file_hashes.parquet", key, learned)
     return replace(plan, keys=keys, fingerprint=_fingerprint(config, plan.items, plan.rejected, keys, key, plan.overrides.sha256), unread={})
 
@@ -554,6 +636,17 @@ def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache 
     if isinstance(cached, Failure):
         return Failure(cached.reason, cached.message, identity)
     return Decoded(cached.pixels, cached.fields, identity)
+
+
+def _cache_entries(decoded: Iterable[tuple[SourceItem, Decoded | Failure]], key: bytes,
+                   erased: dict[str, str]) -> list[tuple[str, Decoded | Failure]]:
+    """What the decode cache keeps of films decoded this run: each outcome under the content key of the bytes its
+    decoder read, never under the key the plan hashed before. A file rewritten, or moved away, between the two
+    would otherwise leave its new pixels, or a `missing_file`, under its old content's key, served to a byte copy
+    of the old content or to the file once it is back. A failure whose file was never read is not cached, nor is
+    a film of a patient `cxr forget` erased."""
+    return [(outcome.file_key, outcome) for item, outcome in decoded
+            if outcome.file_key is not None and not _erased(item, outcome, key, erased)]
 
 
 def _erased(item: SourceItem, outcome: Decoded | Failure, key: bytes, erased: dict[str, str]) -> bool:

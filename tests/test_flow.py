@@ -47,7 +47,8 @@ def test_failing_stage_ends_the_flow_with_its_message(prefect_engine, tmp_path):
 
 
 def test_ingest_on_a_local_dask_cluster_gives_the_same_outputs(prefect_engine, tmp_path):
-    """prefect-dask's DaskTaskRunner with two worker processes: same manifest, store and quarantine as `cxr ingest`."""
+    """prefect-dask's DaskTaskRunner with two worker processes: same manifest, store and quarantine as `cxr ingest`,
+    and the films reach the decode cache every data.checkpoint_every as the shards come back, as on threads."""
     import shutil
 
     from flows.pipeline_flow import ingest_flow, task_runner_for
@@ -63,15 +64,18 @@ def test_ingest_on_a_local_dask_cluster_gives_the_same_outputs(prefect_engine, t
     single = load_config(params, ["data.num_workers=1"])
     ingest_stage(paths, single)
     expected = [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine)]
-    shutil.rmtree(paths.decode_cache)
 
-    on_dask = load_config(params, ["orchestration.task_runner=dask", "orchestration.dask_workers=2",
-                                   "orchestration.ingest_shard_size=8"])
-    state = ingest_flow.with_options(task_runner=task_runner_for(on_dask))(paths, on_dask, return_state=True)
+    for runner in ("dask", "threads"):
+        shutil.rmtree(paths.decode_cache)
+        config = load_config(params, [f"orchestration.task_runner={runner}", "orchestration.dask_workers=2",
+                                      "orchestration.ingest_shard_size=8", "data.checkpoint_every=10"])
+        state = ingest_flow.with_options(task_runner=task_runner_for(config))(paths, config, return_state=True)
 
-    assert state.is_completed(), state.message
-    assert state.result().n_decoded == 43  # 40 films and the 3 broken ones, in 6 shards
-    assert [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine)] == expected
+        assert state.is_completed(), state.message
+        assert state.result().n_decoded == 43  # 40 films and the 3 broken ones (on Dask, in 6 shards)
+        assert [p.read_bytes() for p in (paths.manifest, paths.images, paths.quarantine)] == expected
+        shards = list(paths.decode_cache.glob("decoded-*/shard-*.npy"))
+        assert len(shards) >= 4, runner  # a shard per checkpoint of 10 outcomes (4), then finish's for the rest
 
 
 @pytest.mark.parametrize("n_files, threads, image_size, expected", [

@@ -267,7 +267,8 @@ def test_forget_removes_a_patient_everywhere_records_it_and_ingest_does_not_brin
     assert not [value for value in phi_values(root / "data" / "raw" / "demo") if len(value) >= 4 and value in written]
 
     monkeypatch.setenv("CXR_DEID_KEY", GOOD_KEY)
-    result = ingest_stage(paths, load_config(params))
+    # Their files are decoded again (the cache no longer knows them): a checkpoint every film must not cache them
+    result = ingest_stage(paths, load_config(params, ["data.checkpoint_every=1"]))
     back = pd.read_parquet(paths.manifest)
     assert patient not in set(back["patient_hash"]) and len(back) == len(kept)
     assert result.quarantine_reasons.get("erased") == len(theirs)

@@ -107,7 +107,7 @@ def test_an_unknown_stage_name_is_a_one_line_error():
 
 # Params that change how fast a stage runs, where it reports or the modes of the files it writes (privacy.umask,
 # applied by Stage.run), never what it writes: no stage depends on them.
-NOT_SHAPING = ("data.num_workers", "orchestration", "privacy")
+NOT_SHAPING = ("data.num_workers", "data.checkpoint_every", "orchestration", "privacy")
 
 
 @contextmanager
