@@ -23,7 +23,7 @@ from pipeline.paths import ProjectPaths
 
 CXR = Path(sys.executable).parent / "cxr"
 # Runs a command as a shell in a terminal does, with SIGINT at its default whatever this process has. An ignored
-# signal is inherited through exec, and in 2 of 6 full test runs a `cxr ingest` started from here ignored SIGINT
+# signal is inherited through exec, and in 3 of 7 long test runs a `cxr ingest` started from here ignored SIGINT
 # (it went on to exit 0) while this process's Python handler was the default one: something in a long test run
 # ignores it at the C level for a while (C's system(), for one, does so in its whole process while its command runs).
 AS_FROM_A_TERMINAL = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
