@@ -7,7 +7,8 @@ retried until they change. Only technical fields, sex and the age band are cache
 re-read from its header each run, so the cache holds nothing identifying (never an age or a birth date, and no
 film's name: a failure's message names it `{file}`).
 
-A shard is named after its content and written atomically, so no two writers ever write the same name.
+A shard is named after its content and written atomically, so no two writers ever write the same name; one
+left by a writer killed before it wrote the index is deleted when the cache is next opened.
 Each film's index row carries a checksum of its file key, fields and pixels: a shard that is missing,
 truncated or unreadable, a film that does not match its checksum, or an index that cannot be read is
 logged as a warning and decoded again; the cache never serves another film's pixels.
@@ -76,13 +77,21 @@ class DecodeCache:
     def __post_init__(self) -> None:
         self._shards: dict[str, np.ndarray | None] = {}  # None: unreadable
         self.index = _read_table(self.folder / "index.parquet", INDEX_COLUMNS)
-        if self.index is None:  # its shards cannot be found without it: start over
-            for shard in self.folder.glob("shard-*.npy"):
-                shard.unlink()
+        if self.index is None:  # its shards cannot be found without it: start over (_remove_leftovers deletes them)
             self.index = pd.DataFrame()
         self.failures = _read_table(self.folder / "failures.parquet", FAILURE_COLUMNS)
         if self.failures is None:
             self.failures = pd.DataFrame()
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Delete what a writer killed halfway left: a shard the index does not name (written, and the process killed
+        before the index was) and temporary files. They hold films' pixels that nothing reads and `cxr forget` would
+        never find. Safe: whoever writes the cache holds the project lock, so no other writer is halfway now."""
+        named = set(self.index["shard"]) if "shard" in self.index.columns else set()
+        for path in [*self.folder.glob("shard-*.npy"), *self.folder.glob(".*.tmp*")]:
+            if path.name not in named:
+                path.unlink(missing_ok=True)
 
     @classmethod
     def for_size(cls, cache_root: Path, image_size: int, crop: str = "none") -> DecodeCache:

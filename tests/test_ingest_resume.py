@@ -167,3 +167,25 @@ def test_a_film_rewritten_after_the_plan_hashed_it_leaves_no_pixels_under_its_ol
     shutil.rmtree(paths.decode_cache)
     ingest_stage(paths, config)
     assert _outputs(paths) == kept  # as a cold ingest of the files as they are: the copy kept its own pixels
+
+
+def test_what_a_writer_killed_halfway_left_in_the_decode_cache_is_deleted_at_the_next_ingest(tmp_path):
+    """A shard written by a process killed before it wrote the index, and a temporary file, hold films' pixels
+    that nothing reads and `cxr forget` would never find: the next ingest deletes them, and serves the rest."""
+    write_demo_data(tmp_path / "data" / "raw" / "demo", n=20, seed=7, size=64)
+    paths, config = _project(tmp_path)
+    ingest_stage(paths, config)
+    folder = _cache_index(paths).parent
+    shard = next(folder.glob("shard-*.npy"))
+    left = [folder / "shard-0123456789abcdef.npy", folder / f".shard-writing.tmp{os.getpid() + 1}.npy",
+            folder / f".index.parquet.tmp{os.getpid() + 1}.parquet"]
+    for path in left:
+        shutil.copy2(shard, path)
+    kept = _outputs(paths)
+    (tmp_path / "data" / "raw" / "demo" / "normal" / "Z0009_1.png").write_bytes(b"not a film")  # so ingest runs again
+
+    again = ingest_stage(paths, config)
+
+    assert not [path for path in left if path.exists()]
+    assert again.n_decoded == 1 and shard.exists()  # the new file only: the others served from the cache
+    assert _outputs(paths)[:2] == kept[:2]  # the same manifest and films (one more quarantine row)
