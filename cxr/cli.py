@@ -126,6 +126,9 @@ def ingest(
     A patient's split is decided once and recorded in data/splits.parquet: re-ingesting never moves a
     recorded patient, and a change that would is refused. Files that cannot be used go to quarantine.csv
     with a reason; the run goes on.
+
+    Decoded films are kept in data/cache/ (every data.checkpoint_every films, and at Ctrl-C), so running it
+    again decodes only new files, and an interrupted run continues where it stopped.
     """
     result = _stage(params, set_, "ingest", reassign_splits=reassign_splits)
     if profile:
