@@ -212,23 +212,19 @@ def _fan_out_ingest(paths: ProjectPaths, config: Config):
     # are spooled as its result arrives (its future then dropped, with the pixels it held). Either way they reach
     # the decode cache every data.checkpoint_every films, so a stopped flow keeps them (pipeline.ingest).
     with PixelSpool(paths.images.parent, config.data.image_size) as spool:
-        checkpoint = DecodeCheckpoint(paths, config, plan, key)
-        futures = [decode_task.submit(shard, config.data.image_size, workers, limits_of(config.data), paths.root,
-                                      config.deid.key_scope, config.data.crop, key_check(key),
-                                      spool=None if on_cluster else spool,
-                                      checkpoint=None if on_cluster else checkpoint) for shard in shards]
         outcomes: list = [None] * len(files)  # in plan.todo's order, as finish_ingest reads them
-        try:
+        # A failed shard or a cancelled flow ends the `with`: what was decoded stays decoded.
+        with DecodeCheckpoint(paths, config, plan, key) as checkpoint:
+            futures = [decode_task.submit(shard, config.data.image_size, workers, limits_of(config.data), paths.root,
+                                          config.deid.key_scope, config.data.crop, key_check(key),
+                                          spool=None if on_cluster else spool,
+                                          checkpoint=None if on_cluster else checkpoint) for shard in shards]
             for k in range(n_shards):
                 future, futures[k] = futures[k], None  # let go once read: its films are freed when spooled
                 for position, outcome in zip(range(k, len(files), n_shards), future.result(), strict=True):
                     outcomes[position] = spool.keep(outcome)
                     if on_cluster:  # on threads, the task showed them to the checkpoint as they came
                         checkpoint.keep(position, outcomes[position])
-        except BaseException:  # a failed shard, or a cancelled flow: what was decoded stays decoded
-            checkpoint.rescue()
-            raise
-        del checkpoint  # and its copy of the cache's index (finish reads its own)
         finished = finish_task(paths, config, plan, outcomes, return_state=True)
     if finished.is_failed():
         return Failed(message=finished.message, name=USER_ERROR)

@@ -99,14 +99,9 @@ def ingest_stage(paths: ProjectPaths, config: Config, reassign_splits: bool = Fa
     key = load_key(paths.root, config.deid.key_scope)
     started = time.perf_counter()
     with PixelSpool(paths.images.parent, config.data.image_size) as spool:  # decoded films wait on disk, not in memory
-        checkpoint = DecodeCheckpoint(paths, config, plan, key)
-        try:
+        with DecodeCheckpoint(paths, config, plan, key) as checkpoint:  # stopped early: what was decoded stays decoded
             outcomes = decode_items([item.file for item in plan.todo], config.data.image_size, key,
                                     config.data.num_workers, limits_of(config.data), config.data.crop, spool, checkpoint)
-        except BaseException:  # Ctrl-C, or an error: what was decoded stays decoded
-            checkpoint.rescue()
-            raise
-        del checkpoint  # and its copy of the cache's index (finish reads its own): at archive scale, tens of MB
         decoding = time.perf_counter() - started
         result = finish_ingest(paths, config, plan, outcomes, reassign_splits)
     finishing = time.perf_counter() - started - decoding
@@ -459,8 +454,8 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
 
 class DecodeCheckpoint:
     """Films decoded this run, handed to the decode cache while decoding goes on: every `data.checkpoint_every`
-    films, and those still waiting when decoding stops early (`rescue`). An ingest that is interrupted, killed or
-    loses its machine keeps what it decoded, and the next run decodes only the rest. It caches what finish_ingest
+    films, and, when the `with` block around decoding ends in Ctrl-C or an error, those still waiting. An ingest
+    that is interrupted, killed or loses its machine keeps what it decoded, and the next run decodes only the rest. It caches what finish_ingest
     would (_cache_entries), only sooner, and records the hashes the decoders took of files the plan did not read,
     so the next run need not read those files again."""
 
@@ -501,7 +496,15 @@ class DecodeCheckpoint:
         self.saved += len(self.waiting)
         self.waiting = []
 
-    def rescue(self) -> None:
+    def __enter__(self) -> DecodeCheckpoint:
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        if kind is not None:
+            self._rescue()
+        self.cache = None  # its copy of the cache's index (finish reads its own): at archive scale, tens of MB
+
+    def _rescue(self) -> None:
         """Save what waits as decoding stops early, and say what was kept. A failure to save is only logged: the
         interruption is what the user must see."""
         try:
