@@ -4,8 +4,8 @@ Why it exists: ingest is the one stage whose cost grows with the size of a site'
 films over `data.num_workers` processes and keeps what it decoded in a decode cache, so that a re-run
 decodes nothing it has seen. This benchmark checks both promises on realistic films (about 1000 px a
 side, real codecs): that a second worker speeds up cold decoding, and that a cached re-ingest is much
-faster than a cold one. It runs the three steps of `pipeline.ingest.ingest_stage` and times the
-decoding step on its own as well as the whole ingest as a user pays for it: listing, hashing,
+faster than a cold one. It runs `pipeline.ingest.ingest_stage` (what `cxr ingest` runs) and reports the
+decoding step on its own (the stage times it) as well as the whole ingest as a user pays for it: listing, hashing,
 process-pool start-up, decoding, caching, splitting and writing the outputs. The cached re-ingest is the
 nightly case: the same files, unchanged, so the stat fast path (pipeline/stat_cache.py) reads no film and
 keeps the outputs; what it costs is listing the source, a stat per file and checking the outputs.
