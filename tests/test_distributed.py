@@ -37,7 +37,10 @@ pytestmark = pytest.mark.slow
 # tolerance below is sized for the steps it makes.
 SAME_RUN = ["train.model=seed_cnn", "train.device=cpu", "train.epochs=3", "train.dropout=0", "train.schedule=cosine",
             "train.num_threads=1", "train.lr=0.001"]
-WEIGHT_TOLERANCE = 2e-5  # absolute, on weights of size ~0.05 that moved up to lr x steps (~1e-2)
+# Absolute, on weights of size ~0.05 that moved up to lr x steps (~1e-2): 200 times below that. The ranks' summed
+# gradients differ from one process's in their last bits (another summation order), and Adam's normalisation can
+# make that a difference of up to 2.6e-5 in a weight (measured on an AMD EPYC Zen 2 VM; 2e-5 failed there).
+WEIGHT_TOLERANCE = 5e-5
 PROBABILITY_TOLERANCE = 1e-4
 
 
