@@ -159,13 +159,8 @@ def _visible_files(folder: Path, top: Path) -> tuple[list[Path], list[Odd]]:
                 files.append(path)
             else:
                 odd.append((path, *problem))
-    return sorted(files, key=_path_order), sorted(odd)
-
-
-def _path_order(path: Path) -> tuple[str, ...]:
-    """The order Path's own comparison gives (its parts), made once per file rather than at each of a sort's
-    comparisons."""
-    return path.parts
+    # Path's own order (by parts), with each file's parts taken once rather than at every comparison
+    return sorted(files, key=lambda path: path.parts), sorted(odd)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -182,25 +177,20 @@ def _odd_file(path: Path, root: Path) -> tuple[str, str] | None:
     call (lstat), a link two more: an archive lists hundreds of thousands, on network storage at that."""
     try:
         mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            try:
+                target = path.resolve(strict=True)
+            except FileNotFoundError:
+                return "broken_link", "is a link to a file that does not exist"
+            except (OSError, RuntimeError):  # a loop: RuntimeError in Python 3.11, OSError later
+                return "broken_link", "is a link that cannot be followed (a loop)"
+            if not target.is_relative_to(root):
+                return "outside_source", "is a link to a file outside the source; not followed"
+            mode = path.stat().st_mode  # the link's target
     except FileNotFoundError:
         return "missing_file", "no longer exists"
     except OSError as exc:  # e.g. a path longer than the system allows
         return "unreadable_file", f"cannot be read ({exc.strerror})"
-    if stat.S_ISLNK(mode):
-        try:
-            target = path.resolve(strict=True)
-        except FileNotFoundError:
-            return "broken_link", "is a link to a file that does not exist"
-        except (OSError, RuntimeError):  # a loop: RuntimeError in Python 3.11, OSError later
-            return "broken_link", "is a link that cannot be followed (a loop)"
-        if not target.is_relative_to(root):
-            return "outside_source", "is a link to a file outside the source; not followed"
-        try:
-            mode = path.stat().st_mode
-        except FileNotFoundError:
-            return "missing_file", "no longer exists"
-        except OSError as exc:
-            return "unreadable_file", f"cannot be read ({exc.strerror})"
     if not stat.S_ISREG(mode):
         return "not_a_regular_file", f"is a {_kind_of(mode)}, not a file; never opened"
     return None
