@@ -19,7 +19,7 @@ from pipeline.errors import CxrError
 from pipeline.files import sha256_of
 from pipeline.ingest import ingest_stage
 from pipeline.paths import ProjectPaths
-from pipeline.splits import REGISTRY_COLUMNS, hash_bucket, read_registry
+from pipeline.splits import REGISTRY_COLUMNS, UNLABELLED, hash_bucket, moved_patients, patient_labels, read_registry
 from tests.conftest import source_files, write_tiny_project
 
 CXR = str(Path(sys.executable).parent / "cxr")
@@ -269,6 +269,45 @@ def test_hash_buckets_follow_the_split_fractions_and_the_seed():
     assert abs(shares["train"] - 0.6) < 0.02 and abs(shares["val"] - 0.1) < 0.02 and abs(shares["test"] - 0.3) < 0.02
     assert [hash_bucket(p, fractions, 0) for p in pseudonyms[:50]] == buckets[:50].tolist()  # a patient alone decides
     assert [hash_bucket(p, fractions, 1) for p in pseudonyms[:200]] != buckets[:200].tolist()
+
+
+
+def _random_films(rng: np.random.Generator, column: str, values: list[str]) -> pd.DataFrame:
+    """Up to 60 films of up to 12 patients (p0, p1, …), each with a random `column` value, on a shuffled index."""
+    n = int(rng.integers(1, 60))
+    frame = pd.DataFrame({"patient_hash": [f"p{i}" for i in rng.integers(0, int(rng.integers(1, 13)), n)],
+                          column: [values[i] for i in rng.integers(0, len(values), n)]})
+    frame.index = rng.permutation(n) + 100  # a manifest's slice: labels are not positions
+    return frame
+
+
+def test_each_patients_stratum_is_their_most_common_label_a_tie_going_to_their_first_films_label():
+    """Splits are stratified on it, so the same data and seed must give the same label, ties included, however
+    it is computed (all patients at once since the per-patient function cost half a minute at 200,000)."""
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        frame = _random_films(rng, "label", ["normal", "pneumonia", "effusion|nodule", "nodule"][: int(rng.integers(1, 5))])
+        expected = {}
+        for patient in pd.unique(frame["patient_hash"]):
+            labels = frame.loc[frame["patient_hash"] == patient, "label"].tolist()
+            expected[patient] = max(labels, key=lambda label: (labels.count(label), -labels.index(label)))
+        found = patient_labels(frame)
+        assert list(found.index) == list(expected) and found.tolist() == list(expected.values())
+
+
+def test_a_recorded_patient_moved_is_one_without_a_labelled_film_in_their_recorded_split():
+    rng = np.random.default_rng(6)
+    for _ in range(300):
+        frame = _random_films(rng, "split", ["train", "val", "test", UNLABELLED])
+        recorded = {f"p{i}": str(rng.choice(["train", "val", "test"])) for i in rng.permutation(15)[: int(rng.integers(0, 15))]}
+        registry = pd.DataFrame({"patient_hash": list(recorded), "split": list(recorded.values())})
+        labelled = frame[frame["split"] != UNLABELLED]
+        expected = [(patient, recorded[patient], "/".join(sorted(set(labelled.loc[labelled["patient_hash"] == patient, "split"]))))
+                    for patient in pd.unique(labelled["patient_hash"])
+                    if patient in recorded and recorded[patient] not in set(labelled.loc[labelled["patient_hash"] == patient, "split"])]
+        moved = moved_patients(frame, registry)
+        assert list(moved.columns) == ["patient_hash", "recorded", "found"]  # also when none is: the gate reads the column
+        assert list(moved.itertuples(index=False, name=None)) == expected
 
 
 def near_copy_films(n: int = 80, copies: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
