@@ -397,7 +397,8 @@ def _carve(rows: pd.DataFrame, targets: list[str], fractions: SplitFractions, se
 
 def _new_rows(frame: pd.DataFrame, recorded: dict[str, str]) -> pd.DataFrame:
     """One row per labelled patient not recorded yet, in pseudonym order: the split of their most held-out film."""
-    labelled = frame[(frame["split"] != UNLABELLED) & ~frame["patient_hash"].isin(list(recorded))]
+    # As objects: isin on pandas 3's Arrow strings costs 8 µs per recorded patient (decode_cache.drop_unreadable).
+    labelled = frame[(frame["split"] != UNLABELLED) & ~frame["patient_hash"].astype(object).isin(list(recorded))]
     rank = labelled["split"].map({split: i for i, split in enumerate(HELD_OUT_FIRST)})
     first = labelled.assign(_rank=rank).sort_values(["patient_hash", "_rank"], kind="stable")
     return first.drop_duplicates("patient_hash")[["patient_hash", "split", "source", "method"]].reset_index(drop=True)
