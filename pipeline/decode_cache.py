@@ -76,7 +76,11 @@ class DecodeCache:
 
     def __post_init__(self) -> None:
         self._shards: dict[str, np.ndarray | None] = {}  # None: unreadable
-        self._rows_of: pd.DataFrame | None = None  # the index _row's lookup was made from
+        # _row's lookup: each file key's position in the index and the index's columns as arrays, made from the
+        # index `_rows_of` (made again once the index is replaced)
+        self._positions: dict[str, int] = {}
+        self._columns: dict[str, np.ndarray] = {}
+        self._rows_of: pd.DataFrame | None = None
         self.index = _read_table(self.folder / "index.parquet", INDEX_COLUMNS)
         if self.index is None:  # its shards cannot be found without it: start over (_remove_leftovers deletes them)
             self.index = pd.DataFrame()
@@ -148,7 +152,7 @@ class DecodeCache:
         took about 1.4 ms, so a re-ingest after new films arrived spent 70 s fetching 50,000 cached films.
         """
         if self._rows_of is not self.index:  # the index was read, added to or trimmed since
-            self._positions: dict[str, int] = {}
+            self._positions = {}
             for position, key in enumerate(self.index.index.tolist()):
                 self._positions.setdefault(key, position)
             self._columns = {column: self.index[column].to_numpy() for column in self.index.columns}
