@@ -142,6 +142,28 @@ def test_a_truncated_shard_is_decoded_again_with_a_warning(tmp_path, caplog):
     assert healed.n_decoded == 0 and _outputs(paths) == written and not _warnings(caplog)
 
 
+def test_a_shard_cut_short_while_the_cache_reads_it_is_decoded_again_never_a_crash(tmp_path, caplog):
+    """A shard truncated after the cache opened it: the films past the cut are decoded again with a warning, the
+    ones before it still served. Read through a memory map, a page past the file's new end raised SIGBUS and killed
+    the run."""
+    from pipeline.decode_cache import DecodeCache, Decoded
+
+    films = [(f"key-{i}", Decoded(np.full((64, 64), i, dtype=np.uint8), {"format": "png", "sha256": str(i)}))
+             for i in range(4)]
+    DecodeCache(tmp_path).add(films)
+    cache = DecodeCache(tmp_path)
+    assert (cache.get("key-0").pixels == 0).all()  # the shard is open
+    (shard,) = tmp_path.glob("shard-*.npy")
+    with shard.open("r+b") as handle:
+        handle.truncate(shard.stat().st_size - 64 * 64 - 10)  # the last film, and the end of the one before
+
+    assert (cache.get("key-1").pixels == 1).all()
+    assert cache.get("key-2") is None and cache.get("key-3") is None
+    assert sum("could not be read from" in message for message in _warnings(caplog)) == 2
+    reopened = DecodeCache(tmp_path)  # its header still declares four films: refused whole, as between runs
+    assert reopened.get("key-0") is None and reopened.get("key-1") is None
+
+
 def test_a_garbled_index_is_rebuilt_with_a_warning(tmp_path, caplog):
     paths, config, cold, written, folder = _cold_and_cached(tmp_path)
     index = folder / "index.parquet"
