@@ -54,9 +54,24 @@ def test_the_ingest_benchmark_measures_films_from_any_folder(tmp_path):
     assert "round 1: 1 worker" in done.stdout  # each round's ratios against the bare loops around each ingest
     ratios = dict(line.split("=") for line in done.stdout.splitlines() if line.startswith("real_") and "=" in line)
     for name in ("real_ingest_vs_bare_draft", "real_ingest_2_vs_1_workers", "real_cached_vs_cold",
-                 "real_bare_2_vs_1_processes"):
+                 "real_reingest_new_films_vs_cold", "real_bare_2_vs_1_processes"):
         assert float(ratios[name]) > 0, done.stdout
     assert {file: file.read_bytes() for file in films.iterdir()} == before
+
+
+def test_the_ingest_memory_benchmark_measures_the_cold_ingest_and_the_re_ingest_of_each_size_apart():
+    """`--synthetic-large` runs `cxr ingest` cold, then again after 1% more films, for each size in one benchmark
+    process: each run's peak RSS is its own process's (a real process's, not a zero), the re-ingest decodes only
+    the new films (the rest come from the decode cache), and two sizes give the extrapolation to 200,000."""
+    done = subprocess.run([sys.executable, "benchmarks/ingest.py", "--synthetic-large", "200", "400"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for n, added in ((200, 2), (400, 4)):
+        assert f"decoded {n} films at" in done.stdout and f"decoded {added} films at" in done.stdout, done.stdout
+        assert f"re-ingest with {added} new films:" in done.stdout, done.stdout
+        found = re.search(rf"^large_peak_rss_mib=(\d+) large_reingest_peak_rss_mib=(\d+) n={n}$", done.stdout, re.MULTILINE)
+        assert found and min(int(found[1]), int(found[2])) > 50, done.stdout  # pandas alone takes more
+    assert "extrapolated from 200 and 400 films:" in done.stdout
 
 
 def test_the_near_duplicate_benchmark_finds_the_same_pairs_as_comparing_every_pair():
