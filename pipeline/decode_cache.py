@@ -270,7 +270,7 @@ class _Shard:
     def film(self, row: int) -> np.ndarray:
         """The film of `row`, an array of its own; OSError when the file no longer holds it whole."""
         pixels = np.empty(self.shape[1:], dtype=self.dtype)
-        with self.path.open("rb", buffering=0) as handle:
+        with self.path.open("rb") as handle:  # buffered: its readinto reads on until the film is whole or the file ends
             handle.seek(self.offset + row * pixels.nbytes)
             read = handle.readinto(pixels)
         if read != pixels.nbytes:
