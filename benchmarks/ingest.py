@@ -703,7 +703,7 @@ def measured_ingest(paths: ProjectPaths, source: Path, workers: int) -> LargeRun
                "--set", f"data.sources=[{source}]", "--set", f"data.num_workers={workers}", "--profile"]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, text=True)
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err)
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - started
         process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
@@ -727,8 +727,7 @@ def large_ingests(scratch: Path, n: int, workers: int) -> tuple[LargeRun, LargeR
     wait_until_settled(source)  # films written within RACY_NS of the ingest would be hashed again by the next one
     cold = measured_ingest(paths, source, workers)
     added = max(1, round(n * NEW_FILMS_SHARE))
-    large_films(source, added, first=n)
-    wait_until_settled(source)
+    large_films(source, added, first=n)  # new files: hashed by the re-ingest whenever they were written
     grown = measured_ingest(paths, source, workers)
     stored = np.load(paths.images, mmap_mode="r").shape
     if stored[0] != n + added:
