@@ -6,7 +6,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from pipeline.imaging import DecodeLimits, UnreadableImage, decode_bytes, decode_file, pixel_sha256, resize
+from pipeline.imaging import (REDUCED_MARGIN, DecodeLimits, UnreadableImage, decode_bytes, decode_file, pixel_sha256,
+                              resize)
 
 
 def test_every_pydicom_test_file_decodes_or_gives_a_reason(pydicom_test_files):
@@ -64,6 +65,52 @@ def test_truncated_dicom_is_rejected_with_decode_failed(pydicom_test_files):
     with pytest.raises(UnreadableImage) as raised:
         decode_file(pydicom_test_files / "MR_truncated.dcm")
     assert raised.value.reason == "decode_failed"
+
+
+def _noisy_film(path, size: int = 640) -> None:
+    """A film whose file spans several of Pillow's 64 KB reads (noise compresses badly)."""
+    rng = np.random.default_rng(3)
+    film = (np.linspace(0, 200, size)[None, :] + rng.normal(0, 25, (size, size))).clip(0, 255).astype(np.uint8)
+    Image.fromarray(film).save(path, **({"quality": 95} if path.suffix == ".jpg" else {}))
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_content_handed_to_the_decoder_whole_decodes_as_pillow_reading_the_file(tmp_path, suffix):
+    """Decoding from memory hands Pillow the whole content at once (not its 64 KB reads): the same pixels as
+    Pillow's own decode of the file, in full and at the reduced scale ingest keeps."""
+    path = tmp_path / f"film{suffix}"
+    _noisy_film(path)
+    assert path.stat().st_size > 3 * 65536
+    for size in (None, 64):
+        with Image.open(path) as image:
+            if size and suffix == ".jpg":
+                image.draft(image.mode, (REDUCED_MARGIN * size, REDUCED_MARGIN * size))
+            expected = np.asarray(image.convert("L"))
+        decoded = decode_file(path, size=size).pixels
+        if size and suffix == ".png":  # an 8-bit PNG is averaged down after its full decode: 640 px by 2 to 320
+            expected = np.asarray(Image.fromarray(expected).reduce(2))
+        assert min(decoded.shape) < 640 if size else decoded.shape == (640, 640)  # the reduced path was taken
+        assert np.array_equal(decoded, expected), (suffix, size)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_a_film_cut_short_is_decode_failed_naming_it_wherever_it_is_cut(tmp_path, suffix):
+    """A JPEG or PNG whose data ends early (a copy interrupted) is refused as decode_failed, named, at any cut and
+    at any decoded scale, from a file or from a request's bytes: now that the decoder gets the whole content at
+    once, running out of it must still be an error, never a partial film."""
+    whole = tmp_path / f"whole{suffix}"
+    _noisy_film(whole)
+    data = whole.read_bytes()
+    for share in (0.3, 0.6, 0.95):
+        cut = tmp_path / f"cut-{share}{suffix}"
+        cut.write_bytes(data[: int(len(data) * share)])
+        for size in (None, 64):
+            with pytest.raises(UnreadableImage) as raised:
+                decode_file(cut, size=size)
+            assert raised.value.reason == "decode_failed" and str(cut) in str(raised.value), (share, size)
+            with pytest.raises(UnreadableImage) as raised:
+                decode_bytes(cut.read_bytes(), "row 3", size=size)
+            assert raised.value.reason == "decode_failed" and str(raised.value).startswith("row 3: ")
 
 
 def test_dicom_without_image_is_rejected(pydicom_test_files):
