@@ -398,8 +398,11 @@ def reingest_with_new_films(paths: ProjectPaths, source: Path, args: argparse.Na
     try:
         grown = timed_ingest(paths, source, 1)
     finally:
-        for file in sorted(set(source.rglob("*")) - before, reverse=True):
-            file.unlink() if file.is_file() else file.rmdir()
+        for added_path in sorted(set(source.rglob("*")) - before, reverse=True):  # files before their folders
+            if added_path.is_file():
+                added_path.unlink()
+            else:
+                added_path.rmdir()
     if grown.result.n_decoded != added or grown.result.quarantine_reasons:
         raise RuntimeError(f"the re-ingest with {added} new films decoded {grown.result.n_decoded} (expected "
                            f"{added}) and quarantined {grown.result.quarantine_reasons or 'none'}")
