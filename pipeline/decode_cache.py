@@ -35,10 +35,11 @@ log = logging.getLogger(__name__)
 # Bump when decoding changes a film's stored pixels or fields (2: content-named shards, checksums; 3: sex and
 # age_band; 4: JPEG and JPEG 2000 decoded at a reduced scale, sha256 of the decoded rather than the full-size
 # pixels; 5: sha256 of the stored pixels; 6: files keyed by BLAKE3 rather than sha256, 8-bit
-# PNGs averaged down before the resize). A new version is a new folder, and ingest's fingerprint holds it, so
+# PNGs averaged down before the resize; 7: blank judged on the stored pixels, so a flat film under fine noise is
+# refused). A new version is a new folder, and ingest's fingerprint holds it, so
 # every film decodes once again: a film stored before a change is never served, or de-duplicated, beside one
 # stored after it.
-CACHE_VERSION = 6
+CACHE_VERSION = 7
 INDEX_COLUMNS = ("file_key", "shard", "row", "checksum")
 FAILURE_COLUMNS = ("file_key", "reason", "message")
 

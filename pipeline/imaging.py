@@ -38,7 +38,7 @@ JPEG_SUFFIXES = {".jpg", ".jpeg"}
 IMAGE_SUFFIXES = DICOM_SUFFIXES | PNG_SUFFIXES | JPEG_SUFFIXES
 
 MIN_SIDE = 16  # smaller films cannot carry a diagnosis and are quarantined
-MIN_STD = 1.0  # a decoded image flatter than this (in 0..255) is blank
+MIN_STD = 1.0  # stored pixels flatter than this (standard deviation, in 0..255) are blank
 # A reduced decode keeps both sides at least this many times the stored size, so the resize still averages several
 # decoded pixels into each stored one. At 2, real Kermany films at 64 px differ from the full decode by up to 2 grey
 # levels on average (non-square films are squashed, so one side is reduced further than its margin); at 4, under 1.
@@ -193,7 +193,7 @@ def _decode(source: Path | bytes, kind: str, name: str, key: bytes | None, limit
         image = _decode_pillow(source, name, kind, limits, size)
     else:
         raise UnreadableImage("unsupported_format", f"{name}: not a DICOM, PNG or JPEG file")
-    check_usable(image.film, name, (image.height, image.width))
+    check_size((image.height, image.width), name, image.identity)
     return image
 
 
@@ -243,37 +243,32 @@ def format_of_head(head: bytes) -> str:
     return ""
 
 
-def check_usable(film, name: str, shape: tuple[int, int] | None = None) -> None:  # film: np.ndarray or PIL.Image.Image
-    """Reject images too small or too flat to be a radiograph. `shape` (height, width) is the film's own size when
-    `film` is a reduced decode: a film is judged too small by its size, not by the scale it was decoded at."""
-    height, width = shape or film_shape(film)
+def check_size(shape: tuple[int, int], name: str, identity: Identity = NO_IDENTITY) -> None:
+    """Reject a film too small to be a radiograph, by its own (height, width): a film is judged by its size, not by
+    the scale it was decoded at. `identity`, the header's, goes with the refusal (see stored_film)."""
+    height, width = shape
     if min(height, width) < MIN_SIDE:
-        raise UnreadableImage("too_small", f"{name}: image is {width}x{height} px, below {MIN_SIDE} px")
-    if is_blank(film):
-        raise UnreadableImage("blank_image", f"{name}: image is blank (all pixels nearly the same value)")
+        raise UnreadableImage("too_small", f"{name}: image is {width}x{height} px, below {MIN_SIDE} px", identity)
 
 
-BLANK_STRIDE = 4  # is_blank looks at one pixel in each 4 x 4 block first: 1/16 of the pixels
+def stored_film(film, size: int, crop: Crop, name: str,  # film: np.ndarray or PIL.Image.Image (L)
+                identity: Identity = NO_IDENTITY) -> np.ndarray:
+    """What a model sees of a decoded film: `resize`d (and cropped), refused as blank when those pixels are flat
+    (standard deviation under MIN_STD grey levels). Ingest, `cxr predict` and the served model all make their
+    pixels here.
 
+    Blank is judged on the stored pixels, not the decoded film: a flat exposure under detector noise varies at
+    full resolution but is a flat grey to the model, and ingest's manifest records this very deviation
+    (std_intensity), so no stored film is flatter than the check allows. It costs a histogram of size² pixels,
+    where judging the decoded film sampled a sixteenth of a few hundred thousand.
 
-def is_blank(film) -> bool:  # film: np.ndarray (8-bit grey) or PIL.Image.Image (L)
-    """The film's standard deviation < MIN_STD, decided on 1/16 of the pixels whenever that is enough, as it is for
-    any film.
-
-    Why it is exact: a subset of n >= N/k of the N pixels has a variance (around its own mean, which is the least
-    one) of at most k times the whole image's, so its standard deviation is at most sqrt(k) = BLANK_STRIDE times
-    the image's. A sample whose deviation reaches BLANK_STRIDE x MIN_STD proves the image is not blank; only a
-    flatter sample (a blank image, or nearly) pays for the full histogram. The sample is Pillow's nearest-pixel
-    shrink to ceil(side / BLANK_STRIDE) on each side: distinct pixels (it never enlarges), at least N/16 of them.
+    `identity` (the header's pseudonyms) goes with the refusal: a patient whose only film is refused is named by
+    nothing else in the run, and the caller redacts the film's path and message by it.
     """
-    from PIL import Image
-
-    image = _grey_image(film)
-    if image.width and image.height:
-        side = (-(-image.width // BLANK_STRIDE), -(-image.height // BLANK_STRIDE))
-        if _histogram_moments(image.resize(side, Image.Resampling.NEAREST).histogram())[1] >= BLANK_STRIDE * MIN_STD:
-            return False
-    return _histogram_moments(image.histogram())[1] < MIN_STD
+    stored = resize(film, size, crop)
+    if grey_mean_std(stored)[1] < MIN_STD:
+        raise UnreadableImage("blank_image", f"{name}: image is blank (all pixels nearly the same value)", identity)
+    return stored
 
 
 def grey_mean_std(pixels: np.ndarray) -> tuple[float, float]:

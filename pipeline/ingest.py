@@ -37,8 +37,8 @@ from pipeline.dvc_watch import check_sources_watched
 from pipeline.erasures import erased_patients
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, content_key, shown_path, write_npy_rows
-from pipeline.imaging import (DecodeLimits, UnreadableImage, check_usable, decode_content, grey_mean_std, limits_of,
-                              pixel_sha256, read_film, read_identity, resize)
+from pipeline.imaging import (DecodeLimits, UnreadableImage, check_size, decode_content, grey_mean_std, limits_of,
+                              pixel_sha256, read_film, read_identity, stored_film)
 from pipeline.manifest import write_manifest
 from pipeline.overrides import EXCLUDED, Overrides, check_all_found, exclusion_message, labelled, read_overrides, review_record
 from pipeline.paths import ProjectPaths
@@ -270,12 +270,12 @@ def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeL
         data = read_film(file)
         file_key = content_key(data)  # hashed as read: ingest never reads a new film twice
         decoded = decode_content(data, file, key, limits, size)
+        stored = stored_film(decoded.film, size, crop, str(file), decoded.identity)
     except UnreadableImage as exc:
         message = shown_path(Redactor(exc.identity.hashes, key).text(str(exc).replace(str(file), FILE)))
         return Failure(exc.reason, message, exc.identity, file_key)
     except Exception as exc:  # an unforeseen decoder failure costs one file, not the run
         return Failure("decode_failed", f"{FILE}: unexpected {type(exc).__name__} while decoding", file_key=file_key)
-    stored = resize(decoded.film, size, crop)
     header = {"bits_stored": decoded.bits_stored, "modality": decoded.modality, "photometric": decoded.photometric,
               "view": decoded.view, "body_part": decoded.body_part, "sex": decoded.sex, "age_band": decoded.age_band}
     return Decoded(stored, _decoded_fields(stored, decoded.format, header, (decoded.height, decoded.width)),
@@ -624,10 +624,10 @@ def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache 
     if item.file is None:
         original = np.asarray(item.pixels, dtype=np.uint8)
         try:
-            check_usable(original, FILE)
+            check_size(original.shape[:2], FILE)
+            stored = stored_film(original, size, crop, FILE)
         except UnreadableImage as exc:
             return Failure(exc.reason, str(exc))
-        stored = resize(original, size, crop)
         no_header = {"bits_stored": 8, "modality": "", "photometric": "", "view": "", "body_part": "", "sex": "", "age_band": ""}
         return Decoded(stored, _decoded_fields(stored, "npz", no_header, original.shape[:2]))
     cached = cache.get(file_key) if file_key else None

@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.errors import CxrError
 from pipeline.explain import grad_cam, network_to_explain, overlay_paths, write_overlay
-from pipeline.imaging import DecodeLimits, UnreadableImage, decode_file, looks_like_image, resize
+from pipeline.imaging import DecodeLimits, UnreadableImage, decode_file, looks_like_image, stored_film
 from pipeline.paths import ProjectPaths
 from pipeline.scope import Scope, decode_refusal, out_of_scope
 from pipeline.serving import ServedModel
@@ -99,6 +99,7 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
     for position, file in enumerate(files):
         try:
             image = decode_file(file, limits=limits, size=size)
+            pixels = stored_film(image.film, size, crop, str(file))
         except UnreadableImage as exc:
             blank = decode_refusal(exc)
             results[position] = Prediction(path=str(file), out_of_scope=blank) if blank else \
@@ -108,7 +109,7 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
         if reason is not None:
             results[position] = Prediction(path=str(file), out_of_scope=reason)
         else:
-            ready.append((position, resize(image.film, size, crop)))
+            ready.append((position, pixels))
     overlays = overlay_paths([files[position] for position, _ in ready], explain_dir) if explain_dir is not None else []
     for start in range(0, len(ready), batch_size):
         chunk = ready[start : start + batch_size]

@@ -145,7 +145,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
     def answer_files(self, contents: list) -> pd.DataFrame:
         """One answer per file: decode (as ingest does), judge its scope, resize, classify the ones in scope. Rows
         not classified have no label and NaN probabilities, and say why in `out_of_scope` or `error`."""
-        from pipeline.imaging import UnreadableImage, decode_bytes, resize
+        from pipeline.imaging import UnreadableImage, decode_bytes, stored_film
         from pipeline.scope import decode_refusal, out_of_scope
 
         n = len(contents)
@@ -162,6 +162,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
                 continue
             try:
                 image = decode_bytes(file_bytes(content, name), name, limits=self.limits, size=self.image_size)
+                pixels = stored_film(image.film, self.image_size, self.crop, name)
             except UnreadableImage as exc:
                 refused[row] = decode_refusal(exc) or ""
                 errors[row] = "" if refused[row] else f"{exc.reason}: {exc}"
@@ -170,7 +171,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
             if reason is not None:
                 refused[row] = reason
                 continue
-            ready.append((row, resize(image.film, self.image_size, self.crop)))
+            ready.append((row, pixels))
         ready, scores = self.judge_pixels(ready, refused)
         return self.answer_table(ready, refused).assign(error=errors, ood_score=scores)
 

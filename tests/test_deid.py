@@ -349,3 +349,42 @@ def test_ingest_redacts_header_names_of_any_length_beside_file_name_patients():
     assert "QUINCEY" not in redacted and "MARGOT" not in redacted and "P12" not in redacted, redacted
     only_names = run_redactor(items, [Identity()], [], key).path("P12_QUINCEY/x.png")
     assert "P12" not in only_names and "QUINCEY" in only_names  # nobody's header named QUINCEY in this run
+
+
+@pytest.mark.parametrize("kind", ["blank", "too_small"])
+def test_a_patient_whose_only_film_is_refused_after_decoding_is_still_redacted_from_its_path(tmp_path, kind):
+    """Hostile: the patient's one DICOM decodes, then is refused for its pixels (flat, or too small), in folders
+    named after the patient's ID and name. No other film names them, so only that film's own header can: the
+    quarantine list must still not carry the ID or the name."""
+    import pydicom
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    from pipeline.config import load_config
+    from pipeline.ingest import ingest_stage
+    from pipeline.paths import ProjectPaths
+
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # 128 x 128, 16-bit
+    dataset.PatientID, dataset.PatientName = "MRN4471902", "QUILLFEATHER^ROSALIND"
+    if kind == "blank":
+        pixels = np.full((128, 128), 900, dtype=np.int16)  # as flat a film as a detector with no exposure
+    else:
+        pixels = np.arange(12 * 12, dtype=np.int16).reshape(12, 12) * 10
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.PixelData = pixels.tobytes()
+    folder = tmp_path / "raw" / "pneumonia" / "MRN4471902" / "QUILLFEATHER_ROSALIND"
+    folder.mkdir(parents=True)
+    dataset.save_as(folder / "MRN4471902_chest.dcm")
+    other = tmp_path / "raw" / "normal"
+    other.mkdir()
+    Image.fromarray((np.arange(64 * 64) % 251).astype(np.uint8).reshape(64, 64)).save(other / "film.png")
+    (tmp_path / "params.yaml").write_text("data:\n  image_size: 32\n  sources: [raw]\n")
+
+    ingest_stage(ProjectPaths(tmp_path), load_config(tmp_path / "params.yaml"))
+
+    quarantine = pd.read_csv(tmp_path / "data" / "interim" / "quarantine.csv")
+    assert list(quarantine["reason"]) == ["blank_image" if kind == "blank" else "too_small"]
+    written = (tmp_path / "data" / "interim" / "quarantine.csv").read_text()
+    assert "redacted-" in written
+    for part in ("MRN4471902", "4471902", "QUILLFEATHER", "ROSALIND"):
+        assert part not in written, written
