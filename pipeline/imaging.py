@@ -24,7 +24,7 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -251,8 +251,17 @@ def check_size(shape: tuple[int, int], name: str, identity: Identity = NO_IDENTI
         raise UnreadableImage("too_small", f"{name}: image is {width}x{height} px, below {MIN_SIDE} px", identity)
 
 
+class StoredFilm(NamedTuple):
+    """The pixels a model sees (size x size, uint8) and their mean and standard deviation in grey levels: the
+    manifest's mean_intensity and std_intensity, and the deviation the blank check judged."""
+
+    pixels: np.ndarray
+    mean: float
+    std: float
+
+
 def stored_film(film, size: int, crop: Crop, name: str,  # film: np.ndarray or PIL.Image.Image (L)
-                identity: Identity = NO_IDENTITY) -> np.ndarray:
+                identity: Identity = NO_IDENTITY) -> StoredFilm:
     """What a model sees of a decoded film: `resize`d (and cropped), refused as blank when those pixels are flat
     (standard deviation under MIN_STD grey levels). Ingest, `cxr predict` and the served model all make their
     pixels here.
@@ -265,10 +274,11 @@ def stored_film(film, size: int, crop: Crop, name: str,  # film: np.ndarray or P
     `identity` (the header's pseudonyms) goes with the refusal: a patient whose only film is refused is named by
     nothing else in the run, and the caller redacts the film's path and message by it.
     """
-    stored = resize(film, size, crop)
-    if grey_mean_std(stored)[1] < MIN_STD:
+    pixels = resize(film, size, crop)
+    mean, std = grey_mean_std(pixels)
+    if std < MIN_STD:
         raise UnreadableImage("blank_image", f"{name}: image is blank (all pixels nearly the same value)", identity)
-    return stored
+    return StoredFilm(pixels, mean, std)
 
 
 def grey_mean_std(pixels: np.ndarray) -> tuple[float, float]:

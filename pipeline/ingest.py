@@ -37,7 +37,7 @@ from pipeline.dvc_watch import check_sources_watched
 from pipeline.erasures import erased_patients
 from pipeline.errors import CxrError
 from pipeline.files import atomic_path, content_key, shown_path, write_npy_rows
-from pipeline.imaging import (DecodeLimits, UnreadableImage, check_size, decode_content, grey_mean_std, limits_of,
+from pipeline.imaging import (DecodeLimits, StoredFilm, UnreadableImage, check_size, decode_content, limits_of,
                               pixel_sha256, read_film, read_identity, stored_film)
 from pipeline.manifest import write_manifest
 from pipeline.overrides import EXCLUDED, Overrides, check_all_found, exclusion_message, labelled, read_overrides, review_record
@@ -278,7 +278,7 @@ def decode_one(file: Path, size: int, key: bytes, limits: DecodeLimits = DecodeL
         return Failure("decode_failed", f"{FILE}: unexpected {type(exc).__name__} while decoding", file_key=file_key)
     header = {"bits_stored": decoded.bits_stored, "modality": decoded.modality, "photometric": decoded.photometric,
               "view": decoded.view, "body_part": decoded.body_part, "sex": decoded.sex, "age_band": decoded.age_band}
-    return Decoded(stored, _decoded_fields(stored, decoded.format, header, (decoded.height, decoded.width)),
+    return Decoded(stored.pixels, _decoded_fields(stored, decoded.format, header, (decoded.height, decoded.width)),
                    decoded.identity, file_key)
 
 
@@ -298,7 +298,7 @@ def image_id_of(item: SourceItem, key: bytes) -> str:
     return hmac.new(key, f"cxr image id\x00{item.source}/{item.path}".encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def _decoded_fields(stored: np.ndarray, kind: str, header: dict, shape: tuple[int, int]) -> dict:
+def _decoded_fields(stored: StoredFilm, kind: str, header: dict, shape: tuple[int, int]) -> dict:
     """The manifest fields decoding yields (and the decode cache keeps): nothing that identifies a patient (sex
     and an age band are kept; the age, like the birth date, never is). `shape` is the film's own (height, width).
 
@@ -307,15 +307,14 @@ def _decoded_fields(stored: np.ndarray, kind: str, header: dict, shape: tuple[in
     instead of the decoded film takes its cost off every film's decode.
     """
     height, width = shape
-    mean, std = grey_mean_std(stored)
     return {
-        "sha256": pixel_sha256(stored),
+        "sha256": pixel_sha256(stored.pixels),
         "format": kind,
         "width": int(width),
         "height": int(height),
         **header,
-        "mean_intensity": mean,
-        "std_intensity": std,
+        "mean_intensity": stored.mean,
+        "std_intensity": stored.std,
     }
 
 
@@ -629,7 +628,7 @@ def _cached_or_array(item: SourceItem, file_key: str | None, cache: DecodeCache 
         except UnreadableImage as exc:
             return Failure(exc.reason, str(exc))
         no_header = {"bits_stored": 8, "modality": "", "photometric": "", "view": "", "body_part": "", "sex": "", "age_band": ""}
-        return Decoded(stored, _decoded_fields(stored, "npz", no_header, original.shape[:2]))
+        return Decoded(stored.pixels, _decoded_fields(stored, "npz", no_header, original.shape[:2]))
     cached = cache.get(file_key) if file_key else None
     if cached is None:
         return None if file_key and item.file.is_file() else Failure("missing_file", f"{FILE}: no such file")

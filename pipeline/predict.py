@@ -99,7 +99,7 @@ def predict_files(model, files: list[Path], batch_size: int = 64, explain_dir: P
     for position, file in enumerate(files):
         try:
             image = decode_file(file, limits=limits, size=size)
-            pixels = stored_film(image.film, size, crop, str(file))
+            pixels = stored_film(image.film, size, crop, str(file)).pixels
         except UnreadableImage as exc:
             blank = decode_refusal(exc)
             results[position] = Prediction(path=str(file), out_of_scope=blank) if blank else \

@@ -162,7 +162,7 @@ class CxrClassifier(mlflow.pyfunc.PythonModel):
                 continue
             try:
                 image = decode_bytes(file_bytes(content, name), name, limits=self.limits, size=self.image_size)
-                pixels = stored_film(image.film, self.image_size, self.crop, name)
+                pixels = stored_film(image.film, self.image_size, self.crop, name).pixels
             except UnreadableImage as exc:
                 refused[row] = decode_refusal(exc) or ""
                 errors[row] = "" if refused[row] else f"{exc.reason}: {exc}"
