@@ -281,30 +281,23 @@ def stored_film(film, size: int, crop: Crop, name: str,  # film: np.ndarray or P
     return StoredFilm(pixels, mean, std)
 
 
-def grey_mean_std(pixels: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation of a uint8 image (a stored film), from its histogram by np.bincount.
-
-    pixels.mean() and pixels.std() to within 1e-13, at under half their cost: numpy's std makes float64 copies of
-    every pixel and runs several reductions, and ingest computes both for every film it stores (on a small film,
-    several percent of its decode). Other dtypes are left to numpy.
-    """
-    if pixels.dtype != np.uint8:
-        return float(pixels.mean()), float(pixels.std())
-    return _histogram_moments(np.bincount(pixels.ravel(), minlength=256))
-
-
 GREY_POWERS = np.arange(256, dtype=np.int64)[:, None] ** np.arange(3)  # each grey level to the powers 0, 1, 2
 
 
-def _histogram_moments(histogram) -> tuple[float, float]:  # histogram: 256 counts, a list or an array
-    """Mean and standard deviation of the grey levels a 256-bin histogram counts ((0, 0) for an empty one).
+def grey_mean_std(pixels: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of a uint8 image (a stored film), from its histogram by np.bincount ((0, 0) for
+    an empty one). Other dtypes are left to numpy.
 
-    Exact until the last step: the count, the sum of the levels and the sum of their squares are whole numbers
-    (in int64 up to 10^14 pixels), made by one product with GREY_POWERS (every film pays for this twice, so one
-    numpy call rather than three), and the variance (n * sum of squares - sum^2) / n^2 is computed in Python's
-    integers and rounded once, with no cancellation to lose digits to.
+    pixels.mean() and pixels.std() to within 1e-13, at under half their cost: numpy's std makes float64 copies of
+    every pixel and runs several reductions, and ingest computes both for every film it stores (on a small film,
+    several percent of its decode). Exact until the last step: the count, the sum of the levels and the sum of
+    their squares are whole numbers (in int64 up to 10^14 pixels), made by one product with GREY_POWERS, and the
+    variance (n * sum of squares - sum^2) / n^2 is computed in Python's integers and rounded once, with no
+    cancellation to lose digits to.
     """
-    total, first, second = (np.asarray(histogram, dtype=np.int64) @ GREY_POWERS).tolist()
+    if pixels.dtype != np.uint8:
+        return float(pixels.mean()), float(pixels.std())
+    total, first, second = (np.bincount(pixels.ravel(), minlength=256) @ GREY_POWERS).tolist()
     if not total:
         return 0.0, 0.0
     return first / total, math.sqrt((total * second - first * first) / (total * total))
