@@ -180,3 +180,36 @@ def test_file_names_without_a_patient_id_do_not_merge_patients(tmp_path):
     manifest = pd.read_parquet(paths.manifest)
     assert manifest["patient_hash"].nunique() == 20
     assert set(manifest["split"]) == {"train", "val", "test"}
+
+
+def test_a_flat_exposure_under_detector_noise_is_quarantined_blank_never_stored(tmp_path):
+    """Hostile: films whose only variation is fine noise (several grey levels at full resolution) are flat grey at
+    the stored size; a JPEG and a PNG of them, beside real structure. They are quarantined as blank_image, cold and
+    again from the decode cache, and no manifest row is flatter than the blank check allows. (Before the check
+    moved to the stored pixels, both were stored with a std_intensity under 1.)"""
+    from pipeline.imaging import MIN_STD, decode_file, grey_mean_std
+
+    rng = np.random.default_rng(11)
+    for label in ("normal", "pneumonia"):
+        (tmp_path / "raw" / label).mkdir(parents=True)
+        for i in range(3):
+            film = np.clip(np.linspace(30, 220, 256)[None, :] + rng.normal(0, 4, (256, 256)), 0, 255).astype(np.uint8)
+            Image.fromarray(film).save(tmp_path / "raw" / label / f"film{i}.png")
+    # 128 px: decoded in full at 32 px (a reduced decode would average the noise away before any check sees it)
+    flat = lambda: np.clip(128 + rng.normal(0, 3, (128, 128)), 0, 255).astype(np.uint8)  # noqa: E731
+    Image.fromarray(flat()).save(tmp_path / "raw" / "normal" / "unexposed.png")
+    Image.fromarray(flat()).save(tmp_path / "raw" / "pneumonia" / "unexposed.jpg", quality=95)
+    for name in ("normal/unexposed.png", "pneumonia/unexposed.jpg"):  # not flat as decoded: only as stored
+        assert grey_mean_std(decode_file(tmp_path / "raw" / name, size=32).pixels)[1] > 2 * MIN_STD
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  image_size: 32\n  sources: [raw]\n")
+
+    for run in ("cold", "from the decode cache"):
+        if run != "cold":  # a new film, so the run is finished again from the cache
+            Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (256, 1))).save(tmp_path / "raw" / "normal" / "new.png")
+        ingest_stage(ProjectPaths(tmp_path), load_config(params))
+        quarantine = pd.read_csv(tmp_path / "data" / "interim" / "quarantine.csv")
+        refused = dict(zip(quarantine["path"], quarantine["reason"]))
+        assert refused == {"normal/unexposed.png": "blank_image", "pneumonia/unexposed.jpg": "blank_image"}, run
+        manifest = pd.read_parquet(tmp_path / "data" / "interim" / "manifest.parquet")
+        assert len(manifest) == (6 if run == "cold" else 7) and manifest["std_intensity"].min() >= MIN_STD, run
