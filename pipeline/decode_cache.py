@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.deid import NO_IDENTITY, Identity
-from pipeline.files import atomic_path, write_npy_rows
+from pipeline.files import FILM_BUFFER_BYTES, atomic_path, write_npy_rows
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ def _write_shard(folder: Path, films: Iterable[np.ndarray], shape: tuple[int, ..
     digest = blake3(max_threads=1)
     tmp = folder / f".shard-writing.tmp{os.getpid()}.npy"  # its name is known only once it is written
     try:
-        with tmp.open("wb") as handle:
+        with tmp.open("wb", buffering=FILM_BUFFER_BYTES) as handle:
             write_npy_rows(handle, films, shape, digest)
         name = f"shard-{digest.hexdigest(length=16)}.npy"
         os.replace(tmp, folder / name)

@@ -9,6 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+# The buffer of a file written or read a film at a time (the ingest spool, images.npy, decode-cache shards): one
+# system call per MiB instead of one per film. A 64 px film is 4 KB, the size of a default buffer, so each write was
+# a system call, and right after a film's decode one costs 20 to 40 µs here, about 1% of the film's ingest.
+FILM_BUFFER_BYTES = 1 << 20
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:

@@ -36,7 +36,7 @@ from pipeline.deid import Identity, Redactor, key_check, load_key, patient_hash
 from pipeline.dvc_watch import check_sources_watched
 from pipeline.erasures import erased_patients
 from pipeline.errors import CxrError
-from pipeline.files import atomic_path, content_key, shown_path, write_npy_rows
+from pipeline.files import FILM_BUFFER_BYTES, atomic_path, content_key, shown_path, write_npy_rows
 from pipeline.imaging import (DecodeLimits, StoredFilm, UnreadableImage, check_size, decode_content, limits_of,
                               pixel_sha256, read_film, read_identity, stored_film)
 from pipeline.manifest import write_manifest
@@ -414,7 +414,7 @@ def finish_ingest(paths: ProjectPaths, config: Config, plan: IngestPlan, outcome
 
     # The registry first: a patient recorded but not yet in a manifest is harmless, the reverse is not.
     registry_written = write_registry(paths.split_registry, registry)
-    with atomic_path(paths.images) as tmp, tmp.open("wb") as handle, spool:  # streamed: never all in memory
+    with atomic_path(paths.images) as tmp, tmp.open("wb", buffering=FILM_BUFFER_BYTES) as handle, spool:  # streamed: never all in memory
         in_store[in_store] = keep.to_numpy()  # of the films in the manifest, the ones dedupe kept
         films = (np.asarray(film) for film, kept in zip(stored, in_store) if kept)  # read back one at a time
         write_npy_rows(handle, films, (len(manifest), config.data.image_size, config.data.image_size))
@@ -557,7 +557,10 @@ class PixelSpool:
         import tempfile
 
         folder.mkdir(parents=True, exist_ok=True)
-        self.file = tempfile.TemporaryFile(dir=folder, prefix=".images-spool-")  # deleted when closed, or if we die
+        # Deleted when closed, or if we die. Its buffer holds 256 films at 64 px: films are written a system call per
+        # MiB, and read back in order (the decode cache, images.npy) a system call per MiB too, as a seek within the
+        # buffer moves no file position.
+        self.file = tempfile.TemporaryFile(dir=folder, prefix=".images-spool-", buffering=FILM_BUFFER_BYTES)
         self.shape = (size, size)
         self.count = 0
         self._width = size * size

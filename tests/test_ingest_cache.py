@@ -340,6 +340,32 @@ def test_the_pixel_spool_gives_back_each_film_by_its_row_and_refuses_a_wrong_sha
     assert not list(tmp_path.iterdir())  # an anonymous file: nothing left beside the outputs
 
 
+def test_the_spool_reads_back_every_film_across_its_buffer_whatever_the_order_of_reads_and_writes(tmp_path):
+    """The spool's file is buffered a MiB at a time (films written and read back in order take a system call per
+    MiB): films that straddle a buffer's edge, read back in order, out of order and between writes, must each be
+    their own film, and a write after a read must still append."""
+    from pipeline.decode_cache import Decoded
+    from pipeline.files import FILM_BUFFER_BYTES
+    from pipeline.ingest import PixelSpool
+
+    size = 60  # 3,600 bytes a film: no buffer holds a whole number of them
+    count = 3 * FILM_BUFFER_BYTES // (size * size) + 7
+    rng = np.random.default_rng(0)
+    films = [rng.integers(0, 256, (size, size), dtype=np.uint8) for _ in range(count)]
+    with PixelSpool(tmp_path, size) as spool:
+        kept = []
+        for row, film in enumerate(films):
+            kept.append(spool.keep(Decoded(film, {})).pixels)
+            if row % 97 == 0:  # a read between writes, of a film already flushed or still in the buffer
+                earlier = int(rng.integers(0, row + 1))
+                assert np.array_equal(np.asarray(kept[earlier]), films[earlier])
+        for row in [*range(count), *rng.permutation(count)]:
+            assert np.array_equal(np.asarray(kept[row]), films[row]), f"row {row}"
+        more = spool.keep(Decoded(films[0][::-1].copy(), {})).pixels  # after reads: appended, not written over
+        assert spool.count == count + 1 and np.array_equal(np.asarray(more), films[0][::-1])
+        assert np.array_equal(np.asarray(kept[-1]), films[-1])
+
+
 def test_perceptual_hashes_of_spooled_films_read_back_in_batches_are_the_one_set_hashes(tmp_path, monkeypatch):
     """Near-duplicate grouping hashes the films of an ingest as one set, read back from the spool PHASH_BATCH at a
     time: batches cut anywhere (here every 3 films, spooled films and plain arrays mixed) must give the hashes of
