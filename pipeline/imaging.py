@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -44,6 +46,8 @@ MIN_STD = 1.0  # stored pixels flatter than this (standard deviation, in 0..255)
 # levels on average (non-square films are squashed, so one side is reduced further than its margin); at 4, under 1.
 # The margin holds for the short edge, so with data.crop center the cropped square keeps it on both sides.
 REDUCED_MARGIN = 4
+READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+READ_CHUNK_BYTES = 1 << 20  # read_film's reads after the first, of a file that grew since its stat
 J2K_SYNTAXES = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}  # JPEG 2000 lossless only / lossy
 
 
@@ -153,16 +157,31 @@ def decode_file(path: Path, key: bytes | None = None, limits: DecodeLimits = Dec
 
 def read_film(path: Path) -> bytes:
     """A film file's bytes, read once and whole (ingest hashes them and decodes them from memory), or
-    UnreadableImage (missing_file, unreadable_file) naming the file; an empty file is decode_content's to refuse."""
-    if not path.is_file():  # a folder, a missing file, or a FIFO that would block the read
-        raise UnreadableImage("missing_file", f"{path}: no such file")
+    UnreadableImage (missing_file, unreadable_file) naming the file; an empty file is decode_content's to refuse.
+
+    Read with the os module's calls on the file's descriptor, not Path.read_bytes: its buffered reader costs about
+    25 µs more a film here (half a percent of a film's ingest). Opened without waiting (O_NONBLOCK), then judged by
+    its own stat: a FIFO swapped in after listing would otherwise block the read for ever, and a folder or a device
+    is no film either. Read to the end of the file, not to the size its stat gave: a film still being written is
+    longer, and a network file system may return less in one read."""
     try:
-        data = path.read_bytes()
+        handle = os.open(path, READ_FLAGS)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise UnreadableImage("missing_file", f"{path}: no such file") from None
     except OSError as exc:  # e.g. no read permission
         raise UnreadableImage("unreadable_file", f"{path}: could not be read ({exc.strerror or type(exc).__name__})") from None
-    return data
+    try:
+        found = os.fstat(handle)
+        if not stat.S_ISREG(found.st_mode):
+            raise UnreadableImage("missing_file", f"{path}: no such file")
+        parts = [os.read(handle, found.st_size + 1)]  # the whole file in one read, one byte over to see it grew
+        while parts[-1]:
+            parts.append(os.read(handle, READ_CHUNK_BYTES))
+    except OSError as exc:  # e.g. an I/O error on a failing disk
+        raise UnreadableImage("unreadable_file", f"{path}: could not be read ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        os.close(handle)
+    return parts[0] if len(parts) == 2 else b"".join(parts)
 
 
 def decode_content(data: bytes, path: Path, key: bytes | None = None, limits: DecodeLimits = DecodeLimits(),

@@ -299,3 +299,39 @@ def test_a_film_kept_as_pillow_decoded_it_resizes_exactly_as_its_array(tmp_path,
         assert (decoded.height, decoded.width) == shape  # the film's own size, however far it was decoded down
         for size in (16, 40):
             assert np.array_equal(resize(decoded.film, size, crop), resize(decoded.pixels, size, crop))
+
+
+def test_read_film_reads_every_byte_whatever_the_stat_said_and_refuses_what_is_not_a_file(tmp_path):
+    """Ingest reads each film once, whole, before hashing and decoding it. The read must end at the file's end, not
+    at the size its stat gave (a film still being written is longer: /proc's files say 0 bytes and hold text), and
+    must never wait on a FIFO swapped in for a film after listing, nor read a folder or a device."""
+    import faulthandler
+    import os
+    from pathlib import Path
+
+    from pipeline.imaging import READ_CHUNK_BYTES, read_film
+
+    film = tmp_path / "film.png"
+    content = np.random.default_rng(0).integers(0, 256, 2 * READ_CHUNK_BYTES + 5, dtype=np.uint8).tobytes()
+    film.write_bytes(content)
+    assert read_film(film) == content
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert read_film(tmp_path / "empty.png") == b""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        assert status.stat().st_size == 0
+        assert read_film(status).startswith(b"Name:") and b"\nPid:" in read_film(status)
+
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "folder.png").mkdir()
+    faulthandler.dump_traceback_later(60, exit=True)  # a FIFO opened for a blocking read would wait for ever
+    try:
+        for odd in ("pipe.png", "folder.png", "gone.png", "film.png/inside.png"):
+            with pytest.raises(UnreadableImage, match="no such file") as refused:
+                read_film(tmp_path / odd)
+            assert refused.value.reason == "missing_file" and str(tmp_path / odd) in str(refused.value)
+        if Path("/dev/zero").exists():  # a device never ends: it must not be read at all
+            with pytest.raises(UnreadableImage, match="no such file"):
+                read_film(Path("/dev/zero"))
+    finally:
+        faulthandler.cancel_dump_traceback_later()
