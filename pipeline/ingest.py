@@ -558,8 +558,8 @@ class PixelSpool:
 
         folder.mkdir(parents=True, exist_ok=True)
         # Deleted when closed, or if we die. Its buffer holds 256 films at 64 px: films are written a system call per
-        # MiB, and read back in order (the decode cache, images.npy) a system call per MiB too, as a seek within the
-        # buffer moves no file position.
+        # MiB, and read back in order (the decode cache, images.npy) a system call per MiB too: a seek to a film the
+        # buffer already holds makes none.
         self.file = tempfile.TemporaryFile(dir=folder, prefix=".images-spool-", buffering=FILM_BUFFER_BYTES)
         self.shape = (size, size)
         self.count = 0
