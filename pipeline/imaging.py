@@ -378,20 +378,21 @@ def _layout_prefix(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
 
 def _decode_pillow(source: Path | bytes, name: str, kind: str, limits: DecodeLimits, size: int | None = None) -> DecodedImage:
     """Only Pillow's plug-in for `kind` may open the file (never EPS through Ghostscript, or any other); its size is
-    read from the header (Image.open decodes nothing) and checked before load(). With `size`, a JPEG is decoded
+    read from the header (opening decodes nothing) and checked before load(). With `size`, a JPEG is decoded
     by libjpeg's DCT-domain scaling (`draft`: 1/2, 1/4 or 1/8) to no less than REDUCED_MARGIN times it, and an
     8-bit PNG's grey film is averaged down by the factor `draft` would take (`_box_reduced`)."""
     from PIL import Image, UnidentifiedImageError
 
-    # Pillow's own decompression-bomb check agrees with ours: it refuses at open what declares over twice the
-    # limit, and only warns between once and twice the limit, where limits.check below refuses it, naming its size.
+    # Pillow's own decompression-bomb check (at a PNG's open; a JPEG opens without it) agrees with ours: it refuses
+    # what declares over twice the limit, and only warns between once and twice, where limits.check below refuses
+    # it, naming its size.
     # Pillow's limit is process-wide: it is restored after the open, so a small data.max_pixels never refuses the
     # overlays, thumbnails and captures that other code in this process draws with Pillow.
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limits.max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(_readable(source), formats=[kind.upper()])
+            image = _open_pillow(_readable(source), kind)
     except Image.DecompressionBombError:
         raise UnreadableImage("too_large", f"{name}: the header declares over twice data.max_pixels ({limits.max_pixels:,}) "
                               "px; not decoded") from None
@@ -430,6 +431,22 @@ def _decode_pillow(source: Path | bytes, name: str, kind: str, limits: DecodeLim
     decoded_size = film_shape(film)[::-1]
     return DecodedImage(film=film, format=kind, bits_stored=16 if wide else 8, colour=colour,
                         full_size=full_size if full_size != decoded_size else None)
+
+
+def _open_pillow(readable, kind: str):  # readable: Path | BinaryIO -> PIL.Image.Image
+    """`readable` opened by Pillow's plug-in for `kind` alone (the header read, nothing decoded). A JPEG opens
+    through FilmJpeg, which skips the EXIF parse for DPI: as Pillow's own open, it names what is not a JPEG
+    UnidentifiedImageError, but leaves the declared size to limits.check rather than Pillow's bomb check."""
+    from PIL import Image, UnidentifiedImageError
+
+    if kind != "jpeg":
+        return Image.open(readable, formats=[kind.upper()])
+    from pipeline.film_jpeg import FilmJpeg
+
+    try:
+        return FilmJpeg(readable)
+    except SyntaxError as exc:
+        raise UnidentifiedImageError(f"not a JPEG file ({exc})") from None
 
 
 def _box_reduced(grey, side: int):  # grey: PIL.Image.Image (L) -> PIL.Image.Image

@@ -22,6 +22,8 @@ from pydicom.uid import (
 from pipeline.decode_cache import DecodeCache, Decoded
 from pipeline.imaging import (
     REDUCED_MARGIN,
+    DecodeLimits,
+    UnreadableImage,
     _reduced_j2k,
     decode_bytes,
     decode_file,
@@ -167,6 +169,68 @@ def test_films_cached_before_reduced_decoding_are_not_served(tmp_path):
     old.add([("f" * 64, Decoded(np.zeros((SIZE, SIZE), np.uint8), {"format": "jpeg", "sha256": "0" * 64}))])
     assert old.has("f" * 64)
     assert not DecodeCache.for_size(tmp_path, SIZE).has("f" * 64)
+
+
+def pillows_pixels(path: Path, size: int | None) -> np.ndarray:
+    """A JPEG as Pillow's own open decodes it (its EXIF parsed), drafted as ingest drafts it for `size`."""
+    with Image.open(path) as image:
+        if size:
+            image.draft(image.mode, (REDUCED_MARGIN * size, REDUCED_MARGIN * size))
+        return np.asarray(image.convert("L"))
+
+
+def exif_block(**tags: int) -> bytes:
+    exif = Image.Exif()
+    for tag, value in tags.items():
+        exif[{"x_resolution": 0x011A, "resolution_unit": 0x0128, "orientation": 0x0112}[tag]] = value
+    return exif.tobytes()
+
+
+def test_a_jpeg_opened_without_its_exif_parsed_decodes_to_the_pixels_pillow_gives(tmp_path):
+    """A JPEG opens without Pillow's EXIF parse for DPI (pipeline.film_jpeg). Whatever its EXIF holds (a
+    resolution, an orientation, a damaged block, none), grey or colour, it decodes to exactly the pixels of
+    Pillow's own open, in full and reduced, from a file and from bytes; its declared size is still checked
+    before decoding, and what is no JPEG is still not an image."""
+    rng = np.random.default_rng(5)
+    grey = Image.fromarray((np.linspace(0, 220, 700)[None, :] + rng.normal(0, 20, (600, 700))).clip(0, 255).astype(np.uint8))
+    colour = Image.fromarray(rng.integers(0, 255, (600, 700, 3), dtype=np.uint8))
+    resolution = exif_block(x_resolution=300, resolution_unit=2, orientation=6)
+    cases = {"resolution-and-orientation": (grey, {"exif": resolution}),
+             "damaged-exif": (grey, {"exif": b"II*\x00\x08\x00\x00\x00\xff\xff" + bytes(40)}),
+             "jfif-dpi-and-exif": (grey, {"dpi": (150, 150), "exif": exif_block(orientation=3)}),
+             "no-exif": (grey, {}),
+             "colour-with-exif": (colour, {"exif": resolution})}
+    for name, (image, options) in cases.items():
+        path = tmp_path / f"{name}.jpg"
+        image.save(path, quality=90, **options)
+        for size in (None, SIZE):
+            expected = pillows_pixels(path, size)
+            assert (min(expected.shape) < 600) == bool(size), name  # the reduced path was taken
+            assert np.array_equal(decode_file(path, size=size).pixels, expected), (name, size)
+            assert np.array_equal(decode_bytes(path.read_bytes(), name, size=size).pixels, expected), (name, size)
+    with Image.open(tmp_path / "resolution-and-orientation.jpg") as image:
+        assert image.info["dpi"] == (300, 300)  # Pillow parses this EXIF at open: the case the skip is for
+    with pytest.raises(UnreadableImage) as raised:
+        decode_file(tmp_path / "resolution-and-orientation.jpg", limits=DecodeLimits(max_pixels=100))
+    assert raised.value.reason == "too_large" and "700x600" in str(raised.value)  # 4,200 times the limit
+    for broken in (b"\xff\xd8\xff" + bytes(200), b"GIF89a" + bytes(200)):  # a JPEG's magic and nothing of one; a GIF
+        (tmp_path / "not-a.jpg").write_bytes(broken)
+        with pytest.raises(UnreadableImage) as raised:
+            decode_file(tmp_path / "not-a.jpg")
+        assert raised.value.reason == "not_an_image" and "not-a.jpg" in str(raised.value), broken[:6]
+
+
+@pytest.mark.skipif(not (SAMPLES / "kermany_fullres").is_dir(), reason="real samples absent (../shared/data/samples)")
+def test_real_kermany_jpegs_decode_to_the_pixels_pillows_own_open_gives():
+    """Half the real Kermany films carry EXIF: opened without its parse, each decodes as Pillow's open decodes it."""
+    files = sorted((SAMPLES / "kermany_fullres").rglob("*.jp*g"))
+    with_exif = 0
+    for path in files:
+        with Image.open(path) as image:
+            with_exif += "exif" in image.info
+        for size in (None, SIZE):
+            assert np.array_equal(decode_file(path, size=size).pixels, pillows_pixels(path, size)), (path.name, size)
+    assert with_exif >= 2
 
 
 @pytest.mark.skipif(not (SAMPLES / "kermany_fullres").is_dir(), reason="real samples absent (../shared/data/samples)")
