@@ -8,7 +8,8 @@ Given that size, a film is decoded only at the resolution kept (never below `RED
 a JPEG through libjpeg's DCT-domain scaling (Pillow's `draft`, 1/2 to 1/8), a JPEG 2000 DICOM through OpenJPEG's
 resolution levels, then the same antialiased resize. A 2000 px film stored at 64 px need not be decoded at 2000 px.
 zlib has no reduced decode, so an 8-bit PNG is decoded in full and then averaged down by the same factors (box
-means), which spares the resize most of its work.
+means), which spares the resize most of its work. A JPEG opens without Pillow's parse of its EXIF for DPI
+(pipeline.film_jpeg), which nothing here reads.
 
 `data.crop` says how a film that is not square becomes a square: `none` squeezes the whole film, `center` first
 crops its central square (side = the short edge), as MedMNIST made its 28 px images. The reduced decode keeps the

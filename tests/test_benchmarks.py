@@ -54,7 +54,7 @@ def test_the_ingest_benchmark_measures_films_from_any_folder(tmp_path):
     assert "round 1: 1 worker" in done.stdout  # each round's ratios against the bare loops around each ingest
     ratios = dict(line.split("=") for line in done.stdout.splitlines() if line.startswith("real_") and "=" in line)
     for name in ("real_ingest_vs_bare_draft", "real_ingest_2_vs_1_workers", "real_cached_vs_cold",
-                 "real_reingest_new_films_vs_cold", "real_bare_2_vs_1_processes"):
+                 "real_reingest_new_films_vs_cold", "real_bare_2_vs_1_processes", "real_bare_without_exif_vs_bare"):
         assert float(ratios[name]) > 0, done.stdout
     assert {file: file.read_bytes() for file in films.iterdir()} == before
 

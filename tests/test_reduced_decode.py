@@ -188,8 +188,8 @@ def exif_block(**tags: int) -> bytes:
 
 def test_a_jpeg_opened_without_its_exif_parsed_decodes_to_the_pixels_pillow_gives(tmp_path):
     """A JPEG opens without Pillow's EXIF parse for DPI (pipeline.film_jpeg). Whatever its EXIF holds (a
-    resolution, an orientation, a damaged block, none), grey or colour, it decodes to exactly the pixels of
-    Pillow's own open, in full and reduced, from a file and from bytes; its declared size is still checked
+    resolution, an orientation, a damaged block, none), grey, colour or a camera's MPO, it decodes to exactly the
+    pixels of Pillow's own open, in full and reduced, from a file and from bytes; its declared size is still checked
     before decoding, and what is no JPEG is still not an image."""
     rng = np.random.default_rng(5)
     grey = Image.fromarray((np.linspace(0, 220, 700)[None, :] + rng.normal(0, 20, (600, 700))).clip(0, 255).astype(np.uint8))
@@ -201,8 +201,14 @@ def test_a_jpeg_opened_without_its_exif_parsed_decodes_to_the_pixels_pillow_give
              "no-exif": (grey, {}),
              "colour-with-exif": (colour, {"exif": resolution})}
     for name, (image, options) in cases.items():
+        image.save(tmp_path / f"{name}.jpg", quality=90, **options)
+    # A camera's MPO (a JPEG, then more pictures after its end): Pillow's open makes it a sequence, whose first
+    # frame is the JPEG; opened as a plain JPEG, that first picture is what decodes.
+    grey.save(tmp_path / "two-pictures.jpg", "MPO", save_all=True, append_images=[colour], quality=90)
+    with Image.open(tmp_path / "two-pictures.jpg") as image:
+        assert image.format == "MPO" and image.n_frames == 2
+    for name in [*cases, "two-pictures"]:
         path = tmp_path / f"{name}.jpg"
-        image.save(path, quality=90, **options)
         for size in (None, SIZE):
             expected = pillows_pixels(path, size)
             assert (min(expected.shape) < 600) == bool(size), name  # the reduced path was taken
