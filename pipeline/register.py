@@ -38,11 +38,12 @@ log = logging.getLogger(__name__)
 
 MAX_OOD_FILMS = 20_000  # per split, to fit the out-of-distribution statistics and set their threshold on
 
-# What the served model imports (a test checks the list against the imports): files, and the tasks package. It
-# decodes file bytes as ingest does (imaging, which reads deid's Identity, which reads config) and judges scope, by
-# header and by the network's out-of-distribution score (ood).
+# What the served model imports (tests/test_stages.py checks the list against the imports): files, and the tasks
+# package. It decodes file bytes as ingest does (imaging, which opens a JPEG with film_jpeg and reads deid's
+# Identity, which reads config) and judges scope, by header and by the network's out-of-distribution score (ood).
 SERVING_MODULES = ("__init__.py", "errors.py", "labels.py", "tasks", "metrics.py", "losses.py", "models.py", "serving.py",
-                   "mlflow_model.py", "imaging.py", "deid.py", "config.py", "scope.py", "monitoring.py", "ood.py", "tta.py")
+                   "mlflow_model.py", "imaging.py", "film_jpeg.py", "deid.py", "config.py", "scope.py", "monitoring.py",
+                   "ood.py", "tta.py")
 
 
 @dataclass(frozen=True)

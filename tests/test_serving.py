@@ -161,7 +161,8 @@ import mlflow.pyfunc
 import pandas as pd
 
 model = mlflow.pyfunc.load_model(sys.argv[1])
-answer = model.predict(pd.DataFrame({"image": [base64.b64encode(open(sys.argv[3], "rb").read()).decode()]}))
+films = [base64.b64encode(open(film, "rb").read()).decode() for film in sys.argv[3:]]
+answer = model.predict(pd.DataFrame({"image": films}))
 import pipeline
 print(pipeline.__file__)
 print(answer.to_json())
@@ -174,17 +175,19 @@ def test_the_registered_model_runs_on_the_code_it_carries_without_the_project_in
     from pipeline.tracking import fluent_store
     from tests.conftest import REPO
 
-    _, files = _films(tiny_project, formats=("dicom",))
+    _, files = _films(tiny_project)  # one film of each format: each format's decoder is code the model carries
     with fluent_store(tiny_project.paths):
         local = mlflow.artifacts.download_artifacts(CHAMPION, dst_path=str(tmp_path / "model"))
-    out = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_THE_PROJECT, local, str(REPO), str(files[0])], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_THE_PROJECT, local, str(REPO), *map(str, files)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     where, answer = out.stdout.strip().splitlines()[-2:]
     assert str(REPO) not in where and where.startswith(local)  # the copy inside the model, not the project
     answer = json.loads(answer)
     assert set(answer) == {"probability", "label", "out_of_scope", "error", "ood_score"}
-    assert 0 <= answer["probability"]["0"] <= 1 and answer["error"]["0"] == ""  # decoded a DICOM with the code it carries
+    assert sorted(file.suffix for file in files) == [".dcm", ".jpg", ".png"], files  # the demo data holds all three
+    for row, file in enumerate(files):  # decoded with the code it carries, whatever the format
+        assert answer["error"][str(row)] == "" and 0 <= answer["probability"][str(row)] <= 1, (file.name, answer)
 
 
 def test_with_tta_evaluate_and_the_served_model_give_the_same_probabilities_for_the_same_film(tmp_path):

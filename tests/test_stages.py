@@ -195,3 +195,20 @@ def test_each_dvc_stage_declares_every_param_and_file_it_reads(tmp_path):
         if missing:
             gaps[each.name] = missing
     assert not gaps, f"dvc.yaml stages miss the params and files they read: {gaps}"
+
+
+def test_the_registered_model_carries_every_module_its_serving_code_imports():
+    """A registered model runs on copies of pipeline.register.SERVING_MODULES alone (no project installed). A module
+    the serving code imports, at the top or inside a function, that is missing from them fails only when a request
+    reaches that function: a JPEG's opener (pipeline.film_jpeg) left out would refuse every JPEG a hospital sends."""
+    from pipeline.register import SERVING_MODULES
+
+    package = REPO / "pipeline"
+    carried = {package / module for module in SERVING_MODULES}
+    # `cxr monitor`'s side of pipeline.monitoring reads the project's MLflow store (tracking, and the files and
+    # paths it reads): the served model only appends to the log, and never calls it.
+    project_side = {package / module for module in ("tracking.py", "files.py", "paths.py")}
+    needed = closure(package / "mlflow_model.py") | closure(package / "serving.py")
+    missing = sorted(str(path.relative_to(REPO)) for path in needed - project_side
+                     if path not in carried and not any(folder in path.parents for folder in carried))
+    assert not missing, f"SERVING_MODULES lacks {missing}"
